@@ -1,0 +1,133 @@
+"""Matrix-free derivatives of the optimality map ``R(x, w) = ∇_w L(x, w)`` at ``(x̄, w̄)``.
+
+* ``H v``  — Hessian of the risk times a vector (forward-over-reverse, one pass over the data;
+  about 2–4 gradient costs).
+* ``J μ``  — ``∇_x R · μ`` for ``μ`` supported on the perturbed points K: one forward-mode
+  derivative of ``∇_w ℓ`` along the data, over the |K| points only.
+* ``Jᵀ y`` — the adjoint: for each point in K, ``∇_{x_i} ⟨∇_w ℓ_i, y⟩``.
+
+None of them forms a p×p or p×nd matrix.  ``dense_hessian`` / ``dense_data_jacobian`` build the
+matrices with ``torch.func.hessian`` / ``jacfwd`` for small problems; tests use them as references.
+
+Scaling of J: ``"exact"`` uses the factor of the risk itself (``1/n`` for a mean risk), which is
+the true derivative of ``∇_w L``; ``"paper"`` uses ``1/|K|`` as printed in the paper's eqs. (14),
+(17).  With ``"paper"`` the shift is ``n/|K|`` times the exact first-order shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse.linalg as spla
+import torch
+from torch import Tensor
+from torch.func import grad, jacfwd, jvp
+
+from .problem import Perturbation, Problem
+
+__all__ = ["Hessian", "DataJacobian", "dense_hessian", "dense_data_jacobian", "J_SCALES"]
+
+J_SCALES = ("exact", "paper")
+
+
+class Hessian:
+    """``v ↦ H v = ∇²_w L(x, w) v`` at ``w`` (default w̄), on the (optionally perturbed) data.
+
+    Call it on a tensor of length p; ``calls`` counts products (one pass over the data each).
+    """
+
+    def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None):
+        self.problem = problem
+        self.w = problem.params if w is None else w
+        self.perturbation = perturbation
+        self.shape = (problem.p, problem.p)
+        self.calls = 0
+        self._grad = grad(problem.batch_risk)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        v = v.to(self.w)
+        out = torch.zeros_like(self.w)
+        for x, y in self.problem.batches(self.perturbation):
+            out += jvp(lambda w: self._grad(w, x, y), (self.w,), (v,))[1]
+        self.calls += 1
+        return out
+
+    def to_scipy(self) -> spla.LinearOperator:
+        """A SciPy ``LinearOperator`` (float64 NumPy in and out) for SciPy's Krylov solvers."""
+        return _scipy_operator(self, self.problem.p)
+
+
+class DataJacobian:
+    """``J = ∇_x ∇_w L(x̄, w)`` restricted to the points ``indices`` (p × |K|·d), matrix-free.
+
+    ``J @ μ`` takes ``μ`` of shape (|K|, *input_shape); ``J.T @ y`` returns that shape.
+    """
+
+    def __init__(self, problem: Problem, indices, w: Tensor | None = None, scale: str = "exact"):
+        if scale not in J_SCALES:
+            raise ValueError(f"scale must be one of {J_SCALES}, got {scale!r}")
+        self.problem = problem
+        self.indices = problem.check_indices(indices)
+        self.w = problem.params if w is None else w
+        self.x, self.y = problem.points(self.indices)
+        self.factor = 1.0 / self.indices.numel() if scale == "paper" else problem.weight
+        self.shape = (problem.p, self.x[0].numel() * self.indices.numel())
+        self.calls = 0
+
+    def _sum_loss(self, w: Tensor, x: Tensor) -> Tensor:
+        return self.problem.per_sample_loss(w, x, self.y).sum()
+
+    def matvec(self, mu: Tensor) -> Tensor:
+        """``J μ``: the change of ``∇_w L`` when the points move along ``μ`` (to first order)."""
+        mu = mu.to(self.x).reshape(self.x.shape)
+        g = grad(self._sum_loss)
+        self.calls += 1
+        return jvp(lambda x: g(self.w, x), (self.x,), (mu,))[1] * self.factor
+
+    def rmatvec(self, y: Tensor) -> Tensor:
+        """``Jᵀ y``, shape (|K|, *input_shape): for each point ``∇_{x_i} ⟨∇_w ℓ_i, y⟩``."""
+        y = y.to(self.w)
+
+        def directional(x):
+            return jvp(lambda w: self._sum_loss(w, x), (self.w,), (y,))[1]
+
+        self.calls += 1
+        return grad(directional)(self.x) * self.factor
+
+    def __matmul__(self, mu: Tensor) -> Tensor:
+        return self.matvec(mu)
+
+    @property
+    def T(self) -> "_Adjoint":
+        return _Adjoint(self)
+
+
+class _Adjoint:
+    def __init__(self, jac: DataJacobian):
+        self.jac = jac
+
+    def __matmul__(self, y: Tensor) -> Tensor:
+        return self.jac.rmatvec(y)
+
+
+def _scipy_operator(fn, p: int) -> spla.LinearOperator:
+    def mv(v: np.ndarray) -> np.ndarray:
+        return fn(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).detach().cpu().double().numpy()
+
+    return spla.LinearOperator((p, p), matvec=mv, rmatvec=mv, dtype=np.float64)
+
+
+def dense_hessian(problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:
+    """The p×p Hessian by ``torch.func.hessian``, batch by batch.  Small p only (tests, toy)."""
+    w = problem.params if w is None else w
+    H = torch.zeros(problem.p, problem.p, dtype=w.dtype, device=w.device)
+    for x, y in problem.batches(perturbation):
+        H += torch.func.hessian(problem.batch_risk)(w, x, y)
+    return H
+
+
+def dense_data_jacobian(problem: Problem, indices, w: Tensor | None = None, scale: str = "exact") -> Tensor:
+    """The p × (|K|·d) matrix ``∇_x ∇_w L`` on the points ``indices`` by ``jacfwd``.  Small only."""
+    jac = DataJacobian(problem, indices, w, scale)
+    g = grad(jac._sum_loss)
+    full = jacfwd(lambda x: g(jac.w, x))(jac.x)
+    return full.reshape(problem.p, -1) * jac.factor

@@ -1,0 +1,318 @@
+"""A trained model, its per-sample loss, its training data and its weights w̄ as pure functions.
+
+Everything downstream (operators, solvers, retraining) sees the network only through
+:class:`Problem`: a flat weight vector ``w`` of length ``p`` and the per-sample loss
+``ℓ(x_i, y_i, w)``.  The empirical risk is ``L(x, w) = Σ_i c ℓ(x_i, y_i, w)`` with ``c = 1/n``
+(``reduction="mean"``, the default) or ``c = 1`` (``reduction="sum"``, the paper's toy example).
+
+Data are held either as tensors or as a DataLoader that yields ``(x, y)`` batches in a fixed
+order (no shuffling); either way risks and derivatives are accumulated batch by batch, so memory
+does not grow with ``n``.  Buffers (BatchNorm running statistics) are fixed: the model is put in
+``eval`` mode and the risk is a function of ``w`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "Problem",
+    "Perturbation",
+    "cross_entropy",
+    "squared_error",
+    "NotStationaryWarning",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample cross-entropy of logits ``outputs`` (b, K) against class indices (b,)."""
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample ``½‖f(x) − y‖²``; integer targets are one-hot encoded to ``outputs``' width."""
+    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:
+        targets = nn.functional.one_hot(targets.long(), outputs.shape[1]).to(outputs.dtype)
+    diff = (outputs - targets.to(outputs.dtype)).reshape(outputs.shape[0], -1)
+    return 0.5 * (diff**2).sum(dim=1)
+
+
+class NotStationaryWarning(UserWarning):
+    """w̄ is not (close to) a stationary point of the risk: first-order theory may not apply."""
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Δx supported on the training points ``indices``: point ``indices[j]`` moves by ``delta[j]``."""
+
+    indices: Tensor
+    delta: Tensor
+
+    def __post_init__(self):
+        idx = torch.as_tensor(self.indices).long().reshape(-1)
+        object.__setattr__(self, "indices", idx)
+        if self.delta.shape[0] != idx.numel():
+            raise ValueError(
+                f"perturbation has {idx.numel()} indices but delta has {self.delta.shape[0]} rows"
+            )
+        if idx.unique().numel() != idx.numel():
+            raise ValueError("perturbation indices must be distinct")
+        if not torch.isfinite(self.delta).all():
+            raise ValueError("perturbation delta contains NaN or Inf")
+
+    def norm(self) -> float:
+        """‖Δx‖ (Euclidean norm over all perturbed points together)."""
+        return float(self.delta.double().norm())
+
+    def scaled(self, factor: float) -> "Perturbation":
+        return Perturbation(self.indices, self.delta * factor)
+
+
+class Problem:
+    """The risk ``L(x, w)`` of ``model`` with per-sample ``loss`` on ``data``, at weights w̄.
+
+    Args:
+        model: any ``nn.Module``; its current parameters are w̄ unless ``params`` is given.
+        loss: per-sample loss ``loss(outputs, targets) -> (b,)``.
+        data: ``(inputs, targets)`` tensors, or a DataLoader yielding them in a fixed order.
+        params: optional flat w̄ (length ``p``); defaults to the model's parameters.
+        batch_size: batch size for tensor data (ignored for a DataLoader).
+        dtype, device: where and in which precision w and the data live (default: the model's).
+        reduction: ``"mean"`` (``L = (1/n) Σ ℓ_i``) or ``"sum"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        data,
+        params: Tensor | None = None,
+        *,
+        batch_size: int = 256,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        reduction: str = "mean",
+    ):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        self.dtype = dtype or first.dtype
+        self.device = torch.device(device) if device is not None else first.device
+        self.model = model.eval()
+        self.loss = loss
+        self.reduction = reduction
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shapes = [tuple(t.shape) for _, t in model.named_parameters()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.p = sum(self.sizes)
+        self.buffers = {
+            k: (b.to(self.device, self.dtype) if b.is_floating_point() else b.to(self.device))
+            for k, b in model.named_buffers()
+        }
+        if params is None:
+            params = torch.cat([t.detach().reshape(-1) for t in model.parameters()])
+        params = torch.as_tensor(params)
+        if params.shape != (self.p,):
+            raise ValueError(f"params must be a flat vector of length p={self.p}, got {tuple(params.shape)}")
+        self.params = params.detach().to(self.device, self.dtype).clone()
+        if not torch.isfinite(self.params).all():
+            raise ValueError("the weights w̄ contain NaN or Inf")
+
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            inputs, targets = (torch.as_tensor(t) for t in data)
+            if inputs.shape[0] != targets.shape[0]:
+                raise ValueError(
+                    f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}"
+                )
+            if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+                raise ValueError("training inputs contain NaN or Inf")
+            self.inputs, self.targets, self.loader = inputs, targets, None
+            self.n = inputs.shape[0]
+            self.batch_size = int(batch_size)
+        else:
+            self.inputs = self.targets = None
+            self.loader = data
+            self.n = sum(int(x.shape[0]) for x, _ in data)
+            self.batch_size = None
+        if self.n == 0:
+            raise ValueError("the training data are empty")
+        self.input_shape = tuple(self._first_batch()[0].shape[1:])
+        self._check_model_accepts_data()
+
+    # -- parameters ---------------------------------------------------------------------------
+    def unflatten(self, w: Tensor) -> dict[str, Tensor]:
+        """Flat vector → ``{name: tensor}`` as ``functional_call`` expects."""
+        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(w, self.sizes), self.shapes)}
+
+    def flatten(self, tensors: Iterable[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def blocks(self) -> list[tuple[str, slice]]:
+        """``(parameter name, slice of the flat vector)`` for each parameter tensor."""
+        out, start = [], 0
+        for name, size in zip(self.names, self.sizes):
+            out.append((name, slice(start, start + size)))
+            start += size
+        return out
+
+    def load_into(self, model: nn.Module, w: Tensor) -> nn.Module:
+        """Write flat weights ``w`` into ``model`` (in place) and return it."""
+        with torch.no_grad():
+            for t, v in zip(model.parameters(), torch.split(w, self.sizes)):
+                t.copy_(v.view_as(t).to(t))
+        return model
+
+    # -- data ---------------------------------------------------------------------------------
+    @property
+    def weight(self) -> float:
+        """The factor ``c`` in ``L = Σ_i c ℓ_i``."""
+        return 1.0 / self.n if self.reduction == "mean" else 1.0
+
+    def _cast(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        y = y.to(self.device)
+        if y.is_floating_point():
+            y = y.to(self.dtype)
+        return x, y
+
+    def _raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.loader is None:
+            for s in range(0, self.n, self.batch_size):
+                yield self.inputs[s : s + self.batch_size], self.targets[s : s + self.batch_size]
+        else:
+            for x, y in self.loader:
+                yield x, y
+
+    def _first_batch(self):
+        return next(iter(self._raw_batches()))
+
+    def batches(self, perturbation: Perturbation | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of ``(x, y)`` in order, on device and in dtype, with ``perturbation`` applied."""
+        start = 0
+        for x, y in self._raw_batches():
+            x, y = self._cast(x, y)
+            if perturbation is not None:
+                idx = perturbation.indices.to(self.device)
+                inside = (idx >= start) & (idx < start + x.shape[0])
+                if inside.any():
+                    x = x.clone()
+                    x[idx[inside] - start] += perturbation.delta.to(x)[inside]
+            start += x.shape[0]
+            yield x, y
+
+    def points(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The training points ``indices`` as ``(x, y)`` on device and in dtype."""
+        idx = self.check_indices(indices)
+        if self.loader is None:
+            return self._cast(self.inputs[idx], self.targets[idx])
+        xs, ys = [None] * idx.numel(), [None] * idx.numel()
+        pos = {int(i): j for j, i in enumerate(idx)}
+        start = 0
+        for x, y in self._raw_batches():
+            for i in range(start, start + x.shape[0]):
+                if i in pos:
+                    xs[pos[i]], ys[pos[i]] = x[i - start], y[i - start]
+            start += x.shape[0]
+        return self._cast(torch.stack(xs), torch.stack(ys))
+
+    def check_indices(self, indices) -> Tensor:
+        idx = torch.as_tensor(indices).long().reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("no training points selected")
+        bad = idx[(idx < 0) | (idx >= self.n)]
+        if bad.numel():
+            raise IndexError(f"training point indices {bad.tolist()[:5]} out of range [0, {self.n})")
+        return idx
+
+    def check_perturbation(self, perturbation: Perturbation) -> Perturbation:
+        """Validate indices, shape and size of Δx against the data; returns it unchanged."""
+        self.check_indices(perturbation.indices)
+        if tuple(perturbation.delta.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"perturbation delta has point shape {tuple(perturbation.delta.shape[1:])}, "
+                f"the data have {self.input_shape}"
+            )
+        if perturbation.norm() == 0.0:
+            raise ValueError("the perturbation Δx is zero: there is nothing to analyse")
+        return perturbation
+
+    def _check_model_accepts_data(self):
+        x, y = self._cast(*self._first_batch())
+        x, y = x[:2], y[:2]
+        try:
+            out = self.per_sample_loss(self.params, x, y)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the model cannot be applied to inputs of shape {tuple(x.shape[1:])} "
+                f"with targets of shape {tuple(y.shape[1:])}: {err}"
+            ) from err
+        if out.shape != (x.shape[0],):
+            raise ValueError(
+                f"the loss must return one value per sample, shape ({x.shape[0]},), got {tuple(out.shape)}"
+            )
+
+    # -- the risk as a pure function of w -------------------------------------------------------
+    def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``ℓ(x_i, y_i, w)`` for a batch, shape (b,): pure in ``w`` and ``x`` (torch.func-safe)."""
+        out = functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
+        return self.loss(out, y)
+
+    def batch_risk(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``Σ_{i in batch} c ℓ_i`` — this batch's contribution to ``L``."""
+        return self.per_sample_loss(w, x, y).sum() * self.weight
+
+    def risk(self, w: Tensor | None = None, perturbation: Perturbation | None = None) -> float:
+        """``L(x, w)`` (on the perturbed data if given); costs one forward pass over the data."""
+        w = self.params if w is None else w
+        with torch.no_grad():
+            total = sum(float(self.batch_risk(w, x, y)) for x, y in self.batches(perturbation))
+        return total
+
+    def gradient(self, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:
+        """``∇_w L(x, w)``; costs one forward and backward pass over the data."""
+        w = self.params if w is None else w
+        g = torch.zeros_like(w)
+        grad = torch.func.grad(self.batch_risk)
+        for x, y in self.batches(perturbation):
+            g += grad(w, x, y)
+        return g
+
+    def loss_on(self, indices, w: Tensor | None = None, perturbation: Perturbation | None = None) -> float:
+        """Mean per-sample loss on the training points ``indices`` (perturbed if given)."""
+        w = self.params if w is None else w
+        x, y = self.points(indices)
+        if perturbation is not None:
+            where = {int(i): j for j, i in enumerate(perturbation.indices)}
+            x = x.clone()
+            for r, i in enumerate(torch.as_tensor(indices).reshape(-1).tolist()):
+                if i in where:
+                    x[r] += perturbation.delta[where[i]].to(x)
+        with torch.no_grad():
+            return float(self.per_sample_loss(w, x, y).mean())
+
+    def stationarity(self, w: Tensor | None = None, rtol: float = 1e-3, warn: bool = True) -> dict:
+        """Check that w is a stationary point: ``‖∇L‖`` and ``‖∇L‖/‖w‖``, warning past ``rtol``."""
+        w = self.params if w is None else w
+        g = float(self.gradient(w).norm())
+        rel = g / max(float(w.norm()), 1e-30)
+        if warn and rel > rtol:
+            warnings.warn(
+                f"w̄ is not a stationary point: ‖∇L‖ = {g:.3e} (relative {rel:.2e} > {rtol:g}); "
+                "first-order set estimates assume ∇L(x̄, w̄) = 0 — continuing",
+                NotStationaryWarning,
+                stacklevel=2,
+            )
+        return {"grad_norm": g, "relative_grad_norm": rel, "risk": self.risk(w)}
