@@ -1,0 +1,81 @@
+"""I/O at the edge: atomic writes of JSON, Markdown and figures into a run directory.
+
+Every file is written to a temporary sibling and renamed into place, so an interrupted run
+never leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["prepare_out_dir", "write_text", "write_json", "save_figure", "to_jsonable"]
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` (its parent must exist, so a typo does not scatter directories)."""
+    out = Path(out)
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"the parent directory of the output '{out}' does not exist: {parent}")
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+
+
+def to_jsonable(obj):
+    """Tensors, arrays and NumPy scalars → plain Python; non-finite floats → None."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path, data) -> Path:
+    return write_text(path, json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
+def save_figure(fig, path, dpi: int = 130) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+    return path
