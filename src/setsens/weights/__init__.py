@@ -1,0 +1,1 @@
+"""Robustness and generalization of bias-free MLPs under norm-bounded weight perturbations."""

@@ -1,0 +1,161 @@
+"""Certificates: predictions that no weight perturbation in the budget set can change.
+
+If m_{yi}(x) > η_{yi}(x) for every i ≠ y, then for every Ŵ with ‖Ŵˡ − Wˡ‖_∞ ≤ ε_l the margin
+m̂_{yi} ≥ m_{yi} − η_{yi} > 0, so argmax f(x|Ŵ) = y.  Each certificate costs one forward pass and
+one evaluation of the bound (O(N K) after the K×K table of last-layer row distances).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .bounds import (
+    layer_mask,
+    pairwise_last_layer_l1,
+    margin_change_bound,
+    margin_change_bound_all_pairs,
+)
+from .network import check_eps, check_inputs, check_labels, check_weights, forward, layer_norms, margins
+
+__all__ = [
+    "certified_margin",
+    "certify",
+    "certified_prediction",
+    "certified_accuracy",
+    "max_certified_budget",
+]
+
+
+def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu") -> Tensor:
+    """min_{i≠y} (m_{yi} − η_{yi}) per input, shape (N,): > 0 means certified correct for class y."""
+    weights = check_weights(weights)
+    x = check_inputs(weights, x)
+    K = weights[-1].shape[0]
+    y = check_labels(y, x.shape[0], K)
+    m = margins(forward(weights, x, activation), y)
+    eta = margin_change_bound(weights, x, y, eps, layers)
+    slack = (m - eta).masked_fill(torch.nn.functional.one_hot(y, K).bool(), float("inf"))
+    return slack.amin(dim=1)
+
+
+def certify(weights, x, y, eps, layers=None, activation="relu") -> Tensor:
+    """Boolean (N,): the label y_j is predicted by every network in the budget set."""
+    return certified_margin(weights, x, y, eps, layers, activation) > 0
+
+
+def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None, activation="relu"):
+    """``(prediction, certified)``: the clean argmax and whether every Ŵ in the budget set keeps it.
+
+    Uses the all-pairs bound (N, K, K) because the predicted class need not be the label.
+    """
+    weights = check_weights(weights)
+    x = check_inputs(weights, x)
+    logits = forward(weights, x, activation)
+    pred = logits.argmax(dim=1)
+    K = logits.shape[1]
+    eta = margin_change_bound_all_pairs(weights, x, eps, layers)
+    eta_pred = eta[torch.arange(x.shape[0]), pred]
+    slack = (margins(logits, pred) - eta_pred).masked_fill(torch.nn.functional.one_hot(pred, K).bool(), float("inf"))
+    return pred, slack.amin(dim=1) > 0
+
+
+@torch.no_grad()
+def certified_accuracy(weights, x, y, eps, layers=None, activation="relu", batch_size: int = 4096) -> float:
+    """Fraction of (x_j, y_j) certified correct under the budget (a lower bound on robust accuracy)."""
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("certified_accuracy needs at least one input")
+    hits = 0
+    for s in range(0, n, batch_size):
+        hits += int(certify(weights, x[s : s + batch_size], y[s : s + batch_size], eps, layers, activation).sum())
+    return hits / n
+
+
+@torch.no_grad()
+def max_certified_budget(
+    weights: Sequence[Tensor],
+    x: Tensor,
+    y: Tensor,
+    direction=None,
+    layers=None,
+    activation="relu",
+    method: str = "auto",
+    iters: int = 60,
+) -> Tensor:
+    """Largest t ≥ 0 per input such that the budget ε = t · direction is certified, shape (N,).
+
+    ``direction`` (default: the layer norms M_l, so t is a fraction of each layer's norm) has one
+    non-negative entry per layer.  The certificate holds for every ε strictly below t·direction
+    (it is the supremum; η is non-decreasing in t).  0 where the clean prediction is already wrong,
+    ``inf`` if no budget in that direction breaks the certificate.
+
+    ``method``: ``"closed"`` (only one perturbed layer with non-zero direction: η is linear in t,
+    so t = min_i m_{yi} / η_{yi}(1)), ``"bisection"`` (any layers, vectorised over the batch,
+    ``iters`` halvings after bracketing) or ``"auto"``.
+    """
+    weights = check_weights(weights)
+    x = check_inputs(weights, x)
+    d = len(weights)
+    K = weights[-1].shape[0]
+    y = check_labels(y, x.shape[0], K)
+    if direction is None:
+        direction = layer_norms(weights)
+    r = check_eps(direction, d, weights[0], name="direction")
+    r = torch.where(layer_mask(layers, d), r, torch.zeros_like(r))
+    m = margins(forward(weights, x, activation), y)
+    notself = ~torch.nn.functional.one_hot(y, K).bool()
+    m_min = m.masked_fill(~notself, float("inf")).amin(dim=1)
+    active = int((r > 0).sum())
+    if method == "auto":
+        method = "closed" if active <= 1 else "bisection"
+    if method not in ("closed", "bisection"):
+        raise ValueError(f"method must be 'auto', 'closed' or 'bisection', got {method!r}")
+    if active == 0:
+        return torch.where(m_min > 0, torch.full_like(m_min, float("inf")), torch.zeros_like(m_min))
+    if method == "closed":
+        if active > 1:
+            raise ValueError("the closed form needs exactly one perturbed layer (η is then linear in the budget)")
+        eta1 = margin_change_bound(weights, x, y, r)
+        ratio = torch.where(eta1 > 0, m / eta1, torch.where(m > 0, float("inf"), 0.0))
+        t = ratio.masked_fill(~notself, float("inf")).amin(dim=1)
+        return torch.where(m_min > 0, t, torch.zeros_like(t))
+
+    lo = torch.zeros_like(m_min)
+    pos = m_min > 0
+    hi = torch.full_like(m_min, 1e-3)
+    # bracket: double hi until the certificate fails (η grows at least linearly in t when r ≠ 0)
+    for _ in range(200):
+        still = pos & _certified_at(weights, x, y, m, notself, hi, r)
+        if not still.any():
+            break
+        lo = torch.where(still, hi, lo)
+        hi = torch.where(still, hi * 2, hi)
+    else:
+        hi = torch.where(pos & _certified_at(weights, x, y, m, notself, hi, r), float("inf"), hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        good = _certified_at(weights, x, y, m, notself, mid, r)
+        lo = torch.where(good, mid, lo)
+        hi = torch.where(good, hi, mid)
+    return torch.where(pos, lo, torch.zeros_like(lo))
+
+
+def _certified_at(weights, x, y, m, notself, t, r):
+    """Certified at the per-input budget t_j · r (Theorem 3 rebuilt from its terms, one budget per row)."""
+    M = layer_norms(weights)
+    e = t[:, None] * r[None, :]  # (N, d)
+    B = x.abs().amax(dim=1)
+
+    Mh = M[:-1]
+    Pe = torch.prod(Mh[None, :] + e[:, :-1], dim=1)
+    # telescoping gap per input
+    before = torch.cumprod(torch.cat([torch.ones_like(t)[:, None], Mh[None, :] + e[:, :-1]], dim=1), dim=1)[:, :-1]
+    after_full = torch.flip(torch.cumprod(torch.flip(torch.cat([Mh, torch.ones(1, dtype=M.dtype)]), (0,)), 0), (0,))
+    after = after_full[1:]
+    gap = (e[:, :-1] * before * after[None, :]).sum(dim=1)
+    A = pairwise_last_layer_l1(weights[-1])[y]
+    eta = A * (gap * B)[:, None] + (2 * e[:, -1] * Pe * B)[:, None]
+    return ((m - eta) > 0).masked_fill(~notself, True).all(dim=1)
