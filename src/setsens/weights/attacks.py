@@ -56,9 +56,9 @@ def project_rows_l1(v: Tensor, radius) -> Tensor:
     that makes ‖p‖_1 = radius when ‖v‖_1 > radius.  ``radius`` is a scalar or broadcasts to
     ``v.shape[:-1]``.  Cost O(n log n) per row.
 
-    >>> project_rows_l1(torch.tensor([[3., -1., 0.5], [0.2, 0.1, 0.]]), 1.0)
-    tensor([[ 1.0000, -0.0000,  0.0000],
-            [ 0.2000,  0.1000,  0.0000]])
+    >>> project_rows_l1(torch.tensor([[3., -2., 0.5], [0.5, 0.25, 0.]]), 2.0)
+    tensor([[ 1.5000, -0.5000,  0.0000],
+            [ 0.5000,  0.2500,  0.0000]])
     """
     if not torch.isfinite(v).all():
         raise ValueError("v contains NaN or Inf")
