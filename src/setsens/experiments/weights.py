@@ -134,8 +134,12 @@ def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, g
               grid_lams=_floats(grid_lams, "--grid-lams") if grid_lams.strip() else (),
               grid_mus=_floats(grid_mus, "--grid-mus"), attack_steps=attack_steps, attack_restarts=attack_restarts,
               attack_targets=attack_targets, weight_attack_points=weight_attack_points, gamma_rel=gamma_rel)
+    if any(b < 0 for b in kw["budgets"]):
+        raise click.BadParameter(f"budgets must be non-negative fractions, got {budgets!r}", param_hint="--budgets")
     if quick:
-        kw.update(epochs=min(epochs, 8), hidden=(16,), budgets=(0.0, 0.01), grid_lams=(), attack_steps=5,
+        if budgets == "0,0.005,0.01,0.02,0.05":
+            kw["budgets"] = (0.0, 0.01)
+        kw.update(epochs=min(epochs, 8), hidden=(16,), grid_lams=(), attack_steps=5,
                   attack_restarts=1, attack_targets=2, random_samples=2, weight_attack_points=10,
                   weight_attack_steps=5, ramp_epochs=2)
     try:
