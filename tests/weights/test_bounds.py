@@ -67,7 +67,7 @@ def assert_sound(W, x, y, eps, layers, deltas, act):
     assert float(excess.max()) <= 1e-9 * (1 + float(eta.abs().max())), float(excess.max())
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(
     seed=st.integers(0, 10**6),
     depth=st.integers(2, 5),

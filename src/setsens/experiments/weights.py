@@ -21,6 +21,10 @@ def _floats(text: str, name: str) -> tuple:
     return vals
 
 
+def _num(v):
+    return "—" if v is None else f"{v:.3f}"
+
+
 def _pct(v):
     return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -61,7 +65,7 @@ def render_report(results: dict, command_line: str) -> str:
         for r in results["models"][name]["budgets"]:
             for att, v in r.get("soundness_tightness", {}).items():
                 L.append(f"| {name} | {100 * r['budget']:g} % | {att} | {v['points']} | {v['violations']} | "
-                         f"{v['ratio_mean']:.3f} | {v.get('ratio_median', float('nan')):.3f} | {v['ratio_max']:.3f} |")
+                         f"{v['ratio_mean']:.3f} | {_num(v.get('ratio_median'))} | {v['ratio_max']:.3f} |")
     L += ["", "## Theorem 4 (generalization) vs the measured gaps", "",
           "γ = gamma_rel · Π_l M_l · B (M_l the model's norms, B = max ‖x‖_∞ on the training set); δ = "
           f"{cfg['delta']}.  The bound is on Pr[∃ Ŵ ∈ B_ε misclassifying x]; beside it the measured test "
@@ -111,11 +115,14 @@ def render_report(results: dict, command_line: str) -> str:
 @click.option("--attack-targets", type=int, default=None, help="Closest classes attacked per input (default all).")
 @click.option("--weight-attack-points", type=int, default=100, show_default=True,
               help="Test points for the weight-space PGD / Frank–Wolfe attacks (0 = skip).")
+@click.option("--weight-attack-steps", type=int, default=100, show_default=True)
+@click.option("--random-samples", type=int, default=20, show_default=True,
+              help="Random boundary perturbations per budget (accuracy under random Ŵ).")
 @click.option("--gamma-rel", type=float, default=0.05, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary JSON to stdout.")
 def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant,
             epochs, hidden, activation, lr, batch_size, attack_steps, attack_restarts, attack_targets,
-            weight_attack_points, gamma_rel, as_json):
+            weight_attack_points, weight_attack_steps, random_samples, gamma_rel, as_json):
     """Certified margins, certified/attacked accuracy, Theorem 4 and robust training (weight perturbations)."""
     from tqdm import tqdm
 
@@ -133,7 +140,8 @@ def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, g
               train_budget=train_budget, variant=variant,
               grid_lams=_floats(grid_lams, "--grid-lams") if grid_lams.strip() else (),
               grid_mus=_floats(grid_mus, "--grid-mus"), attack_steps=attack_steps, attack_restarts=attack_restarts,
-              attack_targets=attack_targets, weight_attack_points=weight_attack_points, gamma_rel=gamma_rel)
+              attack_targets=attack_targets, weight_attack_points=weight_attack_points,
+              weight_attack_steps=weight_attack_steps, random_samples=random_samples, gamma_rel=gamma_rel)
     if any(b < 0 for b in kw["budgets"]):
         raise click.BadParameter(f"budgets must be non-negative fractions, got {budgets!r}", param_hint="--budgets")
     if quick:

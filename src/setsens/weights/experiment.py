@@ -248,7 +248,8 @@ def plot_accuracy_curves(results: dict):
                                   ("random_accuracy_mean", "^:", "random boundary Ŵ (mean)")):
             ax.plot(b, [100 * r[key] for r in res["budgets"]], style, label=label)
         ax.axhline(100 * res["clean_accuracy"], color="gray", lw=0.8, label="clean")
-        ax.set_xscale("symlog", linthresh=0.5)
+        ax.set_xticks(b)
+        ax.set_xticklabels([f"{v:g}" for v in b])
         ax.set_xlabel("budget ε_l / ‖W_l‖_∞  (%)")
         title = "standard training" if name == "standard" else f"robust loss (λ={res['lam']:g}, μ={res['mu']:g})"
         ax.set_title(f"{results['config']['dataset']}: {title}")
