@@ -1,0 +1,103 @@
+"""CIFAR-10: the shared npz subset and the standard torchvision folder (``cifar-10-batches-py``).
+
+Both loaders return float images in [0, 1] of shape (n, 3, 32, 32) and int64 labels; the
+normalisation the pretrained ResNets expect is part of the model (:mod:`setsens.models.resnet`).
+Reading the torchvision folder needs no torchvision: the batches are Python pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["load_cifar10", "load_cifar10_npz", "load_cifar10_folder", "CIFAR10_CLASSES", "CIFAR10_URL"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_FOLDER = "cifar-10-batches-py"
+
+
+def _to_tensor(x: np.ndarray, dtype) -> torch.Tensor:
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (n, 32, 32, 3), got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype) / 255.0
+
+
+def load_cifar10_npz(path, split: str = "train", dtype=torch.float32):
+    """``(x, y)`` from an npz with ``train_x/train_y/test_x/test_y`` (uint8 NHWC images)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 npz not found: {path}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    with np.load(path) as z:
+        keys = (f"{split}_x", f"{split}_y")
+        if not all(k in z for k in keys):
+            raise ValueError(f"{path} lacks the arrays {keys} (has {sorted(z.files)})")
+        return _to_tensor(z[keys[0]], dtype), torch.from_numpy(z[keys[1]].astype(np.int64))
+
+
+def _download(root: Path) -> None:
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "cifar-10-python.tar.gz"
+    try:
+        urllib.request.urlretrieve(CIFAR10_URL, archive)
+    except OSError as err:  # no network
+        raise RuntimeError(f"could not download CIFAR-10 from {CIFAR10_URL}: {err}") from err
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+
+
+def load_cifar10_folder(root, split: str = "train", dtype=torch.float32, download: bool = False):
+    """``(x, y)`` from the standard torchvision layout ``root/cifar-10-batches-py`` (or ``root`` itself).
+
+    With ``download=True`` the archive is fetched into ``root`` when the folder is missing.
+    """
+    root = Path(root)
+    folder = root if (root / "batches.meta").is_file() else root / _FOLDER
+    if not folder.is_dir():
+        if not download:
+            raise FileNotFoundError(f"no CIFAR-10 folder at {root} (expected {root / _FOLDER}); pass download=True")
+        _download(root)
+        folder = root / _FOLDER
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    xs, ys = [], []
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            raise FileNotFoundError(f"CIFAR-10 batch file missing: {f}")
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+    return _to_tensor(np.concatenate(xs), dtype), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar10(path, split: str = "train", n: int | None = None, seed: int | None = None,
+                 dtype=torch.float32, download: bool = False):
+    """CIFAR-10 from an ``.npz`` file or a torchvision folder; optionally the first ``n`` images
+    (or ``n`` drawn at random with ``seed``)."""
+    path = Path(os.fspath(path))
+    if path.suffix == ".npz":
+        x, y = load_cifar10_npz(path, split, dtype)
+    else:
+        x, y = load_cifar10_folder(path, split, dtype, download)
+    if n is not None:
+        if not 0 < n <= len(y):
+            raise ValueError(f"n must be in [1, {len(y)}], got {n}")
+        if seed is None:
+            idx = torch.arange(n)
+        else:
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        x, y = x[idx], y[idx]
+    return x, y
