@@ -1,0 +1,181 @@
+"""Our MINRES solve vs dattri's CG and curvlinops' inverse operators, side by side in one process.
+
+    .venv/bin/python benchmarks/peers.py --problem digits --budgets 5,10,20,40,80
+    .venv/bin/python benchmarks/peers.py --problem resnet --n 32 --budgets 5,10,20
+
+The peers are an optional extra (``pip install --no-deps dattri curvlinops-for-pytorch`` plus
+``einops einconv linear_operator jaxtyping wadler_lindig``; see ``pyproject.toml``'s ``bench``);
+a missing peer is reported, not fatal.  Every method solves the same system ``H v = −J Δx`` at w̄
+with a budget of Hessian-vector products (``--budgets``) and is scored on the same two accuracies:
+
+* ``increase_removed`` — the share of the perturbation-induced loss increase on the perturbed points
+  removed by w̄ + v;
+* ``distance_ratio`` — d(w̄ + v, S(xᵖ)) ÷ d(w̄, S(xᵖ)), measured by warm-started retraining
+  (Levenberg–Marquardt, exact for the squared-loss digits MLP; skipped for ResNet).
+
+"time to accuracy" = the least wall time over budgets at which a method reaches the accuracy that
+our solver reaches at its best budget; the printed ratio is peer time ÷ our time (> 1: we are faster).
+dattri's and curvlinops' CG need a positive-definite operator; on this singular, indefinite H they
+are run undamped and with the damping ``--damping``·λ_max (both reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from setsens.operators import DataJacobian
+from setsens.perturb import gradient_perturbation
+from setsens.preconditioners import FastHessian, lanczos, minres
+from setsens.problem import Problem, cross_entropy, squared_error
+
+
+def digits_problem(n: int, seed: int):
+    from setsens.data.digits import load_digits_subset
+    from setsens.models.mlp import mlp
+    from setsens.retrain import levenberg_marquardt
+
+    torch.manual_seed(seed)
+    x, y = load_digits_subset(n, seed=seed)
+    model = mlp([64, 32, 32, 10], bias=True).double()
+    p0 = Problem(model, squared_error, (x, y), batch_size=n)
+    w = levenberg_marquardt(p0, gtol=1e-10, max_iter=300).w
+    p0.load_into(model, w)
+    return Problem(model, squared_error, (x, y), batch_size=n), 10
+
+
+def resnet_problem(n: int, checkpoint: str, data: str):
+    from setsens.data.cifar import load_cifar10
+    from setsens.models.resnet import load_cifar_resnet
+
+    model = load_cifar_resnet(checkpoint)
+    x, y = load_cifar10(data, "train", n=n)
+    return Problem(model, cross_entropy, (x, y), batch_size=n), 1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problem", choices=["digits", "resnet"], default="digits")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--points", type=int, default=None)
+    ap.add_argument("--step", type=float, default=1.0, help="percent of the image norm")
+    ap.add_argument("--budgets", default="5,10,20,40,80")
+    ap.add_argument("--damping", type=float, default=1e-4, help="relative to λ_max, for the CG peers")
+    ap.add_argument("--checkpoint", default="../shared/data/resnet56-cifar10.th")
+    ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    if args.problem == "digits":
+        problem, k = digits_problem(args.n, args.seed)
+    else:
+        problem, k = resnet_problem(args.n, args.checkpoint, args.data)
+    k = args.points or k
+    with torch.no_grad():
+        losses = torch.cat([problem.per_sample_loss(problem.params, x, y) for x, y in problem.batches()])
+    idx = torch.argsort(losses)[:k].sort().values
+    pert = gradient_perturbation(problem, idx, args.step / 100)
+    b = DataJacobian(problem, idx) @ pert.delta
+    H = FastHessian(problem)
+    wbar = problem.params
+    base = float(losses[idx].mean())
+    l0 = problem.loss_on(idx, perturbation=pert)
+    lam_max = float(lanczos(H, problem.p, 10, generator=torch.Generator().manual_seed(0))[0].abs().max())
+    retrain_ok = problem.loss is squared_error
+    d0 = None
+    if retrain_ok:
+        from setsens.retrain import distance_to_solution_set
+
+        d0 = distance_to_solution_set(problem, wbar, pert).distance
+
+    def score(v):
+        v = v.to(wbar)
+        le = problem.loss_on(idx, wbar + v, perturbation=pert)
+        out = {"loss": le, "increase_removed": (l0 - le) / (l0 - base)}
+        if retrain_ok:
+            out["distance_ratio"] = distance_to_solution_set(problem, wbar + v, pert).distance / d0
+        return out
+
+    methods = {"setsens_minres": lambda it: minres(H, b.double(), maxiter=it, rtol=0).v}
+    try:
+        from dattri.func.hessian import ihvp_at_x_cg
+
+        def dattri(reg):
+            def f(w):
+                return sum(problem.batch_risk(w, x, y) for x, y in problem.batches())
+
+            return lambda it: -ihvp_at_x_cg(f, wbar, max_iter=it, tol=0.0, mode="rev-fwd", regularization=reg)(b[None])[0]
+
+        methods["dattri_cg"] = dattri(0.0)
+        methods["dattri_cg_damped"] = dattri(args.damping * lam_max)
+    except ImportError as err:
+        print(f"dattri not installed ({err}); skipped")
+    try:
+        from curvlinops import CGInverseLinearOperator, LSMRInverseLinearOperator
+        from curvlinops._torch_base import PyTorchLinearOperator
+
+        class _Op(PyTorchLinearOperator):
+            """H (+ δI) as a curvlinops operator, on the same HVP as ours."""
+
+            def __init__(self, damp):
+                super().__init__([(problem.p,)], [(problem.p,)])
+                self.damp = damp
+
+            def _matmat(self, X):
+                (M,) = X
+                cols = [H(M[:, j].to(wbar)) + self.damp * M[:, j].to(wbar) for j in range(M.shape[1])]
+                return [torch.stack(cols, 1).to(M)]
+
+            def _adjoint(self):
+                return self
+
+        def curv(cls, damp, key):
+            return lambda it: -(cls(_Op(damp), **{key: it}) @ b.to(wbar))
+
+        methods["curvlinops_cg"] = curv(CGInverseLinearOperator, 0.0, "max_iter")
+        methods["curvlinops_cg_damped"] = curv(CGInverseLinearOperator, args.damping * lam_max, "max_iter")
+        methods["curvlinops_lsmr"] = curv(LSMRInverseLinearOperator, 0.0, "maxiter")
+    except ImportError as err:
+        print(f"curvlinops not installed ({err}); skipped")
+
+    rows = []
+    for it in budgets:
+        for name, fn in methods.items():
+            c0 = H.calls
+            t = time.perf_counter()
+            try:
+                v = fn(it)
+                secs = time.perf_counter() - t
+                hv = H.calls - c0
+                row = {"method": name, "budget": it, "seconds": secs, "hvps": hv} | score(v)
+            except Exception as err:  # a peer failing on this problem is a result, not a crash
+                row = {"method": name, "budget": it, "error": f"{type(err).__name__}: {err}"[:200]}
+            rows.append(row)
+            print(json.dumps(row))
+    ours = [r for r in rows if r["method"] == "setsens_minres" and "error" not in r]
+    metric = "distance_ratio" if retrain_ok else "increase_removed"
+    better = (lambda a, b_: a <= b_) if metric == "distance_ratio" else (lambda a, b_: a >= b_)
+    best = min(ours, key=lambda r: r[metric]) if metric == "distance_ratio" else max(ours, key=lambda r: r[metric])
+    target = best[metric]
+    t_ours = min(r["seconds"] for r in ours if better(r[metric], target))
+    summary = {"problem": args.problem, "p": problem.p, "n": problem.n, "points": k, "loss_at_wbar": l0,
+               "base_loss": base, "lambda_max": lam_max, "metric": metric, "target": target, "ours_seconds": t_ours,
+               "ratios": {}}
+    for name in methods:
+        if name == "setsens_minres":
+            continue
+        ok = [r for r in rows if r["method"] == name and "error" not in r and r[metric] == r[metric] and better(r[metric], target)]
+        summary["ratios"][name] = (min(r["seconds"] for r in ok) / t_ours) if ok else None
+        best_peer = [r for r in rows if r["method"] == name and "error" not in r]
+        summary.setdefault("peer_best", {})[name] = (
+            (min if metric == "distance_ratio" else max)(r[metric] for r in best_peer) if best_peer else None)
+    print("SUMMARY " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""``setsens resnet``: the reference paper's ResNet-56 / CIFAR-10 study (Tables 1–3, multi-start).
+
+Protocol (section "Simulation on Resnet"): w̄ is a pretrained CIFAR ResNet, x̄ a subset of n
+training images.  Points whose unperturbed loss is below ``threshold`` are moved along their own
+input gradient ``∇ₓℓ`` by a step given as a fraction of the image norm; the step is either given
+(``--step``, percent) or calibrated so that the mean loss on the moved points reaches
+``--target-loss`` (the paper's ≈ 0.004).  The shift Δw solves the least-squares problem (eq. 19)
+``min ‖H v + J Δx‖`` by MINRES with the iteration count as regulariser (``--maxiter``), with H
+products by reverse-over-forward (:class:`~setsens.preconditioners.FastHessian`) and, from the
+second solve on, deflation by the Ritz vectors recycled from earlier solves (all solves share H).
+
+Reported: Table 1 (loss on the perturbed points at w̄ and at w̄ + v for each ``--points`` count),
+Table 2 (``--scenarios`` random perturbations: relative distances between w̄, the estimate and
+the warm-started retrained solution), Table 3 (step sweep; v is linear in Δx for a Krylov solve
+from zero, so the sweep rescales one solve exactly), and ``--seeds`` estimates from different random
+starts (the paper's multi-seed study, ``--seed-points`` points).  Every solve is checkpointed under
+``OUT/state`` and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+__all__ = ["command", "ResnetConfig", "run", "render_report", "QUICK", "PAPER"]
+
+#: The paper's figures (Table 1 and Table 3), printed next to ours.
+PAPER = {
+    "table1": {1: (0.0041, 1.9e-5), 10: (0.0045, 6.2e-5)},
+    "table3": {0.5: (0.15, 0.005), 1.0: (1.19, 0.3), 2.0: (3.35, 1.9)},
+}
+
+
+@dataclass
+class ResnetConfig:
+    depth: int = 56
+    checkpoint: str = "../shared/data/resnet56-cifar10.th"
+    data: str = "../shared/data/cifar10-subset.npz"
+    n: int = 1000
+    subset_seed: int | None = None
+    points: tuple = (1, 10)
+    threshold: float = 1e-5
+    target_loss: float = 0.004
+    step: float | None = None  # percent of the image norm; None → calibrate to target_loss
+    sweep: tuple = (0.2, 0.5, 1.0, 2.0)
+    scenarios: int = 10
+    scenario_points: int = 1
+    seeds: int = 3
+    seed_points: int = 500
+    start_radius: float = 0.5
+    maxiter: int = 50
+    rtol: float = 1e-6
+    recycle: int = 20
+    retrain_iter: int = 50
+    scale: str = "exact"
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 250
+    n_test: int | None = None
+    seed: int = 0
+    landscape: bool = True
+    grid: int = 11
+    threads: int | None = None
+    quick: bool = False
+
+
+#: ``--quick``: a 2-core CPU in a few minutes (tiny subset, few iterations); same code path.
+QUICK = dict(n=32, points=(1,), scenarios=2, seeds=2, seed_points=4, maxiter=10, recycle=8,
+             retrain_iter=3, n_test=100, grid=4, batch_size=32)
+
+
+def _pt(t):
+    return {"float32": torch.float32, "float64": torch.float64}[t]
+
+
+class _Run:
+    """State of one run: the problem, the shared Hessian, recycled deflation, HVP accounting."""
+
+    def __init__(self, cfg: ResnetConfig, out: Path | None, progress: bool):
+        from ..data.cifar import load_cifar10
+        from ..models.resnet import load_cifar_resnet
+        from ..preconditioners import FastHessian
+        from ..problem import Problem, cross_entropy
+
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.state = None
+        if out is not None:
+            self.state = out / "state"
+            self.state.mkdir(exist_ok=True)
+        dtype = _pt(cfg.dtype)
+        self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
+        x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
+        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype, device=cfg.device)
+        self.hessian = FastHessian(self.problem)
+        self.deflation = None
+        self.hvp_setup = 0
+        self.solves: list[dict] = []
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def per_sample_losses(self) -> torch.Tensor:
+        p = self.problem
+        with torch.no_grad():
+            return torch.cat([p.per_sample_loss(p.params, x, y) for x, y in p.batches()]).double().cpu()
+
+    def direction(self, idx: torch.Tensor):
+        from ..perturb import gradient_perturbation
+
+        return gradient_perturbation(self.problem, idx, 1.0)  # unit relative step; scaled below
+
+    def calibrate(self, unit, target: float) -> float:
+        """Relative step s (fraction) so that the mean loss on the moved points is ``target``."""
+        lo, hi = 1e-6, 0.5
+        f = lambda s: self.problem.loss_on(unit.indices, perturbation=unit.scaled(s))  # noqa: E731
+        if f(hi) < target:
+            return hi
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+            if hi / lo < 1.01:
+                break
+        return math.sqrt(lo * hi)
+
+    def solve(self, name: str, pert, x0: torch.Tensor | None = None, recycle: bool = True) -> dict:
+        """MINRES on ``H v = −J Δx`` (checkpointed, resumable); returns v and accounting."""
+        from ..operators import DataJacobian
+        from ..preconditioners import Deflation, minres
+
+        cfg = self.cfg
+        cache = self.state / f"{name}.pt" if self.state is not None else None
+        if cache is not None and cache.exists():
+            saved = torch.load(cache, weights_only=False)
+            if saved.get("bnorm") is not None:
+                return saved
+        J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
+        b = J @ pert.delta
+        calls0 = self.hessian.calls
+        t0 = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.maxiter, desc=f"MINRES {name}", unit="HVP", file=sys.stderr, leave=False)
+
+        def cb(it, res, v):
+            if bar is not None:
+                bar.n = it
+                bar.set_postfix(residual=f"{res:.3e}", refresh=False)
+                bar.refresh()
+
+        defl = self.deflation if (recycle and cfg.recycle > 0) else None
+        res = minres(self.hessian, b.double(), maxiter=cfg.maxiter, rtol=cfg.rtol, x0=x0, deflation=defl,
+                     callback=cb, checkpoint=str(self.state / f"{name}.minres.pt") if self.state else None,
+                     keep_basis=cfg.recycle > 0)
+        if bar is not None:
+            bar.close()
+        if cfg.recycle > 0 and res.basis is not None:
+            try:
+                self.deflation = Deflation.from_krylov(res, cfg.recycle)
+            except ValueError:
+                pass
+        v = res.v.to(self.problem.params)
+        Hv = self.hessian(v).double()  # exact feasibility residual (one more product)
+        out = {
+            "v": v, "bnorm": float(b.norm()), "iterations": res.iterations, "resumed_from": res.resumed_from,
+            "hvp_count": self.hessian.calls - calls0 - 1, "deflated_with": defl.k if defl is not None else 0,
+            "feasibility_residual": float((Hv + b.double()).norm() / b.double().norm()),
+            "minres_residuals": res.residuals, "seconds": time.perf_counter() - t0 + (res.seconds - (time.perf_counter() - t0) if res.resumed_from else 0.0),
+        }
+        if cache is not None:
+            torch.save(out, cache)
+            mres = self.state / f"{name}.minres.pt"
+            if mres.exists():
+                mres.unlink()
+        self.solves.append({k: out[k] for k in ("hvp_count", "iterations", "deflated_with")} | {"name": name})
+        return out
+
+    def evaluate(self, pert, v, base_losses) -> dict:
+        p = self.problem
+        idx = pert.indices
+        lo = p.loss_on(idx, perturbation=pert)
+        le = p.loss_on(idx, p.params + v, perturbation=pert)
+        lb = float(base_losses[idx].mean())
+        return {
+            "loss_base": lb, "loss_original": lo, "loss_estimated": le,
+            "loss_reduction": lo / max(le, 1e-300),
+            "increase_removed": (lo - le) / (lo - lb) if lo > lb else float("nan"),
+            "norm_v": float(v.norm()), "relative_shift": float(v.norm() / p.params.norm()),
+        }
+
+
+def _choose(candidates: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    if k > candidates.numel():
+        raise click.UsageError(f"asked for {k} points but only {candidates.numel()} are eligible")
+    return candidates[torch.randperm(candidates.numel(), generator=g)[:k]].sort().values
+
+
+def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> dict:
+    """Run the whole protocol; returns the results (also written to ``out`` when given)."""
+    from ..perturb import gradient_perturbation  # noqa: F401  (import errors early)
+    from ..retrain import retrain
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    R = _Run(cfg, out, progress)
+    p = R.problem
+    g = torch.Generator().manual_seed(cfg.seed)
+    results: dict = {"config": asdict(cfg), "model": {"depth": cfg.depth, "p": p.p, "n": p.n}}
+
+    # -- the model and w̄ --------------------------------------------------------------------------
+    if cfg.n_test != 0:
+        from ..data.cifar import load_cifar10
+
+        try:
+            xt, yt = load_cifar10(cfg.data, "test", dtype=_pt(cfg.dtype))
+            if cfg.n_test:
+                xt, yt = xt[: cfg.n_test], yt[: cfg.n_test]
+            with torch.no_grad():
+                pred = torch.cat([R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu() for s in range(0, len(yt), 250)])
+            results["model"]["test_accuracy"] = float((pred == yt).double().mean())
+            results["model"]["n_test"] = len(yt)
+        except (FileNotFoundError, ValueError) as err:
+            results["model"]["test_accuracy_error"] = str(err)
+    st = p.stationarity(warn=False)
+    losses = R.per_sample_losses()
+    results["stationarity"] = st | {"per_sample_loss_median": float(losses.median()),
+                                    "per_sample_loss_max": float(losses.max())}
+    eligible = torch.nonzero(losses < cfg.threshold).reshape(-1)
+    results["eligible_points"] = int(eligible.numel())
+    if eligible.numel() < max(cfg.points):
+        # not enough near-zero-loss points (tiny subsets, random weights): take the lowest losses
+        eligible = torch.argsort(losses)[: max(max(cfg.points), cfg.scenario_points, 1)].sort().values
+        results["eligible_fallback"] = f"fewer than {max(cfg.points)} points below {cfg.threshold:g}: used the lowest losses"
+
+    # -- Table 1 (and the step used everywhere) ----------------------------------------------------
+    table1 = []
+    step = None
+    for k in cfg.points:
+        idx = _choose(eligible, k, g)
+        unit = R.direction(idx)
+        s = cfg.step / 100 if cfg.step is not None else R.calibrate(unit, cfg.target_loss)
+        if step is None:
+            step = s
+        pert = unit.scaled(s)
+        sol = R.solve(f"table1_{k}", pert, recycle=False)
+        row = {"points": k, "indices": idx.tolist(), "step_percent": 100 * s} | R.evaluate(pert, sol["v"], losses)
+        row |= {kk: sol[kk] for kk in ("feasibility_residual", "hvp_count", "iterations", "seconds", "deflated_with")}
+        row["minres_residuals"] = sol["minres_residuals"]
+        row["paper"] = PAPER["table1"].get(k)
+        table1.append(row)
+        if k == cfg.points[0]:
+            first_unit, first_sol = unit, sol
+        if out is not None:
+            torch.save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_table1_{k}.pt")
+    results["table1"] = table1
+
+    # -- Table 3: step sweep (exact rescaling of the first solve) ---------------------------------
+    s0 = table1[0]["step_percent"] / 100
+    table3 = []
+    for pct in cfg.sweep:
+        pert = first_unit.scaled(pct / 100)
+        v = first_sol["v"] * (pct / 100 / s0)
+        row = {"step_percent": pct} | R.evaluate(pert, v, losses)
+        row["paper"] = PAPER["table3"].get(float(pct))
+        table3.append(row)
+    results["table3"] = table3
+
+    # -- Table 2: scenarios with retraining ------------------------------------------------------
+    rows = []
+    wbar = p.params
+    for j in range(cfg.scenarios):
+        idx = _choose(eligible, min(cfg.scenario_points, eligible.numel()), g)
+        pert = R.direction(idx).scaled(step)
+        sol = R.solve(f"scenario_{j}", pert)
+        w_est = wbar + sol["v"]
+        cache = R.state / f"retrain_{j}.pt" if R.state is not None else None
+        if cache is not None and cache.exists():
+            w_ret, rinfo = torch.load(cache, weights_only=False)
+        else:
+            rr = retrain(p, wbar, pert, gtol=1e-7, max_iter=cfg.retrain_iter)
+            w_ret = rr.w
+            rinfo = {"iterations": rr.iterations, "evaluations": rr.evaluations, "grad_norm": rr.grad_norm,
+                     "seconds": rr.seconds, "converged": rr.converged}
+            if cache is not None:
+                torch.save((w_ret, rinfo), cache)
+        nb = float(wbar.norm())
+        d_ret = float((w_ret - wbar).norm())
+        row = {"scenario": j, "indices": idx.tolist(), "step_percent": 100 * step} | R.evaluate(pert, sol["v"], losses)
+        row |= {"hvp_count": sol["hvp_count"], "deflated_with": sol["deflated_with"],
+                "feasibility_residual": sol["feasibility_residual"],
+                "rel_diff_original_estimated": float(sol["v"].norm()) / nb,
+                "rel_diff_original_retrained": d_ret / nb,
+                "rel_diff_estimated_retrained": float((w_est - w_ret).norm()) / nb,
+                "estimate_error_vs_shift": float((w_est - w_ret).norm()) / max(d_ret, 1e-300),
+                "cosine_estimate_retrained": float(sol["v"] @ (w_ret - wbar)) / max(float(sol["v"].norm()) * d_ret, 1e-300),
+                "loss_retrained": p.loss_on(idx, w_ret, perturbation=pert), "retrain": rinfo}
+        rows.append(row)
+    results["table2"] = rows
+
+    # -- several estimates from random starts --------------------------------------------------------
+    seeds = []
+    if cfg.seeds > 0:
+        k = min(cfg.seed_points, p.n)
+        pool = eligible if eligible.numel() >= k else torch.argsort(losses)[:k].sort().values
+        idx = _choose(pool, k, torch.Generator().manual_seed(cfg.seed + 1))
+        pert = R.direction(idx).scaled(step)
+        ref = None
+        for s in range(cfg.seeds):
+            if s == 0:
+                x0 = None
+            else:
+                z = torch.randn(p.p, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64)
+                x0 = z * (cfg.start_radius * ref.norm() / z.norm())
+            sol = R.solve(f"seed_{s}", pert, x0=x0, recycle=False)
+            if ref is None:
+                ref = sol["v"].double()
+            seeds.append({"seed": s, "start_norm": 0.0 if x0 is None else float(x0.norm())} | R.evaluate(pert, sol["v"], losses)
+                         | {"hvp_count": sol["hvp_count"], "feasibility_residual": sol["feasibility_residual"],
+                            "distance_to_seed0": float((sol["v"].double() - ref).norm())})
+            if out is not None:
+                torch.save({"v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_seed_{s}.pt")
+        results["seeds"] = {"points": k, "step_percent": 100 * step, "runs": seeds}
+
+    # -- landscape -----------------------------------------------------------------------------------
+    if cfg.landscape and out is not None and cfg.grid > 1:
+        from ..landscape import landscape, plane_directions, plot_landscape
+        from ..report import save_figure
+
+        est = {"estimate_seed_" + str(r["seed"]): out / "state" / f"estimate_seed_{r['seed']}.pt" for r in seeds}
+        if est:
+            first = torch.load(next(iter(est.values())), weights_only=False)
+            from ..problem import Perturbation
+
+            pert = Perturbation(first["indices"], first["delta"])
+            vs = {k: torch.load(f, weights_only=False)["v"] for k, f in est.items()}
+        else:
+            pert, vs = first_unit.scaled(s0), {"estimate": first_sol["v"]}
+        d1, d2 = plane_directions(p, wbar + next(iter(vs.values())), torch.Generator().manual_seed(cfg.seed + 7))
+        grid = torch.linspace(-0.5, 1.5, cfg.grid).tolist()
+        marks = {"original": wbar} | {k: wbar + v for k, v in vs.items()}
+        ls = landscape(p, d1, d2, grid, grid, perturbation=pert, marks=marks, kind="estimate")
+        fc, fs = plot_landscape(ls, title=f"ResNet-{cfg.depth}, {len(pert.indices)} perturbed points")
+        save_figure(fc, out / "landscape_contour.png")
+        save_figure(fs, out / "landscape_surface.png")
+        results["landscape"] = ls.to_dict()
+
+    first = table1[0]
+    results["solves"] = R.solves
+    results["summary"] = {
+        "loss_original": first["loss_original"], "loss_estimated": first["loss_estimated"],
+        "loss_reduction": first["loss_reduction"], "increase_removed": first["increase_removed"],
+        "feasibility_residual": first["feasibility_residual"], "hvp_count": first["hvp_count"],
+        "hvp_count_total": R.hessian.calls, "step_percent": first["step_percent"], "points": first["points"],
+        "seconds": time.perf_counter() - t_start,
+    }
+    return results
+
+
+def _e(v):
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def render_report(r: dict, command_line: str = "") -> str:
+    cfg, m, st = r["config"], r["model"], r["stationarity"]
+    L = [f"# ResNet-{cfg['depth']} set-valued sensitivity (CIFAR-10)", ""]
+    if command_line:
+        L += [f"Command: `{command_line}`", ""]
+    L += [f"p = {m['p']:,} parameters, n = {m['n']} training images"
+          + (f", test accuracy {100 * m['test_accuracy']:.1f} % on {m['n_test']} test images" if "test_accuracy" in m else "")
+          + f".  At w̄: risk {st['risk']:.3e}, ‖∇L‖ = {st['grad_norm']:.3e} (relative {st['relative_grad_norm']:.2e}); "
+          f"{r['eligible_points']} points with loss < {cfg['threshold']:g}.", "",
+          f"Solver: MINRES, at most {cfg['maxiter']} Hessian-vector products per solve (the regulariser), "
+          f"dtype {cfg['dtype']}, J scaling '{cfg['scale']}', recycling {cfg['recycle']} Ritz vectors across solves.", "",
+          "## Table 1 — loss on the perturbed points", "",
+          "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | feasibility ‖Hv+JΔx‖/‖JΔx‖ | HVPs | paper (w̄ → est.) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in r["table1"]:
+        pp = t["paper"]
+        L.append(f"| {t['points']} | {t['step_percent']:.3g} | {_e(t['loss_base'])} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | "
+                 f"{t['loss_reduction']:.1f}× | {100 * t['increase_removed']:.2f} % | {t['feasibility_residual']:.3f} | {t['hvp_count']} | "
+                 + (f"{pp[0]} → {pp[1]:.2g} ({pp[0] / pp[1]:.0f}×)" if pp else "—") + " |")
+    L += ["", "## Table 2 — relative differences (‖·‖/‖w̄‖) over perturbation scenarios", "",
+          "| scenario | points | orig.–est. | orig.–retrained | est.–retrained | ‖est.−ret.‖/‖ret.−w̄‖ | cos(v, Δw_ret) | loss w̄ / est. / ret. | HVPs (deflated k) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for t in r["table2"]:
+        L.append(f"| {t['scenario']} | {len(t['indices'])} | {t['rel_diff_original_estimated']:.2e} | {t['rel_diff_original_retrained']:.2e} | "
+                 f"{t['rel_diff_estimated_retrained']:.2e} | {t['estimate_error_vs_shift']:.3f} | {t['cosine_estimate_retrained']:.3f} | "
+                 f"{_e(t['loss_original'])} / {_e(t['loss_estimated'])} / {_e(t['loss_retrained'])} | {t['hvp_count']} ({t['deflated_with']}) |")
+    if r["table2"]:
+        L += ["", f"Retraining: warm-started L-BFGS from w̄, at most {cfg['retrain_iter']} iterations "
+              "(not converged unless stated in the JSON)."]
+    L += ["", "## Table 3 — step sweep (1-point direction; v rescaled exactly, MINRES from 0 is linear in Δx)", "",
+          "| step (%) | at w̄ | at w̄ + v | reduction | paper (w̄ → est.) |", "|---|---|---|---|---|"]
+    for t in r["table3"]:
+        pp = t["paper"]
+        L.append(f"| {t['step_percent']:g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {t['loss_reduction']:.1f}× | "
+                 + (f"{pp[0]} → {pp[1]}" if pp else "—") + " |")
+    if r.get("seeds"):
+        s = r["seeds"]
+        L += ["", f"## Estimates from different random starts ({s['points']} points, step {s['step_percent']:.3g} %)", "",
+              "| seed | ‖start‖ | loss at w̄ | loss at estimate | ‖v‖ | distance to seed 0 | feasibility |", "|---|---|---|---|---|---|---|"]
+        for t in s["runs"]:
+            L.append(f"| {t['seed']} | {t['start_norm']:.3g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {t['norm_v']:.3g} | "
+                     f"{t['distance_to_seed0']:.3g} | {t['feasibility_residual']:.3f} |")
+    if "landscape" in r:
+        L += ["", "## Loss landscape", "", "Plane through w̄ spanned by d₁ = (seed-0 estimate − w̄) and a filter-normalised "
+              "random direction orthogonal to it with the same norm; α = 1, β = 0 is the seed-0 estimate.", "",
+              "![contour](landscape_contour.png) ![surface](landscape_surface.png)"]
+    s = r["summary"]
+    L += ["", f"Total: {s['hvp_count_total']} Hessian-vector products, {s['seconds']:.0f} s.", ""]
+    return "\n".join(L)
+
+
+def _tuple(text, cast, name):
+    try:
+        vals = tuple(cast(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{name} must be a comma-separated list, got {text!r}") from None
+    if not vals:
+        raise click.BadParameter(f"{name} must not be empty")
+    return vals
+
+
+@click.command("resnet")
+@click.option("--depth", type=int, default=56, show_default=True, help="CIFAR ResNet depth (6k+2).")
+@click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="State dict (akamaster layout).")
+@click.option("--data", default=ResnetConfig.data, show_default=True, help="CIFAR-10 .npz subset or torchvision folder.")
+@click.option("--n", type=int, default=None, help="Training subset size [1000; quick 48].")
+@click.option("--subset-seed", type=int, default=None, help="Draw the subset at random (default: the first n).")
+@click.option("--points", default=None, help="Comma-separated counts of perturbed points for Table 1 [1,10].")
+@click.option("--threshold", type=float, default=1e-5, show_default=True, help="Eligible points: unperturbed loss below this.")
+@click.option("--target-loss", type=float, default=0.004, show_default=True, help="Calibrate the step so the moved points reach this loss.")
+@click.option("--step", type=float, default=None, help="Step in percent of the image norm (overrides --target-loss).")
+@click.option("--sweep", default="0.2,0.5,1,2", show_default=True, help="Steps (percent) for Table 3.")
+@click.option("--scenarios", type=int, default=None, help="Perturbation scenarios for Table 2 [10].")
+@click.option("--scenario-points", type=int, default=1, show_default=True, help="Points moved per scenario.")
+@click.option("--seeds", type=int, default=None, help="Estimates from different random starts [3].")
+@click.option("--seed-points", type=int, default=None, help="Points moved in the multi-start study [500].")
+@click.option("--start-radius", type=float, default=0.5, show_default=True, help="‖random start‖ ÷ ‖v of seed 0‖.")
+@click.option("--maxiter", type=int, default=None, help="MINRES iterations (= HVPs) per solve [50].")
+@click.option("--rtol", type=float, default=1e-6, show_default=True, help="MINRES relative residual tolerance.")
+@click.option("--recycle", type=int, default=None, help="Ritz vectors recycled to deflate later solves (0: off) [20].")
+@click.option("--retrain-iter", type=int, default=None, help="L-BFGS iterations for warm-started retraining [50].")
+@click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True, help="J scaling: 1/n or the paper's 1/|K|.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images per pass [250].")
+@click.option("--n-test", type=int, default=None, help="Test images for the accuracy check (0: skip) [all].")
+@click.option("--grid", type=int, default=None, help="Landscape grid size per axis (0/1: no landscape) [11].")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="Small preset for a 2-core CPU (< 10 min).")
+@click.option("--out", default="setsens-resnet", show_default=True, help="Run directory (resumes if it holds a run).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and tables as JSON on stdout.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def command(**kw):
+    """Reproduce the paper's ResNet-56 / CIFAR-10 tables (1–3), multi-start estimates and landscape."""
+    from ..report import prepare_out_dir, write_json, write_text
+
+    for path, what in ((kw["checkpoint"], "checkpoint"), (kw["data"], "data")):
+        if not Path(path).exists():
+            raise click.BadParameter(f"{what} not found: {path}", param_hint=f"--{what}")
+    base = QUICK if kw["quick"] else {}
+    defaults = ResnetConfig()
+    cfg = {}
+    for f in ("n", "scenarios", "seeds", "seed_points", "maxiter", "recycle", "retrain_iter", "batch_size", "n_test", "grid"):
+        cfg[f] = kw[f] if kw[f] is not None else base.get(f, getattr(defaults, f))
+    cfg["points"] = _tuple(kw["points"], int, "--points") if kw["points"] else base.get("points", defaults.points)
+    cfg["sweep"] = _tuple(kw["sweep"], float, "--sweep")
+    for f in ("depth", "checkpoint", "data", "subset_seed", "threshold", "target_loss", "step", "scenario_points",
+              "start_radius", "rtol", "scale", "dtype", "device", "threads", "seed", "quick"):
+        cfg[f] = kw[f]
+    cfg["landscape"] = cfg["grid"] > 1
+    if cfg["n"] < 2 or min(cfg["points"]) < 1 or cfg["maxiter"] < 1:
+        raise click.BadParameter("--n must be ≥ 2, --points ≥ 1 and --maxiter ≥ 1")
+    if cfg["step"] is not None and cfg["step"] <= 0:
+        raise click.BadParameter("--step must be positive (percent of the image norm)")
+    config = ResnetConfig(**cfg)
+    out = prepare_out_dir(kw["out"])
+    write_json(out / "config.json", asdict(config))
+    results = run(config, out, progress=kw["progress"])
+    line = "setsens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", render_report(results, line))
+    if kw["as_json"]:
+        slim = {k: v for k, v in results.items() if k != "landscape"}
+        click.echo(json.dumps({**results["summary"], **__import__("setsens.report", fromlist=["to_jsonable"]).to_jsonable(slim)}))
+    else:
+        click.echo(render_report(results, line))
+        click.echo(f"\nwritten to {out}/ (results.json, report.md, figures)", err=True)
