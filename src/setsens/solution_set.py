@@ -1,0 +1,267 @@
+"""The graphical derivative DS(x̄|w̄)(Δx) and the estimated new solution set (Algorithm 1).
+
+Theorem 1: ``DS(x̄|w̄)(Δx) = {v : H v + J Δx = 0}``.  When it is non-empty it is the affine set
+``v₀ + ker H`` with ``v₀ = −H⁺ J Δx`` (minimum norm); when ``J Δx`` leaves range(H) it is empty and
+we take the least-squares solutions instead, reporting the *feasibility residual*
+``‖H v₀ + J Δx‖ / ‖J Δx‖`` (0: first-order theory holds exactly; 1: v₀ explains nothing).
+
+The estimate of the new solution set is ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)`` with U = B(w̄, r).
+
+The numerical null space — the rule.  The pseudo-inverse needs a cut-off between "curvature" and
+"zero", and a fixed tiny cut-off fails badly (directions with curvature 1e-10·λ_max receive
+shifts 1e10 times too large).  ``setsens`` chooses the cut-off from the neighbourhood U in which
+the first-order model is valid, and validates it on the perturbed problem itself:
+
+  along the family of regularised solutions ``v(τ)`` (MINRES iterates, whose norm grows with the
+  iteration count; or spectral cut-offs τ on the dense path), take the member that minimises the
+  **true optimality residual of the perturbed problem**, ``‖∇_w L(xᵖ, w̄ + v)‖``.
+
+That member's norm is the radius r of U: beyond it, moving further along the linear model makes
+the perturbed problem *less* stationary, i.e. the model has left its region of validity.  The
+check costs one gradient on the perturbed data per candidate (a fraction of an H v), needs no
+retraining, and is compared with retraining in the tests and reports.  Directions whose
+curvature is too small to be resolved inside U form the numerical null space: they are the
+directions along which the estimated set extends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .operators import DataJacobian, Hessian, dense_data_jacobian, dense_hessian
+from .problem import Perturbation, Problem
+from .sets import AffineBall
+from .solvers import Spectrum, krylov_solve
+
+__all__ = ["SolutionSetEstimate", "estimate_solution_set", "DEFAULT_TAUS"]
+
+#: Spectral cut-offs tried by the dense path (relative to λ_max).
+DEFAULT_TAUS = (1e-10, 1e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class SolutionSetEstimate:
+    """``w̄ + DS(x̄|w̄)(Δx)`` intersected with U = B(w̄, radius).
+
+    Attributes:
+        shift: v₀, the minimum-norm (regularised) solution of ``H v = −J Δx``.
+        radius: r, the radius of U chosen by the validation rule (``‖v₀‖`` at the selected member).
+        feasibility_residual: ``‖H v₀ + J Δx‖ / ‖J Δx‖``.
+        optimality_residual: ``‖∇L(xᵖ, w̄ + v₀)‖ / ‖∇L(xᵖ, w̄)‖`` — how much of the perturbed
+            problem's non-stationarity the estimate removes (true, nonlinear problem).
+        null_basis: orthonormal basis of the numerical null space (dense path), else None.
+        path: one record per candidate (iteration or τ, ‖v‖, residuals) for reports.
+    """
+
+    problem: Problem
+    perturbation: Perturbation
+    shift: Tensor
+    rhs: Tensor
+    radius: float
+    feasibility_residual: float
+    optimality_residual: float
+    method: str
+    selected: dict
+    hvp_count: int
+    gradient_count: int
+    seconds: float
+    scale: str = "exact"
+    null_basis: Tensor | None = None
+    path: list[dict] = field(default_factory=list)
+
+    @property
+    def w_bar(self) -> Tensor:
+        return self.problem.params
+
+    @property
+    def centre(self) -> Tensor:
+        """w̄ + v₀, the estimated solution nearest to w̄."""
+        return self.w_bar + self.shift
+
+    def distance_from_original(self) -> float:
+        """Algorithm 1's output: d(w̄, estimated set) = ‖v₀‖ (v₀ ⟂ ker H by construction)."""
+        return float(self.shift.norm())
+
+    def as_affine_ball(self) -> AffineBall:
+        """The estimated set as an :class:`AffineBall` (dense path: needs the null basis)."""
+        if self.null_basis is None:
+            raise ValueError("the matrix-free estimate has no explicit null basis; use project()")
+        return AffineBall(self.centre, self.null_basis, self.w_bar, self.radius)
+
+    def membership_residual(self, w: Tensor) -> float:
+        """``‖H (w − w̄) + J Δx‖ / ‖J Δx‖``: 0 for members of the first-order set (one H v)."""
+        H = Hessian(self.problem)
+        return float((H(w - self.w_bar) + self.rhs).norm() / self.rhs.norm())
+
+    def project(self, w: Tensor, maxiter: int = 200) -> Tensor:
+        """Nearest point of ``centre + ker H`` to ``w`` (ignoring the cut by U).
+
+        Dense: exact with the null basis.  Matrix-free: ``w − H⁺H(w − centre)`` by MINRES.
+        """
+        d = w - self.centre
+        if self.null_basis is not None:
+            return self.centre + self.null_basis @ (self.null_basis.T @ d)
+        H = Hessian(self.problem)
+        z = krylov_solve(H, -H(d), maxiter=maxiter).v
+        return w - z
+
+    def sample(self, k: int, generator: torch.Generator, spread: float = 1.0) -> Tensor:
+        """``k`` members (rows) from seeded random starts — the paper's "different random seeds".
+
+        Dense: ``centre + N c`` with ``c`` uniform-direction of length ``spread·ρ`` (ρ the radius
+        of the cut inside U).  Matrix-free: MINRES started from ``v₀ + z`` for a random z; Krylov
+        iterations never change the null-space part of the start, so the member keeps z's
+        null component — exactly how retraining from different starts lands on different points.
+        """
+        members = []
+        p = self.problem.p
+        for _ in range(k):
+            z = torch.randn(p, generator=generator, dtype=torch.float64).to(self.shift)
+            if self.null_basis is not None:
+                ball = self.as_affine_ball()
+                c = self.null_basis.T @ z
+                if c.numel() == 0:
+                    members.append(self.centre.clone())
+                    continue
+                c = c / c.norm() * min(ball.inner_radius, self.radius) * spread
+                members.append(ball.point + self.null_basis @ c)
+            else:
+                z = z / z.norm() * self.radius * spread
+                H = Hessian(self.problem)
+                start = self.shift + z
+                # Solve H e = −(H start + b) for the correction e; the member is start + e.
+                e = krylov_solve(H, H(start) + self.rhs, maxiter=self.selected.get("iteration", 50)).v
+                members.append(self.w_bar + start + e)
+        return torch.stack(members)
+
+    def summary(self) -> dict:
+        return {
+            "method": self.method,
+            "scale": self.scale,
+            "shift_norm": self.distance_from_original(),
+            "radius": self.radius,
+            "feasibility_residual": self.feasibility_residual,
+            "optimality_residual": self.optimality_residual,
+            "selected": self.selected,
+            "hvp_count": self.hvp_count,
+            "gradient_count": self.gradient_count,
+            "seconds": self.seconds,
+            "null_space_dim": None if self.null_basis is None else int(self.null_basis.shape[1]),
+        }
+
+
+def estimate_solution_set(
+    problem: Problem,
+    perturbation: Perturbation,
+    *,
+    method: str = "krylov",
+    scale: str = "exact",
+    rule: str = "validated",
+    tau: float | None = None,
+    maxiter: int = 200,
+    check_every: int = 5,
+    patience: int = 4,
+    krylov: str = "minres",
+    progress=None,
+) -> SolutionSetEstimate:
+    """Estimate ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)``.
+
+    Args:
+        method: ``"krylov"`` (matrix-free MINRES; any size) or ``"dense"`` (eigendecomposition;
+            p up to a few thousand).
+        scale: ``"exact"`` (1/n, the true derivative) or ``"paper"`` (1/|K|, eqs. 14/17).
+        rule: ``"validated"`` (choose the member minimising ‖∇L(xᵖ, w̄+v)‖, see module doc),
+            or ``"fixed"`` (dense: cut-off ``tau``; Krylov: exactly ``maxiter`` iterations).
+        check_every, patience: Krylov validation — a gradient every ``check_every``
+            iterations; stop after ``patience`` checks without improvement.
+        progress: optional callable ``progress(record: dict)`` (the CLI shows a bar with it).
+
+    Cost: Krylov — one H v per iteration plus one perturbed gradient per check; dense — the
+    p×p Hessian and its eigendecomposition (O(p³)) plus one gradient per cut-off.
+    """
+    if method not in ("krylov", "dense"):
+        raise ValueError(f"method must be 'krylov' or 'dense', got {method!r}")
+    if rule not in ("validated", "fixed"):
+        raise ValueError(f"rule must be 'validated' or 'fixed', got {rule!r}")
+    problem.check_perturbation(perturbation)
+    t0 = time.perf_counter()
+    w_bar = problem.params
+    jac = DataJacobian(problem, perturbation.indices, scale=scale)
+    b = jac @ perturbation.delta
+    b_norm = float(b.norm())
+    if b_norm == 0.0 or not math.isfinite(b_norm):
+        raise ValueError(f"J Δx is {b_norm}: the perturbation does not move ∇L (nothing to estimate)")
+    g0_pert = float(problem.gradient(w_bar, perturbation).norm())
+    grads = [1]
+    H = Hessian(problem)
+
+    def true_residual(v: Tensor) -> float:
+        grads[0] += 1
+        return float(problem.gradient(w_bar + v, perturbation).norm())
+
+    path: list[dict] = []
+    null_basis = None
+    if method == "dense":
+        spec = Spectrum.of(dense_hessian(problem))
+        taus = [tau] if rule == "fixed" else list(DEFAULT_TAUS)
+        if rule == "fixed" and tau is None:
+            raise ValueError("rule='fixed' on the dense path needs tau")
+        best = None
+        for t in taus:
+            v = spec.solve(b, t)
+            rec = {"tau": t, "shift_norm": float(v.norm()), "kept": int(spec.kept(t).sum())}
+            rec["optimality"] = true_residual(v) if rule == "validated" else float("nan")
+            path.append(rec)
+            if progress:
+                progress(rec)
+            if best is None or rec["optimality"] < best[0]["optimality"]:
+                best = (rec, v)
+        selected, v = best
+        null_basis = spec.null_basis(selected["tau"])
+        feas = float((spec.eigenvectors @ (spec.eigenvalues * (spec.eigenvectors.T @ v)) + b).norm()) / b_norm
+    else:
+        best = {"optimality": g0_pert, "iteration": 0, "shift_norm": 0.0}
+        best_v = [torch.zeros_like(b)]
+        stale = [0]
+
+        def callback(k: int, v: Tensor) -> bool:
+            if rule == "fixed" or k % check_every:
+                return False
+            rec = {"iteration": k, "shift_norm": float(v.norm()), "optimality": true_residual(v)}
+            path.append(rec)
+            if progress:
+                progress(rec)
+            if rec["optimality"] < best["optimality"]:
+                best.update(rec)
+                best_v[0] = v.clone()
+                stale[0] = 0
+            else:
+                stale[0] += 1
+            return stale[0] >= patience
+
+        sol = krylov_solve(H, b, method=krylov, maxiter=maxiter, callback=callback)
+        if rule == "fixed":
+            v = sol.v
+            selected = {"iteration": sol.iterations}
+        else:
+            if sol.stopped_by != "callback":  # finished before the validation turned: check the end
+                callback(check_every * (sol.iterations // check_every + 1), sol.v)
+            v, selected = best_v[0], dict(best)
+        selected["stopped_by"] = sol.stopped_by
+        feas = float((H(v) + b).norm()) / b_norm
+    if float(v.norm()) == 0.0:
+        warnings.warn("the validated shift is zero: no member of the linear model improves the "
+                      "perturbed problem (the perturbation is outside the first-order regime)")
+    opt = true_residual(v) / max(g0_pert, 1e-300)
+    return SolutionSetEstimate(
+        problem=problem, perturbation=perturbation, shift=v, rhs=b, radius=float(v.norm()),
+        feasibility_residual=feas, optimality_residual=opt, method=method, selected=selected,
+        hvp_count=H.calls, gradient_count=grads[0],
+        seconds=time.perf_counter() - t0, scale=scale, null_basis=null_basis, path=path,
+    )
