@@ -17,7 +17,7 @@ def test_parameter_counts(depth, params):
 
 def test_unknown_depth():
     with pytest.raises(ValueError, match="6k \\+ 2"):
-        cifar_resnet(50)
+        cifar_resnet(51)
 
 
 def test_checkpoint_roundtrip_and_errors(tiny_run_files, tmp_path):
