@@ -347,13 +347,12 @@ def _point_jacobians(problem: Problem, idx: Tensor, w: Tensor, factor: float, ch
     for s in range(0, idx.numel(), chunk):
         x, y = x_all[s : s + chunk], y_all[s : s + chunk]
 
-        def g_one(xi, yi):
-            return grad(lambda ww: problem.per_sample_loss(ww, xi[None], yi[None]).sum())(w)
-
         def jac_one(xi, yi):
-            return jacfwd(lambda xx: g_one(xx, yi))(xi).reshape(w.numel(), -1)
+            # ∂_{x_i} ∇_w ℓ_i: forward mode over the d input coordinates of one point
+            g = grad(lambda ww, xx: problem.per_sample_loss(ww, xx[None], yi[None]).sum())
+            return jacfwd(lambda xx: g(w, xx))(xi).reshape(w.numel(), -1)
 
-        Jc = torch.vmap(jac_one)(x, y) * factor
+        Jc = torch.stack([jac_one(x[i], y[i]) for i in range(x.shape[0])]) * factor
         yield torch.arange(s, s + x.shape[0]), Jc, shape
 
 

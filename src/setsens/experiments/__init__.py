@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ["weights"]
+_MODULES = ["weights", "lipschitz"]
 
 
 def commands():

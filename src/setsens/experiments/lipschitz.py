@@ -1,0 +1,342 @@
+"""``setsens lipschitz``: training-stability report (Algorithm 1 + Theorems 2–3) for a DFCNN.
+
+Trains the digits DFCNN of the demo (or a smaller one), then reports side by side
+
+* Theorem 2's closed-form κ_h per layer (max / median over points, Theorem 3's combination),
+* the block-restricted numerical modulus for the same single points (relation R1–R3 of
+  :mod:`setsens.lipschitz`),
+* the numerical modulus ‖Jᵀ H⁺‖ of the whole network and of every layer, the coderivative
+  criterion figure and the stability of κ over τ/10 … 10τ,
+* the empirical modulus: warm-started retraining along ≥ 20 directions (worst case, next
+  singular directions, loss gradient, single points, random), set shift ÷ ‖Δx‖,
+
+and writes ``lipschitz.json``, ``lipschitz.md`` and figures into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import click
+import numpy as np
+import torch
+
+from ..lipschitz import (
+    DEFAULT_TAU,
+    DenseModulus,
+    closed_form_modulus,
+    empirical_modulus,
+    matrix_free_modulus,
+)
+from ..problem import Perturbation, Problem, squared_error
+from ..report import prepare_out_dir, save_figure, write_json, write_text
+
+__all__ = ["LipschitzConfig", "train_dfcnn", "run", "format_report", "command"]
+
+
+@dataclass
+class LipschitzConfig:
+    points: int = 300
+    depth: int = 2
+    width: int = 32
+    seed: int = 0
+    adam_steps: int = 3000
+    lbfgs_gtol: float = 1e-5
+    lbfgs_max_iter: int = 3000
+    directions: int = 20
+    steps: tuple[float, ...] = (1e-4, 1e-3)
+    worst_steps: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2)
+    tau: float = DEFAULT_TAU
+    scale: str = "exact"
+    matrix_free: bool = False
+    retrain: str = "auto"
+    retrain_rtol: float = 1e-4
+
+
+def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
+    """The demo's digits DFCNN: bias-free ReLU MLP, squared loss, float64, Adam then L-BFGS."""
+    from ..data.digits import load_digits_subset
+    from ..models.mlp import mlp
+    from ..retrain import retrain
+
+    x, y = load_digits_subset(cfg.points, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = mlp([x.shape[1], *([cfg.width] * cfg.depth), 10]).double()
+    target = torch.nn.functional.one_hot(y, 10).double()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(cfg.adam_steps):
+        opt.zero_grad()
+        loss = 0.5 * ((net(x) - target) ** 2).sum(1).mean()
+        loss.backward()
+        opt.step()
+    pb = Problem(net, squared_error, (x, y))
+    res = retrain(pb, pb.params, None, gtol=cfg.lbfgs_gtol, max_iter=cfg.lbfgs_max_iter)
+    log(f"trained: risk {res.risk:.3e}, ‖∇L‖ {res.grad_norm:.2e} ({res.iterations} L-BFGS iterations)")
+    return Problem(pb.model, squared_error, (x, y), params=res.w)
+
+
+def _distance_fn(cfg: LipschitzConfig, problem: Problem):
+    """Distance to a solution set, the foundation way, with a tolerance tied to ‖J Δx‖."""
+    from ..retrain import distance_to_solution_set, retrain
+
+    if cfg.retrain == "lm" or (cfg.retrain == "auto" and problem.p * problem.n < 2e5):
+        return lambda pb, w, pert: distance_to_solution_set(pb, w, pert)
+    g0 = float(problem.gradient().norm())
+
+    def fn(pb, w, pert):
+        # tolerance relative to the size of the optimality violation the perturbation causes
+        scale = float(pb.gradient(w, pert).norm())
+        return retrain(pb, w, pert, gtol=max(cfg.retrain_rtol * scale, 0.5 * g0), max_iter=20000)
+
+    return fn
+
+
+def _directions(problem: Problem, dm: DenseModulus, worst, cfg: LipschitzConfig, cf) -> dict:
+    """Unit Δx over K = all points: worst case, next singular directions, gradient, single points, random."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    idx = dm.indices
+    x, y = problem.points(idx)
+    out: dict[str, Perturbation] = {}
+
+    def add(name, delta, indices=idx):
+        n = float(delta.norm())
+        if n > 0 and len(out) < cfg.directions:
+            out[name] = Perturbation(indices, delta / n)
+
+    add("worst", worst.direction)
+    for j, d in enumerate(worst.next_directions):
+        add(f"singular-{j + 2}", d)
+    grad_x = torch.func.grad(lambda xx: problem.per_sample_loss(problem.params, xx, y).sum())(x)
+    add("gradient", grad_x)
+    top = torch.argsort(cf.kappa[:, 0].nan_to_num(0, 0, 0), descending=True)[:4]
+    for k in top.tolist():
+        add(f"point-{k}-grad", grad_x[k : k + 1], idx[k : k + 1])
+    r = 0
+    while len(out) < cfg.directions:
+        add(f"random-{r}", torch.randn(x.shape, generator=g, dtype=x.dtype))
+        r += 1
+    return out
+
+
+def run(cfg: LipschitzConfig, problem: Problem | None = None, log=print) -> dict:
+    """The whole report as a JSON-able dict (no files written)."""
+    t_start = time.perf_counter()
+    problem = train_dfcnn(cfg, log) if problem is None else problem
+    stat = problem.stationarity(warn=False)
+    cf = closed_form_modulus(problem)
+    log(f"closed form: {cf.kappa.shape[0]} points × {len(cf.labels)} layers")
+    dm = DenseModulus(problem, scale=cfg.scale, per_point=True, tau=cfg.tau)
+    log(f"dense Hessian {dm.seconds_hessian:.1f}s, Jacobian Gram {dm.seconds_jacobian:.1f}s")
+    blocks = list(dm.blocks)
+    moduli = {b: dm.modulus(b, cfg.tau, n_directions=3 if b == "network" else 1) for b in blocks}
+    net = moduli["network"]
+    labels = ["network", *cf.labels]
+    # closed form vs block-restricted numerical modulus, point by point (exact J scale)
+    side = []
+    layer_blocks = [n for n, _ in problem.blocks()]
+    for h, (name, label) in enumerate(zip(layer_blocks, cf.labels)):
+        kc = cf.kappa[:, h]
+        kn = dm.point_kappa[name]
+        finite = torch.isfinite(kc) & (kc > 0)
+        ratio = (kn[finite] / kc[finite])
+        side.append({
+            "layer": label, "block": name, "size": problem.blocks()[h][1].stop - problem.blocks()[h][1].start,
+            "closed_form_max": float(kc[finite].max()), "closed_form_median": float(kc[finite].median()),
+            "theorem3": float(cf.theorem3()[h]) if torch.isfinite(cf.theorem3()[h]) else math.inf,
+            "numerical_point_max": float(kn.max()), "numerical_point_median": float(kn.median()),
+            "numerical_all_points": moduli[name].kappa,
+            "ratio_numerical_to_closed_median": float(ratio.median()),
+            "ratio_numerical_to_closed_min": float(ratio.min()),
+            "ratio_numerical_to_closed_max": float(ratio.max()),
+            "infinite_points": int((~torch.isfinite(kc)).sum()),
+        })
+    mf = None
+    if cfg.matrix_free:
+        t0 = time.perf_counter()
+        mf = matrix_free_modulus(problem, tau=cfg.tau, scale=cfg.scale, criterion=False, solve_rtol=1e-8)
+        ref = dm.modulus("network", cfg.tau, filter="tikhonov", stability=False)
+        mf = {"kappa": mf.kappa, "dense_tikhonov_kappa": ref.kappa, "cost": mf.cost,
+              "relative_difference": abs(mf.kappa - ref.kappa) / ref.kappa,
+              "seconds": time.perf_counter() - t0}
+        log(f"matrix-free κ {mf['kappa']:.5g} vs dense Tikhonov {ref.kappa:.5g}")
+    # empirical modulus
+    x_all, _ = problem.points(dm.indices)
+    ref_norm = float(x_all.norm())
+    dirs = _directions(problem, dm, net, cfg, cf)
+    predicted = {}
+    for name, unit in dirs.items():
+        predicted[name] = dm.first_order_shift(unit, tau=cfg.tau)
+    dist = _distance_fn(cfg, problem)
+    records = empirical_modulus(problem, dirs, cfg.steps, ref_norm, distance=dist, predicted=predicted, progress=log)
+    extra_steps = [s for s in cfg.worst_steps if s not in cfg.steps]
+    records += empirical_modulus(problem, {"worst": dirs["worst"]}, extra_steps, ref_norm, distance=dist,
+                                 predicted=predicted, progress=log)
+    small = [r for r in records if r.relative_step <= 1e-3]
+    max_ratio = max(r.ratio for r in small)
+    worst_small = [r for r in small if r.direction == "worst"]
+    worst_ratio = min(worst_small, key=lambda r: r.relative_step).ratio if worst_small else math.nan
+    result = {
+        "config": asdict(cfg),
+        "problem": {"p": problem.p, "n": problem.n, "risk": stat["risk"], "grad_norm": stat["grad_norm"],
+                    "data_norm": ref_norm},
+        "numerical_modulus": net.kappa,
+        "numerical_modulus_per_block": {b: moduli[b].kappa for b in blocks},
+        "closed_form_modulus": {s["layer"]: s["closed_form_max"] for s in side},
+        "closed_form_theorem3": {s["layer"]: s["theorem3"] for s in side},
+        "closed_form_vs_numerical": side,
+        "aubin_residual": net.aubin_residual,
+        "criterion_holds": net.criterion_holds,
+        "moduli": {b: moduli[b].summary() for b in blocks},
+        "ill_determined": {b: moduli[b].ill_determined for b in blocks},
+        "matrix_free": mf,
+        "empirical_max_ratio": max_ratio,
+        "empirical_max_ratio_over_kappa": max_ratio / net.kappa,
+        "worst_case_ratio": worst_ratio,
+        "worst_case_ratio_over_kappa": worst_ratio / net.kappa,
+        "directions": len(dirs),
+        "empirical": [r.as_dict() for r in records],
+        "labels": labels,
+        "seconds": time.perf_counter() - t_start,
+    }
+    return result
+
+
+def _fmt(v, spec=".4g"):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "inf" if v == math.inf else "–"
+    return format(v, spec)
+
+
+def format_report(res: dict) -> str:
+    """Markdown tables (also printed to the terminal)."""
+    lines = [f"# Training stability (Lipschitz modulus) — p = {res['problem']['p']}, n = {res['problem']['n']}",
+             "", f"risk {res['problem']['risk']:.3e}, ‖∇L‖ {res['problem']['grad_norm']:.2e}; "
+             f"τ = {res['config']['tau']:g} (|λ| ≤ τ·λ_max is the null space), J scale {res['config']['scale']}", "",
+             "## Numerical modulus κ = ‖Jᵀ H⁺‖ (all points perturbed)", "",
+             "| block | κ | κ(τ/10) | κ(10τ) | change | criterion ‖(I−HH⁺)J‖/‖J‖ | null dim |",
+             "|---|---|---|---|---|---|---|"]
+    for b, m in res["moduli"].items():
+        st = m["stability"]
+        flag = " (ill-determined)" if st.get("ill_determined") else ""
+        lines.append(f"| {b} | {_fmt(m['kappa'])} | {_fmt(st.get('tau_over_10'))} | {_fmt(st.get('tau_times_10'))} | "
+                     f"{st.get('relative_change', 0):.1%}{flag} | {m['aubin_residual']:.2e} | {m['null_dim']} |")
+    lines += ["", "## Theorem 2 closed form vs block-restricted numerical modulus (single points k)", "",
+              "| layer | params | κ_h closed max | median | Thm 3 √Σκ² | κ_num,h({k}) max | median | "
+              "num/closed min–median–max | κ_num,h(all) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in res["closed_form_vs_numerical"]:
+        lines.append(
+            f"| {s['layer']} | {s['size']} | {_fmt(s['closed_form_max'])} | {_fmt(s['closed_form_median'])} | "
+            f"{_fmt(s['theorem3'])} | {_fmt(s['numerical_point_max'])} | {_fmt(s['numerical_point_median'])} | "
+            f"{s['ratio_numerical_to_closed_min']:.3g}–{s['ratio_numerical_to_closed_median']:.3g}–"
+            f"{s['ratio_numerical_to_closed_max']:.3g} | {_fmt(s['numerical_all_points'])} |")
+    if res.get("matrix_free"):
+        mf = res["matrix_free"]
+        lines += ["", f"Matrix-free κ (Tikhonov, Lanczos + LSMR): {mf['kappa']:.6g} vs dense Tikhonov "
+                      f"{mf['dense_tikhonov_kappa']:.6g} (rel. diff {mf['relative_difference']:.1e}); "
+                      f"{mf['cost']['hvp']} HVPs, {mf['cost']['solves']} solves, {mf['seconds']:.0f}s"]
+    lines += ["", "## Empirical modulus: retraining (shift = d(w′, S(x̄)))", "",
+              "| direction | step (of ‖x̄‖) | ‖Δx‖ | shift | ratio | ratio/κ | first-order ratio |",
+              "|---|---|---|---|---|---|---|"]
+    k = res["numerical_modulus"]
+    for r in res["empirical"]:
+        lines.append(f"| {r['direction']} | {r['relative_step']:.0e} | {r['dx_norm']:.3g} | {r['shift']:.3e} | "
+                     f"{r['ratio']:.4g} | {r['ratio'] / k:.3f} | {_fmt(r['predicted_ratio'])} |")
+    lines += ["", f"κ (whole network) = {k:.5g}; criterion residual {res['aubin_residual']:.2e}; "
+                  f"max empirical ratio at steps ≤ 0.1 % over {res['directions']} directions = "
+                  f"{res['empirical_max_ratio']:.5g} ({res['empirical_max_ratio_over_kappa']:.3f} κ); "
+                  f"worst-case direction ratio {res['worst_case_ratio']:.5g} ({res['worst_case_ratio_over_kappa']:.3f} κ)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, out) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = res["numerical_modulus"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    recs = res["empirical"]
+    for kind, style in [("worst", "o-"), ("singular", "s"), ("gradient", "^"), ("point", "v"), ("random", ".")]:
+        rs = [r for r in recs if r["direction"].startswith(kind)]
+        if rs:
+            rs = sorted(rs, key=lambda r: r["dx_norm"])
+            ax.loglog([r["dx_norm"] for r in rs], [r["shift"] for r in rs], style, label=kind, alpha=0.8)
+    xs = np.array([min(r["dx_norm"] for r in recs), max(r["dx_norm"] for r in recs)])
+    ax.loglog(xs, k * xs, "k--", label=f"κ‖Δx‖, κ = {k:.3g}")
+    ax.set_xlabel("‖Δx‖")
+    ax.set_ylabel("set shift d(w′, S(x̄))")
+    ax.set_title("Retrained set shift vs data perturbation")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for s in res["closed_form_vs_numerical"]:
+        ax.bar(s["layer"] + "\nclosed", s["closed_form_max"], color="tab:blue")
+        ax.bar(s["layer"] + "\nnum.", s["numerical_point_max"], color="tab:orange")
+    ax.set_yscale("log")
+    ax.set_title("max over points: Theorem 2 κ_h vs block modulus κ_num,h({k})")
+    paths = [save_figure(fig, out / "lipschitz_shift.png")]
+    return paths
+
+
+@click.command("lipschitz")
+@click.option("--points", default=300, show_default=True, help="digits training points n")
+@click.option("--depth", default=2, show_default=True, help="hidden ReLU layers H")
+@click.option("--width", default=32, show_default=True, help="hidden width m")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--directions", default=20, show_default=True, help="retraining directions (≥ 20 for the report)")
+@click.option("--steps", default="1e-4,1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
+@click.option("--worst-steps", default="1e-5,1e-4,1e-3,1e-2,3e-2", show_default=True,
+              help="extra relative steps for the worst-case direction (figure)")
+@click.option("--tau", default=DEFAULT_TAU, show_default=True, help="null-space tolerance |λ| ≤ τ·λ_max")
+@click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
+              help="J scale: exact 1/n, or the paper's 1/|K|")
+@click.option("--matrix-free/--no-matrix-free", default=False, show_default=True,
+              help="also compute κ matrix-free (Lanczos + LSMR) and compare with the dense value")
+@click.option("--retrain", type=click.Choice(["auto", "lm", "lbfgs"]), default="auto", show_default=True)
+@click.option("--adam-steps", default=3000, show_default=True)
+@click.option("--quick", is_flag=True, help="tiny network and data (seconds; for CI)")
+@click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the JSON summary to stdout")
+@click.option("--threads", default=0, help="torch threads (0: leave default)")
+def command(points, depth, width, seed, directions, steps, worst_steps, tau, scale, matrix_free, retrain,
+            adam_steps, quick, out, as_json, threads):
+    """Lipschitz modulus and training stability (Theorems 2–3, coderivative criterion, retraining)."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        steps_t = tuple(float(s) for s in steps.split(","))
+        worst_t = tuple(float(s) for s in worst_steps.split(",")) if worst_steps else ()
+    except ValueError as err:
+        raise click.BadParameter(f"steps must be comma-separated numbers: {err}") from err
+    if any(s <= 0 for s in steps_t + worst_t):
+        raise click.BadParameter("steps must be positive")
+    if directions < 1:
+        raise click.BadParameter("--directions must be at least 1")
+    cfg = LipschitzConfig(points=points, depth=depth, width=width, seed=seed, directions=directions,
+                          steps=steps_t, worst_steps=worst_t, tau=tau, scale=scale, matrix_free=matrix_free,
+                          retrain=retrain, adam_steps=adam_steps)
+    if quick:
+        cfg.points, cfg.width, cfg.depth, cfg.adam_steps = min(points, 12), min(width, 8), min(depth, 1), 300
+        cfg.worst_steps = (1e-5, 1e-2)
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    outdir = prepare_out_dir(out)
+    res = run(cfg, log=log)
+    write_json(outdir / "lipschitz.json", res)
+    text = format_report(res)
+    write_text(outdir / "lipschitz.md", text)
+    plot(res, outdir)
+    if as_json:
+        from ..report import to_jsonable
+
+        keys = ["numerical_modulus", "numerical_modulus_per_block", "closed_form_modulus", "closed_form_theorem3",
+                "aubin_residual", "criterion_holds", "ill_determined", "empirical_max_ratio",
+                "empirical_max_ratio_over_kappa", "worst_case_ratio", "worst_case_ratio_over_kappa", "directions",
+                "matrix_free", "problem"]
+        click.echo(json.dumps(to_jsonable({k: res[k] for k in keys}), indent=2))
+    else:
+        click.echo(text)
+        click.echo(f"wrote {outdir / 'lipschitz.json'}, {outdir / 'lipschitz.md'}, {outdir / 'lipschitz_shift.png'}")
