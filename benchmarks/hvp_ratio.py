@@ -11,8 +11,13 @@ other processes hits all methods alike.  Methods:
 * ``fwd_over_rev``      — ``jvp(grad(L))`` with torch.func (the previous default);
 * ``double_backward``   — ``autograd.grad(⟨∇L, v⟩)`` with ``create_graph=True``;
 * ``rev_over_fwd``      — ``grad_w ⟨∇L, v⟩`` where the directional derivative comes from one
-  forward-mode pass: ``∇_w [jvp_w L(w)·v]`` (torch.func; :func:`setsens.operators` equivalent is
-  :class:`setsens.preconditioners.FastHessian`).
+  forward-mode pass: ``∇_w [jvp_w L(w)·v]`` (torch.func).
+
+:class:`setsens.preconditioners.FastHessian` uses whichever was fastest here (double backward).
+
+Measured (2 shared CPU cores, load average 5–7 from other jobs, batch 250, 2 repeats):
+grad 7.9 s; double backward 3.01×, forward-over-reverse 3.51×, reverse-over-forward 5.08×.
+At batch 100 under heavier load: 1.40× / 2.11× / 1.55× (noisy).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def main(argv=None):
         gr = torch.autograd.grad(problem.batch_risk(wr, xb, yb), wr, create_graph=True)[0]
         return torch.autograd.grad(gr @ v, wr)[0]
 
-    fast = FastHessian(problem)
+    fast = FastHessian(problem, method="rev_over_fwd")
 
     def m_rev_over_fwd():
         return fast.batch_hvp(w, xb, yb, v)
