@@ -197,13 +197,13 @@ def estimate_solution_set(
     b_norm = float(b.norm())
     if b_norm == 0.0 or not math.isfinite(b_norm):
         raise ValueError(f"J Δx is {b_norm}: the perturbation does not move ∇L (nothing to estimate)")
-    g0_pert = float(problem.gradient(w_bar, perturbation).norm())
+    g0_pert = problem.risk(w_bar, perturbation)
     grads = [1]
     H = Hessian(problem)
 
     def true_residual(v: Tensor) -> float:
         grads[0] += 1
-        return float(problem.gradient(w_bar + v, perturbation).norm())
+        return problem.risk(w_bar + v, perturbation)
 
     path: list[dict] = []
     null_basis = None
