@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ["weights", "lipschitz"]
+_MODULES = ["toy", "demo", "weights", "resnet", "landscape", "lipschitz"]
 
 
 def commands():
