@@ -1,0 +1,1 @@
+from core_helpers import problem  # noqa: F401  (fixture)

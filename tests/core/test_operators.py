@@ -1,0 +1,81 @@
+"""Operators against dense references, finite differences and closed forms."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from setsens.operators import DataJacobian, Hessian, dense_data_jacobian, dense_hessian
+from setsens.problem import Perturbation, Problem
+
+from core_helpers import small_problem
+
+
+def test_hvp_matches_dense_and_finite_difference(problem):
+    H = dense_hessian(problem)
+    assert torch.allclose(H, H.T, atol=1e-10)
+    v = torch.randn(problem.p, dtype=torch.float64)
+    assert torch.allclose(Hessian(problem)(v), H @ v, atol=1e-10)
+    eps = 1e-6
+    fd = (problem.gradient(problem.params + eps * v) - problem.gradient(problem.params - eps * v)) / (2 * eps)
+    assert torch.allclose(Hessian(problem)(v), fd, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), k=st.integers(1, 4), batch=st.integers(1, 12))
+def test_jacobian_matches_finite_difference_and_adjoint(seed, k, batch):
+    problem = small_problem(seed=seed, batch_size=batch)
+    idx = torch.randperm(problem.n, generator=torch.Generator().manual_seed(seed))[:k]
+    J = DataJacobian(problem, idx)
+    mu = torch.randn(k, 3, dtype=torch.float64)
+    eps = 1e-6
+    plus = problem.gradient(perturbation=Perturbation(idx, eps * mu))
+    minus = problem.gradient(perturbation=Perturbation(idx, -eps * mu))
+    assert torch.allclose(J @ mu, (plus - minus) / (2 * eps), atol=1e-6)
+    y = torch.randn(problem.p, dtype=torch.float64)
+    assert torch.allclose((J @ mu) @ y, (mu * (J.T @ y)).sum(), atol=1e-10)
+    Jd = dense_data_jacobian(problem, idx)
+    assert torch.allclose(Jd @ mu.reshape(-1), J @ mu, atol=1e-10)
+    assert torch.allclose(Jd.T @ y, (J.T @ y).reshape(-1), atol=1e-10)
+
+
+def test_batch_size_does_not_change_anything():
+    a, b = small_problem(batch_size=1), small_problem(batch_size=12)
+    v = torch.randn(a.p, dtype=torch.float64)
+    assert torch.allclose(Hessian(a)(v), Hessian(b)(v), atol=1e-12)
+    assert abs(a.risk() - b.risk()) < 1e-12
+
+
+def test_dataloader_equals_tensors():
+    a = small_problem()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(a.inputs, a.targets), batch_size=4)
+    b = Problem(a.model, a.loss, loader, params=a.params)
+    v = torch.randn(a.p, dtype=torch.float64)
+    assert b.n == a.n
+    assert torch.allclose(Hessian(a)(v), Hessian(b)(v), atol=1e-12)
+    J1, J2 = DataJacobian(a, [3, 7]), DataJacobian(b, [3, 7])
+    mu = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.allclose(J1 @ mu, J2 @ mu, atol=1e-12)
+
+
+def test_linear_regression_closed_form():
+    """ℓ = ½(wᵀx − y)²: H = XᵀX/n, Jμ = (1/n) Σ_K [(wᵀμ_i) x_i + (wᵀx_i − y_i) μ_i]."""
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    model = nn.Linear(4, 1, bias=False).double()
+    loss = lambda out, t: 0.5 * (out[:, 0] - t) ** 2  # noqa: E731
+    problem = Problem(model, loss, (X, y))
+    w = problem.params
+    assert torch.allclose(dense_hessian(problem), X.T @ X / 20, atol=1e-12)
+    K = torch.tensor([2, 5, 11])
+    mu = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    expected = sum((w @ m) * X[i] + (w @ X[i] - y[i]) * m for i, m in zip(K, mu)) / 20
+    assert torch.allclose(DataJacobian(problem, K) @ mu, expected, atol=1e-12)
+    paper = DataJacobian(problem, K, scale="paper") @ mu
+    assert torch.allclose(paper, expected * 20 / 3, atol=1e-12)
+
+
+def test_float32_agrees_with_float64():
+    p64 = small_problem()
+    p32 = Problem(p64.model, p64.loss, (p64.inputs, p64.targets), params=p64.params, dtype=torch.float32)
+    v = torch.randn(p64.p, dtype=torch.float64)
+    assert torch.allclose(Hessian(p32)(v).double(), Hessian(p64)(v), rtol=1e-4, atol=1e-5)

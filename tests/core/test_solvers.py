@@ -1,0 +1,77 @@
+"""Solvers against NumPy's pseudo-inverse and eigendecomposition."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+from setsens.solvers import Spectrum, krylov_solve, top_eigenvalue
+
+
+class MatrixOperator:
+    """A dense symmetric matrix behind the Hessian interface (``__call__``, ``calls``, ``to_scipy``)."""
+
+    def __init__(self, A):
+        self.A, self.calls, self.shape, self.w = A, 0, A.shape, A[0]
+
+    def __call__(self, v):
+        self.calls += 1
+        return self.A @ v
+
+    def to_scipy(self):
+        from setsens.operators import _scipy_operator
+
+        return _scipy_operator(self, self.A.shape[0])
+
+
+def singular_symmetric(p, rank, seed, indefinite=False):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
+    lam = torch.zeros(p, dtype=torch.float64)
+    lam[:rank] = torch.rand(rank, generator=g, dtype=torch.float64) + 0.1
+    if indefinite:
+        lam[: rank // 2] *= -1
+    return Q @ torch.diag(lam) @ Q.T, g
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), p=st.integers(4, 30), indefinite=st.booleans())
+def test_dense_min_norm_equals_pinv(seed, p, indefinite):
+    A, g = singular_symmetric(p, max(1, p // 2), seed, indefinite)
+    b = torch.randn(p, generator=g, dtype=torch.float64)  # generally outside range(A)
+    v = Spectrum.of(A).solve(b, tau=1e-8)
+    ref = -np.linalg.pinv(A.numpy(), rcond=1e-8, hermitian=True) @ b.numpy()
+    assert np.allclose(v.numpy(), ref, atol=1e-8)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), indefinite=st.booleans())
+def test_minres_and_lsmr_reach_min_norm_on_consistent_singular_systems(seed, indefinite):
+    A, g = singular_symmetric(25, 12, seed, indefinite)
+    b = A @ torch.randn(25, generator=g, dtype=torch.float64)  # in range(A)
+    ref = -np.linalg.pinv(A.numpy(), hermitian=True) @ b.numpy()
+    for method in ("minres", "lsmr"):
+        sol = krylov_solve(MatrixOperator(A), b, method=method, maxiter=500, rtol=1e-12)
+        assert np.allclose(sol.v.numpy(), ref, atol=1e-7), method
+        assert sol.hvp_count > 0
+
+
+def test_lsmr_min_norm_least_squares_outside_range():
+    A, g = singular_symmetric(20, 8, 3)
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    sol = krylov_solve(MatrixOperator(A), b, method="lsmr", maxiter=500, rtol=1e-14)
+    ref = -np.linalg.pinv(A.numpy(), hermitian=True) @ b.numpy()
+    assert np.allclose(sol.v.numpy(), ref, atol=1e-7)
+
+
+def test_callback_stops_and_iterates_grow():
+    A, g = singular_symmetric(30, 30, 5)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    sol = krylov_solve(MatrixOperator(A), b, keep_iterates=True, callback=lambda k, v: k == 6)
+    assert sol.iterations == 6 and sol.stopped_by == "callback"
+    norms = [float(v.norm()) for v in sol.iterates]
+    assert all(a <= b + 1e-12 for a, b in zip(norms, norms[1:]))  # MINRES on SPD: ‖v_k‖ grows
+
+
+def test_top_eigenvalue():
+    A, _ = singular_symmetric(15, 15, 2)
+    assert abs(top_eigenvalue(MatrixOperator(A), iterations=300) - float(torch.linalg.eigvalsh(A).abs().max())) < 1e-6
