@@ -21,7 +21,7 @@ from ..models import mlp
 from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
 from ..retrain import retrain
-from ..solution_set import estimate_solution_set
+from ..solution_set import estimate_solution_set, newton_corrector
 from ..solvers import top_eigenvalue
 from ..operators import Hessian
 
@@ -86,11 +86,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     est = estimate_solution_set(problem, pert, method="krylov", maxiter=cfg.maxiter, progress=bar)
     if bar:
         bar.close()
+    log("second-order corrector: one validated Newton step on the perturbed problem …")
+    corrected, corr = newton_corrector(problem, pert, est.centre, maxiter=cfg.maxiter)
     lam_max = top_eigenvalue(Hessian(problem), iterations=30)
     infl = influence_shift(problem, pert, "damped", damping=cfg.influence_damping * lam_max, maxiter=cfg.maxiter)
 
     log("retraining (warm start, full-batch L-BFGS) from w̄, the estimate and the influence point …")
-    candidates = {"original": w_bar, "estimate": est.centre, "influence": w_bar + infl}
+    candidates = {"original": w_bar, "estimate": est.centre, "corrected": corrected, "influence": w_bar + infl}
     rt = {}
     for name, w in _bar_iter(progress, candidates.items(), "retrain"):
         rt[name] = retrain(problem, w, pert, gtol=cfg.retrain_gtol, max_iter=cfg.retrain_iters)
@@ -120,6 +122,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
         "retraining": {k: {"grad_norm": r.grad_norm, "iterations": r.iterations, "seconds": r.seconds}
                        for k, r in rt.items()},
         "distance_ratio": rows["estimate"]["distance_to_new_set"] / d0,
+        "corrector": {"hvp_count": corr["hvp_count"], "selected": corr["selected"]},
+        "corrected_distance_ratio": rows["corrected"]["distance_to_new_set"] / d0,
+        "corrected_loss_reduction": rows["original"]["loss_perturbed_points"] / rows["corrected"]["loss_perturbed_points"],
         "influence_distance_ratio": rows["influence"]["distance_to_new_set"] / d0,
         "loss_reduction": rows["original"]["loss_perturbed_points"] / rows["estimate"]["loss_perturbed_points"],
         "influence_loss_reduction": rows["original"]["loss_perturbed_points"] / rows["influence"]["loss_perturbed_points"],
@@ -154,7 +159,7 @@ def demo_markdown(r: dict) -> str:
     rows = r["rows"]
     lines = ["| solution | loss on perturbed points | risk on perturbed data | ‖∇L(xᵖ, w)‖ | ‖w − w̄‖ | distance to new set |",
              "|---|---|---|---|---|---|"]
-    for name in ("original", "estimate", "influence", "retrained"):
+    for name in ("original", "estimate", "corrected", "influence", "retrained"):
         x = rows[name]
         lines.append(f"| {name} | {x['loss_perturbed_points']:.3e} | {x['risk_perturbed_data']:.3e} | "
                      f"{x['grad_norm_perturbed']:.3e} | {x['shift_norm']:.4f} | {x['distance_to_new_set']:.4f} |")
@@ -172,7 +177,9 @@ p = {r['p']} weights, float64.  At w̄: ‖∇L‖ = {r['stationarity']['grad_no
   (damped influence function, λ = {c['influence_damping']:g}·λ_max: {r['influence_distance_ratio']:.3f})
 * **loss_reduction** on the perturbed points (w̄ ÷ estimate): **{r['loss_reduction']:.1f}×**
   (influence: {r['influence_loss_reduction']:.1f}×)
-* estimator: {e['method']} / MINRES, {e['hvp_count']} Hessian-vector products, {e['gradient_count']} gradients,
+* with one validated Newton corrector step on the perturbed problem ({r['corrector']['hvp_count']} more H v):
+  distance ratio {r['corrected_distance_ratio']:.3f}, loss reduction {r['corrected_loss_reduction']:.1f}×
+* estimator: {e['method']} / MINRES, {e['hvp_count']} Hessian-vector products, {e["risk_evaluations"]} risk evaluations,
   selected {e['selected']}; feasibility residual ‖Hv₀ + JΔx‖/‖JΔx‖ = {e['feasibility_residual']:.3e};
   radius of U = ‖v₀‖ = {e['radius']:.4f}.
 
@@ -193,19 +200,19 @@ def demo_figures(r: dict, out) -> list:
     path = r["validation_path"]
     if path:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.semilogy([p["shift_norm"] for p in path], [p["optimality"] for p in path], "o-")
+        ax.semilogy([p["shift_norm"] for p in path], [p["perturbed_risk"] for p in path], "o-")
         sel = r["estimate"]["selected"]
         ax.axvline(sel["shift_norm"], color="r", ls="--", label=f"selected: radius of U = {sel['shift_norm']:.3f}")
-        ax.set(xlabel="‖v_k‖ along the MINRES path", ylabel="‖∇L(xᵖ, w̄ + v_k)‖",
+        ax.set(xlabel="‖v_k‖ along the MINRES path", ylabel="L(xᵖ, w̄ + v_k)",
                title="Null-space rule: validate the linear model on the perturbed problem")
         ax.legend()
         paths.append(save_figure(fig, out / "demo_validation_path.png"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["original", "estimate", "influence", "retrained"]
-    axes[0].bar(names, [r["rows"][n]["loss_perturbed_points"] for n in names], color=["k", "r", "orange", "g"])
+    names = ["original", "estimate", "corrected", "influence", "retrained"]
+    axes[0].bar(names, [r["rows"][n]["loss_perturbed_points"] for n in names], color=["k", "r", "m", "orange", "g"])
     axes[0].set_yscale("log")
     axes[0].set_title("loss on the perturbed points")
-    axes[1].bar(names[:3], [r["rows"][n]["distance_to_new_set"] for n in names[:3]], color=["k", "r", "orange"])
+    axes[1].bar(names[:4], [r["rows"][n]["distance_to_new_set"] for n in names[:4]], color=["k", "r", "m", "orange"])
     axes[1].set_title("distance to the new solution set (retraining)")
     paths.append(save_figure(fig, out / "demo_comparison.png"))
     return paths
@@ -242,6 +249,8 @@ def command(out, as_json, points, step, seed, quick):
     summary = {
         "distance_ratio": result["distance_ratio"],
         "loss_reduction": result["loss_reduction"],
+        "corrected_distance_ratio": result["corrected_distance_ratio"],
+        "corrected_loss_reduction": result["corrected_loss_reduction"],
         "influence_distance_ratio": result["influence_distance_ratio"],
         "influence_loss_reduction": result["influence_loss_reduction"],
         "grad_norm_at_w_bar": result["stationarity"]["grad_norm"],
