@@ -53,7 +53,8 @@ class LipschitzConfig:
     scale: str = "exact"
     matrix_free: bool = False
     retrain: str = "auto"
-    retrain_rtol: float = 1e-4
+    retrain_rtol: float = 1e-3
+    polish: str = "auto"
 
 
 def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
@@ -75,7 +76,16 @@ def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
     pb = Problem(net, squared_error, (x, y))
     res = retrain(pb, pb.params, None, gtol=cfg.lbfgs_gtol, max_iter=cfg.lbfgs_max_iter)
     log(f"trained: risk {res.risk:.3e}, ‖∇L‖ {res.grad_norm:.2e} ({res.iterations} L-BFGS iterations)")
-    return Problem(pb.model, squared_error, (x, y), params=res.w)
+    w = res.w
+    if cfg.polish == "lm" or (cfg.polish == "auto" and pb.p * pb.n < 2e5):
+        # small problems: Levenberg–Marquardt to exact interpolation (the paper's Assumption 1), so
+        # that w̄ lies on the same zero-loss set the LM distance measurement projects onto
+        from ..retrain import levenberg_marquardt
+
+        lm = levenberg_marquardt(pb, w, None)
+        log(f"polished (LM): risk {lm.risk:.3e}, ‖∇L‖ {lm.grad_norm:.2e}")
+        w = lm.w
+    return Problem(pb.model, squared_error, (x, y), params=w)
 
 
 def _distance_fn(cfg: LipschitzConfig, problem: Problem):
@@ -89,7 +99,7 @@ def _distance_fn(cfg: LipschitzConfig, problem: Problem):
     def fn(pb, w, pert):
         # tolerance relative to the size of the optimality violation the perturbation causes
         scale = float(pb.gradient(w, pert).norm())
-        return retrain(pb, w, pert, gtol=max(cfg.retrain_rtol * scale, 0.5 * g0), max_iter=20000)
+        return retrain(pb, w, pert, gtol=max(cfg.retrain_rtol * scale, 0.1 * g0), max_iter=5000)
 
     return fn
 
@@ -320,8 +330,8 @@ def command(points, depth, width, seed, directions, steps, worst_steps, tau, sca
                           steps=steps_t, worst_steps=worst_t, tau=tau, scale=scale, matrix_free=matrix_free,
                           retrain=retrain, adam_steps=adam_steps)
     if quick:
-        cfg.points, cfg.width, cfg.depth, cfg.adam_steps = min(points, 12), min(width, 8), min(depth, 1), 300
-        cfg.worst_steps = (1e-5, 1e-2)
+        cfg.points, cfg.width, cfg.depth, cfg.adam_steps = min(points, 8), 32, 1, 300
+        cfg.steps, cfg.worst_steps = (1e-4,), (1e-5, 1e-2)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     outdir = prepare_out_dir(out)
     res = run(cfg, log=log)
