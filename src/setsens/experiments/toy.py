@@ -171,6 +171,10 @@ def command(out, as_json, no_figures):
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
 
     study = toy_study()
+    from ..lipschitz import toy_modulus
+
+    study["lipschitz_modulus"] = toy_modulus()["kappa"]  # ‖Jᵀ H⁺‖ = 0.4; paper's 1/|K| scale gives 0.2
+    study["lipschitz_modulus_paper_scale"] = toy_modulus("paper")["kappa"]
     out = prepare_out_dir(out)
     if not no_figures:
         study["figures"] = [str(p) for p in figures(study, out)]
