@@ -62,7 +62,7 @@ def toy_study(n_estimates: int = 5) -> dict:
     members = [ball.point + t * est.null_basis[:, 0] for t in ts]
     infl = problem.params + influence_shift(problem, pert, "pinv")
     new_c = W_BAR[0] * W_BAR[1] / (1 + STEP * DIRECTION[0] / X_BAR[0])  # w₁w₂ · x̄/xᵖ = 2.5
-    retrained = retrain(problem, problem.params, pert, gtol=1e-12)
+    retrained = retrain(problem, problem.params, pert, gtol=1e-10, max_iter=500)
 
     def risk(w):
         return problem.risk(w, pert)
