@@ -66,8 +66,9 @@ __all__ = [
 ]
 
 #: Default relative null-space tolerance: eigen-directions with ``|λ| ≤ τ·λ_max`` form the
-#: numerical kernel of H.  Chosen in a spectral gap of the digits DFCNN (docs/lipschitz.md);
-#: every report re-evaluates κ at τ/10 and 10τ and flags it as ill-determined if it moves > 10 %.
+#: numerical kernel of H (the cut-off the foundation's sweep found best for set estimates on the
+#: digits DFCNN); every report re-evaluates κ at τ/10 and 10τ and flags it as ill-determined if it
+#: moves by more than 10 % (it does on the digits network: docs/lipschitz.md §5).
 DEFAULT_TAU = 1e-6
 #: Relative change of κ over τ/10 … 10τ beyond which the modulus is reported as ill-determined.
 STABILITY_RTOL = 0.10
