@@ -38,11 +38,16 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
+def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
+    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:
+        targets = nn.functional.one_hot(targets.long(), outputs.shape[1])
+    return targets.to(outputs.dtype)
+
+
 def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample ``½‖f(x) − y‖²``; integer targets are one-hot encoded to ``outputs``' width."""
-    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:
-        targets = nn.functional.one_hot(targets.long(), outputs.shape[1]).to(outputs.dtype)
-    diff = (outputs - targets.to(outputs.dtype)).reshape(outputs.shape[0], -1)
+    diff = (outputs - regression_targets(outputs, targets)).reshape(outputs.shape[0], -1)
     return 0.5 * (diff**2).sum(dim=1)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .problem import Perturbation, Problem, squared_error
+from .problem import Perturbation, Problem, regression_targets, squared_error
 
 __all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set"]
 
@@ -35,6 +35,16 @@ class RetrainResult:
     evaluations: int
     seconds: float
     converged: bool
+
+    @classmethod
+    def finish(cls, problem, w, w0, perturbation, iterations, evaluations, t0, gtol) -> "RetrainResult":
+        """Measure the final point (‖∇L‖, risk) and package the run."""
+        g = float(problem.gradient(w, perturbation).norm())
+        return cls(
+            w=w, start=w0.detach().clone(), grad_norm=g, risk=problem.risk(w, perturbation),
+            iterations=iterations, evaluations=evaluations, seconds=time.perf_counter() - t0,
+            converged=g <= gtol,
+        )
 
     @property
     def distance(self) -> float:
@@ -84,22 +94,14 @@ def retrain(
         pass
     # ``closure`` may have raised before the optimiser moved ``w`` back: ``w`` holds the point
     # whose gradient met the tolerance.
-    w_final = w.detach().clone()
-    g = float(problem.gradient(w_final, perturbation).norm())
-    state = opt.state[opt._params[0]]
-    return RetrainResult(
-        w=w_final, start=w0.detach().clone(), grad_norm=g, risk=problem.risk(w_final, perturbation),
-        iterations=int(state.get("n_iter", 0)), evaluations=evals[0],
-        seconds=time.perf_counter() - t0, converged=g <= gtol,
-    )
+    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return RetrainResult.finish(problem, w.detach().clone(), w0, perturbation, iterations, evals[0], t0, gtol)
 
 
 def _residuals(problem: Problem, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """``√(2c) (f(x) − y)`` flattened, so that ``½‖r‖²`` is the batch's share of a squared-error risk."""
+    """``√c (f(x) − y)`` flattened, so that ``½‖r‖²`` is the batch's share of a squared-error risk."""
     out = torch.func.functional_call(problem.model, (problem.unflatten(w), problem.buffers), (x,))
-    if y.dtype in (torch.int64, torch.int32) and out.ndim == 2:
-        y = torch.nn.functional.one_hot(y.long(), out.shape[1])
-    return ((out - y.to(out)) * (2 * problem.weight) ** 0.5 * 0.5**0.5).reshape(-1)
+    return ((out - regression_targets(out, y)) * problem.weight**0.5).reshape(-1)
 
 
 def levenberg_marquardt(
@@ -152,11 +154,7 @@ def levenberg_marquardt(
         it += 1
         if lam > 1e10:
             break
-    g = float(problem.gradient(w, perturbation).norm())
-    return RetrainResult(
-        w=w, start=w0.detach().clone(), grad_norm=g, risk=problem.risk(w, perturbation),
-        iterations=it, evaluations=evals, seconds=time.perf_counter() - t0, converged=g <= gtol,
-    )
+    return RetrainResult.finish(problem, w, w0, perturbation, it, evals, t0, gtol)
 
 
 def distance_to_solution_set(problem: Problem, w: Tensor, perturbation: Perturbation, **kwargs) -> RetrainResult:

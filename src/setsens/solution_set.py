@@ -121,22 +121,25 @@ class SolutionSetEstimate:
         """
         members = []
         p = self.problem.p
+        dense = self.null_basis is not None
+        if dense:
+            ball = self.as_affine_ball()
+            length = min(ball.inner_radius, self.radius) * spread
+        else:
+            H = Hessian(self.problem)
+            iterations = self.selected.get("iteration", 50)
         for _ in range(k):
             z = torch.randn(p, generator=generator, dtype=torch.float64).to(self.shift)
-            if self.null_basis is not None:
-                ball = self.as_affine_ball()
+            if dense:
                 c = self.null_basis.T @ z
                 if c.numel() == 0:
                     members.append(self.centre.clone())
                     continue
-                c = c / c.norm() * min(ball.inner_radius, self.radius) * spread
-                members.append(ball.point + self.null_basis @ c)
+                members.append(ball.point + self.null_basis @ (c / c.norm() * length))
             else:
-                z = z / z.norm() * self.radius * spread
-                H = Hessian(self.problem)
-                start = self.shift + z
+                start = self.shift + z / z.norm() * self.radius * spread
                 # Solve H e = −(H start + b) for the correction e; the member is start + e.
-                e = krylov_solve(H, H(start) + self.rhs, maxiter=self.selected.get("iteration", 50)).v
+                e = krylov_solve(H, H(start) + self.rhs, maxiter=iterations).v
                 members.append(self.w_bar + start + e)
         return torch.stack(members)
 

@@ -124,9 +124,7 @@ def figures(study: dict, out) -> list:
     ax.legend(fontsize=8)
     paths.append(save_figure(fig, out / "toy_figure2_sets.png"))
 
-    from .toy import toy_problem  # the perturbed risk on the grid
-
-    problem, pert = toy_problem()
+    problem, pert = toy_problem()  # the perturbed risk on the grid
     xp = (torch.tensor(X_BAR) + pert.delta[:, 0]).numpy()
     loss = 0.5 * sum((y - g1 * g2 * x) ** 2 for x, y in zip(xp, Y))
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
