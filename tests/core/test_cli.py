@@ -29,3 +29,19 @@ def test_demo_quick(tmp_path):
 def test_demo_missing_parent(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "no" / "such")])
     assert res.exit_code != 0 and "parent directory" in str(res.exception)
+
+
+def test_demo_rejects_bad_widths(tmp_path):
+    for widths in ("64,x,10", "32,32,10", "64,32,3"):
+        res = CliRunner().invoke(main, ["demo", "--widths", widths, "--out", str(tmp_path / "d")])
+        assert res.exit_code == 2 and "--widths" in res.output, res.output
+
+
+def test_demo_quick_two_corrector_steps(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--quick", "--json", "--corrector-steps", "2", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "d" / "results.json").read_text())["digits"]
+    assert len(data["corrector"]["selected"]) == 2
+    # each validated step can only lower the perturbed risk (it keeps w when no member improves it)
+    rows = data["rows"]
+    assert rows["corrected"]["risk_perturbed_data"] <= rows["estimate"]["risk_perturbed_data"]

@@ -38,6 +38,7 @@ class DemoConfig:
     retrain_iters: int = 3000
     retrain_gtol: float = 1e-10
     maxiter: int = 300
+    corrector_steps: int = 1
     influence_damping: float = 1e-4  # relative to λ_max
 
 
@@ -86,8 +87,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     est = estimate_solution_set(problem, pert, method="krylov", maxiter=cfg.maxiter, progress=bar)
     if bar:
         bar.close()
-    log("second-order corrector: one validated Newton step on the perturbed problem …")
-    corrected, corr = newton_corrector(problem, pert, est.centre, maxiter=cfg.maxiter)
+    log(f"corrector: {cfg.corrector_steps} validated Newton step(s) on the perturbed problem …")
+    corrected, corr = est.centre, {"hvp_count": 0, "selected": []}
+    for _ in range(cfg.corrector_steps):
+        corrected, info = newton_corrector(problem, pert, corrected, maxiter=cfg.maxiter)
+        corr["hvp_count"] += info["hvp_count"]
+        corr["selected"].append(info["selected"])
     lam_max = top_eigenvalue(Hessian(problem), iterations=30)
     infl = influence_shift(problem, pert, "damped", damping=cfg.influence_damping * lam_max, maxiter=cfg.maxiter)
 
@@ -177,7 +182,7 @@ p = {r['p']} weights, float64.  At w̄: ‖∇L‖ = {r['stationarity']['grad_no
   (damped influence function, λ = {c['influence_damping']:g}·λ_max: {r['influence_distance_ratio']:.3f})
 * **loss_reduction** on the perturbed points (w̄ ÷ estimate): **{r['loss_reduction']:.1f}×**
   (influence: {r['influence_loss_reduction']:.1f}×)
-* with one validated Newton corrector step on the perturbed problem ({r['corrector']['hvp_count']} more H v):
+* with {c['corrector_steps']} validated Newton corrector step(s) on the perturbed problem ({r['corrector']['hvp_count']} more H v):
   distance ratio {r['corrected_distance_ratio']:.3f}, loss reduction {r['corrected_loss_reduction']:.1f}×
 * estimator: {e['method']} / MINRES, {e['hvp_count']} Hessian-vector products, {e["risk_evaluations"]} risk evaluations,
   selected {e['selected']}; feasibility residual ‖Hv₀ + JΔx‖/‖JΔx‖ = {e['feasibility_residual']:.3e};
@@ -225,8 +230,12 @@ def demo_figures(r: dict, out) -> list:
 @click.option("--points", default=10, show_default=True, help="Number of perturbed training points.")
 @click.option("--step", default=0.01, show_default=True, help="Step as a fraction of each point's norm.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--quick", is_flag=True, help="A small configuration (for tests): 100 digits, 64-16-10.")
-def command(out, as_json, points, step, seed, quick):
+@click.option("--widths", default="64,32,32,10", show_default=True,
+              help="Layer widths of the bias-free ReLU MLP (input 64, output 10).")
+@click.option("--corrector-steps", default=1, show_default=True, type=click.IntRange(0),
+              help="Validated Newton corrector steps on the perturbed problem (0: none).")
+@click.option("--quick", is_flag=True, help="A small configuration (for tests): 100 digits, 64-32-10.")
+def command(out, as_json, points, step, seed, widths, corrector_steps, quick):
     """Toy reproduction, then the digits study judged against retraining."""
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
     from .toy import figures as toy_figures, toy_markdown, toy_study
@@ -238,10 +247,18 @@ def command(out, as_json, points, step, seed, quick):
     write_json(out / "toy.json", toy)
     write_text(out / "toy.md", toy_markdown(toy))
     log(f"toy: ‖v₀‖ = {toy['min_norm_shift']:.6f}, risk {toy['risk_original']:.4f} → {toy['risk_min_norm']:.6f}")
-    cfg = DemoConfig(points=points, step=step, seed=seed)
+    try:
+        widths = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {widths!r}", param_hint="--widths") from None
+    if len(widths) < 2 or widths[0] != 64 or widths[-1] != 10 or min(widths) < 1:
+        raise click.BadParameter("widths must start with 64 (digit pixels), end with 10 (classes), all ≥ 1",
+                                 param_hint="--widths")
+    cfg = DemoConfig(widths=widths, points=points, step=step, seed=seed, corrector_steps=corrector_steps)
     if quick:
         cfg = DemoConfig(n=100, widths=(64, 32, 10), points=min(points, 5), step=step, seed=seed,
-                         adam_steps=300, lbfgs_iters=500, retrain_iters=500, maxiter=100)
+                         adam_steps=300, lbfgs_iters=500, retrain_iters=500, maxiter=100,
+                         corrector_steps=corrector_steps)
     result = run_demo(cfg, progress=not as_json, log=log)
     result["figures"] = [str(p) for p in demo_figures(result, out)]
     write_json(out / "results.json", {"toy": toy, "digits": result})
