@@ -24,7 +24,7 @@ from torch.func import grad, jacfwd, jvp
 
 from .problem import Perturbation, Problem
 
-__all__ = ["Hessian", "DataJacobian", "dense_hessian", "dense_data_jacobian", "J_SCALES"]
+__all__ = ["Hessian", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian", "J_SCALES"]
 
 J_SCALES = ("exact", "paper")
 
@@ -131,3 +131,23 @@ def dense_data_jacobian(problem: Problem, indices, w: Tensor | None = None, scal
     g = grad(jac._sum_loss)
     full = jacfwd(lambda x: g(jac.w, x))(jac.x)
     return full.reshape(problem.p, -1) * jac.factor
+
+
+def dense_output_jacobian(problem: Problem, w: Tensor | None = None) -> Tensor:
+    """``∂f(x_i, w)/∂w`` for every training point, stacked: an (n·K) × p matrix.  Small only.
+
+    For a squared-error risk at a zero-residual minimum, ``H = c·JᵀJ`` (Gauss–Newton), and the
+    solution set S(x̄) is a smooth manifold of codimension n·K near w̄ — the setting in which the
+    first-order set estimate is exact to second order — precisely when this matrix has full row
+    rank.  Its smallest singular value says how ill-determined the fit of each output is.
+    Cost: n·K reverse-mode products (``jacrev``), memory n·K·p.
+    """
+    w = problem.params if w is None else w
+    rows = []
+    for x, _ in problem.batches():
+        def outputs(w_, x=x):
+            return torch.func.functional_call(problem.model, (problem.unflatten(w_), problem.buffers), (x,)).reshape(-1)
+
+        rows.append(torch.func.jacrev(outputs)(w))
+    return torch.cat(rows)
+

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from setsens.operators import DataJacobian, Hessian, dense_data_jacobian, dense_hessian
+from setsens.operators import DataJacobian, Hessian, dense_data_jacobian, dense_hessian, dense_output_jacobian
 from setsens.problem import Perturbation, Problem
 
 from core_helpers import small_problem
@@ -79,3 +79,27 @@ def test_float32_agrees_with_float64():
     p32 = Problem(p64.model, p64.loss, (p64.inputs, p64.targets), params=p64.params, dtype=torch.float32)
     v = torch.randn(p64.p, dtype=torch.float64)
     assert torch.allclose(Hessian(p32)(v).double(), Hessian(p64)(v), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), batch=st.integers(1, 12))
+def test_output_jacobian_is_the_gauss_newton_factor(seed, batch):
+    """A model linear in w has a squared-error Hessian exactly c·JᵀJ (closed form), whatever
+    the residual; and J v is the directional derivative of the outputs (finite difference)."""
+    problem = small_problem(seed=seed, act=nn.Identity, loss="se", batch_size=batch)
+    J = dense_output_jacobian(problem)
+    assert J.shape == (problem.n * 2, problem.p)
+    # f is bilinear in the two layers, so use the last layer alone: linear in its weights
+    last = [s for name, s in problem.blocks() if name.startswith("2.")]
+    cols = torch.cat([torch.arange(s.start, s.stop) for s in last])
+    H = dense_hessian(problem)[cols][:, cols]
+    assert torch.allclose(H, problem.weight * J[:, cols].T @ J[:, cols], atol=1e-10)
+    v = torch.randn(problem.p, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    eps = 1e-6
+
+    def outputs(w):
+        return torch.func.functional_call(problem.model, problem.unflatten(w), (problem.inputs,)).reshape(-1)
+
+    fd = (outputs(problem.params + eps * v) - outputs(problem.params - eps * v)) / (2 * eps)
+    assert torch.allclose(J @ v, fd, atol=1e-6)
+
