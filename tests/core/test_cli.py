@@ -23,6 +23,9 @@ def test_demo_quick(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output[res.output.index("{\n"):])
     assert data["distance_ratio"] > 0 and data["loss_reduction"] > 1
+    jac = data["output_jacobian"]  # 100 digits × 10 outputs, 64-32-10 has 2368 weights
+    assert (jac["rows"], jac["p"]) == (1000, 2368) and 0 < jac["rank"] <= 1000
+    assert jac["full_row_rank"] == (jac["rank"] == 1000) and 0 < jac["sigma_ratio"] <= 1
     assert (tmp_path / "d" / "report.md").exists() and (tmp_path / "d" / "results.json").exists()
 
 
