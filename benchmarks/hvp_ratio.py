@@ -15,9 +15,9 @@ other processes hits all methods alike.  Methods:
 
 :class:`setsens.preconditioners.FastHessian` uses whichever was fastest here (double backward).
 
-Measured (2 shared CPU cores, load average 5–7 from other jobs, batch 250, 2 repeats):
-grad 7.9 s; double backward 3.01×, forward-over-reverse 3.51×, reverse-over-forward 5.08×.
-At batch 100 under heavier load: 1.40× / 2.11× / 1.55× (noisy).
+Measured (2 idle CPU cores, batch 250, 3 repeats): grad 1.70 s; double backward 3.18×,
+forward-over-reverse 5.93×, reverse-over-forward 6.35×.  (Earlier, on a loaded machine: 3.01× /
+3.51× / 5.08×, noisy.)
 """
 
 from __future__ import annotations

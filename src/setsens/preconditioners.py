@@ -42,8 +42,8 @@ class FastHessian(Hessian):
 
     ``method="double_backward"`` (default): ``∇_w ⟨∇_w L, v⟩`` with ``create_graph=True``;
     ``"rev_over_fwd"``: ``∇_w [jvp_w L · v]``.  Measured on ResNet-56, 2 CPU cores, batch 250
-    (``benchmarks/hvp_ratio.py``): double backward 3.0×, forward-over-reverse (:class:`Hessian`)
-    3.5×, reverse-over-forward 5.1× the time of one gradient — hence the default.
+    (``benchmarks/hvp_ratio.py``): double backward 3.2×, forward-over-reverse (:class:`Hessian`)
+    5.9×, reverse-over-forward 6.3× the time of one gradient — hence the default.
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None,
