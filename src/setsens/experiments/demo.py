@@ -10,7 +10,8 @@ output Jacobian.  The first-order theory describes S(x̄) near w̄ as a smooth m
 codimension n·K, which needs that Jacobian to have full row rank; the default (100 digits,
 64-64-64-10, p = 8832 ≫ n·K = 1000) has it, with σ_min/σ_max ≈ 2e-3.  With 300 digits and
 64-32-32-10 the numerical rank is about 1000 of 3000 rows, the fit of most outputs is
-ill-determined, and no first-order estimate gets close to the new set (see the README).
+ill-determined, and the best first-order estimate measured there stays at 0.36 of w̄'s distance
+to the new set (see the README).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def overparameterization(problem: Problem, max_entries: float = 5e7) -> dict | N
     ``rank`` uses NumPy's default tolerance (σ > σ_max·max(nK, p)·eps); ``full_row_rank`` says
     whether S(x̄) is, to first order, a manifold of codimension n·K near w̄.
     """
-    x, _ = problem._first_batch()
-    rows = problem.n * problem.model(x[:1].to(problem.device, problem.dtype)).numel()
+    with torch.no_grad():
+        rows = problem.n * problem.model(problem.points([0])[0]).numel()
     if rows * problem.p > max_entries:
         return None
     s = torch.linalg.svdvals(dense_output_jacobian(problem))
