@@ -143,11 +143,5 @@ def dense_output_jacobian(problem: Problem, w: Tensor | None = None) -> Tensor:
     Cost: n·K reverse-mode products (``jacrev``), memory n·K·p.
     """
     w = problem.params if w is None else w
-    rows = []
-    for x, _ in problem.batches():
-        def outputs(w_, x=x):
-            return torch.func.functional_call(problem.model, (problem.unflatten(w_), problem.buffers), (x,)).reshape(-1)
-
-        rows.append(torch.func.jacrev(outputs)(w))
+    rows = [torch.func.jacrev(lambda w_: problem.outputs(w_, x).reshape(-1))(w) for x, _ in problem.batches()]
     return torch.cat(rows)
-

@@ -270,10 +270,13 @@ class Problem:
             )
 
     # -- the risk as a pure function of w -------------------------------------------------------
+    def outputs(self, w: Tensor, x: Tensor) -> Tensor:
+        """``f(x, w)`` for a batch, buffers fixed: pure in ``w`` and ``x`` (torch.func-safe)."""
+        return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
+
     def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``ℓ(x_i, y_i, w)`` for a batch, shape (b,): pure in ``w`` and ``x`` (torch.func-safe)."""
-        out = functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
-        return self.loss(out, y)
+        return self.loss(self.outputs(w, x), y)
 
     def batch_risk(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``Σ_{i in batch} c ℓ_i`` — this batch's contribution to ``L``."""

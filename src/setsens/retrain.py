@@ -100,7 +100,7 @@ def retrain(
 
 def _residuals(problem: Problem, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """``√c (f(x) − y)`` flattened, so that ``½‖r‖²`` is the batch's share of a squared-error risk."""
-    out = torch.func.functional_call(problem.model, (problem.unflatten(w), problem.buffers), (x,))
+    out = problem.outputs(w, x)
     return ((out - regression_targets(out, y)) * problem.weight**0.5).reshape(-1)
 
 

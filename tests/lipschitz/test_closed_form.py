@@ -18,7 +18,7 @@ def _jacobians(problem, k):
     w = problem.params
 
     def f(w, x):
-        return torch.func.functional_call(problem.model, problem.unflatten(w), (x[None],))[0]
+        return problem.outputs(w, x[None])[0]
 
     A = torch.func.jacrev(f, argnums=1)(w, x[0])
     G = torch.func.jacrev(f, argnums=0)(w, x[0])

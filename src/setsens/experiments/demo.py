@@ -86,7 +86,7 @@ def overparameterization(problem: Problem, max_entries: float = 5e7) -> dict | N
     whether S(x̄) is, to first order, a manifold of codimension n·K near w̄.
     """
     with torch.no_grad():
-        rows = problem.n * problem.model(problem.points([0])[0]).numel()
+        rows = problem.n * problem.outputs(problem.params, problem.points([0])[0]).numel()
     if rows * problem.p > max_entries:
         return None
     s = torch.linalg.svdvals(dense_output_jacobian(problem))
