@@ -227,6 +227,8 @@ def minres(
     """
     import os
 
+    from .report import atomic_torch_save
+
     t0 = time.perf_counter()
     b = b.detach().to(dtype)
     p = b.numel()
@@ -299,23 +301,8 @@ def minres(
             state = {k: t for k, t in zip(_VECTORS, (x, w, w2, r1, r2, y))}
             state.update(zip(_SCALARS, (beta, oldb, dbar, epsln, phibar, cs, sn, itn, hvps, time.perf_counter() - t0)))
             state.update(p=p, bnorm=float(b.norm()), residuals=residuals, maxiter_ok=True)
-            _atomic_save(state, checkpoint)
+            atomic_torch_save(state, checkpoint)
     if deflation is not None:
         x = deflation.correct(x, b)
     basis = (torch.stack(basis_V, 1), torch.stack(basis_HV, 1)) if keep_basis and basis_V else None
     return MinresResult(x, itn, hvps, residuals, time.perf_counter() - t0, converged, deflation, basis, resumed)
-
-
-def _atomic_save(obj, path: str) -> None:
-    import os
-    import tempfile
-
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".minres.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

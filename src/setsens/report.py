@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["prepare_out_dir", "write_text", "write_json", "save_figure", "to_jsonable"]
+__all__ = ["prepare_out_dir", "write_text", "write_json", "save_figure", "to_jsonable", "atomic_torch_save"]
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -42,6 +42,11 @@ def _atomic_write(path: Path, write) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` through a temporary sibling and a rename (solver checkpoints)."""
+    return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 def write_text(path, text: str) -> Path:
