@@ -1,20 +1,23 @@
-"""Our MINRES solve vs dattri's CG and curvlinops' inverse operators, side by side in one process.
+"""Our solvers vs dattri's CG and curvlinops' inverse operators, side by side in one process.
 
     .venv/bin/python benchmarks/peers.py --problem digits --budgets 5,10,20,40,80
     .venv/bin/python benchmarks/peers.py --problem resnet --n 32 --budgets 5,10,20
 
 The peers are an optional extra (``pip install --no-deps dattri curvlinops-for-pytorch`` plus
 ``einops einconv linear_operator jaxtyping wadler_lindig``; see ``pyproject.toml``'s ``bench``);
-a missing peer is reported, not fatal.  Every method solves the same system ``H v = −J Δx`` at w̄
-with a budget of Hessian-vector products (``--budgets``) and is scored on the same two accuracies:
+a missing peer is reported, not fatal.  Every method estimates the same shift at w̄ with a budget of
+iterations (``--budgets``): the peers and our MINRES solve ``H v = −J Δx`` (one HVP per iteration);
+our Gauss–Newton solver keeps every training output (one JVP + one VJP per iteration,
+:mod:`setsens.function_space`).  All are scored on the same two accuracies:
 
 * ``increase_removed`` — the share of the perturbation-induced loss increase on the perturbed points
   removed by w̄ + v;
 * ``distance_ratio`` — d(w̄ + v, S(xᵖ)) ÷ d(w̄, S(xᵖ)), measured by warm-started retraining
   (Levenberg–Marquardt, exact for the squared-loss digits MLP; skipped for ResNet).
 
-"time to accuracy" = the least wall time over budgets at which a method reaches the accuracy that
-our solver reaches at its best budget; the printed ratio is peer time ÷ our time (> 1: we are faster).
+"time to accuracy" = the least wall time over budgets at which a method reaches the best accuracy
+that any of our solvers reaches; the printed ratio is peer time ÷ our time (> 1: we are faster; None:
+the peer never reaches it).
 dattri's and curvlinops' CG need a positive-definite operator; on this singular, indefinite H they
 are run undamped and with the damping ``--damping``·λ_max (both reported).
 """
@@ -27,6 +30,7 @@ import time
 
 import torch
 
+from setsens.function_space import function_space_shift
 from setsens.operators import DataJacobian
 from setsens.perturb import gradient_perturbation
 from setsens.preconditioners import FastHessian, lanczos, minres
@@ -47,13 +51,13 @@ def digits_problem(n: int, seed: int):
     return Problem(model, squared_error, (x, y), batch_size=n), 10
 
 
-def resnet_problem(n: int, checkpoint: str, data: str):
+def resnet_problem(n: int, checkpoint: str, data: str, device: str):
     from setsens.data.cifar import load_cifar10
     from setsens.models.resnet import load_cifar_resnet
 
-    model = load_cifar_resnet(checkpoint)
+    model = load_cifar_resnet(checkpoint).to(device)
     x, y = load_cifar10(data, "train", n=n)
-    return Problem(model, cross_entropy, (x, y), batch_size=n), 1
+    return Problem(model, cross_entropy, (x, y), batch_size=250, device=device), 1
 
 
 def main(argv=None):
@@ -67,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default="../shared/data/resnet56-cifar10.th")
     ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,7 +79,7 @@ def main(argv=None):
     if args.problem == "digits":
         problem, k = digits_problem(args.n, args.seed)
     else:
-        problem, k = resnet_problem(args.n, args.checkpoint, args.data)
+        problem, k = resnet_problem(args.n, args.checkpoint, args.data, args.device)
     k = args.points or k
     with torch.no_grad():
         losses = torch.cat([problem.per_sample_loss(problem.params, x, y) for x, y in problem.batches()])
@@ -101,7 +106,8 @@ def main(argv=None):
             out["distance_ratio"] = distance_to_solution_set(problem, wbar + v, pert).distance / d0
         return out
 
-    methods = {"setsens_minres": lambda it: minres(H, b.double(), maxiter=it, rtol=0).v}
+    methods = {"setsens_gauss_newton": lambda it: function_space_shift(problem, pert, maxiter=it, rtol=0)[0],
+               "setsens_minres": lambda it: minres(H, b.double(), maxiter=it, rtol=0).v}
     try:
         from dattri.func.hessian import ihvp_at_x_cg
 
@@ -157,17 +163,17 @@ def main(argv=None):
                 row = {"method": name, "budget": it, "error": f"{type(err).__name__}: {err}"[:200]}
             rows.append(row)
             print(json.dumps(row))
-    ours = [r for r in rows if r["method"] == "setsens_minres" and "error" not in r]
+    ours = [r for r in rows if r["method"].startswith("setsens_") and "error" not in r]
     metric = "distance_ratio" if retrain_ok else "increase_removed"
     better = (lambda a, b_: a <= b_) if metric == "distance_ratio" else (lambda a, b_: a >= b_)
     best = min(ours, key=lambda r: r[metric]) if metric == "distance_ratio" else max(ours, key=lambda r: r[metric])
     target = best[metric]
     t_ours = min(r["seconds"] for r in ours if better(r[metric], target))
     summary = {"problem": args.problem, "p": problem.p, "n": problem.n, "points": k, "loss_at_wbar": l0,
-               "base_loss": base, "lambda_max": lam_max, "metric": metric, "target": target, "ours_seconds": t_ours,
-               "ratios": {}}
+               "base_loss": base, "lambda_max": lam_max, "metric": metric, "target": target, "target_method": best["method"],
+               "ours_seconds": t_ours, "device": str(problem.device), "ratios": {}}
     for name in methods:
-        if name == "setsens_minres":
+        if name.startswith("setsens_"):
             continue
         ok = [r for r in rows if r["method"] == name and "error" not in r and r[metric] == r[metric] and better(r[metric], target)]
         summary["ratios"][name] = (min(r["seconds"] for r in ok) / t_ours) if ok else None

@@ -123,12 +123,13 @@ class CglsResult:
 
 
 def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tensor, *, maxiter: int = 50,
-         rtol: float = 1e-6, callback: Callable[[int, float, Tensor], None] | None = None,
+         rtol: float = 1e-6, x0: Tensor | None = None, callback: Callable[[int, float, Tensor], None] | None = None,
          checkpoint: str | None = None, dtype=torch.float64) -> CglsResult:
     """CGLS (Hestenes–Stiefel CG on ``AᵀA x = Aᵀb``, Björck's form): one ``A`` and one ``Aᵀ`` per step.
 
     From ``x₀ = 0`` the iterates stay in range(Aᵀ), so at convergence ``x = A⁺ b`` (the minimum-norm
-    least-squares solution); before it, the iteration count regularises.  The residual
+    least-squares solution); before it, the iteration count regularises.  From ``x0`` the result
+    keeps x0's component in ker(A): another member of the solution set.  The residual
     ``‖A x − b‖`` decreases monotonically.  Stops at ``‖A x − b‖ ≤ rtol‖b‖`` or when ``‖Aᵀ r‖``
     vanishes.  ``checkpoint``: the state is saved there (atomically) after every step and a run
     with the same path and ``b`` resumes.  SciPy's LSQR computes the same iterates but offers no
@@ -149,9 +150,10 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
         gamma, itn, residuals, resumed = st["gamma"], st["itn"], list(st["residuals"]), st["itn"]
         t0 -= st["seconds"]
     else:
-        r = b.clone()
+        x = None if x0 is None else x0.detach().to(dtype)
+        r = b.clone() if x is None else b - A(x).to(dtype)
         s = At(r).to(dtype)
-        x = torch.zeros_like(s)
+        x = torch.zeros_like(s) if x is None else x
         d = s.clone()
         gamma, itn, residuals, resumed = float(s @ s), 0, [], 0
     converged = gamma == 0.0
@@ -179,7 +181,7 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
 
 
 def function_space_shift(problem: Problem, perturbation: Perturbation, *, maxiter: int = 50, rtol: float = 1e-6,
-                         centered: bool | None = None, scale: float = 1.0,
+                         centered: bool | None = None, scale: float = 1.0, x0: Tensor | None = None,
                          callback: Callable[[int, float, Tensor], None] | None = None,
                          checkpoint: str | None = None) -> tuple[Tensor, CglsResult]:
     """``v ≈ −G⁺ r``: the minimum-norm shift that keeps every training output (see the module doc).
@@ -192,6 +194,6 @@ def function_space_shift(problem: Problem, perturbation: Perturbation, *, maxite
         centered = problem.loss is cross_entropy
     G = OutputJacobian(problem, centered=centered)
     r = output_shift(problem, perturbation, centered=centered) * scale
-    res = cgls(G.matvec, G.rmatvec, -r, maxiter=maxiter, rtol=rtol, callback=callback, checkpoint=checkpoint)
+    res = cgls(G.matvec, G.rmatvec, -r, maxiter=maxiter, rtol=rtol, x0=x0, callback=callback, checkpoint=checkpoint)
     res.extra = {"passes": G.calls, "output_shift_norm": float(r.norm()), "centered": centered}
     return res.x.to(problem.params), res

@@ -1,14 +1,17 @@
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from setsens.cli import main
 
 
-def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path):
+@pytest.mark.parametrize("solver", ["gauss-newton", "minres"])
+def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path, solver):
     ckpt, npz, _ = tiny_run_files
     out = tmp_path / "run"
-    args = ["resnet", "--quick", "--json", "--no-progress", "--depth", "8", "--checkpoint", str(ckpt), "--data", str(npz),
+    args = ["resnet", "--quick", "--solver", solver, "--json", "--no-progress", "--depth", "8", "--checkpoint", str(ckpt), "--data", str(npz),
             "--n", "8", "--maxiter", "3", "--scenarios", "1", "--seeds", "2", "--seed-points", "2", "--grid", "2",
             "--retrain-iter", "1", "--n-test", "6", "--recycle", "2", "--out", str(out)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -17,7 +20,8 @@ def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path):
     for key in ("loss_original", "loss_estimated", "loss_reduction", "increase_removed", "feasibility_residual",
                 "hvp_count", "seconds"):
         assert key in r, key
-    assert r["hvp_count"] == 3 and r["loss_original"] > 0
+    assert r["solver"] == solver and r["iterations"] == 3 and r["loss_original"] > 0
+    assert r["hvp_count"] == (3 if solver == "minres" else 0) and r["cost_in_hvps"] > 0
     assert len(r["table3"]) == 4 and len(r["table2"]) == 1 and len(r["seeds"]["runs"]) == 2
     # the estimate is a genuine descent on the perturbed points at this tiny scale
     assert r["loss_estimated"] < r["loss_original"]

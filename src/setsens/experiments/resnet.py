@@ -56,6 +56,7 @@ class ResnetConfig:
     seeds: int = 3
     seed_points: int = 500
     start_radius: float = 0.5
+    solver: str = "gauss-newton"
     maxiter: int = 50
     rtol: float = 1e-6
     recycle: int = 20
@@ -129,11 +130,15 @@ class _Run:
         return math.sqrt(lo * hi)
 
     def solve(self, name: str, pert, x0: torch.Tensor | None = None, recycle: bool = True, track=None) -> dict:
-        """MINRES on ``H v = −J Δx`` (checkpointed, resumable); returns v and accounting.
+        """Estimate v for ``pert`` with the configured solver (checkpointed, resumable).
 
-        ``track(v) -> dict``: evaluated on every iterate (e.g. the loss on the moved points, a
-        forward pass on |K| images); the records form ``out["path"]``.
+        ``gauss-newton``: CGLS on ``G v = −r`` (:mod:`setsens.function_space`), one JVP and one VJP
+        pass per iteration.  ``minres``: MINRES on ``H v = −J Δx`` (eq. 19), one HVP per iteration,
+        deflated by recycled Ritz vectors.  Either way the exact eq.-19 feasibility residual
+        ``‖Hv + JΔx‖/‖JΔx‖`` costs one more HVP, which is also timed so the solve's cost can be
+        stated in HVPs.  ``track(v) -> dict`` is evaluated on every iterate (``out["path"]``).
         """
+        from ..function_space import function_space_shift
         from ..operators import DataJacobian
         from ..preconditioners import Deflation, minres
 
@@ -141,7 +146,7 @@ class _Run:
         cache = self.state / f"{name}.pt" if self.state is not None else None
         if cache is not None and cache.exists():
             saved = torch.load(cache, weights_only=False)
-            if saved.get("bnorm") is not None:
+            if saved.get("bnorm") is not None and saved.get("solver") == cfg.solver:
                 return saved
         J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
         b = J @ pert.delta
@@ -151,7 +156,8 @@ class _Run:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.maxiter, desc=f"MINRES {name}", unit="HVP", file=sys.stderr, leave=False)
+            unit = "HVP" if cfg.solver == "minres" else "JVP+VJP"
+            bar = tqdm(total=cfg.maxiter, desc=f"{cfg.solver} {name}", unit=unit, file=sys.stderr, leave=False)
 
         path = []
 
@@ -163,31 +169,43 @@ class _Run:
                 bar.set_postfix(residual=f"{res:.3e}", refresh=False)
                 bar.refresh()
 
-        defl = self.deflation if (recycle and cfg.recycle > 0) else None
-        res = minres(self.hessian, b.double(), maxiter=cfg.maxiter, rtol=cfg.rtol, x0=x0, deflation=defl,
-                     callback=cb, checkpoint=str(self.state / f"{name}.minres.pt") if self.state else None,
-                     keep_basis=cfg.recycle > 0)
+        checkpoint = str(self.state / f"{name}.solver.pt") if self.state else None
+        defl = None
+        if cfg.solver == "gauss-newton":
+            v, res = function_space_shift(self.problem, pert, maxiter=cfg.maxiter, rtol=cfg.rtol,
+                                          scale=J.factor / self.problem.weight, x0=x0, callback=cb, checkpoint=checkpoint)
+            products = res.extra["passes"]
+        else:
+            defl = self.deflation if (recycle and cfg.recycle > 0) else None
+            res = minres(self.hessian, b.double(), maxiter=cfg.maxiter, rtol=cfg.rtol, x0=x0, deflation=defl,
+                         callback=cb, checkpoint=checkpoint, keep_basis=cfg.recycle > 0)
+            if cfg.recycle > 0 and res.basis is not None:
+                try:
+                    self.deflation = Deflation.from_krylov(res, cfg.recycle)
+                except ValueError:
+                    pass
+            v, products = res.v, None
+        seconds = res.seconds
         if bar is not None:
             bar.close()
-        if cfg.recycle > 0 and res.basis is not None:
-            try:
-                self.deflation = Deflation.from_krylov(res, cfg.recycle)
-            except ValueError:
-                pass
-        v = res.v.to(self.problem.params)
-        Hv = self.hessian(v).double()  # exact feasibility residual (one more product)
+        v = v.to(self.problem.params)
+        t1 = time.perf_counter()
+        Hv = self.hessian(v).double()  # exact feasibility residual (one more product, timed)
+        hvp_seconds = time.perf_counter() - t1
         out = {
-            "v": v, "bnorm": float(b.norm()), "iterations": res.iterations, "resumed_from": res.resumed_from,
-            "hvp_count": self.hessian.calls - calls0 - 1, "deflated_with": defl.k if defl is not None else 0,
+            "v": v, "bnorm": float(b.norm()), "solver": cfg.solver, "iterations": res.iterations,
+            "resumed_from": res.resumed_from, "hvp_count": self.hessian.calls - calls0 - 1,
+            "jvp_vjp_passes": products, "deflated_with": defl.k if defl is not None else 0,
             "feasibility_residual": float((Hv + b.double()).norm() / b.double().norm()),
-            "minres_residuals": res.residuals, "path": path, "seconds": time.perf_counter() - t0 + (res.seconds - (time.perf_counter() - t0) if res.resumed_from else 0.0),
+            "solver_residuals": res.residuals, "path": path, "seconds": seconds,
+            "hvp_seconds": hvp_seconds, "cost_in_hvps": seconds / hvp_seconds,
         }
         if cache is not None:
             torch.save(out, cache)
-            mres = self.state / f"{name}.minres.pt"
-            if mres.exists():
-                mres.unlink()
-        self.solves.append({k: out[k] for k in ("hvp_count", "iterations", "deflated_with")} | {"name": name})
+            if Path(checkpoint).exists():
+                Path(checkpoint).unlink()
+        self.solves.append({k: out[k] for k in ("solver", "hvp_count", "jvp_vjp_passes", "iterations", "deflated_with",
+                                                 "seconds", "cost_in_hvps")} | {"name": name})
         return out
 
     def evaluate(self, pert, v, base_losses) -> dict:
@@ -196,9 +214,9 @@ class _Run:
         lo = p.loss_on(idx, perturbation=pert)
         le = p.loss_on(idx, p.params + v, perturbation=pert)
         lb = float(base_losses[idx].mean())
-        return {
+        return {"risk_original": p.risk(perturbation=pert), "risk_estimated": p.risk(p.params + v, perturbation=pert),
             "loss_base": lb, "loss_original": lo, "loss_estimated": le,
-            "loss_reduction": lo / max(le, 1e-300),
+            "loss_reduction": lo / le if le > 0 else math.inf,  # float32 rounds losses below ~6e-8 to 0
             "increase_removed": (lo - le) / (lo - lb) if lo > lb else float("nan"),
             "norm_v": float(v.norm()), "relative_shift": float(v.norm() / p.params.norm()),
         }
@@ -270,11 +288,12 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         sol = R.solve(f"table1_{k}", pert, recycle=False, track=track)
         row = {"points": k, "indices": idx.tolist(), "step_percent": 100 * s} | R.evaluate(pert, sol["v"], losses)
         row[f"{other}_scale"] = R.evaluate(pert, factor * sol["v"], losses)
-        row |= {kk: sol[kk] for kk in ("feasibility_residual", "hvp_count", "iterations", "seconds", "deflated_with")}
-        row["minres_residuals"] = sol["minres_residuals"]
+        row |= {kk: sol[kk] for kk in ("feasibility_residual", "hvp_count", "jvp_vjp_passes", "iterations", "seconds",
+                                        "hvp_seconds", "cost_in_hvps", "deflated_with")}
+        row["solver_residuals"] = sol["solver_residuals"]
         row["path"] = sol.get("path", [])
         gap = row["loss_original"] - row["loss_base"]
-        for key, name in (("loss", "hvps_to_99_percent"), (f"loss_{other}_scale", f"hvps_to_99_percent_{other}_scale")):
+        for key, name in (("loss", "iterations_to_99_percent"), (f"loss_{other}_scale", f"iterations_to_99_percent_{other}_scale")):
             hit = [q["iteration"] for q in row["path"] if row["loss_original"] - q[key] >= 0.99 * gap]
             row[name] = hit[0] if hit else None
         row["paper"] = PAPER["table1"].get(k)
@@ -317,7 +336,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         nb = float(wbar.norm())
         d_ret = float((w_ret - wbar).norm())
         row = {"scenario": j, "indices": idx.tolist(), "step_percent": 100 * step} | R.evaluate(pert, sol["v"], losses)
-        row |= {"hvp_count": sol["hvp_count"], "deflated_with": sol["deflated_with"],
+        row |= {"iterations": sol["iterations"], "hvp_count": sol["hvp_count"], "deflated_with": sol["deflated_with"],
                 "feasibility_residual": sol["feasibility_residual"],
                 "rel_diff_original_estimated": float(sol["v"].norm()) / nb,
                 "rel_diff_original_retrained": d_ret / nb,
@@ -380,13 +399,29 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     results["summary"] = {
         "loss_original": first["loss_original"], "loss_estimated": first["loss_estimated"],
         "loss_reduction": first["loss_reduction"], "increase_removed": first["increase_removed"],
-        "feasibility_residual": first["feasibility_residual"], "hvp_count": first["hvp_count"],
-        "hvps_to_99_percent": first["hvps_to_99_percent"],
+        "feasibility_residual": first["feasibility_residual"], "solver": cfg.solver, "iterations": first["iterations"],
+        "hvp_count": first["hvp_count"], "cost_in_hvps": first["cost_in_hvps"],
+        "iterations_to_99_percent": first["iterations_to_99_percent"],
         "other_scale": {k: v for k, v in first.items() if k.endswith(("_scale", "_scale_percent"))},
         "hvp_count_total": R.hessian.calls, "step_percent": first["step_percent"], "points": first["points"],
         "seconds": time.perf_counter() - t_start,
     }
     return results
+
+
+def _solver_line(cfg: dict) -> str:
+    if cfg["solver"] == "gauss-newton":
+        what = ("Solver: Gauss–Newton / function space (CGLS on G v = −r: keep every training output; "
+                f"one JVP + one VJP pass per iteration), at most {cfg['maxiter']} iterations per solve (the regulariser)")
+    else:
+        what = (f"Solver: MINRES on eq. 19 (H v = −J Δx), at most {cfg['maxiter']} Hessian-vector products per solve "
+                f"(the regulariser), recycling {cfg['recycle']} Ritz vectors across solves")
+    return what + f"; dtype {cfg['dtype']}, J scaling '{cfg['scale']}'."
+
+
+def _x(ratio) -> str:
+    """A reduction factor; ∞ where the loss at the estimate rounds to 0 (float32: below ~6e-8)."""
+    return "∞ (loss 0 in dtype)" if ratio is None or math.isinf(ratio) else f"{ratio:.3g}×"
 
 
 def _e(v):
@@ -402,38 +437,40 @@ def render_report(r: dict, command_line: str = "") -> str:
           + (f", test accuracy {100 * m['test_accuracy']:.1f} % on {m['n_test']} test images" if "test_accuracy" in m else "")
           + f".  At w̄: risk {st['risk']:.3e}, ‖∇L‖ = {st['grad_norm']:.3e} (relative {st['relative_grad_norm']:.2e}); "
           f"{r['eligible_points']} points with loss < {cfg['threshold']:g}.", "",
-          f"Solver: MINRES, at most {cfg['maxiter']} Hessian-vector products per solve (the regulariser), "
-          f"dtype {cfg['dtype']}, J scaling '{cfg['scale']}', recycling {cfg['recycle']} Ritz vectors across solves.", "",
+          _solver_line(cfg), "",
           "## Table 1 — loss on the perturbed points", "",
-          "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | HVPs to 99 % | "
-          "other J scaling: at w̄ + v, removed, HVPs to 99 % | feasibility ‖Hv+JΔx‖/‖JΔx‖ | HVPs | paper (w̄ → est.) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | iterations to 99 % | "
+          "other J scaling: at w̄ + v, removed, iterations to 99 % | risk on all data: w̄ → w̄ + v | "
+          "feasibility ‖Hv+JΔx‖/‖JΔx‖ | iterations (cost in HVPs) | paper (w̄ → est.) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     other = "paper" if cfg["scale"] == "exact" else "exact"
     for t in r["table1"]:
         pp, o = t["paper"], t.get(f"{other}_scale")
         alt = (f"{other}: {_e(o['loss_estimated'])}, {100 * o['increase_removed']:.2f} %, "
-               f"{_e(t.get(f'hvps_to_99_percent_{other}_scale'))}") if o else "—"
+               f"{_e(t.get(f'iterations_to_99_percent_{other}_scale'))}") if o else "—"
         L.append(f"| {t['points']} | {t['step_percent']:.3g} | {_e(t['loss_base'])} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | "
-                 f"{t['loss_reduction']:.1f}× | {100 * t['increase_removed']:.2f} % | {_e(t.get('hvps_to_99_percent'))} | {alt} | "
-                 f"{t['feasibility_residual']:.3f} | {t['hvp_count']} | "
+                 f"{_x(t['loss_reduction'])} | {100 * t['increase_removed']:.2f} % | {_e(t.get('iterations_to_99_percent'))} | {alt} | "
+                 f"{_e(t['risk_original'])} → {_e(t['risk_estimated'])} | "
+                 f"{t['feasibility_residual']:.3f} | {t['iterations']} ({t['cost_in_hvps']:.1f}) | "
                  + (f"{pp[0]} → {pp[1]:.2g} ({pp[0] / pp[1]:.0f}×)" if pp else "—") + " |")
     L += ["", f"The other J scaling ('{other}') is the same solve rescaled exactly (MINRES from zero is linear "
-          "in its right-hand side); 'HVPs to 99 %' is the first MINRES iterate that removes 99 % of the increase."]
+          "in its right-hand side); 'iterations to 99 %' is the first iterate that removes 99 % of the increase; "
+          "'cost in HVPs' is the solve's time over the time of one Hessian-vector product measured in the same run."]
     L += ["", "## Table 2 — relative differences (‖·‖/‖w̄‖) over perturbation scenarios", "",
-          "| scenario | points | orig.–est. | orig.–retrained | est.–retrained | ‖est.−ret.‖/‖ret.−w̄‖ | cos(v, Δw_ret) | loss w̄ / est. / ret. | HVPs (deflated k) |",
+          "| scenario | points | orig.–est. | orig.–retrained | est.–retrained | ‖est.−ret.‖/‖ret.−w̄‖ | cos(v, Δw_ret) | loss w̄ / est. / ret. | iterations, HVPs (deflated k) |",
           "|---|---|---|---|---|---|---|---|---|"]
     for t in r["table2"]:
         L.append(f"| {t['scenario']} | {len(t['indices'])} | {t['rel_diff_original_estimated']:.2e} | {t['rel_diff_original_retrained']:.2e} | "
                  f"{t['rel_diff_estimated_retrained']:.2e} | {t['estimate_error_vs_shift']:.3f} | {t['cosine_estimate_retrained']:.3f} | "
-                 f"{_e(t['loss_original'])} / {_e(t['loss_estimated'])} / {_e(t['loss_retrained'])} | {t['hvp_count']} ({t['deflated_with']}) |")
+                 f"{_e(t['loss_original'])} / {_e(t['loss_estimated'])} / {_e(t['loss_retrained'])} | {t['iterations']}, {t['hvp_count']} ({t['deflated_with']}) |")
     if r["table2"]:
         L += ["", f"Retraining: warm-started L-BFGS from w̄, at most {cfg['retrain_iter']} iterations "
               "(not converged unless stated in the JSON)."]
-    L += ["", "## Table 3 — step sweep (1-point direction; v rescaled exactly, MINRES from 0 is linear in Δx)", "",
+    L += ["", "## Table 3 — step sweep (1-point direction; v rescaled exactly: a Krylov solve from 0 is linear in Δx)", "",
           "| step (%) | at w̄ | at w̄ + v | reduction | paper (w̄ → est.) |", "|---|---|---|---|---|"]
     for t in r["table3"]:
         pp = t["paper"]
-        L.append(f"| {t['step_percent']:g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {t['loss_reduction']:.1f}× | "
+        L.append(f"| {t['step_percent']:g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {_x(t['loss_reduction'])} | "
                  + (f"{pp[0]} → {pp[1]}" if pp else "—") + " |")
     if r.get("seeds"):
         s = r["seeds"]
@@ -477,7 +514,9 @@ def _tuple(text, cast, name):
 @click.option("--seeds", type=int, default=None, help="Estimates from different random starts [3].")
 @click.option("--seed-points", type=int, default=None, help="Points moved in the multi-start study [500].")
 @click.option("--start-radius", type=float, default=0.5, show_default=True, help="‖random start‖ ÷ ‖v of seed 0‖.")
-@click.option("--maxiter", type=int, default=None, help="MINRES iterations (= HVPs) per solve [50].")
+@click.option("--solver", type=click.Choice(["gauss-newton", "minres"]), default="gauss-newton", show_default=True,
+              help="gauss-newton: keep every training output (CGLS, JVP+VJP per step); minres: eq. 19 on H (HVP per step).")
+@click.option("--maxiter", type=int, default=None, help="Solver iterations per solve (the regulariser) [50].")
 @click.option("--rtol", type=float, default=1e-6, show_default=True, help="MINRES relative residual tolerance.")
 @click.option("--recycle", type=int, default=None, help="Ritz vectors recycled to deflate later solves (0: off) [20].")
 @click.option("--retrain-iter", type=int, default=None, help="L-BFGS iterations for warm-started retraining [50].")
@@ -507,7 +546,7 @@ def command(**kw):
         cfg[f] = kw[f] if kw[f] is not None else base.get(f, getattr(defaults, f))
     cfg["points"] = _tuple(kw["points"], int, "--points") if kw["points"] else base.get("points", defaults.points)
     cfg["sweep"] = _tuple(kw["sweep"], float, "--sweep")
-    for f in ("depth", "checkpoint", "data", "subset_seed", "threshold", "target_loss", "step", "scenario_points",
+    for f in ("depth", "checkpoint", "data", "subset_seed", "solver", "threshold", "target_loss", "step", "scenario_points",
               "start_radius", "rtol", "scale", "dtype", "device", "threads", "seed", "quick"):
         cfg[f] = kw[f]
     cfg["landscape"] = cfg["grid"] > 1
