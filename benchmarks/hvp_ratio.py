@@ -12,6 +12,8 @@ other processes hits all methods alike.  Methods:
 * ``double_backward``   — ``autograd.grad(⟨∇L, v⟩)`` with ``create_graph=True``;
 * ``rev_over_fwd``      — ``grad_w ⟨∇L, v⟩`` where the directional derivative comes from one
   forward-mode pass: ``∇_w [jvp_w L(w)·v]`` (torch.func).
+* ``jvp_plus_vjp``      — not an HVP: one output JVP plus one output VJP, the cost of one
+  iteration of the Gauss–Newton solver (:class:`setsens.function_space.OutputJacobian`).
 
 :class:`setsens.preconditioners.FastHessian` uses whichever was fastest here (double backward).
 
@@ -30,6 +32,7 @@ import time
 import torch
 from torch.func import functional_call, grad, jvp
 
+from setsens.function_space import OutputJacobian
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
 from setsens.problem import Problem, cross_entropy
 from setsens.preconditioners import FastHessian
@@ -81,13 +84,21 @@ def main(argv=None):
     def m_rev_over_fwd():
         return fast.batch_hvp(w, xb, yb, v)
 
+    G = OutputJacobian(problem, centered=True)
+    u = torch.randn(problem.n, 10, generator=torch.Generator().manual_seed(2)).to(w)
+
+    def m_jvp_plus_vjp():
+        return G @ v, G.T @ u
+
     methods = {"grad": m_grad, "fwd_over_rev": m_fwd_over_rev, "double_backward": m_double_backward,
-               "rev_over_fwd": m_rev_over_fwd}
+               "rev_over_fwd": m_rev_over_fwd, "jvp_plus_vjp": m_jvp_plus_vjp}
     ref = m_fwd_over_rev()
     for name in ("double_backward", "rev_over_fwd"):
         err = float((methods[name]() - ref).norm() / ref.norm())
         print(f"{name}: relative difference to fwd_over_rev {err:.2e}")
         assert err < 1e-3, f"{name} disagrees with the reference HVP"
+    for fn in methods.values():  # warm-up (allocator, cuDNN autotuning)
+        fn()
     times = {k: [] for k in methods}
     for _ in range(args.repeats):
         for name, fn in methods.items():

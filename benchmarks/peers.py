@@ -90,7 +90,7 @@ def main(argv=None):
     wbar = problem.params
     base = float(losses[idx].mean())
     l0 = problem.loss_on(idx, perturbation=pert)
-    lam_max = float(lanczos(H, problem.p, 10, generator=torch.Generator().manual_seed(0))[0].abs().max())
+    lam_max = float(lanczos(H, problem.p, 10, generator=torch.Generator().manual_seed(0), device=wbar.device)[0].abs().max())
     retrain_ok = problem.loss is squared_error
     d0 = None
     if retrain_ok:

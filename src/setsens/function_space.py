@@ -150,7 +150,7 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
         gamma, itn, residuals, resumed = st["gamma"], st["itn"], list(st["residuals"]), st["itn"]
         t0 -= st["seconds"]
     else:
-        x = None if x0 is None else x0.detach().to(dtype)
+        x = None if x0 is None else x0.detach().to(b.device, dtype)
         r = b.clone() if x is None else b - A(x).to(dtype)
         s = At(r).to(dtype)
         x = torch.zeros_like(s) if x is None else x

@@ -254,7 +254,7 @@ def minres(
         resumed = itn
         t0 -= t_used
     else:
-        x = torch.zeros_like(target) if x0 is None else (x0.detach().to(dtype) if deflation is None else deflation.project(x0.detach().to(dtype)))
+        x = torch.zeros_like(target) if x0 is None else (x0.detach().to(b.device, dtype) if deflation is None else deflation.project(x0.detach().to(b.device, dtype)))
         r1 = target - A(x) if x0 is not None else target.clone()
         hvps += int(x0 is not None)
         y = r1.clone()

@@ -359,7 +359,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
             if s == 0:
                 x0 = None
             else:
-                z = torch.randn(p.p, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64)
+                z = torch.randn(p.p, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64).to(ref.device)
                 x0 = z * (cfg.start_radius * ref.norm() / z.norm())
             sol = R.solve(f"seed_{s}", pert, x0=x0, recycle=False)
             if ref is None:
