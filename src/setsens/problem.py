@@ -234,7 +234,7 @@ class Problem:
         return self._cast(torch.stack(xs), torch.stack(ys))
 
     def check_indices(self, indices) -> Tensor:
-        idx = torch.as_tensor(indices).long().reshape(-1)
+        idx = torch.as_tensor(indices).long().reshape(-1).cpu()  # index lists live on the CPU
         if idx.numel() == 0:
             raise ValueError("no training points selected")
         bad = idx[(idx < 0) | (idx >= self.n)]
