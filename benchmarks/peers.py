@@ -1,7 +1,7 @@
 """Our solvers vs dattri's CG and curvlinops' inverse operators, side by side in one process.
 
-    .venv/bin/python benchmarks/peers.py --problem digits --budgets 5,10,20,40,80
-    .venv/bin/python benchmarks/peers.py --problem resnet --n 32 --budgets 5,10,20
+    .venv/bin/python benchmarks/peers.py --problem digits --budgets 5,10,20,40,80,160,320
+    python benchmarks/peers.py --problem resnet --n 1000 --points 1 --step 0.2 --budgets 5,10,20,40 --device cuda
 
 The peers are an optional extra (``pip install --no-deps dattri curvlinops-for-pytorch`` plus
 ``einops einconv linear_operator jaxtyping wadler_lindig``; see ``pyproject.toml``'s ``bench``);
@@ -38,17 +38,10 @@ from setsens.problem import Problem, cross_entropy, squared_error
 
 
 def digits_problem(n: int, seed: int):
-    from setsens.data.digits import load_digits_subset
-    from setsens.models.mlp import mlp
-    from setsens.retrain import levenberg_marquardt
+    """The demo's problem (``setsens demo``): bias-free ReLU MLP 64-64-64-10 trained to stationarity."""
+    from setsens.experiments.demo import DemoConfig, train_stationary
 
-    torch.manual_seed(seed)
-    x, y = load_digits_subset(n, seed=seed)
-    model = mlp([64, 32, 32, 10], bias=True).double()
-    p0 = Problem(model, squared_error, (x, y), batch_size=n)
-    w = levenberg_marquardt(p0, gtol=1e-10, max_iter=300).w
-    p0.load_into(model, w)
-    return Problem(model, squared_error, (x, y), batch_size=n), 10
+    return train_stationary(DemoConfig(n=n, seed=seed), progress=False), 10
 
 
 def resnet_problem(n: int, checkpoint: str, data: str, device: str):
@@ -63,7 +56,7 @@ def resnet_problem(n: int, checkpoint: str, data: str, device: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problem", choices=["digits", "resnet"], default="digits")
-    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--n", type=int, default=None, help="training points [digits 100, resnet 1000]")
     ap.add_argument("--points", type=int, default=None)
     ap.add_argument("--step", type=float, default=1.0, help="percent of the image norm")
     ap.add_argument("--budgets", default="5,10,20,40,80")
@@ -77,13 +70,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
     if args.problem == "digits":
-        problem, k = digits_problem(args.n, args.seed)
+        from setsens.experiments.demo import movable_points
+
+        problem, k = digits_problem(args.n or 100, args.seed)
+        idx = movable_points(problem, args.points or k)  # the demo's points (zero-residual points cannot move)
     else:
-        problem, k = resnet_problem(args.n, args.checkpoint, args.data, args.device)
+        problem, k = resnet_problem(args.n or 1000, args.checkpoint, args.data, args.device)
     k = args.points or k
     with torch.no_grad():
         losses = torch.cat([problem.per_sample_loss(problem.params, x, y) for x, y in problem.batches()])
-    idx = torch.argsort(losses)[:k].sort().values
+    if args.problem == "resnet":
+        idx = torch.argsort(losses)[:k].sort().values
     pert = gradient_perturbation(problem, idx, args.step / 100)
     b = DataJacobian(problem, idx) @ pert.delta
     H = FastHessian(problem)
@@ -140,12 +137,22 @@ def main(argv=None):
             def _adjoint(self):
                 return self
 
-        def curv(cls, damp, key):
-            return lambda it: -(cls(_Op(damp), **{key: it}) @ b.to(wbar))
+            @property
+            def device(self):
+                return wbar.device
 
-        methods["curvlinops_cg"] = curv(CGInverseLinearOperator, 0.0, "max_iter")
-        methods["curvlinops_cg_damped"] = curv(CGInverseLinearOperator, args.damping * lam_max, "max_iter")
-        methods["curvlinops_lsmr"] = curv(LSMRInverseLinearOperator, 0.0, "maxiter")
+            @property
+            def dtype(self):
+                return wbar.dtype
+
+        def curv(cls, damp, budget):
+            return lambda it: -(cls(_Op(damp), **budget(it)) @ b.to(wbar))
+
+        # exactly `it` iterations: no early stop (its default tolerance is 1), tridiagonalisation within the budget
+        cg_budget = lambda it: {"max_iter": it, "max_tridiag_iter": it, "tolerance": 1e-30}  # noqa: E731
+        methods["curvlinops_cg"] = curv(CGInverseLinearOperator, 0.0, cg_budget)
+        methods["curvlinops_cg_damped"] = curv(CGInverseLinearOperator, args.damping * lam_max, cg_budget)
+        methods["curvlinops_lsmr"] = curv(LSMRInverseLinearOperator, 0.0, lambda it: {"maxiter": it})
     except ImportError as err:
         print(f"curvlinops not installed ({err}); skipped")
 

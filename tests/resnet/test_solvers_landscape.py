@@ -30,9 +30,12 @@ def test_fast_hessian_matches_reference_on_resnet():
     prob = Problem(model, cross_entropy, (x, y), batch_size=2)
     v = torch.randn(prob.p, dtype=torch.float64)
     ref, fast = Hessian(prob)(v), FastHessian(prob)
+    assert fast.method == "double_backward"  # "auto" on the CPU
     got = fast(v)
     assert fast.calls == 1
     assert float((got - ref).norm() / ref.norm()) < 1e-10
+    other = FastHessian(prob, method="rev_over_fwd")  # the GPU choice, same numbers
+    assert float((other(v) - ref).norm() / ref.norm()) < 1e-10
 
 
 def _krylov_minimiser(H, b, k):

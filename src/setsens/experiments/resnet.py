@@ -4,10 +4,16 @@ Protocol (section "Simulation on Resnet"): w̄ is a pretrained CIFAR ResNet, x̄
 training images.  Points whose unperturbed loss is below ``threshold`` are moved along their own
 input gradient ``∇ₓℓ`` by a step given as a fraction of the image norm; the step is either given
 (``--step``, percent) or calibrated so that the mean loss on the moved points reaches
-``--target-loss`` (the paper's ≈ 0.004).  The shift Δw solves the least-squares problem (eq. 19)
-``min ‖H v + J Δx‖`` by MINRES with the iteration count as regulariser (``--maxiter``), with H
-products by reverse-over-forward (:class:`~setsens.preconditioners.FastHessian`) and, from the
-second solve on, deflation by the Ritz vectors recycled from earlier solves (all solves share H).
+``--target-loss`` (the paper's ≈ 0.004).  The shift Δw comes from one of two solvers
+(``--solver``), each with the iteration count as regulariser (``--maxiter``):
+
+* ``gauss-newton`` (default): the minimum-norm shift that keeps every training output,
+  ``G v = −r`` by CGLS (:mod:`setsens.function_space`), one JVP + one VJP pass per iteration;
+* ``minres``: the least-squares problem of eq. 19, ``min ‖H v + J Δx‖``, by MINRES with H products
+  from :class:`~setsens.preconditioners.FastHessian` and, from the second solve on, deflation by
+  the Ritz vectors recycled from earlier solves (all solves share H).
+
+Both report the exact eq.-19 feasibility residual and the solve's cost in HVPs.
 
 Reported: Table 1 (loss on the perturbed points at w̄ and at w̄ + v for each ``--points`` count),
 Table 2 (``--scenarios`` random perturbations: relative distances between w̄, the estimate and
@@ -151,7 +157,6 @@ class _Run:
         J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
         b = J @ pert.delta
         calls0 = self.hessian.calls
-        t0 = time.perf_counter()
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
