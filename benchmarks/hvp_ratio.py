@@ -15,11 +15,12 @@ other processes hits all methods alike.  Methods:
 * ``jvp_plus_vjp``      — not an HVP: one output JVP plus one output VJP, the cost of one
   iteration of the Gauss–Newton solver (:class:`setsens.function_space.OutputJacobian`).
 
-:class:`setsens.preconditioners.FastHessian` uses whichever was fastest here (double backward).
+:class:`setsens.preconditioners.FastHessian` picks the fastest per device ("auto").
 
-Measured (2 idle CPU cores, batch 250, 3 repeats): grad 1.70 s; double backward 3.18×,
-forward-over-reverse 5.93×, reverse-over-forward 6.35×.  (Earlier, on a loaded machine: 3.01× /
-3.51× / 5.08×, noisy.)
+Measured (docs/resnet.md has the table and the command lines), in gradients:
+2 idle CPU cores, batch 250, 3 repeats: double backward 3.18× and 3.54× (two runs), forward-over-reverse
+5.9–6.5×, reverse-over-forward 5.7–6.4×, JVP + VJP 2.17×.  H100, batch 1000, 20 repeats:
+reverse-over-forward 2.14×, forward-over-reverse 2.76×, double backward 6.64×, JVP + VJP 1.63×.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ from click.testing import CliRunner
 from setsens.cli import main
 
 
+def _strict(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+
 @pytest.mark.parametrize("solver", ["gauss-newton", "minres"])
 def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path, solver):
     ckpt, npz, _ = tiny_run_files
@@ -16,7 +20,7 @@ def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path, solver):
             "--retrain-iter", "1", "--n-test", "6", "--recycle", "2", "--out", str(out)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    r = json.loads(res.output.strip().splitlines()[-1])
+    r = json.loads(res.output.strip().splitlines()[-1], parse_constant=_strict)  # standard JSON: no NaN/Infinity
     for key in ("loss_original", "loss_estimated", "loss_reduction", "increase_removed", "feasibility_residual",
                 "hvp_count", "seconds"):
         assert key in r, key

@@ -564,7 +564,7 @@ def _tuple(text, cast, name):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(**kw):
     """Reproduce the paper's ResNet-56 / CIFAR-10 tables (1–3), multi-start estimates and landscape."""
-    from ..report import prepare_out_dir, write_json, write_text
+    from ..report import prepare_out_dir, to_jsonable, write_json, write_text
 
     for path, what in ((kw["checkpoint"], "checkpoint"), (kw["data"], "data")):
         if not Path(path).exists():
@@ -593,7 +593,7 @@ def command(**kw):
     write_text(out / "report.md", render_report(results, line))
     if kw["as_json"]:
         slim = {k: v for k, v in results.items() if k != "landscape"}
-        click.echo(json.dumps({**results["summary"], **__import__("setsens.report", fromlist=["to_jsonable"]).to_jsonable(slim)}))
+        click.echo(json.dumps(to_jsonable({**results["summary"], **slim}), allow_nan=False))
     else:
         click.echo(render_report(results, line))
         click.echo(f"\nwritten to {out}/ (results.json, report.md, figures)", err=True)
