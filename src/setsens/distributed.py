@@ -7,6 +7,10 @@ the local contribution and all-reduce it, so every rank obtains the *global* ``H
 (:func:`setsens.preconditioners.minres`, SciPy's Krylov methods) follows the same iterates.
 Communication per product: one all-reduce of p numbers.
 
+The Gauss–Newton estimate (:mod:`setsens.function_space`) runs the same way: each rank keeps the
+output rows of its own points, ``Gᵀ u`` is all-reduced and so are the inner products of output
+vectors (:class:`DistributedOutputJacobian`, :func:`distributed_function_space_shift`).
+
 Launch with ``torchrun --nproc_per_node=N script.py`` (gloo on CPU, NCCL on GPU; see
 ``docs/distributed.md``).  Scaling: the factor of the global risk, ``1/n_total`` for a mean, is
 applied here, whatever the shard problem's own ``reduction``.
@@ -20,10 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .function_space import OutputJacobian, cgls, output_shift
 from .operators import DataJacobian, Hessian
-from .problem import Perturbation, Problem
+from .problem import Perturbation, Problem, cross_entropy
 
-__all__ = ["init_from_env", "shard", "DistributedProblem", "DistributedHessian", "DistributedDataJacobian"]
+__all__ = ["init_from_env", "shard", "DistributedProblem", "DistributedHessian", "DistributedDataJacobian",
+           "DistributedOutputJacobian", "distributed_function_space_shift"]
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -176,3 +182,46 @@ class DistributedDataJacobian:
                 return jac.rmatvec(y)
 
         return _Adj()
+
+
+class DistributedOutputJacobian:
+    """Global ``G = ∂f/∂w`` with its rows on the ranks that own the points.
+
+    ``G @ v`` returns this rank's rows (n_local, K); ``G.T @ u`` takes this rank's rows and returns
+    the global length-p vector (all-reduced); :meth:`dot` is the global inner product of two
+    row-sharded output vectors.  Communication per CGLS iteration: one all-reduce of p numbers and
+    two of one number.
+    """
+
+    def __init__(self, problem: DistributedProblem, w: Tensor | None = None, centered: bool = False):
+        self.problem = problem
+        self.inner = OutputJacobian(problem.local, w, centered)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.inner.matvec(v)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        return _all_reduce(self.inner.rmatvec(u))
+
+    def dot(self, a: Tensor, b: Tensor) -> float:
+        return float(_all_reduce((a * b).sum().reshape(1).double()))
+
+    def output_shift(self, perturbation: Perturbation) -> Tensor:
+        """This rank's rows of r (zeros where none of its points moved)."""
+        local = self.problem.localize(perturbation)
+        if local is not None:
+            return output_shift(self.problem.local, local, self.inner.w, self.inner.centered)
+        x, _ = next(self.problem.local.batches())
+        k = self.problem.local.outputs(self.inner.w, x[:1]).shape[-1]
+        return torch.zeros(self.problem.local.n, k, dtype=self.inner.w.dtype, device=self.inner.w.device)
+
+
+def distributed_function_space_shift(problem: DistributedProblem, perturbation: Perturbation, *, maxiter: int = 50,
+                                     rtol: float = 1e-6, centered: bool | None = None, scale: float = 1.0, callback=None):
+    """:func:`setsens.function_space.function_space_shift` over all shards; the same v on every rank."""
+    if centered is None:
+        centered = problem.local.loss is cross_entropy
+    G = DistributedOutputJacobian(problem, centered=centered)
+    r = G.output_shift(perturbation) * scale
+    res = cgls(G.matvec, G.rmatvec, -r, maxiter=maxiter, rtol=rtol, callback=callback, dot=G.dot)
+    return res.x.to(problem.params), res

@@ -124,7 +124,8 @@ class CglsResult:
 
 def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tensor, *, maxiter: int = 50,
          rtol: float = 1e-6, x0: Tensor | None = None, callback: Callable[[int, float, Tensor], None] | None = None,
-         checkpoint: str | None = None, dtype=torch.float64) -> CglsResult:
+         checkpoint: str | None = None, dot: Callable[[Tensor, Tensor], float] | None = None,
+         dtype=torch.float64) -> CglsResult:
     """CGLS (Hestenes–Stiefel CG on ``AᵀA x = Aᵀb``, Björck's form): one ``A`` and one ``Aᵀ`` per step.
 
     From ``x₀ = 0`` the iterates stay in range(Aᵀ), so at convergence ``x = A⁺ b`` (the minimum-norm
@@ -132,14 +133,17 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
     keeps x0's component in ker(A): another member of the solution set.  The residual
     ``‖A x − b‖`` decreases monotonically.  Stops at ``‖A x − b‖ ≤ rtol‖b‖`` or when ``‖Aᵀ r‖``
     vanishes.  ``checkpoint``: the state is saved there (atomically) after every step and a run
-    with the same path and ``b`` resumes.  SciPy's LSQR computes the same iterates but offers no
+    with the same path and ``b`` resumes.  ``dot``: the inner product of A's range (default: the sum
+    of elementwise products); a data-parallel run passes an all-reduced one, so that A's rows can
+    stay on the rank that owns them (:mod:`setsens.distributed`).  SciPy's LSQR computes the same iterates but offers no
     per-iterate callback, resumption or GPU tensors, which a long ResNet solve needs.
     """
     from .report import atomic_torch_save
 
     t0 = time.perf_counter()
+    dot = dot or (lambda a, c: float((a * c).sum()))
     b = b.detach().to(dtype)
-    bnorm = max(float(b.norm()), 1e-300)
+    bnorm = max(dot(b, b) ** 0.5, 1e-300)
     st = None
     if checkpoint is not None and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location=b.device, weights_only=False)
@@ -159,7 +163,7 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
     converged = gamma == 0.0
     while itn < maxiter and not converged:
         q = A(d).to(dtype)
-        qq = float((q * q).sum())
+        qq = dot(q, q)
         if qq == 0.0:
             break
         alpha = gamma / qq
@@ -170,7 +174,7 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
         d = s + (gamma_new / gamma) * d
         gamma = gamma_new
         itn += 1
-        residuals.append(float(r.norm()) / bnorm)
+        residuals.append(dot(r, r) ** 0.5 / bnorm)
         converged = residuals[-1] <= rtol or gamma == 0.0
         if callback is not None:
             callback(itn, residuals[-1], x)

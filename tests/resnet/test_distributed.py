@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from setsens.distributed import DistributedDataJacobian, DistributedHessian, DistributedProblem, shard
+from setsens.distributed import (DistributedDataJacobian, DistributedHessian, DistributedProblem,
+                                 distributed_function_space_shift, shard)
+from setsens.function_space import function_space_shift
 from setsens.models.mlp import mlp
 from setsens.operators import DataJacobian, Hessian
 from setsens.preconditioners import minres
@@ -42,6 +44,7 @@ def _worker(rank, world, port, path):
         b = J @ pert.delta
         sol = minres(H, b, maxiter=8, rtol=0)
         out = {"Hv": H(v), "Jmu": b, "JTy": J.T @ yv, "v": sol.v, "risk": dp.risk(None, pert),
+               "v_gauss_newton": distributed_function_space_shift(dp, pert, maxiter=8, rtol=0)[0],
                "grad": dp.gradient(None, pert), "n": dp.n, "Hv_pert": DistributedHessian(dp, perturbation=pert)(v)}
         gathered = [None] * world
         dist.all_gather_object(gathered, out)
@@ -69,6 +72,7 @@ def test_two_process_solve_matches_single_process(tmp_path):
     J = DataJacobian(problem, pert.indices)
     b = J @ pert.delta
     ref = {"Hv": H(v), "Jmu": b, "JTy": J.T @ yv, "v": minres(H, b, maxiter=8, rtol=0).v,
+           "v_gauss_newton": function_space_shift(problem, pert, maxiter=8, rtol=0)[0],
            "risk": problem.risk(None, pert), "grad": problem.gradient(None, pert),
            "Hv_pert": Hessian(problem, perturbation=pert)(v)}
     for r in ranks:
@@ -84,6 +88,7 @@ def test_two_process_solve_matches_single_process(tmp_path):
     # all-reduce like any change of reduction order — both runs are equally valid solves)
     # the solve is the same on every rank, to the bit
     assert torch.equal(ranks[0]["v"], ranks[1]["v"])
+    assert torch.equal(ranks[0]["v_gauss_newton"], ranks[1]["v_gauss_newton"])
     assert float((H(ref["v"]) + b).norm() / b.norm()) < 0.8  # a genuine solve, not a zero vector
 
 
