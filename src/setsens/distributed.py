@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .function_space import OutputJacobian, cgls, output_shift
-from .operators import DataJacobian, Hessian
+from .operators import Adjoint, DataJacobian, Hessian
 from .problem import Perturbation, Problem, cross_entropy
 
 __all__ = ["init_from_env", "shard", "DistributedProblem", "DistributedHessian", "DistributedDataJacobian",
@@ -174,14 +174,8 @@ class DistributedDataJacobian:
         return self.matvec(mu)
 
     @property
-    def T(self):
-        jac = self
-
-        class _Adj:
-            def __matmul__(self, y):
-                return jac.rmatvec(y)
-
-        return _Adj()
+    def T(self) -> Adjoint:
+        return Adjoint(self)
 
 
 class DistributedOutputJacobian:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from .operators import Adjoint
 from .problem import Perturbation, Problem, cross_entropy
 
 __all__ = ["OutputJacobian", "output_shift", "cgls", "CglsResult", "function_space_shift"]
@@ -81,16 +82,8 @@ class OutputJacobian:
         return self.matvec(v)
 
     @property
-    def T(self) -> "_Transposed":
-        return _Transposed(self)
-
-
-class _Transposed:
-    def __init__(self, G: OutputJacobian):
-        self.G = G
-
-    def __matmul__(self, u: Tensor) -> Tensor:
-        return self.G.rmatvec(u)
+    def T(self) -> Adjoint:
+        return Adjoint(self)
 
 
 def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None = None,

@@ -97,16 +97,18 @@ class DataJacobian:
         return self.matvec(mu)
 
     @property
-    def T(self) -> "_Adjoint":
-        return _Adjoint(self)
+    def T(self) -> "Adjoint":
+        return Adjoint(self)
 
 
-class _Adjoint:
-    def __init__(self, jac: DataJacobian):
-        self.jac = jac
+class Adjoint:
+    """``A.T @ y`` for any matrix-free operator ``A`` with an ``rmatvec``."""
+
+    def __init__(self, op):
+        self.op = op
 
     def __matmul__(self, y: Tensor) -> Tensor:
-        return self.jac.rmatvec(y)
+        return self.op.rmatvec(y)
 
 
 def _scipy_operator(fn, p: int) -> spla.LinearOperator:
