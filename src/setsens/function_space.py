@@ -59,17 +59,15 @@ class OutputJacobian:
         self.centered = centered
         self.calls = 0
 
-    def _center(self, u: Tensor) -> Tensor:
-        return u - u.mean(dim=-1, keepdim=True) if self.centered else u
-
     def matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
         out = [jvp(lambda w: self.problem.outputs(w, x), (self.w,), (v,))[1] for x, _ in self.problem.batches()]
         self.calls += 1
-        return self._center(torch.cat(out).reshape(self.problem.n, -1))
+        out = torch.cat(out).reshape(self.problem.n, -1)
+        return _center(out) if self.centered else out
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        u = self._center(u.to(self.w))
+        u = _center(u.to(self.w)) if self.centered else u.to(self.w)
         out, start = torch.zeros_like(self.w), 0
         for x, _ in self.problem.batches():
             f, pullback = vjp(lambda w: self.problem.outputs(w, x), self.w)
@@ -99,7 +97,12 @@ def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None 
     rK = jvp(lambda x_: problem.outputs(w, x_), (x,), (pert.delta.to(x),))[1].reshape(len(x), -1)
     r = torch.zeros(problem.n, rK.shape[1], dtype=rK.dtype, device=rK.device)
     r.index_add_(0, pert.indices.to(r.device), rK)
-    return r - r.mean(dim=-1, keepdim=True) if centered else r
+    return _center(r) if centered else r
+
+
+def _center(u: Tensor) -> Tensor:
+    """Centre each row over the classes (``P = I − 𝟙𝟙ᵀ/K``): what a softmax loss sees of the outputs."""
+    return u - u.mean(dim=-1, keepdim=True)
 
 
 @dataclass
