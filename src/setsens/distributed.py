@@ -200,6 +200,13 @@ class DistributedOutputJacobian:
     def dot(self, a: Tensor, b: Tensor) -> float:
         return float(_all_reduce((a * b).sum().reshape(1).double()))
 
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    @property
+    def T(self) -> Adjoint:
+        return Adjoint(self)
+
     def output_shift(self, perturbation: Perturbation) -> Tensor:
         """This rank's rows of r (zeros where none of its points moved)."""
         local = self.problem.localize(perturbation)
