@@ -27,6 +27,8 @@ def test_resnet_quick_cli_and_landscape(tiny_run_files, tmp_path, solver):
     assert r["solver"] == solver and r["iterations"] == 3 and r["loss_original"] > 0
     assert r["hvp_count"] == (3 if solver == "minres" else 0) and r["cost_in_hvps"] > 0
     assert len(r["table3"]) == 4 and len(r["table2"]) == 1 and len(r["seeds"]["runs"]) == 2
+    t2 = r["table2"][0]  # compared with the perturbation-induced retrained shift, at its own calibrated step
+    assert t2["rel_retrained_shift"] > 0 and t2["step_percent"] > 0 and "grad_norm" in r["retrain_unperturbed"]
     # the estimate is a genuine descent on the perturbed points at this tiny scale
     assert r["loss_estimated"] < r["loss_original"]
     for f in ("config.json", "results.json", "report.md", "landscape_contour.png", "landscape_surface.png"):
