@@ -131,8 +131,9 @@ def cgls(A: Callable[[Tensor], Tensor], At: Callable[[Tensor], Tensor], b: Tenso
     vanishes.  ``checkpoint``: the state is saved there (atomically) after every step and a run
     with the same path and ``b`` resumes.  ``dot``: the inner product of A's range (default: the sum
     of elementwise products); a data-parallel run passes an all-reduced one, so that A's rows can
-    stay on the rank that owns them (:mod:`setsens.distributed`).  SciPy's LSQR computes the same iterates but offers no
-    per-iterate callback, resumption or GPU tensors, which a long ResNet solve needs.
+    stay on the rank that owns them (:mod:`setsens.distributed`).  SciPy's LSQR computes the same
+    iterates but offers no per-iterate callback, resumption or GPU tensors, which a long ResNet
+    solve needs.
     """
     from .report import atomic_torch_save
 

@@ -45,7 +45,7 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def atomic_torch_save(obj, path) -> Path:
-    """``torch.save`` through a temporary sibling and a rename (solver checkpoints)."""
+    """``torch.save`` through a temporary sibling and a rename (solver checkpoints, cached results)."""
     return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import click
 import torch
 
+from ..report import atomic_torch_save
+
 __all__ = ["command", "ResnetConfig", "run", "render_report", "QUICK", "PAPER"]
 
 #: The paper's figures (Table 1 and Table 3), printed next to ours.
@@ -135,6 +137,10 @@ class _Run:
                 break
         return math.sqrt(lo * hi)
 
+    def step_for(self, unit) -> float:
+        """The relative step: ``--step`` if given, else calibrated to ``--target-loss``."""
+        return self.cfg.step / 100 if self.cfg.step is not None else self.calibrate(unit, self.cfg.target_loss)
+
     def solve(self, name: str, pert, x0: torch.Tensor | None = None, recycle: bool = True, track=None) -> dict:
         """Estimate v for ``pert`` with the configured solver (checkpointed, resumable).
 
@@ -208,7 +214,7 @@ class _Run:
             "hvp_seconds": hvp_seconds, "cost_in_hvps": seconds / hvp_seconds,
         }
         if cache is not None:
-            torch.save(out, cache)
+            atomic_torch_save(out, cache)
             if Path(checkpoint).exists():
                 Path(checkpoint).unlink()
         self.solves.append({k: out[k] for k in ("solver", "hvp_count", "jvp_vjp_passes", "iterations", "deflated_with",
@@ -285,7 +291,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     for k in cfg.points:
         idx = _choose(eligible, k, g)
         unit = R.direction(idx)
-        s = cfg.step / 100 if cfg.step is not None else R.calibrate(unit, cfg.target_loss)
+        s = R.step_for(unit)
         if step is None:
             step = s
         pert = unit.scaled(s)
@@ -308,7 +314,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         if k == cfg.points[0]:
             first_unit, first_sol = unit, sol
         if out is not None:
-            torch.save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_table1_{k}.pt")
+            atomic_torch_save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_table1_{k}.pt")
     results["table1"] = table1
 
     # -- Table 3: step sweep (exact rescaling of the first solve) ---------------------------------
@@ -338,7 +344,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         res = (rr.w, {"iterations": rr.iterations, "evaluations": rr.evaluations, "grad_norm": rr.grad_norm,
                       "seconds": rr.seconds, "converged": rr.converged})
         if cache is not None:
-            torch.save(res, cache)
+            atomic_torch_save(res, cache)
         return res
 
     if cfg.scenarios > 0:
@@ -350,7 +356,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     for j in range(cfg.scenarios):
         idx = order[j * k:(j + 1) * k].sort().values if distinct else _choose(eligible, k, g)
         unit = R.direction(idx)
-        s_j = cfg.step / 100 if cfg.step is not None else R.calibrate(unit, cfg.target_loss)
+        s_j = R.step_for(unit)
         pert = unit.scaled(s_j)
         sol = R.solve(f"scenario_{j}", pert)
         v = sol["v"]
@@ -391,7 +397,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
                          | {"hvp_count": sol["hvp_count"], "feasibility_residual": sol["feasibility_residual"],
                             "distance_to_seed0": float((sol["v"].double() - ref).norm())})
             if out is not None:
-                torch.save({"v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_seed_{s}.pt")
+                atomic_torch_save({"v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_seed_{s}.pt")
         results["seeds"] = {"points": k, "step_percent": 100 * step, "runs": seeds}
 
     # -- landscape -----------------------------------------------------------------------------------
