@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .function_space import OutputJacobian, cgls, output_shift
 from .operators import Adjoint, DataJacobian, Hessian
-from .problem import Perturbation, Problem, cross_entropy
+from .problem import Perturbation, Problem
 
 __all__ = ["init_from_env", "shard", "DistributedProblem", "DistributedHessian", "DistributedDataJacobian",
            "DistributedOutputJacobian", "distributed_function_space_shift"]
@@ -221,7 +221,7 @@ def distributed_function_space_shift(problem: DistributedProblem, perturbation: 
                                      rtol: float = 1e-6, centered: bool | None = None, scale: float = 1.0, callback=None):
     """:func:`setsens.function_space.function_space_shift` over all shards; the same v on every rank."""
     if centered is None:
-        centered = problem.local.loss is cross_entropy
+        centered = problem.local.loss_ignores_output_shift
     G = DistributedOutputJacobian(problem, centered=centered)
     r = G.output_shift(perturbation) * scale
     res = cgls(G.matvec, G.rmatvec, -r, maxiter=maxiter, rtol=rtol, callback=callback, dot=G.dot)

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .operators import Adjoint
-from .problem import Perturbation, Problem, cross_entropy
+from .problem import Perturbation, Problem
 
 __all__ = ["OutputJacobian", "output_shift", "cgls", "CglsResult", "function_space_shift"]
 
@@ -192,7 +192,7 @@ def function_space_shift(problem: Problem, perturbation: Perturbation, *, maxite
     ``‖G v + r‖/‖r‖`` over all n points.  Cost: ``maxiter`` × (one JVP + one VJP pass over the data).
     """
     if centered is None:
-        centered = problem.loss is cross_entropy
+        centered = problem.loss_ignores_output_shift
     G = OutputJacobian(problem, centered=centered)
     r = output_shift(problem, perturbation, centered=centered) * scale
     res = cgls(G.matvec, G.rmatvec, -r, maxiter=maxiter, rtol=rtol, x0=x0, callback=callback, checkpoint=checkpoint)

@@ -13,14 +13,12 @@ When H is non-singular the set estimate of :mod:`setsens.solution_set` reduces t
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
-from .operators import DataJacobian, Hessian, dense_hessian
+from .operators import DataJacobian, Damped, Hessian, dense_hessian
 from .problem import Perturbation, Problem
-from .solvers import top_eigenvalue
+from .solvers import krylov_solve, top_eigenvalue
 
 __all__ = ["influence_shift"]
 
@@ -53,10 +51,7 @@ def influence_shift(
         return -torch.linalg.pinv(dense_hessian(problem), rtol=rcond, hermitian=True) @ b
     H = Hessian(problem)
     if variant == "damped":
-        op = H.to_scipy()
-        damped = spla.LinearOperator(op.shape, matvec=lambda v: op.matvec(v) + damping * v, dtype=np.float64)
-        x, _ = spla.minres(damped, -b.detach().cpu().double().numpy(), rtol=1e-10, maxiter=maxiter)
-        return torch.from_numpy(x).to(b)
+        return krylov_solve(Damped(H, damping), b, maxiter=maxiter, rtol=1e-10).v
     # LiSSA: h ← b + (1 − λ) h − H h / s converges to s (H + sλ)⁻¹ b when ‖H/s‖ < 1.
     if lissa_scale is None:
         lissa_scale = 1.5 * top_eigenvalue(H, iterations=20)

@@ -111,7 +111,7 @@ def parse_dfcnn(problem: Problem) -> DFCNNLayout:
     >>> parse_dfcnn(pb).labels()
     ['W1', 'a (output)']
     """
-    if problem.loss is not squared_error:
+    if not problem.loss_is_squared_error:
         raise ValueError(
             "the closed form (Theorems 2-3) is derived for the squared loss ½‖f(x) − y‖² "
             f"(setsens.problem.squared_error); this problem uses {getattr(problem.loss, '__name__', problem.loss)!r}"

@@ -24,7 +24,7 @@ from torch.func import grad, jacfwd, jvp
 
 from .problem import Perturbation, Problem
 
-__all__ = ["Hessian", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian", "J_SCALES"]
+__all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian", "J_SCALES"]
 
 J_SCALES = ("exact", "paper")
 
@@ -54,6 +54,23 @@ class Hessian:
     def to_scipy(self) -> spla.LinearOperator:
         """A SciPy ``LinearOperator`` (float64 NumPy in and out) for SciPy's Krylov solvers."""
         return _scipy_operator(self, self.problem.p)
+
+
+class Damped:
+    """``H + λI`` for any operator with the :class:`Hessian` interface (``calls`` counts H v)."""
+
+    def __init__(self, H, damping: float):
+        self.H, self.damping, self.shape = H, damping, H.shape
+
+    @property
+    def calls(self) -> int:
+        return self.H.calls
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.H(v) + self.damping * v
+
+    def to_scipy(self) -> spla.LinearOperator:
+        return _scipy_operator(self, self.shape[0])
 
 
 class DataJacobian:

@@ -6,13 +6,19 @@ Everything downstream (operators, solvers, retraining) sees the network only thr
 (``reduction="mean"``, the default) or ``c = 1`` (``reduction="sum"``, the paper's toy example).
 
 Data are held either as tensors or as a DataLoader that yields ``(x, y)`` batches in a fixed
-order (no shuffling); either way risks and derivatives are accumulated batch by batch, so memory
-does not grow with ``n``.  Buffers (BatchNorm running statistics) are fixed: the model is put in
-``eval`` mode and the risk is a function of ``w`` alone.
+order (a shuffling loader is rejected); either way risks and derivatives are accumulated batch by
+batch, so memory does not grow with ``n``.  Buffers (BatchNorm running statistics) are fixed: the
+model is evaluated in ``eval`` mode and the risk is a function of ``w`` alone; the caller's model
+keeps its own mode.
+
+The loss declares two properties the estimators depend on (attributes of the loss function, or
+detected numerically on the first batch when absent): ``ignores_output_shift`` (a common shift of
+the outputs changes nothing: cross-entropy) and ``is_squared_error``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -38,6 +44,10 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
+cross_entropy.ignores_output_shift = True  # softmax: a common shift of the logits changes nothing
+cross_entropy.is_squared_error = False
+
+
 def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
     """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
     if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:
@@ -49,6 +59,22 @@ def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample ``½‖f(x) − y‖²``; integer targets are one-hot encoded to ``outputs``' width."""
     diff = (outputs - regression_targets(outputs, targets)).reshape(outputs.shape[0], -1)
     return 0.5 * (diff**2).sum(dim=1)
+
+
+squared_error.ignores_output_shift = False
+squared_error.is_squared_error = True
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Evaluate ``model`` in eval mode and give it back in the mode the caller left it in."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
 
 
 class NotStationaryWarning(UserWarning):
@@ -114,7 +140,7 @@ class Problem:
             raise ValueError("the model has no parameters")
         self.dtype = dtype or first.dtype
         self.device = torch.device(device) if device is not None else first.device
-        self.model = model.eval()
+        self.model = model
         self.loss = loss
         self.reduction = reduction
         self.names = [name for name, _ in model.named_parameters()]
@@ -146,14 +172,20 @@ class Problem:
             self.n = inputs.shape[0]
             self.batch_size = int(batch_size)
         else:
+            if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
+                raise ValueError("the DataLoader shuffles: pass shuffle=False (risks and J Δx need a fixed order)")
             self.inputs = self.targets = None
             self.loader = data
             self.n = sum(int(x.shape[0]) for x, _ in data)
             self.batch_size = None
+            if not torch.equal(self._first_batch()[1], self._first_batch()[1]):
+                raise ValueError("the DataLoader yields its data in a different order each time: fix the order")
         if self.n == 0:
             raise ValueError("the training data are empty")
         self.input_shape = tuple(self._first_batch()[0].shape[1:])
         self._check_model_accepts_data()
+        self.loss_ignores_output_shift = self._loss_property("ignores_output_shift", self._detect_shift_invariance)
+        self.loss_is_squared_error = self._loss_property("is_squared_error", self._detect_squared_error)
 
     # -- parameters ---------------------------------------------------------------------------
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:
@@ -269,10 +301,38 @@ class Problem:
                 f"the loss must return one value per sample, shape ({x.shape[0]},), got {tuple(out.shape)}"
             )
 
+    def _loss_property(self, name: str, detect) -> bool:
+        declared = getattr(self.loss, name, None)
+        return bool(declared) if declared is not None else detect()
+
+    def _probe_outputs(self) -> tuple[Tensor, Tensor]:
+        x, y = self._cast(*self._first_batch())
+        with torch.no_grad():
+            out = self.outputs(self.params, x[:4])
+        g = torch.Generator().manual_seed(0)
+        return out + torch.randn(out.shape, generator=g, dtype=torch.float64).to(out), y[:4]
+
+    def _detect_shift_invariance(self) -> bool:
+        out, y = self._probe_outputs()
+        if out.ndim < 2:
+            return False
+        with torch.no_grad():
+            a, b = self.loss(out, y), self.loss(out + 0.7, y)
+        return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+    def _detect_squared_error(self) -> bool:
+        out, y = self._probe_outputs()
+        try:
+            with torch.no_grad():
+                return bool(torch.allclose(self.loss(out, y), squared_error(out, y), rtol=1e-5, atol=1e-7))
+        except RuntimeError:
+            return False
+
     # -- the risk as a pure function of w -------------------------------------------------------
     def outputs(self, w: Tensor, x: Tensor) -> Tensor:
-        """``f(x, w)`` for a batch, buffers fixed: pure in ``w`` and ``x`` (torch.func-safe)."""
-        return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
+        """``f(x, w)`` for a batch in eval mode, buffers fixed: pure in ``w`` and ``x`` (torch.func-safe)."""
+        with _eval_mode(self.model):
+            return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
 
     def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``ℓ(x_i, y_i, w)`` for a batch, shape (b,): pure in ``w`` and ``x`` (torch.func-safe)."""
@@ -311,14 +371,22 @@ class Problem:
         with torch.no_grad():
             return float(self.per_sample_loss(w, x, y).mean())
 
-    def stationarity(self, w: Tensor | None = None, rtol: float = 1e-3, warn: bool = True) -> dict:
-        """Check that w is a stationary point: ``‖∇L‖`` and ``‖∇L‖/‖w‖``, warning past ``rtol``."""
+    def stationarity(self, w: Tensor | None = None, reference: float | None = None, rtol: float = 0.1,
+                     warn: bool = True) -> dict:
+        """Is w stationary at the scale that matters?  ``‖∇L‖`` relative to ``reference``.
+
+        Pass ``reference = ‖J Δx‖`` (the change of ∇L the perturbation causes): a ratio near 1 means
+        the first-order estimate answers the gradient that is already there, not the perturbation.
+        Without a reference the ratio is taken against ``‖w‖`` (a weaker check).  Warns past ``rtol``.
+        """
         w = self.params if w is None else w
         g = float(self.gradient(w).norm())
-        rel = g / max(float(w.norm()), 1e-30)
+        scale = float(w.norm()) if reference is None else reference
+        rel = g / max(scale, 1e-30)
         if warn and rel > rtol:
+            against = "‖w‖" if reference is None else "‖J Δx‖"
             warnings.warn(
-                f"w̄ is not a stationary point: ‖∇L‖ = {g:.3e} (relative {rel:.2e} > {rtol:g}); "
+                f"w̄ is not a stationary point: ‖∇L‖ = {g:.3e} is {rel:.2e} of {against} (> {rtol:g}); "
                 "first-order set estimates assume ∇L(x̄, w̄) = 0 — continuing",
                 NotStationaryWarning,
                 stacklevel=2,

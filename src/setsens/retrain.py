@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .problem import Perturbation, Problem, regression_targets, squared_error
+from .problem import Perturbation, Problem, regression_targets
 
 __all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set"]
 
@@ -118,7 +118,7 @@ def levenberg_marquardt(
     fixed, so from a warm start it converges (quadratically) to the nearest interpolating solution.
     Forms the (n·K) × p residual Jacobian: small problems only (cost O((nK)² p) per iteration).
     """
-    if problem.loss is not squared_error:
+    if not problem.loss_is_squared_error:
         raise ValueError("levenberg_marquardt needs the squared_error loss; use retrain() (L-BFGS)")
     w0 = problem.params if w0 is None else w0
     w = w0.detach().clone()
@@ -157,12 +157,62 @@ def levenberg_marquardt(
     return RetrainResult.finish(problem, w, w0, perturbation, it, evals, t0, gtol)
 
 
+def _residual_jacobian(problem: Problem, w: Tensor, perturbation: Perturbation | None) -> tuple[Tensor, Tensor]:
+    """All squared-error residuals at ``w`` and their (n·K) × p Jacobian (dense: small problems)."""
+    rs, js = [], []
+    for x, y in problem.batches(perturbation):
+        def f(w_, x=x, y=y):
+            return _residuals(problem, w_, x, y)
+        rs.append(f(w))
+        js.append(torch.func.jacrev(f)(w))
+    return torch.cat(rs), torch.cat(js)
+
+
+def nearest_solution(problem: Problem, w: Tensor, perturbation: Perturbation | None = None, *,
+                     rtol: float = 1e-12, max_iter: int = 50) -> RetrainResult:
+    """The nearest interpolating solution to ``w``: ``argmin ‖w′ − w‖`` s.t. ``f(xᵖ_i, w′) = y_i`` ∀i.
+
+    For a squared-error fit at zero residual with a full-row-rank output Jacobian, the solution set
+    near ``w`` is this manifold, so ``‖w′ − w‖ = d(w, S(xᵖ))`` (locally).  Gauss–Newton on the
+    constrained problem: linearise the residuals r at w_k and take the point of the linearised
+    manifold nearest to ``w``, ``w_{k+1} = w_k + t − R⁺(R t + r)`` with ``t = w − w_k`` (R the residual
+    Jacobian).  At the limit ``r = 0`` and ``w′ − w ⟂ ker R``: a true orthogonal projection, so the
+    distance does not depend on a stopping tolerance (unlike L-BFGS or Levenberg–Marquardt, whose
+    end points depend on their path).  Forms R: small problems only, O((n·K)² p) per iteration.
+    """
+    if not problem.loss_is_squared_error:
+        raise ValueError("nearest_solution needs a squared-error loss (an interpolating solution set)")
+    t0 = time.perf_counter()
+    w = w.detach()
+    wk = w.clone()
+    it = 0
+    r, R = _residual_jacobian(problem, wk, perturbation)
+    rnorm0 = max(float(r.norm()), 1e-300)
+    for it in range(1, max_iter + 1):
+        t = w - wk
+        rhs = R @ t + r
+        gram = R @ R.T
+        jitter = 1e-14 * float(gram.diagonal().mean())
+        step = t - R.T @ torch.linalg.solve(gram + jitter * torch.eye(len(r), dtype=r.dtype, device=r.device), rhs)
+        for _ in range(20):  # backtrack while the residual grows (far from the manifold)
+            r_new, R_new = _residual_jacobian(problem, wk + step, perturbation)
+            if float(r_new.norm()) <= max(float(r.norm()), rtol * rnorm0) * 1.5:
+                break
+            step = step / 2
+        wk, r, R = wk + step, r_new, R_new
+        if float(step.norm()) <= 1e-13 * max(float((w - wk).norm()), 1e-30) and float(r.norm()) <= rtol * rnorm0:
+            break
+    res = RetrainResult.finish(problem, wk, w, perturbation, it, it, t0, float("inf"))
+    res.converged = float(r.norm()) <= max(rtol * rnorm0, 1e-13)
+    return res
+
+
 def distance_to_solution_set(problem: Problem, w: Tensor, perturbation: Perturbation, **kwargs) -> RetrainResult:
     """Retrain from ``w`` on the perturbed data; ``.distance`` estimates d(w, S(xᵖ)).
 
     Uses Levenberg–Marquardt for squared-error risks (exact and fast on small problems) and
     L-BFGS otherwise.
     """
-    if problem.loss is squared_error and problem.p * problem.n < 5e7:
+    if problem.loss_is_squared_error and problem.p * problem.n < 5e7:
         return levenberg_marquardt(problem, w, perturbation, **kwargs)
     return retrain(problem, w, perturbation, **kwargs)

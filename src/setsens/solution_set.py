@@ -1,27 +1,28 @@
-"""The graphical derivative DS(x̄|w̄)(Δx) and the estimated new solution set (Algorithm 1).
+"""The estimated new solution set after a data perturbation: ``setsens.estimate``.
 
-Theorem 1: ``DS(x̄|w̄)(Δx) = {v : H v + J Δx = 0}``.  When it is non-empty it is the affine set
-``v₀ + ker H`` with ``v₀ = −H⁺ J Δx`` (minimum norm); when ``J Δx`` leaves range(H) it is empty and
-we take the least-squares solutions instead, reporting the *feasibility residual*
-``‖H v₀ + J Δx‖ / ‖J Δx‖`` (0: first-order theory holds exactly; 1: v₀ explains nothing).
+Theorem 1: ``DS(x̄|w̄)(Δx) = {v : H v + J Δx = 0}``, the affine set ``v₀ + ker H`` with
+``v₀ = −H⁺ J Δx`` (minimum norm).  When ``J Δx`` leaves range(H) the set is empty and the
+least-squares solutions are taken instead; the *feasibility residual* ``‖H v₀ + J Δx‖ / ‖J Δx‖``
+says how far first-order theory holds.  The Gauss–Newton form replaces eq. 19 by ``G v = −r``
+(keep every training output; :mod:`setsens.function_space`), with ``ker G`` as its null space.
 
-The estimate of the new solution set is ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)`` with U = B(w̄, r).
+The estimate (eq. 15) is ``S(xᵖ) ∩ U ≈ w̄ + (v₀ + N) ∩ B(0, r)``:
 
-The numerical null space — the rule.  The pseudo-inverse needs a cut-off between "curvature" and
-"zero", and a fixed tiny cut-off fails badly (directions with curvature 1e-10·λ_max receive
-shifts 1e10 times too large).  ``setsens`` chooses the cut-off from the neighbourhood U in which
-the first-order model is valid, and validates it on the perturbed problem itself:
-
-  along the family of regularised solutions ``v(τ)`` (MINRES iterates, whose norm grows with the
-  iteration count; or spectral cut-offs τ on the dense path), take the member that minimises the
-  **true risk of the perturbed problem**, ``L(xᵖ, w̄ + v)`` (a line search over the family).
-
-That member's norm is the radius r of U: beyond it, moving further along the linear model makes
-the perturbed fit *worse*, i.e. the model has left its region of validity.  The check costs one
-forward pass on the perturbed data per candidate (a fraction of an H v), needs no
-retraining, and is compared with retraining in the tests and reports.  Directions whose
-curvature is too small to be resolved inside U form the numerical null space: they are the
-directions along which the estimated set extends.
+* **v₀** — the minimum-norm solution (CGLS on G from 0; two consistent MINRES solves on H; both
+  keep every iterate in range(Aᵀ), so v₀ ⟂ N).
+* **N** — the numerical null space of A (H or G): an explicit basis on the dense path, a
+  projector ``z ↦ z − A⁺A z`` applied by a Krylov solve on the matrix-free path.
+* **Which member of the family of regularised solutions** (iteration count, or spectral cut-off τ
+  on the dense path) is v₀: the one that minimises the true perturbed risk ``L(xᵖ, w̄ + v)``
+  (one forward pass per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).
+* **r, the radius of U — its own rule, not ‖v₀‖** (a ball through v₀ would cut the affine set to the
+  single point w̄ + v₀).  Members are ``w̄ + v₀ + n``, n ∈ N, ``‖n‖ ≤ ρ``; ρ is the largest length
+  (found by doubling, halving and bisection to 5 %) at which members along ``directions`` random
+  null directions keep at least ``keep`` (default 90 %) of the centre's reduction of the perturbed
+  risk: ``L(xᵖ, c + ρ n̂) ≤ L(xᵖ, c) + (1 − keep)(L(xᵖ, w̄) − L(xᵖ, c))``.  Then
+  ``r = √(‖v₀‖² + ρ²)``.  Cost: ``directions`` null projections (Krylov solves) and about
+  ``12·directions`` forward passes.  ρ = 0 (reported ``radius_determined=False``) when the centre
+  does not improve on w̄.
 """
 
 from __future__ import annotations
@@ -34,46 +35,125 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .operators import DataJacobian, Hessian, dense_hessian
+from .function_space import OutputJacobian, cgls, output_shift
+from .operators import DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
 from .problem import Perturbation, Problem
-from .sets import AffineBall
-from .solvers import Spectrum, krylov_solve
+from .sets import AffineBall, excess, hausdorff
+from .solvers import Spectrum, krylov_solve, minres_min_norm, top_eigenvalue
 
-__all__ = ["SolutionSetEstimate", "estimate_solution_set", "newton_corrector", "validated_krylov", "DEFAULT_TAUS"]
+__all__ = ["SolutionSet", "NullSpace", "SolveOptions", "RadiusOptions", "estimate", "newton_corrector",
+           "DEFAULT_TAUS", "METHODS"]
 
-#: Spectral cut-offs tried by the dense path (relative to λ_max).
+#: Spectral cut-offs tried by the dense path (relative to the largest eigen/singular value).
 DEFAULT_TAUS = (1e-10, 1e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 1e-3, 1e-2)
+METHODS = ("gauss-newton", "hessian", "influence")
 
 
 @dataclass
-class SolutionSetEstimate:
-    """``w̄ + DS(x̄|w̄)(Δx)`` intersected with U = B(w̄, radius).
+class SolveOptions:
+    """How v₀ is computed.
 
     Attributes:
-        shift: v₀, the minimum-norm (regularised) solution of ``H v = −J Δx``.
-        radius: r, the radius of U chosen by the validation rule (``‖v₀‖`` at the selected member).
-        feasibility_residual: ``‖H v₀ + J Δx‖ / ‖J Δx‖``.
-        perturbed_risk_ratio: ``L(xᵖ, w̄ + v₀) / L(xᵖ, w̄)`` — what the estimate does to the true,
-            nonlinear perturbed problem.
-        null_basis: orthonormal basis of the numerical null space (dense path), else None.
-        path: one record per candidate (iteration or τ, ‖v‖, residuals) for reports.
+        maxiter: Krylov iterations at most (CGLS: one JVP + one VJP pass each; MINRES: one H v
+            each, two solves).
+        rtol: relative residual at which a Krylov solve stops.
+        rule: ``"validated"`` (the member of the family minimising the perturbed risk) or
+            ``"fixed"`` (the last iterate; dense: the cut-off ``tau``).
+        tau: dense path with ``rule="fixed"``: spectral cut-off relative to the largest value.
+        check_every, patience: validated Krylov rule — score every ``check_every`` iterations,
+            stop after ``patience`` scores without improvement.
+        influence_damping: ``method="influence"``: damping relative to λ_max(H).
+    """
+
+    maxiter: int = 200
+    rtol: float = 1e-10
+    rule: str = "validated"
+    tau: float | None = None
+    check_every: int = 5
+    patience: int = 4
+    influence_damping: float = 1e-4
+
+    def __post_init__(self):
+        if self.rule not in ("validated", "fixed"):
+            raise ValueError(f"rule must be 'validated' or 'fixed', got {self.rule!r}")
+        if self.maxiter < 1 or self.check_every < 1 or self.patience < 1:
+            raise ValueError("maxiter, check_every and patience must be ≥ 1")
+
+
+@dataclass
+class RadiusOptions:
+    """The rule for r (see the module doc): ``keep`` ∈ (0, 1], ``directions`` ≥ 1 random null
+    directions, each projected with at most ``projection_maxiter`` Krylov iterations."""
+
+    keep: float = 0.9
+    directions: int = 4
+    projection_maxiter: int = 300
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1 or self.directions < 1:
+            raise ValueError("keep must lie in (0, 1] and directions be ≥ 1")
+
+
+class NullSpace:
+    """The orthogonal projector onto the numerical null space N of H or G.
+
+    Dense: an orthonormal basis (``basis``, p × dim).  Matrix-free: ``z − A⁺A z`` with ``A⁺A z`` from
+    a Krylov solve of the consistent system ``A y = A z`` from 0 (``range_part``); ``dim`` is then
+    unknown (None).  ``calls`` counts projections.
+    """
+
+    def __init__(self, basis: Tensor | None = None, range_part=None):
+        if (basis is None) == (range_part is None):
+            raise ValueError("give exactly one of basis and range_part")
+        self.basis, self._range_part, self.calls = basis, range_part, 0
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.basis is None else int(self.basis.shape[1])
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        if self.basis is not None:
+            return self.basis @ (self.basis.T @ z)
+        return z - self._range_part(z)
+
+
+@dataclass
+class SolutionSet:
+    """``w̄ + (v₀ + N) ∩ B(0, r)``: the estimated new solution set inside U = B(w̄, r).
+
+    Attributes:
+        method: ``"gauss-newton"`` (G v = −r), ``"hessian"`` (eq. 19) or ``"influence"`` (a point).
+        shift: v₀.  radius: r.  null_space: N (:class:`NullSpace`).
+        residual: the method's own relative residual (``‖G v₀ + r‖/‖r‖`` or ``‖H v₀ + JΔx‖/‖JΔx‖``).
+        feasibility_residual: eq. 19's ``‖H v₀ + J Δx‖ / ‖J Δx‖`` (every method).
+        output_residual: ``‖G v₀ + r‖ / ‖r‖``, the output mismatch left on all training points.
+        perturbed_risk_ratio: ``L(xᵖ, w̄ + v₀) / L(xᵖ, w̄)``.
+        stationarity: ``‖∇L(x̄, w̄)‖ / ‖J Δx‖``: near or above 1, the estimate answers the gradient
+            already at w̄ rather than the perturbation.
+        selected, path: the validated choice and the scored candidates; radius_record: ρ's search.
+        cost: products and seconds, counted the same way for every method.
     """
 
     problem: Problem
     perturbation: Perturbation
-    shift: Tensor
-    rhs: Tensor
-    radius: float
-    feasibility_residual: float
-    perturbed_risk_ratio: float
     method: str
+    shift: Tensor
+    radius: float
+    null_space: NullSpace
+    residual: float
+    feasibility_residual: float
+    output_residual: float
+    perturbed_risk_ratio: float
+    stationarity: float
     selected: dict
-    hvp_count: int
-    risk_evaluations: int
-    seconds: float
+    radius_record: dict
+    cost: dict
     scale: str = "exact"
-    null_basis: Tensor | None = None
     path: list[dict] = field(default_factory=list)
+    _operator: object = field(default=None, repr=False)
+    _rhs: Tensor | None = field(default=None, repr=False)
 
     @property
     def w_bar(self) -> Tensor:
@@ -84,214 +164,301 @@ class SolutionSetEstimate:
         """w̄ + v₀, the estimated solution nearest to w̄."""
         return self.w_bar + self.shift
 
+    @property
+    def null_radius(self) -> float:
+        """ρ: how far members reach from the centre along N (``r² = ‖v₀‖² + ρ²``)."""
+        return self.radius_record["rho"]
+
     def distance_from_original(self) -> float:
-        """Algorithm 1's output: d(w̄, estimated set) = ‖v₀‖ (v₀ ⟂ ker H by construction)."""
+        """Algorithm 1's output: d(w̄, estimated set) = ‖v₀‖ (v₀ is the set's point nearest w̄)."""
         return float(self.shift.norm())
 
     def as_affine_ball(self) -> AffineBall:
-        """The estimated set as an :class:`AffineBall` (dense path: needs the null basis)."""
-        if self.null_basis is None:
-            raise ValueError("the matrix-free estimate has no explicit null basis; use project()")
-        return AffineBall(self.centre, self.null_basis, self.w_bar, self.radius)
+        """The set as an :class:`AffineBall` (basis on the dense path, projector otherwise)."""
+        null = self.null_space.basis if self.null_space.basis is not None else self.null_space
+        return AffineBall(self.centre, null, self.w_bar, self.radius * (1 + 1e-12))
 
     def membership_residual(self, w: Tensor) -> float:
-        """``‖H (w − w̄) + J Δx‖ / ‖J Δx‖``: 0 for members of the first-order set (one H v)."""
-        H = Hessian(self.problem)
-        return float((H(w - self.w_bar) + self.rhs).norm() / self.rhs.norm())
+        """The method's own relative residual at ``v = w − w̄``: 0 on the first-order set."""
+        return float((self._operator(w - self.w_bar) + self._rhs).norm() / self._rhs.norm())
 
-    def project(self, w: Tensor, maxiter: int = 200) -> Tensor:
-        """Nearest point of ``centre + ker H`` to ``w`` (ignoring the cut by U).
+    def project(self, w: Tensor) -> Tensor:
+        """Nearest point of the estimated set to ``w``."""
+        return self.as_affine_ball().project(w)
 
-        Dense: exact with the null basis.  Matrix-free: ``w − H⁺H(w − centre)`` by MINRES.
-        """
-        d = w - self.centre
-        if self.null_basis is not None:
-            return self.centre + self.null_basis @ (self.null_basis.T @ d)
-        H = Hessian(self.problem)
-        z = krylov_solve(H, -H(d), maxiter=maxiter).v
-        return w - z
+    def distance(self, w: Tensor) -> float:
+        """``d(w, estimated set)``."""
+        return float((w - self.project(w)).norm())
 
-    def sample(self, k: int, generator: torch.Generator, spread: float = 1.0) -> Tensor:
-        """``k`` members (rows) from seeded random starts — the paper's "different random seeds".
+    def hausdorff(self, points: Tensor) -> float:
+        """Pompeiu–Hausdorff distance to a finite set (rows), e.g. retrained solutions."""
+        return hausdorff(self.as_affine_ball(), torch.atleast_2d(points))
 
-        Dense: ``centre + N c`` with ``c`` uniform-direction of length ``spread·ρ`` (ρ the radius
-        of the cut inside U).  Matrix-free: MINRES started from ``v₀ + z`` for a random z; Krylov
-        iterations never change the null-space part of the start, so the member keeps z's
-        null component — exactly how retraining from different starts lands on different points.
-        """
+    def excess_over(self, points: Tensor) -> float:
+        """``e(estimated set, points)``: how far the set reaches beyond the finite set."""
+        return excess(self.as_affine_ball(), torch.atleast_2d(points))
+
+    def sample(self, k: int, generator: torch.Generator) -> Tensor:
+        """``k`` members (rows): ``centre + n`` with n a random null direction of length ρ·u^(1/dim),
+        u uniform — uniform in the cut when dim N is known, near its boundary when N is large.
+        Each member costs one null projection.  Inside U = B(w̄, r) by construction."""
+        p, dim = self.problem.p, self.null_space.dim
+        if dim == 0 or self.null_radius == 0.0:
+            return self.centre.expand(k, -1).clone()
         members = []
-        p = self.problem.p
-        dense = self.null_basis is not None
-        if dense:
-            ball = self.as_affine_ball()
-            length = min(ball.inner_radius, self.radius) * spread
-        else:
-            H = Hessian(self.problem)
-            iterations = self.selected.get("iteration", 50)
         for _ in range(k):
             z = torch.randn(p, generator=generator, dtype=torch.float64).to(self.shift)
-            if dense:
-                c = self.null_basis.T @ z
-                if c.numel() == 0:
-                    members.append(self.centre.clone())
-                    continue
-                members.append(ball.point + self.null_basis @ (c / c.norm() * length))
-            else:
-                start = self.shift + z / z.norm() * self.radius * spread
-                # Solve H e = −(H start + b) for the correction e; the member is start + e.
-                e = krylov_solve(H, H(start) + self.rhs, maxiter=iterations).v
-                members.append(self.w_bar + start + e)
+            n = self.null_space(z)
+            u = float(torch.rand((), generator=generator, dtype=torch.float64)) ** (1.0 / (dim or p))
+            members.append(self.centre + _inside(self.shift, n, self.radius, u * self.null_radius))
         return torch.stack(members)
 
     def summary(self) -> dict:
+        """The numbers of a report (JSON-ready)."""
         return {
-            "method": self.method,
-            "scale": self.scale,
-            "shift_norm": self.distance_from_original(),
-            "radius": self.radius,
-            "feasibility_residual": self.feasibility_residual,
-            "perturbed_risk_ratio": self.perturbed_risk_ratio,
-            "selected": self.selected,
-            "hvp_count": self.hvp_count,
-            "risk_evaluations": self.risk_evaluations,
-            "seconds": self.seconds,
-            "null_space_dim": None if self.null_basis is None else int(self.null_basis.shape[1]),
+            "method": self.method, "scale": self.scale, "shift_norm": self.distance_from_original(),
+            "radius": self.radius, "null_radius": self.null_radius,
+            "radius_determined": self.radius_record["determined"], "null_space_dim": self.null_space.dim,
+            "residual": self.residual, "feasibility_residual": self.feasibility_residual,
+            "output_residual": self.output_residual, "perturbed_risk_ratio": self.perturbed_risk_ratio,
+            "stationarity": self.stationarity, "selected": self.selected, "cost": self.cost,
         }
 
 
-def validated_krylov(H, b, evaluate, baseline, *, rule="validated", maxiter=200, check_every=5,
-                     patience=4, krylov="minres", progress=None):
-    """MINRES on ``H v = −b``; every ``check_every`` iterations score ``evaluate(v_k)`` (the
-    perturbed risk) and keep the best iterate; stop after ``patience`` checks without improvement.
-
-    Returns ``(v, selected, path)``.  With ``rule="fixed"`` it returns the last iterate.
-    """
-    best = {"perturbed_risk": baseline, "iteration": 0, "shift_norm": 0.0}
-    best_v = [torch.zeros_like(b)]
-    stale = [0]
-    path: list[dict] = []
-
-    def callback(k: int, v: Tensor) -> bool:
-        if rule == "fixed" or k % check_every:
-            return False
-        rec = {"iteration": k, "shift_norm": float(v.norm()), "perturbed_risk": evaluate(v)}
-        path.append(rec)
-        if progress:
-            progress(rec)
-        if rec["perturbed_risk"] < best["perturbed_risk"]:
-            best.update(rec)
-            best_v[0] = v.clone()
-            stale[0] = 0
-        else:
-            stale[0] += 1
-        return stale[0] >= patience
-
-    sol = krylov_solve(H, b, method=krylov, maxiter=maxiter, callback=callback)
-    if rule == "fixed":
-        return sol.v, {"iteration": sol.iterations, "stopped_by": sol.stopped_by}, path
-    if sol.stopped_by != "callback":  # finished before the validation turned: score the end
-        callback(check_every * (sol.iterations // check_every + 1), sol.v)
-    selected = dict(best, stopped_by=sol.stopped_by)
-    return best_v[0], selected, path
+def _inside(v0: Tensor, n: Tensor, r: float, length: float) -> Tensor:
+    """``t·n̂`` with t ≤ ``length`` the largest step keeping ``‖v0 + t n̂‖ ≤ r`` (n is ⟂ v0 only up to
+    the accuracy of a matrix-free projection)."""
+    nn_ = float(n.norm())
+    if nn_ == 0.0:
+        return torch.zeros_like(n)
+    u = n / nn_
+    b, c = float(v0 @ u), float(v0 @ v0) - r * r
+    t_max = -b + math.sqrt(max(b * b - c, 0.0))
+    return u * min(length, t_max * (1 - 1e-12))
 
 
-def newton_corrector(problem: Problem, perturbation: Perturbation, w: Tensor, **kwargs) -> tuple[Tensor, dict]:
-    """One validated Newton step on the *perturbed* problem from ``w`` (e.g. w̄ + v₀).
-
-    The first-order estimate leaves an error of second order in ‖Δx‖ (the data and weight
-    nonlinearity of ∇L).  This step solves ``H(xᵖ, w) d = −∇L(xᵖ, w)`` with the same validated
-    MINRES rule and returns ``(w + d, info)``.  It is a single step of retraining's Newton
-    iteration — reported separately from the first-order estimate.  Cost: as one estimate.
-    """
-    H = Hessian(problem, w, perturbation)
-    g = problem.gradient(w, perturbation)
-    base = problem.risk(w, perturbation)
-    d, selected, path = validated_krylov(H, g, lambda d: problem.risk(w + d, perturbation), base, **kwargs)
-    return w + d, {"selected": selected, "hvp_count": H.calls, "path": path}
-
-
-def estimate_solution_set(
-    problem: Problem,
-    perturbation: Perturbation,
-    *,
-    method: str = "krylov",
-    scale: str = "exact",
-    rule: str = "validated",
-    tau: float | None = None,
-    maxiter: int = 200,
-    check_every: int = 5,
-    patience: int = 4,
-    krylov: str = "minres",
-    progress=None,
-) -> SolutionSetEstimate:
-    """Estimate ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)``.
+def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-newton", *,
+             dense: bool = False, scale: str = "exact", solve: SolveOptions | None = None,
+             radius: RadiusOptions | None = None, progress=None) -> SolutionSet:
+    """Estimate ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)`` (see the module doc for the rules).
 
     Args:
-        method: ``"krylov"`` (matrix-free MINRES; any size) or ``"dense"`` (eigendecomposition;
-            p up to a few thousand).
+        method: ``"gauss-newton"`` (keep every training output; any loss), ``"hessian"`` (eq. 19)
+            or ``"influence"`` (damped influence function, a single point: the baseline).
+        dense: eigen/singular-value decomposition instead of Krylov solves (p up to a few thousand).
         scale: ``"exact"`` (1/n, the true derivative) or ``"paper"`` (1/|K|, eqs. 14/17).
-        rule: ``"validated"`` (choose the member minimising L(xᵖ, w̄+v), see module doc),
-            or ``"fixed"`` (dense: cut-off ``tau``; Krylov: exactly ``maxiter`` iterations).
-        check_every, patience: Krylov validation — a perturbed risk every ``check_every``
-            iterations; stop after ``patience`` checks without improvement.
-        progress: optional callable ``progress(record: dict)`` (the CLI shows a bar with it).
+        progress: optional ``progress(record: dict)`` called for each scored candidate.
 
-    Cost: Krylov — one H v per iteration plus one forward pass per check; dense — the
-    p×p Hessian and its eigendecomposition (O(p³)) plus one forward pass per cut-off.
+    Cost (matrix-free): Gauss–Newton — one JVP and one VJP pass over the data per iteration;
+    Hessian — one H v per iteration of two MINRES solves; plus the radius rule and one H v and one
+    JVP pass for the residuals.  Dense: O(p³).  Every count is in ``result.cost``.
     """
-    if method not in ("krylov", "dense"):
-        raise ValueError(f"method must be 'krylov' or 'dense', got {method!r}")
-    if rule not in ("validated", "fixed"):
-        raise ValueError(f"rule must be 'validated' or 'fixed', got {rule!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if scale not in ("exact", "paper"):
+        raise ValueError(f"scale must be 'exact' or 'paper', got {scale!r}")
+    solve = solve or SolveOptions()
+    radius = radius or RadiusOptions()
     problem.check_perturbation(perturbation)
     t0 = time.perf_counter()
     w_bar = problem.params
-    jac = DataJacobian(problem, perturbation.indices, scale=scale)
-    b = jac @ perturbation.delta
+    b = DataJacobian(problem, perturbation.indices, scale=scale) @ perturbation.delta
     b_norm = float(b.norm())
     if b_norm == 0.0 or not math.isfinite(b_norm):
         raise ValueError(f"J Δx is {b_norm}: the perturbation does not move ∇L (nothing to estimate)")
+    centered = problem.loss_ignores_output_shift
+    factor = 1.0 / (len(perturbation.indices) * problem.weight) if scale == "paper" else 1.0
+    r = output_shift(problem, perturbation, centered=centered) * factor
+    H, G = Hessian(problem), OutputJacobian(problem, centered=centered)
     risk0 = problem.risk(w_bar, perturbation)
     evals = [1]
-    H = Hessian(problem)
 
     def perturbed_risk(v: Tensor) -> float:
         evals[0] += 1
         return problem.risk(w_bar + v, perturbation)
 
-    path: list[dict] = []
-    null_basis = None
-    if method == "dense":
-        spec = Spectrum.of(dense_hessian(problem))
-        taus = [tau] if rule == "fixed" else list(DEFAULT_TAUS)
-        if rule == "fixed" and tau is None:
-            raise ValueError("rule='fixed' on the dense path needs tau")
-        best = None
-        for t in taus:
-            v = spec.solve(b, t)
-            rec = {"tau": t, "shift_norm": float(v.norm()), "kept": int(spec.kept(t).sum())}
-            rec["perturbed_risk"] = perturbed_risk(v) if rule == "validated" else float("nan")
-            path.append(rec)
-            if progress:
-                progress(rec)
-            if best is None or rec["perturbed_risk"] < best[0]["perturbed_risk"]:
-                best = (rec, v)
-        selected, v = best
-        null_basis = spec.null_basis(selected["tau"])
-        feas = float((spec.eigenvectors @ (spec.eigenvalues * (spec.eigenvectors.T @ v)) + b).norm()) / b_norm
+    if method == "influence":
+        v, null, selected, path = _influence(H, b, solve)
+    elif dense:
+        v, null, selected, path = _dense(problem, method, b, r, centered, perturbed_risk, solve, progress)
     else:
-        v, selected, kpath = validated_krylov(
-            H, b, perturbed_risk, risk0, rule=rule, maxiter=maxiter, check_every=check_every,
-            patience=patience, krylov=krylov, progress=progress)
-        path.extend(kpath)
-        feas = float((H(v) + b).norm()) / b_norm
+        v, null, selected, path = _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius)
     if float(v.norm()) == 0.0:
         warnings.warn("the validated shift is zero: no member of the linear model improves the "
                       "perturbed problem (the perturbation is outside the first-order regime)")
-    opt = perturbed_risk(v) / max(risk0, 1e-300)
-    return SolutionSetEstimate(
-        problem=problem, perturbation=perturbation, shift=v, rhs=b, radius=float(v.norm()),
-        feasibility_residual=feas, perturbed_risk_ratio=opt, method=method, selected=selected,
-        hvp_count=H.calls, risk_evaluations=evals[0],
-        seconds=time.perf_counter() - t0, scale=scale, null_basis=null_basis, path=path,
+    risk_c = perturbed_risk(v)
+    record = _validated_null_radius(problem.p, v, null, perturbed_risk, risk0, risk_c, radius)
+    Hv = H(v)
+    feas = float((Hv + b).norm()) / b_norm
+    out_res = float((G @ v + r).norm() / max(float(r.norm()), 1e-300))
+    operator, rhs = (G.matvec, r) if method == "gauss-newton" else (H, b)
+    stationarity = float(problem.gradient().norm()) / b_norm
+    return SolutionSet(
+        problem=problem, perturbation=perturbation, method=method, shift=v,
+        radius=math.hypot(float(v.norm()), record["rho"]), null_space=null,
+        residual=out_res if method == "gauss-newton" else feas, feasibility_residual=feas,
+        output_residual=out_res, perturbed_risk_ratio=risk_c / max(risk0, 1e-300), stationarity=stationarity,
+        selected=selected, radius_record=record, scale=scale, path=path, _operator=operator, _rhs=rhs,
+        cost={"hvp": H.calls, "jvp_vjp_passes": G.calls, "risk_evaluations": evals[0],
+              "null_projections": null.calls, "seconds": time.perf_counter() - t0},
     )
+
+
+def _influence(H, b, solve):
+    lam = top_eigenvalue(H, iterations=30)
+    damping = solve.influence_damping * lam
+    path = krylov_solve(Damped(H, damping), b, maxiter=solve.maxiter, rtol=solve.rtol)
+    null = NullSpace(basis=torch.zeros(b.numel(), 0, dtype=b.dtype, device=b.device))
+    return path.v, null, {"damping": damping, "lambda_max": lam, "iterations": path.iterations}, []
+
+
+def _dense(problem, method, b, r, centered, perturbed_risk, solve, progress):
+    if method == "hessian":
+        spec, rhs = Spectrum.of(dense_hessian(problem)), b
+    else:
+        G = dense_output_jacobian(problem)
+        if centered:
+            k = r.shape[1]
+            G = (G.reshape(problem.n, k, -1) - G.reshape(problem.n, k, -1).mean(dim=1, keepdim=True)).reshape(-1, problem.p)
+        spec, rhs = Spectrum.of_rectangular(G), r.reshape(-1)
+    if solve.rule == "fixed" and solve.tau is None:
+        raise ValueError("rule='fixed' on the dense path needs tau")
+    taus = [solve.tau] if solve.rule == "fixed" else list(DEFAULT_TAUS)
+    best, path = None, []
+    for t in taus:
+        v = spec.solve(rhs, t)
+        rec = {"tau": t, "shift_norm": float(v.norm()), "kept": int(spec.kept(t).sum()),
+               "perturbed_risk": perturbed_risk(v) if solve.rule == "validated" else float("nan")}
+        path.append(rec)
+        if progress:
+            progress(rec)
+        if best is None or rec["perturbed_risk"] < best[0]["perturbed_risk"]:
+            best = (rec, v)
+    selected, v = best
+    return v, NullSpace(basis=spec.null_basis(selected["tau"])), selected, path
+
+
+def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
+    best = {"perturbed_risk": risk0, "iteration": 0, "shift_norm": 0.0}
+    best_v = [torch.zeros_like(b)]
+    stale, path, last = [0], [], [None]
+
+    def score(k: int, v: Tensor) -> bool:
+        last[0] = (k, v)
+        if solve.rule == "fixed" or k % solve.check_every:
+            return False
+        rec = {"iteration": k, "shift_norm": float(v.norm()), "perturbed_risk": perturbed_risk(v)}
+        path.append(rec)
+        if progress:
+            progress(rec)
+        if rec["perturbed_risk"] < best["perturbed_risk"]:
+            best.update(rec)
+            best_v[0], stale[0] = v.clone(), 0
+        else:
+            stale[0] += 1
+        return stale[0] >= solve.patience
+
+    if method == "gauss-newton":
+        stop = []
+
+        def on_iterate(k, res, x):
+            if score(k, x.to(b)):
+                stop.append(k)
+                raise _Stop
+
+        try:
+            res = cgls(G.matvec, G.rmatvec, -r, maxiter=solve.maxiter, rtol=solve.rtol, callback=on_iterate)
+            stopped_by, iterations = ("rtol" if res.converged else "maxiter"), res.iterations
+        except _Stop:
+            stopped_by, iterations = "callback", stop[0]
+
+        def range_part(z):
+            return cgls(G.matvec, G.rmatvec, G @ z, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
+    else:
+        sol = minres_min_norm(H, b, maxiter=solve.maxiter, rtol=solve.rtol, callback=score)
+        stopped_by, iterations = sol.stopped_by, sol.iterations
+
+        def range_part(z):
+            return krylov_solve(H, -H(z), maxiter=radius.projection_maxiter, rtol=1e-10).v
+
+    if solve.rule == "fixed":
+        v, selected = last[0][1], {"iteration": last[0][0], "stopped_by": stopped_by}
+    else:
+        if stopped_by != "callback" and last[0] is not None and last[0][0] % solve.check_every:
+            score(solve.check_every * (last[0][0] // solve.check_every + 1), last[0][1])  # score the end
+        v, selected = best_v[0], dict(best, stopped_by=stopped_by, iterations_run=iterations)
+    return v.to(b), NullSpace(range_part=range_part), selected, path
+
+
+class _Stop(Exception):
+    pass
+
+
+def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c, opts: RadiusOptions) -> dict:
+    """ρ by the rule of the module doc; the record says how it was found."""
+    record = {"rule": f"members keep ≥ {opts.keep:g} of the centre's reduction of the perturbed risk",
+              "keep": opts.keep, "directions": opts.directions, "risk_w_bar": risk0, "risk_centre": risk_c,
+              "rho": 0.0, "determined": False, "evaluations": 0}
+    if null.dim == 0 or not risk_c < risk0:
+        return record
+    threshold = risk_c + (1 - opts.keep) * (risk0 - risk_c)
+    g = torch.Generator().manual_seed(opts.seed)
+    dirs = []
+    for _ in range(opts.directions):
+        n = null(torch.randn(p, generator=g, dtype=torch.float64).to(v0))
+        if float(n.norm()) > 0:
+            dirs.append(n / n.norm())
+    if not dirs:
+        return record
+
+    def ok(rho: float) -> bool:
+        record["evaluations"] += len(dirs)
+        return max(perturbed_risk(v0 + rho * d) for d in dirs) <= threshold
+
+    scale = max(float(v0.norm()), 1e-12)  # only where the search starts; the rule decides
+    lo, hi = 0.0, scale
+    for _ in range(40):
+        if not ok(hi):
+            break
+        lo, hi = hi, 2 * hi
+    else:
+        record.update(rho=lo, determined=False, note="members stayed valid up to the search limit")
+        return record
+    if lo == 0.0:
+        for _ in range(40):
+            hi_next = hi / 2
+            if ok(hi_next):
+                lo = hi_next
+                break
+            hi = hi_next
+    while lo > 0 and hi / lo > 1.05:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    record.update(rho=lo, determined=lo > 0, threshold=threshold)
+    return record
+
+
+def newton_corrector(problem: Problem, perturbation: Perturbation, w: Tensor, maxiter: int = 200) -> tuple[Tensor, dict]:
+    """One validated Newton step on the *perturbed* problem from ``w`` (e.g. the centre).
+
+    The first-order estimate leaves an error of second order in ‖Δx‖.  This step solves
+    ``H(xᵖ, w) d = −∇L(xᵖ, w)`` by the minimum-norm MINRES of :mod:`setsens.solvers`, keeping the
+    iterate that minimises the perturbed risk, and returns ``(w + d, info)``.  Cost: as one
+    Hessian-form estimate.
+    """
+    H = Hessian(problem, w, perturbation)
+    g = problem.gradient(w, perturbation)
+    base = problem.risk(w, perturbation)
+    best = {"perturbed_risk": base, "iteration": 0}
+    best_d = [torch.zeros_like(g)]
+
+    def score(k, d):
+        if k % 5 == 0:
+            risk = problem.risk(w + d, perturbation)
+            if risk < best["perturbed_risk"]:
+                best.update(perturbed_risk=risk, iteration=k)
+                best_d[0] = d.clone()
+        return False
+
+    minres_min_norm(H, g, maxiter=maxiter, callback=score)
+    return w + best_d[0], {"selected": dict(best), "hvp_count": H.calls}

@@ -1,21 +1,24 @@
 """Minimum-norm least-squares solves of ``H v = −b`` for symmetric, singular, indefinite H.
 
-Two paths give the same mathematical object:
+Two paths give the same mathematical object, ``v = −H⁺ b``:
 
-* :func:`dense_solve` — eigendecomposition of the p×p Hessian (small p; the reference).
-* :func:`krylov_solve` — SciPy's MINRES (one H v per iteration) or LSMR (two per iteration)
-  on the matrix-free :class:`~setsens.operators.Hessian`; never forms a p×p matrix.
+* :class:`Spectrum` — eigendecomposition of the p×p Hessian (small p; the reference).
+* :func:`minres_min_norm` — two MINRES solves on the matrix-free
+  :class:`~setsens.operators.Hessian` (one H v per iteration); never forms a p×p matrix.
+
+Why two solves.  Plain MINRES is minimum-norm only on *consistent* systems: on an inconsistent
+singular system (eq. 19 in floating point, usually) its iterates keep b's null-space component
+and can grow without bound along it (measured: ‖v‖ = 1e14 against a minimum norm of 20).  Both
+solves here are consistent and start from 0, so every iterate lies in range(H): the first,
+``H z = H b``, gives ``z = H⁺H b``, the part of b in range(H); the second, ``H v = −z``, gives
+``v = −H⁺ b``.
 
 Regularisation.  H has thousands of eigenvalues that are zero up to rounding.  A pseudo-inverse
 with a tiny cut-off divides by them and produces huge, meaningless shifts.  Both paths expose a
-one-parameter family ``v(τ)`` of regularised solutions:
-
-* dense: spectral truncation, eigen-directions with ``|λ| ≤ τ·λ_max`` are the numerical null space;
-* Krylov: the iteration count (the Krylov space grows along the well-determined directions first,
-  and ``‖v_k‖`` grows monotonically).
-
+one-parameter family ``v(τ)`` of regularised solutions: spectral truncation (eigen-directions with
+``|λ| ≤ τ·λ_max`` are the numerical null space), or the iteration count of the second solve.
 Which member to use is chosen by :mod:`setsens.solution_set` (the validated rule); this module
-only computes the family.
+only computes the family.  (‖v_k‖ is *not* monotone in k for indefinite H.)
 """
 
 from __future__ import annotations
@@ -28,44 +31,63 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
-__all__ = ["Spectrum", "KrylovPath", "dense_solve", "krylov_solve", "top_eigenvalue"]
+__all__ = ["Spectrum", "KrylovPath", "krylov_solve", "minres_min_norm", "top_eigenvalue"]
 
 
 @dataclass
 class Spectrum:
-    """Eigendecomposition ``H = U diag(λ) Uᵀ`` (dense path, small p)."""
+    """``A = U diag(s) Vᵀ``: eigendecomposition of a symmetric H (U = V, s = λ) or SVD of a
+    rectangular G (dense path, small p).  ``right`` holds all p right vectors, so the null space
+    is explicit."""
 
-    eigenvalues: Tensor
-    eigenvectors: Tensor
+    values: Tensor
+    right: Tensor
+    left: Tensor
 
     @classmethod
     def of(cls, H: Tensor) -> "Spectrum":
-        H = 0.5 * (H + H.T)
-        lam, U = torch.linalg.eigh(H)
-        return cls(lam, U)
+        """Eigendecomposition of the symmetric part of ``H``."""
+        lam, U = torch.linalg.eigh(0.5 * (H + H.T))
+        return cls(lam, U, U)
+
+    @classmethod
+    def of_rectangular(cls, G: Tensor) -> "Spectrum":
+        """Full SVD of ``G`` (m × p); the p − m trailing right vectors get singular value 0."""
+        U, s, Vh = torch.linalg.svd(G, full_matrices=True)
+        values = torch.zeros(Vh.shape[0], dtype=s.dtype, device=s.device)
+        values[: s.numel()] = s
+        left = torch.zeros(G.shape[0], Vh.shape[0], dtype=G.dtype, device=G.device)
+        left[:, : s.numel()] = U[:, : s.numel()]
+        return cls(values, Vh.T, left)
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        return self.values
+
+    @property
+    def eigenvectors(self) -> Tensor:
+        return self.right
 
     @property
     def lambda_max(self) -> float:
-        return float(self.eigenvalues.abs().max())
+        return float(self.values.abs().max())
 
     def kept(self, tau: float) -> Tensor:
-        """Mask of eigen-directions outside the numerical null space, ``|λ| > τ·λ_max``."""
-        return self.eigenvalues.abs() > tau * self.lambda_max
+        """Mask of directions outside the numerical null space, ``|s| > τ·s_max``."""
+        return self.values.abs() > tau * self.lambda_max
 
     def null_basis(self, tau: float) -> Tensor:
         """Orthonormal basis (p × r) of the numerical null space at cut-off ``τ``."""
-        return self.eigenvectors[:, ~self.kept(tau)]
+        return self.right[:, ~self.kept(tau)]
 
     def solve(self, b: Tensor, tau: float) -> Tensor:
-        """Minimum-norm least-squares ``v = −H_τ⁺ b`` with the truncated pseudo-inverse."""
+        """Minimum-norm least-squares ``v = −A_τ⁺ b`` with the truncated pseudo-inverse."""
         keep = self.kept(tau)
-        U, lam = self.eigenvectors[:, keep], self.eigenvalues[keep]
-        return -U @ ((U.T @ b) / lam)
+        return -self.right[:, keep] @ ((self.left[:, keep].T @ b) / self.values[keep])
 
-
-def dense_solve(H: Tensor, b: Tensor, tau: float) -> Tensor:
-    """``v = −H_τ⁺ b``: truncated pseudo-inverse (the dense reference). O(p³)."""
-    return Spectrum.of(H).solve(b, tau)
+    def apply(self, v: Tensor) -> Tensor:
+        """``A v``."""
+        return self.left @ (self.values * (self.right.T @ v))
 
 
 @dataclass
@@ -137,6 +159,22 @@ def krylov_solve(
         x = last[0]
     path.v = torch.from_numpy(np.asarray(x)).to(b)
     path.hvp_count = hessian.calls - calls0
+    return path
+
+
+def minres_min_norm(hessian, b: Tensor, maxiter: int = 200, rtol: float = 1e-10,
+                    callback: Callable[[int, Tensor], bool] | None = None) -> KrylovPath:
+    """``v ≈ −H⁺ b``, minimum norm also when b leaves range(H) (see the module doc).
+
+    MINRES from 0 on ``H z = H b`` (z: the part of b in range(H)), then on ``H v = −z``;
+    ``callback`` sees the second solve's iterates.  Cost: at most ``2·maxiter + 1`` H v;
+    memory: a few p-vectors.
+    """
+    calls = hessian.calls
+    first = krylov_solve(hessian, -hessian(b), maxiter=maxiter, rtol=rtol)  # H z = H b
+    path = krylov_solve(hessian, first.v, maxiter=maxiter, rtol=rtol, callback=callback)
+    path.hvp_count = hessian.calls - calls
+    path.method = "minres-min-norm"
     return path
 
 

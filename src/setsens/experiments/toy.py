@@ -19,7 +19,7 @@ from ..operators import DataJacobian, dense_hessian
 from ..problem import Perturbation, Problem, squared_error
 from ..retrain import retrain
 from ..sets import AffineBall
-from ..solution_set import estimate_solution_set
+from ..solution_set import estimate
 
 #: The numbers the paper prints, next to which the exact ones are reported.
 PAPER = {"lipschitz_modulus": 0.2, "band_radius": 0.178, "min_distance": 0.1746, "risk_original": 0.4,
@@ -55,11 +55,11 @@ def toy_study(n_estimates: int = 5) -> dict:
     problem, pert = toy_problem()
     H = dense_hessian(problem)
     J = DataJacobian(problem, pert.indices)
-    est = estimate_solution_set(problem, pert, method="dense")
-    v0 = est.shift
-    ball = AffineBall(est.centre, est.null_basis, problem.params, U_RADIUS)
+    est = estimate(problem, pert, "hessian", dense=True)
+    v0, null = est.shift, est.null_space.basis
+    ball = AffineBall(est.centre, null, problem.params, U_RADIUS)
     ts = torch.linspace(-1, 1, n_estimates, dtype=torch.float64) * ball.inner_radius
-    members = [ball.point + t * est.null_basis[:, 0] for t in ts]
+    members = [ball.point + t * null[:, 0] for t in ts]
     infl = problem.params + influence_shift(problem, pert, "pinv")
     new_c = W_BAR[0] * W_BAR[1] / (1 + STEP * DIRECTION[0] / X_BAR[0])  # w₁w₂ · x̄/xᵖ = 2.5
     retrained = retrain(problem, problem.params, pert, gtol=1e-10, max_iter=500)
@@ -72,7 +72,7 @@ def toy_study(n_estimates: int = 5) -> dict:
         "data_jacobian": [J @ torch.tensor([[1.0], [0.0]]), J @ torch.tensor([[0.0], [1.0]])],
         "J_delta_x": (J @ pert.delta).tolist(),
         "graphical_derivative": {"equation": "H v + J Δx = 0  ⇔  2 v₁ + v₂ = 0.4",
-                                 "null_direction": est.null_basis[:, 0].tolist()},
+                                 "null_direction": null[:, 0].tolist()},
         "min_norm_shift_vector": v0.tolist(),
         "min_norm_shift": est.distance_from_original(),
         "feasibility_residual": est.feasibility_residual,
