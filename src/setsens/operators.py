@@ -152,15 +152,16 @@ def dense_data_jacobian(problem: Problem, indices, w: Tensor | None = None, scal
     return full.reshape(problem.p, -1) * jac.factor
 
 
-def dense_output_jacobian(problem: Problem, w: Tensor | None = None) -> Tensor:
+def dense_output_jacobian(problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:
     """``∂f(x_i, w)/∂w`` for every training point, stacked: an (n·K) × p matrix.  Small only.
 
     For a squared-error risk at a zero-residual minimum, ``H = c·JᵀJ`` (Gauss–Newton), and the
     solution set S(x̄) is a smooth manifold of codimension n·K near w̄ — the setting in which the
     first-order set estimate is exact to second order — precisely when this matrix has full row
     rank.  Its smallest singular value says how ill-determined the fit of each output is.
-    Cost: n·K reverse-mode products (``jacrev``), memory n·K·p.
+    Cost: n·K reverse-mode products of one sample each (``vmap`` over ``jacrev``), memory n·K·p.
     """
     w = problem.params if w is None else w
-    rows = [torch.func.jacrev(lambda w_: problem.outputs(w_, x).reshape(-1))(w) for x, _ in problem.batches()]
-    return torch.cat(rows)
+    per_sample = torch.func.vmap(torch.func.jacrev(lambda w_, x: problem.outputs(w_, x[None]).reshape(-1)),
+                                 in_dims=(None, 0))
+    return torch.cat([per_sample(w, x).reshape(-1, problem.p) for x, _ in problem.batches(perturbation)])

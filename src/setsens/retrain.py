@@ -1,15 +1,17 @@
-"""Warm-started retraining: the ground truth every estimate is judged by.
+"""Warm-started retraining: the references every estimate is judged by.
 
-``retrain(problem, w0, perturbation)`` minimises the (perturbed) risk from ``w0`` with full-batch
-L-BFGS (strong Wolfe line search) until ``‖∇L‖ ≤ gtol``.  Its result is a point of the new
-solution set S(xᵖ) near ``w0``.
-
-Distance to the new solution set.  ``distance_to_solution_set(w)`` is ``‖retrain(w) − w‖``: how
-far honest retraining has to move from ``w``.  Near a set of minimisers the loss is locally
-quadratic, ``½ (w − w*)ᵀ H (w − w*)``, and every gradient and every L-BFGS step lies in
-``range(H)``; the iteration therefore never moves along the set and converges to the orthogonal
-projection of ``w`` onto it, so the distance moved equals ``d(w, S(xᵖ))`` up to the curvature of the
-set.  Comparing it for w̄ and for an estimate w̄ + v gives the ``distance_ratio`` of the reports.
+* ``retrain`` — full-batch L-BFGS (strong Wolfe line search) on the (perturbed) risk from ``w0``
+  until ``‖∇L‖ ≤ gtol``, optionally with a proximal term ``(λ/2)‖w − anchor‖²``.
+* ``levenberg_marquardt`` — for squared-error fits at zero residual: converges quadratically onto
+  the interpolating solution set, every step across it (in the row space of the residual Jacobian);
+  ``distance_to_solution_set`` uses it on small problems.  Near a set of minimisers the loss is
+  locally quadratic and every step lies in range(H), so the distance moved estimates ``d(w, S(xᵖ))``
+  up to the curvature of the set.
+* ``proximal_response`` — for losses without finite minimisers (cross-entropy at a separable fit,
+  where "retrain until ‖∇L‖ ≤ gtol" moves further the smaller gtol is): the perturbation-induced
+  proximal response ``argmin L(xᵖ, w) + (λ/2)‖w − w̄‖² − argmin L(x̄, w) + (λ/2)‖w − w̄‖²`` (after
+  Bae et al. 2022), whose minimisers are finite; it checks its own stability under a 100× tighter
+  tolerance and says so.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import Tensor
 
 from .problem import Perturbation, Problem, regression_targets
 
-__all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set"]
+__all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set", "ProximalResponse",
+           "proximal_response"]
 
 
 @dataclass
@@ -59,12 +62,16 @@ def retrain(
     gtol: float = 1e-9,
     max_iter: int = 5000,
     history: int = 50,
+    damping: float = 0.0,
+    anchor: Tensor | None = None,
 ) -> RetrainResult:
-    """Full-batch L-BFGS on the (perturbed) risk from ``w0`` until ``‖∇L‖₂ ≤ gtol``.
+    """Full-batch L-BFGS on the (perturbed) risk from ``w0`` until ``‖∇‖₂ ≤ gtol``.
 
+    With ``damping`` λ > 0 the objective is ``L + (λ/2)‖w − anchor‖²`` (anchor default w̄).
     Cost: about 1.1 gradient evaluations per iteration (one pass over the data each).
     """
     w0 = problem.params if w0 is None else w0
+    anchor = problem.params if anchor is None else anchor
     w = w0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [w], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5), tolerance_grad=0.0,
@@ -83,6 +90,10 @@ def retrain(
             batch = problem.batch_risk(w, x, y)
             batch.backward()
             total += batch.detach()
+        if damping:
+            prox = 0.5 * damping * ((w - anchor) ** 2).sum()
+            prox.backward()
+            total += prox.detach()
         evals[0] += 1
         if float(w.grad.norm()) <= gtol:
             raise _Converged
@@ -95,7 +106,49 @@ def retrain(
     # ``closure`` may have raised before the optimiser moved ``w`` back: ``w`` holds the point
     # whose gradient met the tolerance.
     iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return RetrainResult.finish(problem, w.detach().clone(), w0, perturbation, iterations, evals[0], t0, gtol)
+    result = RetrainResult.finish(problem, w.detach().clone(), w0, perturbation, iterations, evals[0], t0, gtol)
+    if damping:  # the objective's gradient, not the risk's
+        result.grad_norm = float((problem.gradient(result.w, perturbation) + damping * (result.w - anchor)).norm())
+        result.converged = result.grad_norm <= gtol
+    return result
+
+
+@dataclass
+class ProximalResponse:
+    """``shift = w_p − w_c``: what the perturbation changes in the proximal minimiser.
+
+    ``change_when_tightened``: ``‖shift − shift′‖/‖shift′‖`` with ``shift′`` at a 100× smaller gtol;
+    ``stable`` is True when that is at most 5 % — an unstable reference is flagged, never reported
+    as converged.
+    """
+
+    shift: Tensor
+    perturbed: RetrainResult
+    clean: RetrainResult
+    damping: float
+    change_when_tightened: float
+    stable: bool
+
+
+def proximal_response(problem: Problem, perturbation: Perturbation, damping: float, *, gtol: float = 1e-8,
+                      max_iter: int = 3000) -> ProximalResponse:
+    """The perturbation-induced proximal response (see the module doc), with its stability check.
+
+    Its first-order prediction is the damped influence function ``−(H + λI)⁻¹ J Δx``.  Cost: four
+    L-BFGS runs from w̄ (perturbed and clean data, at ``gtol`` and ``gtol/100``).
+    """
+    if damping <= 0:
+        raise ValueError("the proximal response needs a damping λ > 0 (a finite minimiser)")
+
+    def response(tol):
+        pert = retrain(problem, None, perturbation, gtol=tol, max_iter=max_iter, damping=damping)
+        clean = retrain(problem, None, None, gtol=tol, max_iter=max_iter, damping=damping)
+        return pert.w - clean.w, pert, clean
+
+    shift, pert, clean = response(gtol)
+    tight, _, _ = response(gtol / 100)
+    change = float((shift - tight).norm() / max(float(tight.norm()), 1e-300))
+    return ProximalResponse(shift, pert, clean, damping, change, change <= 0.05)
 
 
 def _residuals(problem: Problem, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -115,7 +168,9 @@ def levenberg_marquardt(
     """Levenberg–Marquardt for squared-error risks: ``Δw = −Jᵣᵀ (Jᵣ Jᵣᵀ + λI)⁻¹ r``.
 
     Every step lies in ``range(Jᵣᵀ)``, orthogonal to the directions that keep all residuals
-    fixed, so from a warm start it converges (quadratically) to the nearest interpolating solution.
+    fixed at the current point, so from a warm start it converges (quadratically) to an interpolating
+    solution across the manifold from the start — near, not exactly, the nearest one (Jᵣ turns along
+    the path).  Its end point is exact, so its distance does not move with the tolerance.
     Forms the (n·K) × p residual Jacobian: small problems only (cost O((nK)² p) per iteration).
     """
     if not problem.loss_is_squared_error:
@@ -155,56 +210,6 @@ def levenberg_marquardt(
         if lam > 1e10:
             break
     return RetrainResult.finish(problem, w, w0, perturbation, it, evals, t0, gtol)
-
-
-def _residual_jacobian(problem: Problem, w: Tensor, perturbation: Perturbation | None) -> tuple[Tensor, Tensor]:
-    """All squared-error residuals at ``w`` and their (n·K) × p Jacobian (dense: small problems)."""
-    rs, js = [], []
-    for x, y in problem.batches(perturbation):
-        def f(w_, x=x, y=y):
-            return _residuals(problem, w_, x, y)
-        rs.append(f(w))
-        js.append(torch.func.jacrev(f)(w))
-    return torch.cat(rs), torch.cat(js)
-
-
-def nearest_solution(problem: Problem, w: Tensor, perturbation: Perturbation | None = None, *,
-                     rtol: float = 1e-12, max_iter: int = 50) -> RetrainResult:
-    """The nearest interpolating solution to ``w``: ``argmin ‖w′ − w‖`` s.t. ``f(xᵖ_i, w′) = y_i`` ∀i.
-
-    For a squared-error fit at zero residual with a full-row-rank output Jacobian, the solution set
-    near ``w`` is this manifold, so ``‖w′ − w‖ = d(w, S(xᵖ))`` (locally).  Gauss–Newton on the
-    constrained problem: linearise the residuals r at w_k and take the point of the linearised
-    manifold nearest to ``w``, ``w_{k+1} = w_k + t − R⁺(R t + r)`` with ``t = w − w_k`` (R the residual
-    Jacobian).  At the limit ``r = 0`` and ``w′ − w ⟂ ker R``: a true orthogonal projection, so the
-    distance does not depend on a stopping tolerance (unlike L-BFGS or Levenberg–Marquardt, whose
-    end points depend on their path).  Forms R: small problems only, O((n·K)² p) per iteration.
-    """
-    if not problem.loss_is_squared_error:
-        raise ValueError("nearest_solution needs a squared-error loss (an interpolating solution set)")
-    t0 = time.perf_counter()
-    w = w.detach()
-    wk = w.clone()
-    it = 0
-    r, R = _residual_jacobian(problem, wk, perturbation)
-    rnorm0 = max(float(r.norm()), 1e-300)
-    for it in range(1, max_iter + 1):
-        t = w - wk
-        rhs = R @ t + r
-        gram = R @ R.T
-        jitter = 1e-14 * float(gram.diagonal().mean())
-        step = t - R.T @ torch.linalg.solve(gram + jitter * torch.eye(len(r), dtype=r.dtype, device=r.device), rhs)
-        for _ in range(20):  # backtrack while the residual grows (far from the manifold)
-            r_new, R_new = _residual_jacobian(problem, wk + step, perturbation)
-            if float(r_new.norm()) <= max(float(r.norm()), rtol * rnorm0) * 1.5:
-                break
-            step = step / 2
-        wk, r, R = wk + step, r_new, R_new
-        if float(step.norm()) <= 1e-13 * max(float((w - wk).norm()), 1e-30) and float(r.norm()) <= rtol * rnorm0:
-            break
-    res = RetrainResult.finish(problem, wk, w, perturbation, it, it, t0, float("inf"))
-    res.converged = float(r.norm()) <= max(rtol * rnorm0, 1e-13)
-    return res
 
 
 def distance_to_solution_set(problem: Problem, w: Tensor, perturbation: Perturbation, **kwargs) -> RetrainResult:

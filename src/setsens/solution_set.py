@@ -13,8 +13,11 @@ The estimate (eq. 15) is ``S(xᵖ) ∩ U ≈ w̄ + (v₀ + N) ∩ B(0, r)``:
 * **N** — the numerical null space of A (H or G): an explicit basis on the dense path, a
   projector ``z ↦ z − A⁺A z`` applied by a Krylov solve on the matrix-free path.
 * **Which member of the family of regularised solutions** (iteration count, or spectral cut-off τ
-  on the dense path) is v₀: the one that minimises the true perturbed risk ``L(xᵖ, w̄ + v)``
-  (one forward pass per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).
+  on the dense path) is v₀: the least regularised candidate (most iterations, smallest τ) whose
+  true perturbed risk ``L(xᵖ, w̄ + v)`` is within ``tie`` (5 %) of the smallest one (one forward pass
+  per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).  Regularise only as much
+  as the perturbed problem asks for: candidates whose risks differ by rounding noise do not pull
+  v₀ towards a truncation that drops real directions.
 * **r, the radius of U — its own rule, not ‖v₀‖** (a ball through v₀ would cut the affine set to the
   single point w̄ + v₀).  Members are ``w̄ + v₀ + n``, n ∈ N, ``‖n‖ ≤ ρ``; ρ is the largest length
   (found by doubling, halving and bisection to 5 %) at which members along ``directions`` random
@@ -62,6 +65,7 @@ class SolveOptions:
         tau: dense path with ``rule="fixed"``: spectral cut-off relative to the largest value.
         check_every, patience: validated Krylov rule — score every ``check_every`` iterations,
             stop after ``patience`` scores without improvement.
+        tie: validated rule — relative margin within which a less regularised candidate is preferred.
         influence_damping: ``method="influence"``: damping relative to λ_max(H).
     """
 
@@ -71,6 +75,7 @@ class SolveOptions:
     tau: float | None = None
     check_every: int = 5
     patience: int = 4
+    tie: float = 0.05
     influence_damping: float = 1e-4
 
     def __post_init__(self):
@@ -323,25 +328,28 @@ def _dense(problem, method, b, r, centered, perturbed_risk, solve, progress):
         spec, rhs = Spectrum.of_rectangular(G), r.reshape(-1)
     if solve.rule == "fixed" and solve.tau is None:
         raise ValueError("rule='fixed' on the dense path needs tau")
-    taus = [solve.tau] if solve.rule == "fixed" else list(DEFAULT_TAUS)
-    best, path = None, []
+    exact = max(rhs.numel(), spec.right.shape[0]) * torch.finfo(spec.values.dtype).eps  # NumPy's pinv cut-off
+    taus = [solve.tau] if solve.rule == "fixed" else [exact] + [t for t in DEFAULT_TAUS if t > exact]
+    path, solutions = [], []
     for t in taus:
         v = spec.solve(rhs, t)
         rec = {"tau": t, "shift_norm": float(v.norm()), "kept": int(spec.kept(t).sum()),
                "perturbed_risk": perturbed_risk(v) if solve.rule == "validated" else float("nan")}
         path.append(rec)
+        solutions.append(v)
         if progress:
             progress(rec)
-        if best is None or rec["perturbed_risk"] < best[0]["perturbed_risk"]:
-            best = (rec, v)
-    selected, v = best
-    return v, NullSpace(basis=spec.null_basis(selected["tau"])), selected, path
+    best = min(rec["perturbed_risk"] for rec in path)
+    pick = 0 if solve.rule == "fixed" else next(
+        i for i, rec in enumerate(path) if rec["perturbed_risk"] <= best + solve.tie * abs(best))
+    selected = path[pick]
+    return solutions[pick], NullSpace(basis=spec.null_basis(selected["tau"])), selected, path
 
 
 def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
     best = {"perturbed_risk": risk0, "iteration": 0, "shift_norm": 0.0}
     best_v = [torch.zeros_like(b)]
-    stale, path, last = [0], [], [None]
+    stale, path, last, lowest = [0], [], [None], [risk0]
 
     def score(k: int, v: Tensor) -> bool:
         last[0] = (k, v)
@@ -351,11 +359,14 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
         path.append(rec)
         if progress:
             progress(rec)
-        if rec["perturbed_risk"] < best["perturbed_risk"]:
-            best.update(rec)
-            best_v[0], stale[0] = v.clone(), 0
+        if rec["perturbed_risk"] < lowest[0]:
+            lowest[0], stale[0] = rec["perturbed_risk"], 0
         else:
             stale[0] += 1
+        if rec["perturbed_risk"] <= lowest[0] + solve.tie * abs(lowest[0]):  # the least regularised tie
+            best.clear()
+            best.update(rec)
+            best_v[0] = v.clone()
         return stale[0] >= solve.patience
 
     if method == "gauss-newton":

@@ -1,4 +1,5 @@
-"""The estimator: toy closed form, influence function when H is non-singular, set operations."""
+"""The estimated set: toy closed form, influence function when H is non-singular, a real set
+(distinct members inside U), both paths, both forms, set distances on the estimate."""
 
 import math
 
@@ -6,11 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from core_helpers import small_problem
 from setsens.experiments.toy import toy_problem, toy_study
 from setsens.influence import influence_shift
-from setsens.operators import Hessian, dense_hessian
+from setsens.operators import dense_hessian, dense_output_jacobian
+from setsens.perturb import gradient_perturbation
 from setsens.problem import Perturbation, Problem, cross_entropy
-from setsens.solution_set import estimate_solution_set
+from setsens.retrain import retrain
+from setsens.solution_set import SolveOptions, estimate
 
 
 def test_toy_values_match_design():
@@ -27,12 +31,20 @@ def test_toy_values_match_design():
     assert s["distance_estimate_to_new_set"] < 0.2 * s["distance_w_bar_to_new_set"]
 
 
-@pytest.mark.parametrize("method", ["dense", "krylov"])
-def test_toy_matrix_free_equals_dense(method):
+@pytest.mark.parametrize("method", ["hessian", "gauss-newton"])
+@pytest.mark.parametrize("dense", [True, False])
+def test_toy_every_path_gives_the_closed_form(method, dense):
     problem, pert = toy_problem()
-    est = estimate_solution_set(problem, pert, method=method)
+    est = estimate(problem, pert, method, dense=dense)
     assert torch.allclose(est.shift, torch.tensor([0.16, 0.08], dtype=torch.float64), atol=1e-8)
-    assert est.feasibility_residual < 1e-8
+    assert est.feasibility_residual < 1e-8 and est.residual < 1e-8
+    # U is not the ball through v₀: the set is a segment of the line 2v₁ + v₂ = 0.4
+    assert est.radius > est.distance_from_original() * 1.5
+    members = est.sample(6, torch.Generator().manual_seed(0))
+    v = members - problem.params
+    assert torch.allclose(2 * v[:, 0] + v[:, 1], torch.full((6,), 0.4, dtype=torch.float64), atol=1e-8)
+    assert float(v.norm(dim=1).max()) <= est.radius
+    assert len({round(float(x), 6) for x in v[:, 0]}) == 6  # distinct
 
 
 def logistic_problem(lam=1e-2, seed=0):
@@ -45,8 +57,6 @@ def logistic_problem(lam=1e-2, seed=0):
     # add the ridge through the per-sample loss: ℓ_i + (λ/2)‖w‖² keeps H ≻ 0
     base = problem.per_sample_loss
     problem.per_sample_loss = lambda w, x, t: base(w, x, t) + 0.5 * lam * (w**2).sum()
-    from setsens.retrain import retrain
-
     problem.params = retrain(problem, gtol=1e-12).w
     return problem
 
@@ -57,54 +67,105 @@ def test_estimate_equals_influence_function_when_hessian_nonsingular():
     assert float(torch.linalg.eigvalsh(H).min()) > 1e-3
     pert = Perturbation(torch.tensor([1, 4, 9]), 0.01 * torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
     exact = influence_shift(problem, pert, "exact")
-    dense = estimate_solution_set(problem, pert, method="dense", rule="fixed", tau=1e-12)
-    krylov = estimate_solution_set(problem, pert, method="krylov", rule="fixed", maxiter=50)
+    dense = estimate(problem, pert, "hessian", dense=True, solve=SolveOptions(rule="fixed", tau=1e-12))
+    krylov = estimate(problem, pert, "hessian", solve=SolveOptions(rule="fixed", maxiter=50))
     assert torch.allclose(dense.shift, exact, atol=1e-10)
     assert torch.allclose(krylov.shift, exact, atol=1e-8)
-    assert dense.null_basis.shape[1] == 0
+    assert dense.null_space.dim == 0 and dense.radius == pytest.approx(float(exact.norm()))
     for variant in ("pinv", "damped"):
         assert torch.allclose(influence_shift(problem, pert, variant, damping=0.0), exact, atol=1e-8)
     lissa = influence_shift(problem, pert, "lissa", damping=0.0, lissa_steps=3000)
     assert torch.allclose(lissa, exact, rtol=1e-3, atol=1e-6)
     # and the first-order shift predicts retraining to second order
-    from setsens.retrain import retrain
-
     moved = retrain(problem, problem.params, pert, gtol=1e-12).w - problem.params
     assert float((moved - exact).norm()) < 0.05 * float(moved.norm())
 
 
-def test_members_projection_and_membership():
-    from core_helpers import small_problem
+def fitted(seed, loss):
+    """A small interpolating MLP (p > n·K) fitted to its data, and 3 points moved 1 %."""
+    problem = small_problem(seed=seed, n=8, d=4, hidden=10, k=3, act=nn.Tanh, loss=loss, batch_size=8)
+    problem.params = retrain(problem, gtol=1e-10, max_iter=2000).w
+    return problem, gradient_perturbation(problem, torch.arange(3), 0.01)
 
-    problem = small_problem(seed=3, n=6, hidden=6)  # p = 38 > n: singular H
-    from setsens.retrain import retrain
 
-    problem.params = retrain(problem, gtol=1e-10, max_iter=3000).w
-    pert = Perturbation(torch.tensor([0, 2]), 0.01 * torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    est = estimate_solution_set(problem, pert, method="dense", rule="fixed", tau=1e-6)
-    assert est.null_basis.shape[1] > 0
-    members = est.sample(4, torch.Generator().manual_seed(0))
-    for m in members:
-        assert est.membership_residual(m) <= est.feasibility_residual + 1e-6
-        assert float((m - problem.params).norm()) <= est.radius + 1e-9
-        assert torch.allclose(est.project(m), m, atol=1e-9)
-    w = problem.params + torch.randn(problem.p, dtype=torch.float64)
-    q = est.project(w)
-    assert torch.allclose(est.project(q), q, atol=1e-9)  # idempotent
-    assert float(est.null_basis.T @ (w - q) @ (est.null_basis.T @ (w - q))) < 1e-18  # w − q ⟂ null space
+@pytest.mark.parametrize("loss", ["se", "ce"])
+def test_the_set_is_a_set_on_random_small_networks(loss):
+    """12 networks per loss: sample(8) gives members pairwise ≥ 0.1·r apart, inside U, on the
+    first-order set (dense membership residual ≤ 1e-6) — a collapsed set would fail every line."""
+    for seed in range(12):
+        problem, pert = fitted(seed, loss)
+        est = estimate(problem, pert, "gauss-newton", dense=True)
+        assert est.radius_record["determined"], (seed, est.radius_record)
+        members = est.sample(8, torch.Generator().manual_seed(seed))
+        dist = torch.cdist(members, members)[~torch.eye(8, dtype=torch.bool)]
+        assert float(dist.min()) >= 0.1 * est.radius, (seed, float(dist.min()), est.radius)
+        assert float((members - problem.params).norm(dim=1).max()) <= est.radius
+        assert max(est.membership_residual(m) for m in members) <= 1e-6 + est.residual
+        # and the members fit the perturbed problem as the centre does, within the rule's margin
+        rec = est.radius_record
+        assert all(problem.risk(m, pert) <= rec["risk_w_bar"] for m in members)
+
+
+@pytest.mark.parametrize("loss", ["se", "ce"])
+def test_matrix_free_set_matches_the_dense_set(loss):
+    problem, pert = fitted(3, loss)
+    dense = estimate(problem, pert, "gauss-newton", dense=True)
+    free = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=400, rule="fixed", rtol=1e-12))
+    assert torch.allclose(free.shift, dense.shift, atol=1e-6 * float(dense.shift.norm()))
+    members = free.sample(4, torch.Generator().manual_seed(0))
+    assert float((members - problem.params).norm(dim=1).max()) <= free.radius
+    assert max(dense.membership_residual(m) for m in members) <= 1e-6
+    # projection: idempotent, members are their own projection, distance 0 on the set
+    w = problem.params + 0.3 * torch.randn(problem.p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for est in (dense, free):
+        q = est.project(w)
+        assert torch.allclose(est.project(q), q, atol=1e-7)
+        assert est.distance(q) < 1e-7 and est.distance(w) > 0
+    assert abs(dense.distance(w) - free.distance(w)) < 1e-5 * max(dense.distance(w), 1)
+
+
+def test_gauss_newton_set_is_the_null_space_of_the_output_jacobian():
+    problem, pert = fitted(5, "se")
+    est = estimate(problem, pert, "gauss-newton", dense=True)
+    G = dense_output_jacobian(problem)
+    null = est.null_space.basis
+    assert null.shape[1] == problem.p - torch.linalg.matrix_rank(G)
+    assert float((G @ null).abs().max()) < 1e-8
+    assert float((null.T @ est.shift).abs().max()) < 1e-10  # v₀ ⟂ N: the set's point nearest w̄
+
+
+def test_hausdorff_between_the_set_and_retrained_points_on_both_paths():
+    problem, pert = fitted(1, "se")
+    dense = estimate(problem, pert, "gauss-newton", dense=True)
+    free = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=400, rule="fixed", rtol=1e-12))
+    members = dense.sample(3, torch.Generator().manual_seed(0))
+    # points off the set by a known normal offset: e(D, C) is that offset
+    normal = torch.randn(problem.p, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    normal = normal - dense.null_space(normal)
+    normal = 0.01 * normal / normal.norm()
+    D = members + normal
+    for est in (dense, free):
+        h = est.hausdorff(D)
+        assert h >= 0.01 - 1e-6  # at least the normal offset
+        assert est.excess_over(D) <= est.radius * 2 + 0.01
+        assert abs(max(est.distance(d) for d in D) - 0.01) < 1e-5
 
 
 def test_validated_rule_beats_tiny_cutoff_on_overparameterized_net():
     """A pseudo-inverse with a tiny cut-off divides by rounding noise; the validated rule does not."""
-    from core_helpers import small_problem
-    from setsens.perturb import gradient_perturbation
-    from setsens.retrain import retrain
-
     problem = small_problem(seed=1, n=10, d=4, hidden=12, k=3, act=nn.ReLU, loss="se", batch_size=10)
     problem.params = retrain(problem, gtol=1e-12, max_iter=5000).w
     pert = gradient_perturbation(problem, torch.arange(3), 0.01)
-    validated = estimate_solution_set(problem, pert, method="dense")
-    tiny = estimate_solution_set(problem, pert, method="dense", rule="fixed", tau=1e-14)
+    validated = estimate(problem, pert, "hessian", dense=True)
+    tiny = estimate(problem, pert, "hessian", dense=True, solve=SolveOptions(rule="fixed", tau=1e-14))
     before = problem.risk(perturbation=pert)
     assert problem.risk(validated.centre, pert) < before
     assert problem.risk(validated.centre, pert) <= problem.risk(tiny.centre, pert)
+
+
+def test_influence_method_is_a_point_with_the_same_result_type():
+    problem, pert = fitted(2, "se")
+    est = estimate(problem, pert, "influence")
+    assert est.null_space.dim == 0 and est.null_radius == 0.0
+    assert torch.equal(est.sample(3, torch.Generator()), est.centre.expand(3, -1))
+    assert set(est.summary()) >= {"feasibility_residual", "output_residual", "cost", "radius"}

@@ -1,22 +1,28 @@
-"""The main job: the toy reproduction, then a real-data study judged against retraining.
+"""The main job: the toy reproduction, then a real-data study judged against an exact reference.
 
 Real-data study (no download): scikit-learn digits, an overparameterized bias-free ReLU MLP with
 squared loss to one-hot targets, trained in float64 to a stationary point; 10 training points
-moved along their loss gradient by 1 % of their norm.  The matrix-free estimate of the new
-solution set is compared with the damped influence function and with warm-started retraining.
+moved along their loss gradient by 1 % of their norm.  Per seed, three estimates — the
+Gauss–Newton form of DS(x̄|w̄)(Δx) (the estimated set), eq. 19 on H (minimum-norm MINRES), and the
+damped influence function — are judged by their distance to the new solution set.
+
+The reference.  At a zero-residual squared-error fit with a full-row-rank output Jacobian, the new
+solution set near w̄ is the manifold {w : f(xᵖ_i, w) = y_i ∀i}.  Warm-started Levenberg–Marquardt
+retraining converges quadratically onto it, to an exact point (its distance from the start does not
+change when the tolerance is tightened 100×: checked and reported in every run), and every step
+lies in the row space of the residual Jacobian, so it moves across the manifold, not along it.  That
+distance is the reference "distance to the new solution set".  (L-BFGS stalls near ‖∇L‖ ≈ 1e-7 on
+this problem and its end point moves with the tolerance.)
 
 "Overparameterized" is checked, not assumed: the report gives the singular values of the n·K × p
-output Jacobian.  The first-order theory describes S(x̄) near w̄ as a smooth manifold of
-codimension n·K, which needs that Jacobian to have full row rank; the default (100 digits,
-64-64-64-10, p = 8832 ≫ n·K = 1000) has it, with σ_min/σ_max ≈ 2e-3.  With 300 digits and
-64-32-32-10 the numerical rank is about 1000 of 3000 rows, the fit of most outputs is
-ill-determined, and the best first-order estimate measured there stays at 0.36 of w̄'s distance
-to the new set (see the README).
+output Jacobian.  Headline figures are reported over seeds (median, min, max): a single trained w̄
+is one draw, and the figure moves with it.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,14 +30,12 @@ import click
 import torch
 
 from ..data import load_digits_subset
-from ..influence import influence_shift
 from ..models import mlp
+from ..operators import dense_output_jacobian
 from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
-from ..retrain import retrain
-from ..solution_set import estimate_solution_set, newton_corrector
-from ..solvers import top_eigenvalue
-from ..operators import Hessian, dense_output_jacobian
+from ..retrain import levenberg_marquardt, retrain
+from ..solution_set import SolveOptions, estimate
 
 
 @dataclass
@@ -43,10 +47,9 @@ class DemoConfig:
     seed: int = 0
     adam_steps: int = 1000
     lbfgs_iters: int = 3000
-    retrain_iters: int = 3000
-    retrain_gtol: float = 1e-10
-    maxiter: int = 400
-    corrector_steps: int = 1
+    maxiter: int = 1000  # Gauss–Newton (CGLS) iterations at most
+    hessian_maxiter: int = 400  # MINRES iterations per solve at most (eq. 19, influence)
+    members: int = 5  # members of the set retrained in the set-versus-retraining study
     influence_damping: float = 1e-4  # relative to λ_max
 
 
@@ -93,80 +96,90 @@ def overparameterization(problem: Problem, max_entries: float = 5e7) -> dict | N
     tol = float(s[0]) * max(rows, problem.p) * torch.finfo(s.dtype).eps
     rank = int((s > tol).sum())
     return {"rows": rows, "p": problem.p, "rank": rank, "full_row_rank": rank == rows,
-            "sigma_max": float(s[0]), "sigma_min": float(s[-1]), "sigma_ratio": float(s[-1] / s[0]),
-            "rank_at_1e-4": int((s > 1e-4 * s[0]).sum())}
+            "sigma_max": float(s[0]), "sigma_min": float(s[-1]), "sigma_ratio": float(s[-1] / s[0])}
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
-    """Run the real-data study; returns every number of the report."""
+def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
+    """One seed of the real-data study; returns every number of its report."""
     t0 = time.perf_counter()
-    log("training the digits MLP to a stationary point (float64) …")
+    log(f"seed {cfg.seed}: training the digits MLP to a stationary point (float64) …")
     problem = train_stationary(cfg, progress)
     stat = problem.stationarity(warn=False)
     K = movable_points(problem, cfg.points)
     pert = gradient_perturbation(problem, K, cfg.step)
     w_bar = problem.params
-    log(f"  ‖∇L(w̄)‖ = {stat['grad_norm']:.2e}, risk {stat['risk']:.2e}; p = {problem.p}, n = {problem.n}")
     over = overparameterization(problem)
-    if over is not None:
-        log(f"  output Jacobian: rank {over['rank']} of {over['rows']} rows, σ_min/σ_max = {over['sigma_ratio']:.1e}")
 
-    log("estimating the new solution set (matrix-free MINRES, validated rule) …")
+    log("  estimating: Gauss–Newton set, eq. 19 (minimum-norm MINRES), damped influence function …")
     bar = _bar(progress, "solve")
-    est = estimate_solution_set(problem, pert, method="krylov", maxiter=cfg.maxiter, progress=bar)
+    ests = {
+        "estimate": estimate(problem, pert, "gauss-newton", progress=bar,
+                             solve=SolveOptions(maxiter=cfg.maxiter, check_every=10, patience=10)),
+        "hessian": estimate(problem, pert, "hessian", solve=SolveOptions(maxiter=cfg.hessian_maxiter), progress=bar),
+        "influence": estimate(problem, pert, "influence", solve=SolveOptions(
+            maxiter=cfg.hessian_maxiter, influence_damping=cfg.influence_damping)),
+    }
     if bar:
         bar.close()
-    log(f"corrector: {cfg.corrector_steps} validated Newton step(s) on the perturbed problem …")
-    corrected, corr = est.centre, {"hvp_count": 0, "selected": []}
-    for _ in range(cfg.corrector_steps):
-        corrected, info = newton_corrector(problem, pert, corrected, maxiter=cfg.maxiter)
-        corr["hvp_count"] += info["hvp_count"]
-        corr["selected"].append(info["selected"])
-    lam_max = top_eigenvalue(Hessian(problem), iterations=30)
-    infl = influence_shift(problem, pert, "damped", damping=cfg.influence_damping * lam_max, maxiter=cfg.maxiter)
+    est = ests["estimate"]
 
-    log("retraining (warm start, full-batch L-BFGS) from w̄, the estimate and the influence point …")
-    candidates = {"original": w_bar, "estimate": est.centre, "corrected": corrected, "influence": w_bar + infl}
-    rt = {}
-    for name, w in _bar_iter(progress, candidates.items(), "retrain"):
-        rt[name] = retrain(problem, w, pert, gtol=cfg.retrain_gtol, max_iter=cfg.retrain_iters)
-    base = rt["original"]
+    log("  reference: warm-started Levenberg–Marquardt retraining from each candidate …")
+    candidates = {"original": w_bar, **{name: e.centre for name, e in ests.items()}}
+    ref = {name: levenberg_marquardt(problem, w, pert, gtol=1e-11)
+           for name, w in _iter(progress, candidates.items(), "reference")}
+    loose = levenberg_marquardt(problem, w_bar, pert, gtol=1e-9)
+    d0 = ref["original"].distance
+    reference = {"method": "warm-started Levenberg–Marquardt retraining (gtol 1e-11)",
+                 "converged": all(r.converged for r in ref.values()),
+                 "change_when_tolerance_tightened_100x": abs(loose.distance - d0) / d0}
+
+    log(f"  set versus retraining: Levenberg–Marquardt from {cfg.members} members of the set …")
+    members = est.sample(cfg.members, torch.Generator().manual_seed(cfg.seed))
+    study = []
+    for m in _iter(progress, members, "members"):
+        landed = levenberg_marquardt(problem, m, pert, gtol=1e-11)
+        study.append({"member_to_centre": float((m - est.centre).norm()),
+                      "retrained_to_set": est.distance(landed.w),
+                      "retrained_to_centre": float((landed.w - est.centre).norm()),
+                      "member_to_new_set": landed.distance})
+    ratios = [s["retrained_to_set"] / s["retrained_to_centre"] for s in study]
 
     def row(name, w):
-        return {
-            "loss_perturbed_points": problem.loss_on(K, w, pert),
-            "risk_perturbed_data": problem.risk(w, pert),
-            "grad_norm_perturbed": float(problem.gradient(w, pert).norm()),
-            "distance_to_new_set": rt[name].distance if name in rt else 0.0,
-            "shift_norm": float((w - w_bar).norm()),
-        }
+        return {"loss_perturbed_points": problem.loss_on(K, w, pert), "risk_perturbed_data": problem.risk(w, pert),
+                "shift_norm": float((w - w_bar).norm()),
+                "distance_to_new_set": ref[name].distance if name in ref else 0.0}
 
     rows = {name: row(name, w) for name, w in candidates.items()}
-    rows["retrained"] = row("retrained", base.w)
-    d0 = rows["original"]["distance_to_new_set"]
+    rows["retrained"] = row("retrained", ref["original"].w)
+    loss0 = rows["original"]["loss_perturbed_points"]
     res = {
-        "config": asdict(cfg),
-        "p": problem.p,
-        "n": problem.n,
-        "stationarity": stat,
-        "overparameterization": over,
-        "perturbation_norm": pert.norm(),
-        "estimate": est.summary(),
-        "validation_path": est.path,
-        "rows": rows,
-        "retraining": {k: {"grad_norm": r.grad_norm, "iterations": r.iterations, "seconds": r.seconds}
-                       for k, r in rt.items()},
-        "distance_ratio": rows["estimate"]["distance_to_new_set"] / d0,
-        "corrector": {"hvp_count": corr["hvp_count"], "selected": corr["selected"]},
-        "corrected_distance_ratio": rows["corrected"]["distance_to_new_set"] / d0,
-        "corrected_loss_reduction": rows["original"]["loss_perturbed_points"] / rows["corrected"]["loss_perturbed_points"],
-        "influence_distance_ratio": rows["influence"]["distance_to_new_set"] / d0,
-        "loss_reduction": rows["original"]["loss_perturbed_points"] / rows["estimate"]["loss_perturbed_points"],
-        "influence_loss_reduction": rows["original"]["loss_perturbed_points"] / rows["influence"]["loss_perturbed_points"],
-        "lambda_max": lam_max,
-        "seconds": time.perf_counter() - t0,
+        "config": asdict(cfg), "p": problem.p, "n": problem.n, "stationarity": stat,
+        "overparameterization": over, "perturbation_norm": pert.norm(),
+        "estimates": {name: e.summary() for name, e in ests.items()},
+        "validation_path": est.path, "rows": rows, "reference": reference,
+        "set_vs_retraining": {"members": study, "distance_to_set_over_distance_to_centre": statistics.median(ratios),
+                              "null_radius": est.null_radius, "radius": est.radius},
+        "seconds": 0.0,
     }
+    for name, prefix in (("estimate", ""), ("hessian", "hessian_"), ("influence", "influence_")):
+        res[prefix + "distance_ratio"] = rows[name]["distance_to_new_set"] / d0
+        res[prefix + "loss_reduction"] = loss0 / max(rows[name]["loss_perturbed_points"], 1e-300)
+    res["set_vs_retraining_ratio"] = statistics.median(ratios)
+    res["seconds"] = time.perf_counter() - t0
     return res
+
+
+def distribution(values: list[float]) -> dict:
+    """``{median, min, max, per_seed}`` of one headline figure over seeds."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_seed": values}
+
+
+def run_demo(cfg: DemoConfig, seeds: list[int], progress: bool = True, log=print) -> dict:
+    """The study for every seed, and each headline figure as a distribution over the seeds."""
+    per_seed = [run_seed(DemoConfig(**{**asdict(cfg), "seed": s}), progress, log) for s in seeds]
+    keys = [k for k in per_seed[0] if k.endswith(("distance_ratio", "loss_reduction")) or k == "set_vs_retraining_ratio"]
+    return {"seeds": seeds, "headlines": {k: distribution([r[k] for r in per_seed]) for k in keys},
+            "per_seed": per_seed}
 
 
 def _bar(progress: bool, desc: str):
@@ -184,106 +197,124 @@ def _bar(progress: bool, desc: str):
     return update
 
 
-def _bar_iter(progress, items, desc):
+def _iter(progress, items, desc):
     from tqdm.auto import tqdm
 
     return tqdm(list(items), desc=desc, disable=not progress, leave=False)
 
 
-def demo_markdown(r: dict) -> str:
-    rows = r["rows"]
-    lines = ["| solution | loss on perturbed points | risk on perturbed data | ‖∇L(xᵖ, w)‖ | ‖w − w̄‖ | distance to new set |",
-             "|---|---|---|---|---|---|"]
-    for name in ("original", "estimate", "corrected", "influence", "retrained"):
-        x = rows[name]
+def _fmt(d: dict, spec: str) -> str:
+    return f"**{d['median']:{spec}}** ({d['min']:{spec}} – {d['max']:{spec}})"
+
+
+def demo_markdown(result: dict) -> str:
+    """The report: headline distributions, then one table per seed."""
+    h, first = result["headlines"], result["per_seed"][0]
+    c = first["config"]
+    lines = [f"# setsens demo — digits MLP, {c['points']} points moved {100 * c['step']:g} % along their loss gradient",
+             "",
+             f"Network {list(c['widths'])} (bias-free ReLU, squared loss to one-hot targets), n = {first['n']} digits, "
+             f"p = {first['p']} weights, float64; seeds {', '.join(map(str, result['seeds']))}.",
+             "",
+             "Headline figures over seeds: **median** (min – max).  distance ratio = distance of the estimate to the",
+             "new solution set ÷ that of w̄ (warm-started Levenberg–Marquardt retraining); loss reduction = loss on the moved",
+             "points at w̄ ÷ at the estimate.",
+             "",
+             "| estimate | distance ratio | loss reduction |", "|---|---|---|"]
+    for label, prefix in (("Gauss–Newton set (centre)", ""), ("eq. 19 on H (min-norm MINRES)", "hessian_"),
+                          ("damped influence function", "influence_")):
+        lines.append(f"| {label} | {_fmt(h[prefix + 'distance_ratio'], '.3f')} | {_fmt(h[prefix + 'loss_reduction'], '.1f')}× |")
+    lines += ["", f"Set versus retraining (Levenberg–Marquardt warm-started from {c['members']} members of the set):",
+              f"distance of the retrained point to the estimated set ÷ to its centre: {_fmt(h['set_vs_retraining_ratio'], '.3f')}.", ""]
+    for r in result["per_seed"]:
+        lines.append(_seed_markdown(r))
+    return "\n".join(lines)
+
+
+def _seed_markdown(r: dict) -> str:
+    o, e, ref = r.get("overparameterization"), r["estimates"]["estimate"], r["reference"]
+    over = ("" if o is None else f"Output Jacobian {o['rows']} × {o['p']}: rank {o['rank']} "
+            f"({'full row rank' if o['full_row_rank'] else 'NOT full row rank'}), σ_min/σ_max = {o['sigma_ratio']:.1e}.  ")
+    lines = [f"## seed {r['config']['seed']}", "",
+             f"At w̄: ‖∇L‖ = {r['stationarity']['grad_norm']:.2e}, risk {r['stationarity']['risk']:.2e}.  {over}"
+             f"‖Δx‖ = {r['perturbation_norm']:.4f}.", "",
+             "| solution | loss on moved points | risk on perturbed data | ‖w − w̄‖ | distance to new set |",
+             "|---|---|---|---|---|"]
+    for name, x in r["rows"].items():
         lines.append(f"| {name} | {x['loss_perturbed_points']:.3e} | {x['risk_perturbed_data']:.3e} | "
-                     f"{x['grad_norm_perturbed']:.3e} | {x['shift_norm']:.4f} | {x['distance_to_new_set']:.4f} |")
-    e = r["estimate"]
-    c = r["config"]
-    o = r.get("overparameterization")
-    over = ("" if o is None else
-            f"Output Jacobian ∂f/∂w ({o['rows']} × {o['p']}): rank {o['rank']} "
-            f"({'full row rank' if o['full_row_rank'] else 'NOT full row rank'}), "
-            f"σ_max = {o['sigma_max']:.3g}, σ_min = {o['sigma_min']:.3g} (ratio {o['sigma_ratio']:.1e}).\n")
-    return f"""# setsens demo — digits MLP, {c['points']} points moved {100 * c['step']:g} % along their loss gradient
-
-Network {list(c['widths'])} (bias-free ReLU, squared loss to one-hot targets), n = {r['n']} digits,
-p = {r['p']} weights, float64.  At w̄: ‖∇L‖ = {r['stationarity']['grad_norm']:.2e}, risk {r['stationarity']['risk']:.2e}.
-{over}‖Δx‖ = {r['perturbation_norm']:.4f}.
-
-{chr(10).join(lines)}
-
-* **distance_ratio** (estimate's distance to the new solution set ÷ w̄'s): **{r['distance_ratio']:.3f}**
-  (damped influence function, λ = {c['influence_damping']:g}·λ_max: {r['influence_distance_ratio']:.3f})
-* **loss_reduction** on the perturbed points (w̄ ÷ estimate): **{r['loss_reduction']:.1f}×**
-  (influence: {r['influence_loss_reduction']:.1f}×)
-* with {c['corrector_steps']} validated Newton corrector step(s) on the perturbed problem ({r['corrector']['hvp_count']} more H v):
-  distance ratio {r['corrected_distance_ratio']:.3f}, loss reduction {r['corrected_loss_reduction']:.1f}×
-* estimator: {e['method']} / MINRES, {e['hvp_count']} Hessian-vector products, {e["risk_evaluations"]} risk evaluations,
-  selected {e['selected']}; feasibility residual ‖Hv₀ + JΔx‖/‖JΔx‖ = {e['feasibility_residual']:.3e};
-  radius of U = ‖v₀‖ = {e['radius']:.4f}.
-
-"Distance to the new set" is how far warm-started L-BFGS retraining on the perturbed data moves
-from that point (see `setsens.retrain`).  Total time {r['seconds']:.0f} s.
-"""
+                     f"{x['shift_norm']:.4f} | {x['distance_to_new_set']:.4f} |")
+    sv = r["set_vs_retraining"]
+    lines += ["",
+              f"* distance ratio {r['distance_ratio']:.3f} (eq. 19: {r['hessian_distance_ratio']:.3f}, influence: "
+              f"{r['influence_distance_ratio']:.3f}); loss reduction {r['loss_reduction']:.1f}×",
+              f"* the set: ‖v₀‖ = {e['shift_norm']:.4f}, members reach ρ = {e['null_radius']:.4f} along the null space "
+              f"of G (r = {e['radius']:.4f}); output residual {e['output_residual']:.1e}, eq.-19 feasibility residual "
+              f"{e['feasibility_residual']:.1e}; {e['cost']['jvp_vjp_passes']} JVP/VJP passes, {e['selected']}",
+              f"* retrained from members: to the set / to the centre = "
+              + ", ".join(f"{s['retrained_to_set']:.4f} / {s['retrained_to_centre']:.4f}" for s in sv["members"]),
+              f"* reference: {ref['method']}; converged {ref['converged']}; moves {ref['change_when_tolerance_tightened_100x']:.1e} "
+              f"(relative) when its tolerance is tightened 100×.  {r['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
 
 
-def demo_figures(r: dict, out) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def demo_figures(result: dict, out) -> list:
+    """Distance ratios per method over seeds; set versus retraining."""
     import matplotlib.pyplot as plt
 
     from ..report import save_figure
 
-    paths = []
-    path = r["validation_path"]
-    if path:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.semilogy([p["shift_norm"] for p in path], [p["perturbed_risk"] for p in path], "o-")
-        sel = r["estimate"]["selected"]
-        ax.axvline(sel["shift_norm"], color="r", ls="--", label=f"selected: radius of U = {sel['shift_norm']:.3f}")
-        ax.set(xlabel="‖v_k‖ along the MINRES path", ylabel="L(xᵖ, w̄ + v_k)",
-               title="Null-space rule: validate the linear model on the perturbed problem")
-        ax.legend()
-        paths.append(save_figure(fig, out / "demo_validation_path.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["original", "estimate", "corrected", "influence", "retrained"]
-    axes[0].bar(names, [r["rows"][n]["loss_perturbed_points"] for n in names], color=["k", "r", "m", "orange", "g"])
-    axes[0].set_yscale("log")
-    axes[0].set_title("loss on the perturbed points")
-    axes[1].bar(names[:4], [r["rows"][n]["distance_to_new_set"] for n in names[:4]], color=["k", "r", "m", "orange"])
-    axes[1].set_title("distance to the new solution set (retraining)")
-    paths.append(save_figure(fig, out / "demo_comparison.png"))
-    return paths
+    h = result["headlines"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = ["Gauss–Newton set", "eq. 19 (H)", "influence"]
+    for i, key in enumerate(("distance_ratio", "hessian_distance_ratio", "influence_distance_ratio")):
+        vals = h[key]["per_seed"]
+        axes[0].plot([i] * len(vals), vals, "o", alpha=0.7)
+        axes[0].plot([i - 0.2, i + 0.2], [h[key]["median"]] * 2, "k-")
+    axes[0].set(xticks=range(3), xticklabels=labels, ylabel="distance to new set ÷ w̄'s",
+                title=f"over seeds {result['seeds']} (bar: median)")
+    to_set = [s["retrained_to_set"] for r in result["per_seed"] for s in r["set_vs_retraining"]["members"]]
+    to_centre = [s["retrained_to_centre"] for r in result["per_seed"] for s in r["set_vs_retraining"]["members"]]
+    axes[1].plot(to_centre, to_set, "o")
+    top = max(to_centre + to_set) * 1.05
+    axes[1].plot([0, top], [0, top], "k--", lw=1, label="equal")
+    axes[1].set(xlabel="retrained member → centre", ylabel="retrained member → estimated set",
+                title="retraining from members of the set")
+    axes[1].legend()
+    return [save_figure(fig, out / "demo_distributions.png")]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]`` (click error on anything else)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--seeds") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise click.BadParameter("give one or more distinct non-negative seeds", param_hint="--seeds")
+    return seeds
 
 
 @click.command("demo")
 @click.option("--out", default="setsens-report", show_default=True, type=click.Path(),
               help="Report directory (its parent must exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("--points", default=10, show_default=True, help="Number of perturbed training points.")
-@click.option("--step", default=0.01, show_default=True, help="Step as a fraction of each point's norm.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--points", default=10, show_default=True, type=click.IntRange(1),
+              help="Number of perturbed training points.")
+@click.option("--step", default=0.01, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+              help="Step as a fraction of each point's norm.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True,
+              help="Comma-separated seeds; headline figures are reported as median, min and max over them.")
 @click.option("--n", "n", default=100, show_default=True, type=click.IntRange(10, 1797),
               help="Number of training digits.")
 @click.option("--widths", default="64,64,64,10", show_default=True,
               help="Layer widths of the bias-free ReLU MLP (input 64, output 10).")
-@click.option("--corrector-steps", default=1, show_default=True, type=click.IntRange(0),
-              help="Validated Newton corrector steps on the perturbed problem (0: none).")
-@click.option("--quick", is_flag=True, help="A small configuration (for tests): 100 digits, 64-32-10.")
-def command(out, as_json, n, points, step, seed, widths, corrector_steps, quick):
-    """Toy reproduction, then the digits study judged against retraining."""
+@click.option("--quick", is_flag=True, help="A small configuration (for tests): 100 digits, 64-32-10, one seed.")
+def command(out, as_json, n, points, step, seeds, widths, quick):
+    """Toy reproduction, then the digits study over seeds, judged against the exact new solution set."""
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
     from .toy import figures as toy_figures, toy_markdown, toy_study
 
-    out = prepare_out_dir(out)
-    log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
-    toy = toy_study()
-    toy["figures"] = [str(p) for p in toy_figures(toy, out)]
-    write_json(out / "toy.json", toy)
-    write_text(out / "toy.md", toy_markdown(toy))
-    log(f"toy: ‖v₀‖ = {toy['min_norm_shift']:.6f}, risk {toy['risk_original']:.4f} → {toy['risk_min_norm']:.6f}")
+    seeds = parse_seeds(seeds)
     try:
         widths = tuple(int(w) for w in widths.split(","))
     except ValueError:
@@ -291,26 +322,38 @@ def command(out, as_json, n, points, step, seed, widths, corrector_steps, quick)
     if len(widths) < 2 or widths[0] != 64 or widths[-1] != 10 or min(widths) < 1:
         raise click.BadParameter("widths must start with 64 (digit pixels), end with 10 (classes), all ≥ 1",
                                  param_hint="--widths")
-    cfg = DemoConfig(n=n, widths=widths, points=points, step=step, seed=seed, corrector_steps=corrector_steps)
+    if points > n:
+        raise click.BadParameter(f"{points} points asked for, but there are only {n} training digits",
+                                 param_hint="--points")
+    cfg = DemoConfig(n=n, widths=widths, points=points, step=step)
     if quick:
-        cfg = DemoConfig(n=100, widths=(64, 32, 10), points=min(points, 5), step=step, seed=seed,
-                         adam_steps=300, lbfgs_iters=500, retrain_iters=500, maxiter=100,
-                         corrector_steps=corrector_steps)
-    result = run_demo(cfg, progress=not as_json, log=log)
+        cfg = DemoConfig(n=100, widths=(64, 32, 10), points=min(points, 5), step=step, adam_steps=300,
+                         lbfgs_iters=500, maxiter=300, hessian_maxiter=100, members=2)
+        seeds = seeds[:1]
+    out = prepare_out_dir(out)
+    log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
+    toy = toy_study()
+    toy["figures"] = [str(p) for p in toy_figures(toy, out)]
+    write_json(out / "toy.json", toy)
+    write_text(out / "toy.md", toy_markdown(toy))
+    log(f"toy: ‖v₀‖ = {toy['min_norm_shift']:.6f}, risk {toy['risk_original']:.4f} → {toy['risk_min_norm']:.6f}")
+    result = run_demo(cfg, seeds, progress=not as_json, log=log)
     result["figures"] = [str(p) for p in demo_figures(result, out)]
     write_json(out / "results.json", {"toy": toy, "digits": result})
     write_text(out / "report.md", toy_markdown(toy) + "\n\n" + demo_markdown(result))
+    h = result["headlines"]
     summary = {
-        "distance_ratio": result["distance_ratio"],
-        "loss_reduction": result["loss_reduction"],
-        "corrected_distance_ratio": result["corrected_distance_ratio"],
-        "corrected_loss_reduction": result["corrected_loss_reduction"],
-        "influence_distance_ratio": result["influence_distance_ratio"],
-        "influence_loss_reduction": result["influence_loss_reduction"],
-        "grad_norm_at_w_bar": result["stationarity"]["grad_norm"],
-        "output_jacobian": result["overparameterization"],
-        "hvp_count": result["estimate"]["hvp_count"],
-        "feasibility_residual": result["estimate"]["feasibility_residual"],
+        "seeds": seeds,
+        "distance_ratio": h["distance_ratio"],
+        "loss_reduction": h["loss_reduction"],
+        "hessian_distance_ratio": h["hessian_distance_ratio"],
+        "influence_distance_ratio": h["influence_distance_ratio"],
+        "influence_loss_reduction": h["influence_loss_reduction"],
+        "set_vs_retraining": {"distance_to_set_over_distance_to_centre": h["set_vs_retraining_ratio"]["median"],
+                              "per_seed": h["set_vs_retraining_ratio"]["per_seed"]},
+        "reference_change_when_tightened_100x": max(r["reference"]["change_when_tolerance_tightened_100x"]
+                                                   for r in result["per_seed"]),
+        "output_jacobian": result["per_seed"][0]["overparameterization"],
         "toy_min_norm_shift": toy["min_norm_shift"],
         "report": str(out / "report.md"),
     }
