@@ -1,4 +1,8 @@
-"""The ``setsens`` command line: one subcommand per experiment; each lives in its own module."""
+"""The ``setsens`` command line: one subcommand per experiment; each lives in its own module.
+
+This is the edge where global state may be set: the plotting backend (Agg, no display needed),
+and errors, which reach the user as one line (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,31 @@ import click
 from . import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A group whose subcommands fail with one line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            if ctx.meta.get("setsens.debug"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise click.ClickException(f"{type(err).__name__}: {first} (--debug shows the traceback)") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="setsens")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx, debug):
     """Set-valued sensitivity analysis of neural networks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ctx.meta["setsens.debug"] = debug
 
 
 def _register():

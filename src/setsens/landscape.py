@@ -108,9 +108,6 @@ def landscape(problem: Problem, d1: Tensor, d2: Tensor, alphas, betas, *, center
 
 def plot_landscape(ls: Landscape, title: str = "", log: bool = True):
     """A contour figure and a 3-D surface figure (matplotlib), solutions marked; returns both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     A, B = np.meshgrid(ls.alphas, ls.betas)

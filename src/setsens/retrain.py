@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, regression_targets
 
 __all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set", "ProximalResponse",
@@ -179,15 +180,13 @@ def levenberg_marquardt(
     w = w0.detach().clone()
     t0 = time.perf_counter()
 
-    def residuals_and_jacobian(w):
-        rs, js = [], []
-        for x, y in problem.batches(perturbation):
-            f = lambda w: _residuals(problem, w, x, y)  # noqa: E731
-            rs.append(f(w))
-            js.append(torch.func.jacfwd(f)(w) if f(w).numel() > w.numel() else torch.func.jacrev(f)(w))
-        return torch.cat(rs), torch.cat(js)
+    def residuals(w):
+        return torch.cat([_residuals(problem, w, x, y) for x, y in problem.batches(perturbation)])
 
-    r, J = residuals_and_jacobian(w)
+    def jacobian(w):  # per sample (vmap): the residual Jacobian is √c times the output Jacobian
+        return dense_output_jacobian(problem, w, perturbation) * problem.weight**0.5
+
+    r, J = residuals(w), jacobian(w)
     lam, it, evals = damping, 0, 1
     eye = torch.eye(r.numel(), dtype=w.dtype, device=w.device)
     while it < max_iter and float((J.T @ r).norm()) > gtol:
@@ -197,10 +196,11 @@ def levenberg_marquardt(
             L, info = torch.linalg.cholesky_ex(A + lam * scale * eye)
             if int(info) == 0:
                 step = -J.T @ torch.cholesky_solve(r[:, None], L)[:, 0]
-                r_new, J_new = residuals_and_jacobian(w + step)
+                r_new = residuals(w + step)
                 evals += 1
                 if float(r_new.norm()) < float(r.norm()):
-                    w, r, J = w + step, r_new, J_new
+                    w, r = w + step, r_new
+                    J = jacobian(w)
                     lam = max(lam / 5, 1e-15)
                     break
             lam *= 4

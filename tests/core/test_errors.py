@@ -6,7 +6,7 @@ from torch import nn
 
 from setsens.problem import NotStationaryWarning, Perturbation, Problem, squared_error
 from setsens.report import prepare_out_dir
-from setsens.solution_set import estimate_solution_set
+from setsens.solution_set import estimate
 
 from core_helpers import small_problem
 
@@ -35,7 +35,7 @@ def test_indices_out_of_range_and_zero_perturbation(problem):
     with pytest.raises(IndexError, match="out of range"):
         problem.check_perturbation(Perturbation(torch.tensor([0, 99]), torch.ones(2, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="zero"):
-        estimate_solution_set(problem, Perturbation(torch.tensor([1]), torch.zeros(1, 3, dtype=torch.float64)))
+        estimate(problem, Perturbation(torch.tensor([1]), torch.zeros(1, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="point shape"):
         problem.check_perturbation(Perturbation(torch.tensor([1]), torch.ones(1, 4, dtype=torch.float64)))
 

@@ -24,3 +24,25 @@ def test_underdetermined_least_squares_retrain_is_orthogonal_projection():
     Xp[1] += 0.1
     d = distance_to_solution_set(problem, w0, pert, gtol=1e-13).distance
     assert abs(d - float((torch.linalg.pinv(Xp) @ (Xp @ w0 - y)).norm())) < 1e-7
+
+
+def test_cross_entropy_reference_is_stable_where_plain_retraining_is_not():
+    """Separable data, cross-entropy: no finite minimiser, so "retrain until ‖∇L‖ ≤ gtol" moves further
+    the smaller gtol is.  The proximal response is a finite minimiser: it moves ≤ 5 % when its
+    tolerance is tightened 100×, and to first order it is −(H + λI)⁻¹ J Δx (3 % off at this 0.1 % step,
+    6 % at λ = 0.01; 0.6 % at a 0.01 % step: first-order convergence)."""
+    from core_helpers import small_problem
+    from setsens.influence import influence_shift
+    from setsens.perturb import gradient_perturbation
+    from setsens.retrain import proximal_response
+
+    problem = small_problem(seed=0, n=12, d=3, hidden=8, k=2, loss="ce", batch_size=12)
+    problem.params = retrain(problem, gtol=1e-4, max_iter=500).w  # a separable fit, as trained in practice
+    pert = gradient_perturbation(problem, torch.tensor([0, 5]), 1e-3)
+    plain = [retrain(problem, None, pert, gtol=tol, max_iter=20000).distance for tol in (1e-5, 1e-7)]
+    assert plain[1] > 1.05 * plain[0]  # the "ground truth" moves with its tolerance
+    lam = 0.1
+    ref = proximal_response(problem, pert, damping=lam, gtol=1e-8)
+    assert ref.stable and ref.change_when_tightened <= 0.05
+    first_order = influence_shift(problem, pert, "damped", damping=lam, maxiter=500)
+    assert float((ref.shift - first_order).norm()) <= 0.1 * float(ref.shift.norm())

@@ -80,3 +80,19 @@ def test_top_eigenvalue():
     lam[lam.abs().argmax()] = -2.0
     A = Q @ torch.diag(lam) @ Q.T
     assert abs(top_eigenvalue(MatrixOperator(A), iterations=100) - 2.0) < 1e-9
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), p=st.integers(5, 200), indefinite=st.booleans(), null_share=st.sampled_from([1e-6, 1e-2, 1.0]))
+def test_min_norm_minres_equals_pinv_on_inconsistent_singular_systems(seed, p, indefinite, null_share):
+    """Plain MINRES keeps b's null-space part and can blow up; the two consistent solves do not."""
+    from setsens.solvers import minres_min_norm
+
+    A, g = singular_symmetric(p, max(1, p // 2), seed, indefinite)
+    lam, U = torch.linalg.eigh(A)
+    null = U[:, lam.abs() < 1e-12]
+    b = torch.randn(p, generator=g, dtype=torch.float64)
+    b = b - null @ (null.T @ b) + null_share * null @ torch.randn(null.shape[1], generator=g, dtype=torch.float64)
+    ref = -np.linalg.pinv(A.numpy(), hermitian=True) @ b.numpy()
+    v = minres_min_norm(MatrixOperator(A), b, maxiter=4 * p, rtol=1e-14).v.numpy()
+    assert np.linalg.norm(v - ref) <= 1e-6 * np.linalg.norm(ref)

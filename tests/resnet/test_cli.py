@@ -47,3 +47,14 @@ def test_resnet_cli_bad_paths(tmp_path):
     assert res.exit_code != 0 and "checkpoint not found" in res.output
     res = CliRunner().invoke(main, ["landscape", "--run", str(tmp_path)])
     assert res.exit_code != 0 and "config.json" in res.output
+
+
+def test_cached_results_are_keyed_by_settings():
+    from dataclasses import replace
+
+    from setsens.experiments.resnet import ResnetConfig, settings_key
+
+    cfg = ResnetConfig()
+    assert settings_key(cfg) == settings_key(replace(cfg, threads=2, grid=5))  # do not change a result
+    for change in ({"maxiter": 51}, {"solver": "minres"}, {"n": 500}, {"step": 0.5}, {"dtype": "float64"}):
+        assert settings_key(replace(cfg, **change)) != settings_key(cfg), change

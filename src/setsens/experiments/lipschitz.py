@@ -262,9 +262,6 @@ def format_report(res: dict) -> str:
 
 
 def plot(res: dict, out) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = res["numerical_modulus"]

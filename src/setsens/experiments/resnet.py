@@ -81,6 +81,15 @@ class ResnetConfig:
     quick: bool = False
 
 
+def settings_key(cfg: ResnetConfig) -> str:
+    """A short hash of the settings a run's cached solves and retrainings depend on: a rerun into the
+    same ``--out`` with other settings starts afresh instead of reusing stale results."""
+    import hashlib
+
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "landscape", "grid")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 #: ``--quick``: a 2-core CPU in a few minutes (tiny subset, few iterations); same code path.
 QUICK = dict(n=32, points=(1,), scenarios=2, seeds=2, seed_points=4, maxiter=10, recycle=8,
              retrain_iter=3, n_test=100, grid=4, batch_size=32)
@@ -101,9 +110,9 @@ class _Run:
 
         self.cfg, self.out, self.progress = cfg, out, progress
         self.state = None
-        if out is not None:
-            self.state = out / "state"
-            self.state.mkdir(exist_ok=True)
+        if out is not None:  # cached results are keyed by every setting they depend on
+            self.state = out / "state" / settings_key(cfg)
+            self.state.mkdir(parents=True, exist_ok=True)
         dtype = _pt(cfg.dtype)
         self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
         x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)

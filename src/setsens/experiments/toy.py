@@ -94,9 +94,6 @@ def toy_study(n_estimates: int = 5) -> dict:
 
 def figures(study: dict, out) -> list:
     """Figure 2 (sets and κ‖Δx‖ band) and Figure 3 (estimates; perturbed loss landscape)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 

@@ -234,9 +234,6 @@ def run_experiment(cfg: ExperimentConfig, progress=None, log=print) -> dict:
 
 def plot_accuracy_curves(results: dict):
     """Accuracy (clean, certified, attacked, random) vs budget, standard vs robust; returns a figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
