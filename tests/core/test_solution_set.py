@@ -29,6 +29,9 @@ def test_toy_values_match_design():
         assert abs(2 * v[0] + v[1] - 0.4) < 1e-9  # member of DS(x̄|w̄)(Δx)
         assert float(v.norm()) <= 0.2 + 1e-9  # inside U
     assert s["distance_estimate_to_new_set"] < 0.2 * s["distance_w_bar_to_new_set"]
+    # the erratum: at the toy's own step S(xᵖ) is not inside S(x̄) + κ‖Δx‖𝔹 (κ is infinitesimal)
+    lo, hi = s["aubin_inclusion"]["distance_of_new_solutions_to_old_set"]
+    assert lo > s["aubin_inclusion"]["kappa_times_delta_x"] and not s["aubin_inclusion"]["holds"]
 
 
 @pytest.mark.parametrize("method", ["hessian", "gauss-newton"])

@@ -67,6 +67,13 @@ def toy_study(n_estimates: int = 5) -> dict:
     def risk(w):
         return problem.risk(w, pert)
 
+    # The Aubin inclusion S(xᵖ) ∩ U ⊂ S(x̄) + κ‖Δx‖𝔹, checked at the toy's own step: points of the new
+    # set {w₁w₂ = 2.5} within 0.5 of w̄, and their exact distance to the old set {w₁w₂ = 2}.
+    ts = torch.linspace(-0.6, 0.6, 1201, dtype=torch.float64)
+    new_pts = torch.stack([torch.exp(ts) * math.sqrt(new_c / 2), new_c / (torch.exp(ts) * math.sqrt(new_c / 2))], 1)
+    near = new_pts[(new_pts - problem.params).norm(dim=1) <= 0.5]
+    to_old = [distance_to_hyperbola(w, W_BAR[0] * W_BAR[1]) for w in near]
+
     return {
         "hessian": H.tolist(),
         "data_jacobian": [J @ torch.tensor([[1.0], [0.0]]), J @ torch.tensor([[0.0], [1.0]])],
@@ -88,6 +95,9 @@ def toy_study(n_estimates: int = 5) -> dict:
         "retrained_from_w_bar": {"w": retrained.w.tolist(), "distance": retrained.distance,
                                  "grad_norm": retrained.grad_norm},
         "perturbation_norm": pert.norm(),
+        "aubin_inclusion": {"kappa_times_delta_x": 0.4 * pert.norm(), "within": 0.5,
+                            "distance_of_new_solutions_to_old_set": [min(to_old), max(to_old)],
+                            "holds": max(to_old) <= 0.4 * pert.norm()},
         "paper": PAPER,
     }
 
@@ -153,6 +163,10 @@ Where the paper's printed numbers differ from the exact ones:
 - Minimum distance: every point of w̄ + DS(x̄|w̄)(Δx) = {2v₁ + v₂ = 0.4} is at least 0.4/√5 = 0.178885
   from w̄ (the minimum-norm shift), so the printed 0.1746 cannot be a distance to that set; it is
   below the exact minimum by 2.4 % (most likely a numerical solve stopped early).
+- Erratum (κ is an infinitesimal modulus): the paper reads S(xᵖ) ⊂ S(x̄) + κ‖Δx‖𝔹 off its figure, with
+  κ‖Δx‖ = 0.178885.  At the toy's own step this fails: every point of the new set {w₁w₂ = 2.5}
+  within 0.5 of w̄ lies 0.190–0.233 from the old set {w₁w₂ = 2} (exact distances), farther than
+  0.179.  The Aubin property bounds the excess by (κ + ε)‖Δx‖ for ‖Δx‖ small enough only.
 - Risks: 0.4 at w̄ (exact), 0.012166 at w̄ + v₀ (the paper's "0.012"; its "around 0.01" for the red points
   is the same value rounded).  The influence function with a pseudo-inverse gives the same point as v₀.
 """

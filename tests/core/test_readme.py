@@ -1,0 +1,25 @@
+"""The README's library snippet runs as written, on a small fitted network."""
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from setsens.problem import Problem, squared_error
+from setsens.retrain import retrain
+
+
+def test_readme_library_snippet_runs():
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"## Library\n\n```python\n(.*?)```", text, re.S).group(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    fit = retrain(Problem(model, squared_error, (x, y)), gtol=1e-10, max_iter=2000).w
+    torch.nn.utils.vector_to_parameters(fit, model.parameters())
+    namespace = {"model": model, "x": x, "y": y}
+    exec(compile(code, "README.md", "exec"), namespace)
+    est, members = namespace["est"], namespace["members"]
+    assert members.shape == (8, est.problem.p) and len({tuple(m.tolist()) for m in members}) == 8
