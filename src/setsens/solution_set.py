@@ -44,8 +44,7 @@ from .problem import Perturbation, Problem
 from .sets import AffineBall, excess, hausdorff
 from .solvers import Spectrum, krylov_solve, minres_min_norm, top_eigenvalue
 
-__all__ = ["SolutionSet", "NullSpace", "SolveOptions", "RadiusOptions", "estimate", "newton_corrector",
-           "DEFAULT_TAUS", "METHODS"]
+__all__ = ["SolutionSet", "NullSpace", "SolveOptions", "RadiusOptions", "estimate", "DEFAULT_TAUS", "METHODS"]
 
 #: Spectral cut-offs tried by the dense path (relative to the largest eigen/singular value).
 DEFAULT_TAUS = (1e-10, 1e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 1e-3, 1e-2)
@@ -297,7 +296,7 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     feas = float((Hv + b).norm()) / b_norm
     out_res = float((G @ v + r).norm() / max(float(r.norm()), 1e-300))
     operator, rhs = (G.matvec, r) if method == "gauss-newton" else (H, b)
-    stationarity = float(problem.gradient().norm()) / b_norm
+    stationarity = problem.stationarity(reference=b_norm)["relative_grad_norm"]  # warns past 0.1
     return SolutionSet(
         problem=problem, perturbation=perturbation, method=method, shift=v,
         radius=math.hypot(float(v.norm()), record["rho"]), null_space=null,
@@ -447,29 +446,3 @@ def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     record.update(rho=lo, determined=lo > 0, threshold=threshold)
     return record
-
-
-def newton_corrector(problem: Problem, perturbation: Perturbation, w: Tensor, maxiter: int = 200) -> tuple[Tensor, dict]:
-    """One validated Newton step on the *perturbed* problem from ``w`` (e.g. the centre).
-
-    The first-order estimate leaves an error of second order in ‖Δx‖.  This step solves
-    ``H(xᵖ, w) d = −∇L(xᵖ, w)`` by the minimum-norm MINRES of :mod:`setsens.solvers`, keeping the
-    iterate that minimises the perturbed risk, and returns ``(w + d, info)``.  Cost: as one
-    Hessian-form estimate.
-    """
-    H = Hessian(problem, w, perturbation)
-    g = problem.gradient(w, perturbation)
-    base = problem.risk(w, perturbation)
-    best = {"perturbed_risk": base, "iteration": 0}
-    best_d = [torch.zeros_like(g)]
-
-    def score(k, d):
-        if k % 5 == 0:
-            risk = problem.risk(w + d, perturbation)
-            if risk < best["perturbed_risk"]:
-                best.update(perturbed_risk=risk, iteration=k)
-                best_d[0] = d.clone()
-        return False
-
-    minres_min_norm(H, g, maxiter=maxiter, callback=score)
-    return w + best_d[0], {"selected": dict(best), "hvp_count": H.calls}

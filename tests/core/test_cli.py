@@ -53,3 +53,4 @@ def test_demo_rejects_bad_options_before_any_work(tmp_path):
         res = CliRunner().invoke(main, ["demo", *args, "--out", str(tmp_path / "d")])
         assert res.exit_code == 2 and hint in res.output, (args, res.output)
         assert time.perf_counter() - t0 < 5, args
+

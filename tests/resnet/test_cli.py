@@ -58,3 +58,24 @@ def test_cached_results_are_keyed_by_settings():
     assert settings_key(cfg) == settings_key(replace(cfg, threads=2, grid=5))  # do not change a result
     for change in ({"maxiter": 51}, {"solver": "minres"}, {"n": 500}, {"step": 0.5}, {"dtype": "float64"}):
         assert settings_key(replace(cfg, **change)) != settings_key(cfg), change
+
+
+def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
+    import time
+
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    CKPT, DATA = shared / "resnet56-cifar10.th", shared / "cifar10-subset.npz"
+    empty = tmp_path / "empty.th"
+    empty.write_bytes(b"")
+    not_npz = tmp_path / "x.npz"
+    not_npz.write_text("hello")
+    cases = [(["--depth", "57"], "--depth"), (["--depth", "20"], "--checkpoint"), (["--checkpoint", str(empty)], "--checkpoint"),
+             (["--data", str(not_npz)], "--data"), (["--n", "5000"], "--n")]
+    for args, hint in cases:
+        t0 = time.perf_counter()
+        res = CliRunner().invoke(main, ["resnet", "--checkpoint", str(CKPT), "--data", str(DATA), *args,
+                                        "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and hint in res.output and "Traceback" not in res.output, (args, res.output)
+        assert time.perf_counter() - t0 < 30

@@ -290,25 +290,25 @@ def plot(res: dict, out) -> list:
 
 
 @click.command("lipschitz")
-@click.option("--points", default=300, show_default=True, help="digits training points n")
-@click.option("--depth", default=2, show_default=True, help="hidden ReLU layers H")
-@click.option("--width", default=32, show_default=True, help="hidden width m")
+@click.option("--points", default=300, show_default=True, type=click.IntRange(10, 1797), help="digits training points n")
+@click.option("--depth", default=2, show_default=True, type=click.IntRange(1), help="hidden ReLU layers H")
+@click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="hidden width m")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--directions", default=20, show_default=True, help="retraining directions (≥ 20 for the report)")
+@click.option("--directions", default=20, show_default=True, type=click.IntRange(1), help="retraining directions (≥ 20 for the report)")
 @click.option("--steps", default="1e-4,1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
 @click.option("--worst-steps", default="1e-5,1e-4,1e-3,1e-2,3e-2", show_default=True,
               help="extra relative steps for the worst-case direction (figure)")
-@click.option("--tau", default=DEFAULT_TAU, show_default=True, help="null-space tolerance |λ| ≤ τ·λ_max")
+@click.option("--tau", default=DEFAULT_TAU, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="null-space tolerance |λ| ≤ τ·λ_max")
 @click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
               help="J scale: exact 1/n, or the paper's 1/|K|")
 @click.option("--matrix-free/--no-matrix-free", default=False, show_default=True,
               help="also compute κ matrix-free (Lanczos + LSMR) and compare with the dense value")
 @click.option("--retrain", type=click.Choice(["auto", "lm", "lbfgs"]), default="auto", show_default=True)
-@click.option("--adam-steps", default=3000, show_default=True)
+@click.option("--adam-steps", default=3000, show_default=True, type=click.IntRange(0))
 @click.option("--quick", is_flag=True, help="tiny network and data (seconds; for CI)")
 @click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print the JSON summary to stdout")
-@click.option("--threads", default=0, help="torch threads (0: leave default)")
+@click.option("--threads", default=0, type=click.IntRange(0), help="torch threads (0: leave default)")
 def command(points, depth, width, seed, directions, steps, worst_steps, tau, scale, matrix_free, retrain,
             adam_steps, quick, out, as_json, threads):
     """Lipschitz modulus and training stability (Theorems 2–3, coderivative criterion, retraining)."""

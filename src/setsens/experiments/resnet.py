@@ -543,6 +543,34 @@ def _tuple(text, cast, name):
     return vals
 
 
+def _check_inputs(cfg: dict) -> None:
+    """Checkpoint against depth, data format and subset size — in seconds, before any work."""
+    import numpy as np
+
+    from ..models.resnet import load_cifar_resnet
+
+    if cfg["depth"] < 8 or (cfg["depth"] - 2) % 6:
+        raise click.BadParameter(f"a CIFAR ResNet has depth 6k + 2 (20, 32, 44, 56, …), got {cfg['depth']}",
+                                 param_hint="--depth")
+    try:
+        load_cifar_resnet(cfg["checkpoint"], cfg["depth"])
+    except Exception as err:  # an empty, foreign or mismatched file
+        raise click.BadParameter(f"cannot load {cfg['checkpoint']} as a depth-{cfg['depth']} CIFAR ResNet: "
+                                 f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                                 param_hint="--checkpoint/--depth") from None
+    if Path(cfg["data"]).is_dir():
+        return
+    try:
+        with np.load(cfg["data"], allow_pickle=False) as z:
+            available = len(z["train_y"])
+    except Exception as err:
+        raise click.BadParameter(f"{cfg['data']} is not a CIFAR-10 npz with train_x/train_y arrays "
+                                 f"({type(err).__name__})", param_hint="--data") from None
+    if cfg["n"] > available:
+        raise click.BadParameter(f"--n {cfg['n']} asks for more training images than {cfg['data']} holds "
+                                 f"({available})", param_hint="--n")
+
+
 @click.command("resnet")
 @click.option("--depth", type=int, default=56, show_default=True, help="CIFAR ResNet depth (6k+2).")
 @click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="State dict (akamaster layout).")
@@ -599,6 +627,7 @@ def command(**kw):
         raise click.BadParameter("--n must be ≥ 2, --points ≥ 1 and --maxiter ≥ 1")
     if cfg["step"] is not None and cfg["step"] <= 0:
         raise click.BadParameter("--step must be positive (percent of the image norm)")
+    _check_inputs(cfg)
     config = ResnetConfig(**cfg)
     out = prepare_out_dir(kw["out"])
     write_json(out / "config.json", asdict(config))
