@@ -93,3 +93,19 @@ def test_cli_rejects_bad_options_before_any_work(tmp_path):
         res = CliRunner().invoke(main, ["lipschitz", *args, "--out", str(tmp_path / "l")])
         assert res.exit_code == 2 and args[0] in res.output and "Traceback" not in res.output, (args, res.output)
         assert time.perf_counter() - t0 < 5
+
+
+def test_cli_seeds_report_distributions(make_interpolating, monkeypatch, tmp_path):
+    from setsens.cli import main
+    from setsens.experiments import lipschitz as exp
+
+    monkeypatch.setattr(exp, "train_dfcnn", lambda cfg, log=print: make_interpolating([4, 10, 3], n=3, seed=cfg.seed))
+    out = tmp_path / "lip"
+    result = CliRunner().invoke(main, ["lipschitz", "--out", str(out), "--json", "--steps", "1e-4", "--worst-steps",
+                                       "1e-5", "--directions", "4", "--tau", "1e-8", "--seeds", "2,3"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert data["seeds"] == [2, 3]
+    k = data["numerical_modulus"]
+    assert set(k) == {"median", "min", "max", "per_seed"} and len(k["per_seed"]) == 2 and k["min"] < k["max"]
+    assert (out / "seed2" / "lipschitz.json").is_file() and (out / "headlines.json").is_file()

@@ -36,6 +36,7 @@ from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
 from ..retrain import levenberg_marquardt, retrain
 from ..solution_set import SolveOptions, estimate
+from .seeds import distribution, parse_seeds
 
 
 @dataclass
@@ -169,11 +170,6 @@ def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     return res
 
 
-def distribution(values: list[float]) -> dict:
-    """``{median, min, max, per_seed}`` of one headline figure over seeds."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "per_seed": values}
-
-
 def run_demo(cfg: DemoConfig, seeds: list[int], progress: bool = True, log=print) -> dict:
     """The study for every seed, and each headline figure as a distribution over the seeds."""
     per_seed = [run_seed(DemoConfig(**{**asdict(cfg), "seed": s}), progress, log) for s in seeds]
@@ -281,17 +277,6 @@ def demo_figures(result: dict, out) -> list:
                 title="retraining from members of the set")
     axes[1].legend()
     return [save_figure(fig, out / "demo_distributions.png")]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]`` (click error on anything else)."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--seeds") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise click.BadParameter("give one or more distinct non-negative seeds", param_hint="--seeds")
-    return seeds
 
 
 @click.command("demo")

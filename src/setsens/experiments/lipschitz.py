@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import click
 import numpy as np
@@ -33,6 +33,7 @@ from ..lipschitz import (
 )
 from ..problem import Perturbation, Problem, squared_error
 from ..report import prepare_out_dir, save_figure, write_json, write_text
+from .seeds import distribution, parse_seeds
 
 __all__ = ["LipschitzConfig", "train_dfcnn", "run", "format_report", "command"]
 
@@ -294,6 +295,9 @@ def plot(res: dict, out) -> list:
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(1), help="hidden ReLU layers H")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="hidden width m")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default=None,
+              help="Comma-separated seeds: run each (reports in seed<k>/) and give median, min and max of every "
+                   "headline figure (overrides --seed).")
 @click.option("--directions", default=20, show_default=True, type=click.IntRange(1), help="retraining directions (≥ 20 for the report)")
 @click.option("--steps", default="1e-4,1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
 @click.option("--worst-steps", default="1e-5,1e-4,1e-3,1e-2,3e-2", show_default=True,
@@ -309,7 +313,7 @@ def plot(res: dict, out) -> list:
 @click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print the JSON summary to stdout")
 @click.option("--threads", default=0, type=click.IntRange(0), help="torch threads (0: leave default)")
-def command(points, depth, width, seed, directions, steps, worst_steps, tau, scale, matrix_free, retrain,
+def command(points, depth, width, seed, seeds, directions, steps, worst_steps, tau, scale, matrix_free, retrain,
             adam_steps, quick, out, as_json, threads):
     """Lipschitz modulus and training stability (Theorems 2–3, coderivative criterion, retraining)."""
     if threads:
@@ -329,21 +333,35 @@ def command(points, depth, width, seed, directions, steps, worst_steps, tau, sca
     if quick:
         cfg.points, cfg.width, cfg.depth, cfg.adam_steps = min(points, 8), 32, 1, 300
         cfg.steps, cfg.worst_steps = (1e-4,), (1e-5, 1e-2)
+    seed_list = parse_seeds(seeds) if seeds else [seed]
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     outdir = prepare_out_dir(out)
-    res = run(cfg, log=log)
-    write_json(outdir / "lipschitz.json", res)
-    text = format_report(res)
-    write_text(outdir / "lipschitz.md", text)
-    plot(res, outdir)
+    keys = ["numerical_modulus", "numerical_modulus_per_block", "closed_form_modulus", "closed_form_theorem3",
+            "aubin_residual", "criterion_holds", "ill_determined", "empirical_max_ratio",
+            "empirical_max_ratio_over_kappa", "worst_case_ratio", "worst_case_ratio_over_kappa", "directions",
+            "matrix_free", "problem"]
+    runs = []
+    for s in seed_list:
+        res = run(replace(cfg, seed=s), log=log)
+        where = outdir if len(seed_list) == 1 else prepare_out_dir(outdir / f"seed{s}")
+        write_json(where / "lipschitz.json", res)
+        write_text(where / "lipschitz.md", format_report(res))
+        plot(res, where)
+        runs.append(res)
+    summary = {k: runs[0][k] for k in keys}
+    if len(seed_list) > 1:
+        numeric = [k for k in keys if all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in runs)]
+        summary = {"seeds": seed_list, **{k: distribution([r[k] for r in runs]) for k in numeric}}
+        write_json(outdir / "headlines.json", summary)
     if as_json:
         from ..report import to_jsonable
 
-        keys = ["numerical_modulus", "numerical_modulus_per_block", "closed_form_modulus", "closed_form_theorem3",
-                "aubin_residual", "criterion_holds", "ill_determined", "empirical_max_ratio",
-                "empirical_max_ratio_over_kappa", "worst_case_ratio", "worst_case_ratio_over_kappa", "directions",
-                "matrix_free", "problem"]
-        click.echo(json.dumps(to_jsonable({k: res[k] for k in keys}), indent=2))
+        click.echo(json.dumps(to_jsonable(summary), indent=2))
     else:
-        click.echo(text)
-        click.echo(f"wrote {outdir / 'lipschitz.json'}, {outdir / 'lipschitz.md'}, {outdir / 'lipschitz_shift.png'}")
+        for res in runs:
+            click.echo(format_report(res))
+        if len(seed_list) > 1:
+            click.echo("over seeds " + ", ".join(map(str, seed_list)) + ": " + "; ".join(
+                f"{k} median {v['median']:.4g} ({v['min']:.4g} – {v['max']:.4g})"
+                for k, v in summary.items() if isinstance(v, dict)))
+        click.echo(f"wrote {outdir}")
