@@ -263,6 +263,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
         raise ValueError(f"scale must be 'exact' or 'paper', got {scale!r}")
     solve = solve or SolveOptions()
     radius = radius or RadiusOptions()
+    if dense and solve.rule == "fixed" and solve.tau is None:
+        raise ValueError("rule='fixed' on the dense path needs tau")
     problem.check_perturbation(perturbation)
     t0 = time.perf_counter()
     w_bar = problem.params
@@ -292,8 +294,7 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
                       "perturbed problem (the perturbation is outside the first-order regime)")
     risk_c = perturbed_risk(v)
     record = _validated_null_radius(problem.p, v, null, perturbed_risk, risk0, risk_c, radius)
-    Hv = H(v)
-    feas = float((Hv + b).norm()) / b_norm
+    feas = float((H(v) + b).norm()) / b_norm
     out_res = float((G @ v + r).norm() / max(float(r.norm()), 1e-300))
     operator, rhs = (G.matvec, r) if method == "gauss-newton" else (H, b)
     stationarity = problem.stationarity(reference=b_norm)["relative_grad_norm"]  # warns past 0.1
@@ -320,13 +321,10 @@ def _dense(problem, method, b, r, centered, perturbed_risk, solve, progress):
     if method == "hessian":
         spec, rhs = Spectrum.of(dense_hessian(problem)), b
     else:
-        G = dense_output_jacobian(problem)
-        if centered:
-            k = r.shape[1]
-            G = (G.reshape(problem.n, k, -1) - G.reshape(problem.n, k, -1).mean(dim=1, keepdim=True)).reshape(-1, problem.p)
-        spec, rhs = Spectrum.of_rectangular(G), r.reshape(-1)
-    if solve.rule == "fixed" and solve.tau is None:
-        raise ValueError("rule='fixed' on the dense path needs tau")
+        G = dense_output_jacobian(problem).reshape(problem.n, r.shape[1], problem.p)
+        if centered:  # P = I − 𝟙𝟙ᵀ/K on each point's outputs, as OutputJacobian(centered=True)
+            G = G - G.mean(dim=1, keepdim=True)
+        spec, rhs = Spectrum.of_rectangular(G.reshape(-1, problem.p)), r.reshape(-1)
     exact = max(rhs.numel(), spec.right.shape[0]) * torch.finfo(spec.values.dtype).eps  # NumPy's pinv cut-off
     taus = [solve.tau] if solve.rule == "fixed" else [exact] + [t for t in DEFAULT_TAUS if t > exact]
     path, solutions = [], []

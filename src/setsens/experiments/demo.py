@@ -293,7 +293,7 @@ def demo_figures(result: dict, out) -> list:
               help="Number of training digits.")
 @click.option("--widths", default="64,64,64,10", show_default=True,
               help="Layer widths of the bias-free ReLU MLP (input 64, output 10).")
-@click.option("--quick", is_flag=True, help="A small configuration (for tests): 100 digits, 64-32-10, one seed.")
+@click.option("--quick", is_flag=True, help="A small configuration (for tests): 40 digits, 64-32-10, one seed.")
 def command(out, as_json, n, points, step, seeds, widths, quick):
     """Toy reproduction, then the digits study over seeds, judged against the exact new solution set."""
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -312,8 +312,8 @@ def command(out, as_json, n, points, step, seeds, widths, quick):
                                  param_hint="--points")
     cfg = DemoConfig(n=n, widths=widths, points=points, step=step)
     if quick:
-        cfg = DemoConfig(n=100, widths=(64, 32, 10), points=min(points, 5), step=step, adam_steps=300,
-                         lbfgs_iters=500, maxiter=300, hessian_maxiter=100, members=2)
+        cfg = DemoConfig(n=40, widths=(64, 32, 10), points=min(points, 5), step=step, adam_steps=300,
+                         lbfgs_iters=1000, maxiter=300, hessian_maxiter=100, members=2)
         seeds = seeds[:1]
     out = prepare_out_dir(out)
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
