@@ -168,7 +168,7 @@ class _Run:
         if cache is not None and cache.exists():
             saved = torch.load(cache, weights_only=False)
             if saved.get("bnorm") is not None and saved.get("solver") == cfg.solver:
-                return saved
+                return self._recorded(name, saved)
         J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
         b = J @ pert.delta
         calls0 = self.hessian.calls
@@ -226,6 +226,10 @@ class _Run:
             atomic_torch_save(out, cache)
             if Path(checkpoint).exists():
                 Path(checkpoint).unlink()
+        return self._recorded(name, out)
+
+    def _recorded(self, name: str, out: dict) -> dict:
+        """Log a solve (computed now or read from the cache) in the run's list of solves."""
         self.solves.append({k: out[k] for k in ("solver", "hvp_count", "jvp_vjp_passes", "iterations", "deflated_with",
                                                  "seconds", "cost_in_hvps")} | {"name": name})
         return out
