@@ -54,3 +54,12 @@ def test_demo_rejects_bad_options_before_any_work(tmp_path):
         assert res.exit_code == 2 and hint in res.output, (args, res.output)
         assert time.perf_counter() - t0 < 5, args
 
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    bad = str(tmp_path / "missing" / "out")
+    res = CliRunner().invoke(main, ["toy", "--out", bad])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "parent directory" in res.output and "--debug" in res.output
+    res = CliRunner().invoke(main, ["--debug", "toy", "--out", bad])
+    assert isinstance(res.exception, FileNotFoundError)
