@@ -179,19 +179,24 @@ class _Run:
             unit = "HVP" if cfg.solver == "minres" else "JVP+VJP"
             bar = tqdm(total=cfg.maxiter, desc=f"{cfg.solver} {name}", unit=unit, file=sys.stderr, leave=False)
 
-        path, tracking = [], [0.0]
+        checkpoint = str(self.state / f"{name}.solver.pt") if self.state else None
+        # the per-iterate path is saved beside the solver's checkpoint, so a resumed solve keeps it
+        path_file = Path(f"{checkpoint}.path") if checkpoint else None
+        path = torch.load(path_file, weights_only=False) if path_file and path_file.exists() else []
+        tracking = [0.0]
 
         def cb(it, res, v):
             if track is not None:
                 t = time.perf_counter()
-                path.append({"iteration": it, "residual": res} | track(v))
+                path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
+                if path_file:
+                    atomic_torch_save(path, path_file)
                 tracking[0] += time.perf_counter() - t
             if bar is not None:
                 bar.n = it
                 bar.set_postfix(residual=f"{res:.3e}", refresh=False)
                 bar.refresh()
 
-        checkpoint = str(self.state / f"{name}.solver.pt") if self.state else None
         defl = None
         if cfg.solver == "gauss-newton":
             v, res = function_space_shift(self.problem, pert, maxiter=cfg.maxiter, rtol=cfg.rtol,
@@ -224,8 +229,8 @@ class _Run:
         }
         if cache is not None:
             atomic_torch_save(out, cache)
-            if Path(checkpoint).exists():
-                Path(checkpoint).unlink()
+            for f in (Path(checkpoint), path_file):
+                f.unlink(missing_ok=True)
         return self._recorded(name, out)
 
     def _recorded(self, name: str, out: dict) -> dict:
