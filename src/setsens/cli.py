@@ -12,7 +12,18 @@ from . import __version__
 
 
 class _Group(click.Group):
-    """A group whose subcommands fail with one line instead of a traceback."""
+    """Subcommands imported only when used (memory and start-up time stay those of the command run),
+    failing with one line instead of a traceback."""
+
+    def list_commands(self, ctx):
+        from .experiments import NAMES
+
+        return list(NAMES)
+
+    def get_command(self, ctx, name):
+        from .experiments import command
+
+        return command(name)
 
     def invoke(self, ctx):
         try:
@@ -36,14 +47,3 @@ def main(ctx, debug):
 
     matplotlib.use("Agg")
     ctx.meta["setsens.debug"] = debug
-
-
-def _register():
-    """Import subcommands lazily so ``setsens --help`` stays fast and one broken extra stays local."""
-    from .experiments import commands
-
-    for command in commands():
-        main.add_command(command)
-
-
-_register()

@@ -1,19 +1,18 @@
 """Reproductions and studies behind the CLI subcommands.
 
-Each module exposes one ``click`` command; :func:`commands` lists them for :mod:`setsens.cli`.
-To add a subcommand, add its module name to ``_MODULES``.
+Each module exposes one ``click`` command named like the module; :mod:`setsens.cli` imports a
+module only when its subcommand runs.  To add a subcommand, add its module name to ``NAMES``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_MODULES = ["toy", "demo", "weights", "resnet", "landscape", "lipschitz"]
+NAMES = ("toy", "demo", "weights", "resnet", "landscape", "lipschitz")
 
 
-def commands():
-    out = []
-    for name in _MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        out.append(module.command)
-    return out
+def command(name: str):
+    """The click command of subcommand ``name`` (None if there is none)."""
+    if name not in NAMES:
+        return None
+    return importlib.import_module(f"{__name__}.{name}").command
