@@ -63,7 +63,7 @@ class SolveOptions:
             ``"fixed"`` (the last iterate; dense: the cut-off ``tau``).
         tau: dense path with ``rule="fixed"``: spectral cut-off relative to the largest value.
         check_every, patience: validated Krylov rule — score every ``check_every`` iterations,
-            stop after ``patience`` scores without improvement.
+            stop after ``patience`` scores in a row worse than the best by more than ``tie``.
         tie: validated rule — relative margin within which a less regularised candidate is preferred.
         influence_damping: ``method="influence"``: damping relative to λ_max(H).
     """
@@ -356,14 +356,13 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
         path.append(rec)
         if progress:
             progress(rec)
-        if rec["perturbed_risk"] < lowest[0]:
-            lowest[0], stale[0] = rec["perturbed_risk"], 0
-        else:
-            stale[0] += 1
+        lowest[0] = min(lowest[0], rec["perturbed_risk"])
         if rec["perturbed_risk"] <= lowest[0] + solve.tie * abs(lowest[0]):  # the least regularised tie
             best.clear()
             best.update(rec)
-            best_v[0] = v.clone()
+            best_v[0], stale[0] = v.clone(), 0
+        else:  # worse than the best by more than the tie: the family has left its valid range
+            stale[0] += 1
         return stale[0] >= solve.patience
 
     if method == "gauss-newton":
