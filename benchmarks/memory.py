@@ -35,11 +35,11 @@ def commands(full: bool, out: str) -> dict[str, list[str]]:
 
 
 def measure(args: list[str]) -> dict:
-    """Run ``setsens args`` to completion; its exit code, peak resident set (MB) and wall time (s)."""
+    """Run ``setsens args`` to completion; its exit code, peak resident set (MiB) and wall time (s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(SETSENS + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
-    return {"exit_code": os.waitstatus_to_exitcode(status), "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"exit_code": os.waitstatus_to_exitcode(status), "peak_rss_mib": usage.ru_maxrss / 1024,
             "seconds": time.perf_counter() - t0}
 
 
@@ -58,7 +58,7 @@ def main():
             results[name] = measure(args)
             if not a.json:
                 r = results[name]
-                print(f"{name:28s} peak {r['peak_rss_mb']:8.0f} MB  {r['seconds']:7.1f} s  exit {r['exit_code']}", flush=True)
+                print(f"{name:28s} peak {r['peak_rss_mib']:8.0f} MiB  {r['seconds']:7.1f} s  exit {r['exit_code']}", flush=True)
     if a.json:
         print(json.dumps(results, indent=2))
 
