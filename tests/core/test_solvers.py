@@ -82,7 +82,7 @@ def test_top_eigenvalue():
     assert abs(top_eigenvalue(MatrixOperator(A), iterations=100) - 2.0) < 1e-9
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), p=st.integers(5, 200), indefinite=st.booleans(), null_share=st.sampled_from([1e-6, 1e-2, 1.0]))
 def test_min_norm_minres_equals_pinv_on_inconsistent_singular_systems(seed, p, indefinite, null_share):
     """Plain MINRES keeps b's null-space part and can blow up; the two consistent solves do not."""
