@@ -17,7 +17,10 @@ The estimate (eq. 15) is ``S(xᵖ) ∩ U ≈ w̄ + (v₀ + N) ∩ B(0, r)``:
   true perturbed risk ``L(xᵖ, w̄ + v)`` is within ``tie`` (5 %) of the smallest one (one forward pass
   per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).  Regularise only as much
   as the perturbed problem asks for: candidates whose risks differ by rounding noise do not pull
-  v₀ towards a truncation that drops real directions.
+  v₀ towards a truncation that drops real directions.  A Krylov solve stops at its tolerance, at
+  ``maxiter``, or after ``patience`` scores in a row worse than that band (the family has left its
+  valid range).  The perturbed risk need not fall monotonically along the iterates, so the rule can
+  stop before convergence (measured in the README); ``rule="fixed"`` runs to the tolerance.
 * **r, the radius of U — its own rule, not ‖v₀‖** (a ball through v₀ would cut the affine set to the
   single point w̄ + v₀).  Members are ``w̄ + v₀ + n``, n ∈ N, ``‖n‖ ≤ ρ``; ρ is the largest length
   (found by doubling, halving and bisection to 5 %) at which members along ``directions`` random
