@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/setsens demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest src tests
 
 clean:

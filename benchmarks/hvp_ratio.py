@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from setsens.function_space import OutputJacobian
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet

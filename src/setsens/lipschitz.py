@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jacfwd, jvp
+from torch.func import grad, jacfwd
 
 from .operators import J_SCALES, DataJacobian, Hessian, dense_hessian
 from .problem import Perturbation, Problem, squared_error

@@ -8,7 +8,6 @@ from setsens.problem import NotStationaryWarning, Perturbation, Problem, squared
 from setsens.report import prepare_out_dir
 from setsens.solution_set import estimate
 
-from core_helpers import small_problem
 
 
 def test_shape_mismatch_between_model_and_data():

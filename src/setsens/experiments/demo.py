@@ -253,7 +253,7 @@ def _seed_markdown(r: dict) -> str:
               f"* the set: ‖v₀‖ = {e['shift_norm']:.4f}, members reach ρ = {e['null_radius']:.4f} along the null space "
               f"of G (r = {e['radius']:.4f}); output residual {e['output_residual']:.1e}, eq.-19 feasibility residual "
               f"{e['feasibility_residual']:.1e}; {e['cost']['jvp_vjp_passes']} JVP/VJP passes, {e['selected']}",
-              f"* retrained from members: to the set / to the centre = "
+              "* retrained from members: to the set / to the centre = "
               + ", ".join(f"{s['retrained_to_set']:.4f} / {s['retrained_to_centre']:.4f}" for s in sv["members"]),
               f"* reference: {ref['method']}; converged {ref['converged']}; moves {ref['change_when_tolerance_tightened_100x']:.1e} "
               f"(relative) when its tolerance is tightened 100×.  {r['seconds']:.0f} s.", ""]

@@ -13,7 +13,7 @@ lowered by shrinking all weights, which fights the cross-entropy.  λ = μ = 0 i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
