@@ -290,6 +290,16 @@ def plot(res: dict, out) -> list:
     return paths
 
 
+MINUTES_PER_DIRECTION = 0.8
+
+
+def expected_minutes(cfg: LipschitzConfig) -> float:
+    """Wall time of one run on 2 CPU cores: MINUTES_PER_DIRECTION per retraining direction at 300
+    points (Levenberg–Marquardt on a (10 n) × p Jacobian, so about ∝ n²), plus a minute for the
+    rest (measured with the defaults, 2026-11-30: 16.7 min)."""
+    return 1.0 + MINUTES_PER_DIRECTION * cfg.directions * (cfg.points / 300) ** 2
+
+
 @click.command("lipschitz")
 @click.option("--points", default=300, show_default=True, type=click.IntRange(10, 1797), help="digits training points n")
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(1), help="hidden ReLU layers H")
@@ -335,6 +345,9 @@ def command(points, depth, width, seed, seeds, directions, steps, worst_steps, t
         cfg.steps, cfg.worst_steps = (1e-4,), (1e-5, 1e-2)
     seed_list = parse_seeds(seeds) if seeds else [seed]
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    if not quick:
+        log(f"this takes about {expected_minutes(cfg) * len(seed_list):.0f} min on 2 CPU cores (mostly the "
+            f"{cfg.directions} retraining directions); --quick runs in about 30 s")
     outdir = prepare_out_dir(out)
     keys = ["numerical_modulus", "numerical_modulus_per_block", "closed_form_modulus", "closed_form_theorem3",
             "aubin_residual", "criterion_holds", "ill_determined", "empirical_max_ratio",
