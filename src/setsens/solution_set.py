@@ -212,12 +212,14 @@ class SolutionSet:
         p, dim = self.problem.p, self.null_space.dim
         if dim == 0 or self.null_radius == 0.0:
             return self.centre.expand(k, -1).clone()
+        # keep a margin for the rounding of w̄ + v: ‖fl(w̄ + v) − w̄‖ ≤ ‖v‖ + eps·‖w̄ + v‖ per operation
+        slack = 4 * torch.finfo(self.shift.dtype).eps * (float(self.w_bar.norm()) + self.radius)
         members = []
         for _ in range(k):
             z = torch.randn(p, generator=generator, dtype=torch.float64).to(self.shift)
             n = self.null_space(z)
             u = float(torch.rand((), generator=generator, dtype=torch.float64)) ** (1.0 / (dim or p))
-            members.append(self.centre + _inside(self.shift, n, self.radius, u * self.null_radius))
+            members.append(self.centre + _inside(self.shift, n, self.radius - slack, u * self.null_radius))
         return torch.stack(members)
 
     def summary(self) -> dict:
