@@ -96,3 +96,14 @@ def test_min_norm_minres_equals_pinv_on_inconsistent_singular_systems(seed, p, i
     ref = -np.linalg.pinv(A.numpy(), hermitian=True) @ b.numpy()
     v = minres_min_norm(MatrixOperator(A), b, maxiter=4 * p, rtol=1e-14).v.numpy()
     assert np.linalg.norm(v - ref) <= 1e-6 * np.linalg.norm(ref)
+
+
+def test_plain_minres_is_not_minimum_norm_on_inconsistent_systems():
+    """Why minres_min_norm exists: on a singular system whose right-hand side leaves range(A), plain
+    MINRES keeps b's null-space part and its iterates blow up along it."""
+    for seed in range(3):
+        A, g = singular_symmetric(60, 30, seed, indefinite=True)
+        b = torch.randn(60, generator=g, dtype=torch.float64)
+        ref = np.linalg.norm(np.linalg.pinv(A.numpy(), hermitian=True) @ b.numpy())
+        plain = float(krylov_solve(MatrixOperator(A), b, maxiter=240, rtol=1e-14).v.norm())
+        assert plain > 100 * ref
