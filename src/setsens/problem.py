@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import cached_property
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -305,7 +306,10 @@ class Problem:
         declared = getattr(self.loss, name, None)
         return bool(declared) if declared is not None else detect()
 
-    def _probe_outputs(self) -> tuple[Tensor, Tensor]:
+    @cached_property
+    def _probe(self) -> tuple[Tensor, Tensor]:
+        """Outputs at w̄ on four training points, randomly displaced, with their targets (one forward
+        pass, shared by the loss-property detectors)."""
         x, y = self._cast(*self._first_batch())
         with torch.no_grad():
             out = self.outputs(self.params, x[:4])
@@ -313,7 +317,7 @@ class Problem:
         return out + torch.randn(out.shape, generator=g, dtype=torch.float64).to(out), y[:4]
 
     def _detect_shift_invariance(self) -> bool:
-        out, y = self._probe_outputs()
+        out, y = self._probe
         if out.ndim < 2:
             return False
         with torch.no_grad():
@@ -321,7 +325,7 @@ class Problem:
         return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
 
     def _detect_squared_error(self) -> bool:
-        out, y = self._probe_outputs()
+        out, y = self._probe
         try:
             with torch.no_grad():
                 return bool(torch.allclose(self.loss(out, y), squared_error(out, y), rtol=1e-5, atol=1e-7))

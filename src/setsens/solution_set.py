@@ -37,6 +37,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -180,10 +181,15 @@ class SolutionSet:
         """Algorithm 1's output: d(w̄, estimated set) = ‖v₀‖ (v₀ is the set's point nearest w̄)."""
         return float(self.shift.norm())
 
-    def as_affine_ball(self) -> AffineBall:
-        """The set as an :class:`AffineBall` (basis on the dense path, projector otherwise)."""
+    @cached_property
+    def _ball(self) -> AffineBall:
+        # built once: its construction projects onto N, a Krylov solve on the matrix-free path
         null = self.null_space.basis if self.null_space.basis is not None else self.null_space
         return AffineBall(self.centre, null, self.w_bar, self.radius * (1 + 1e-12))
+
+    def as_affine_ball(self) -> AffineBall:
+        """The set as an :class:`AffineBall` (basis on the dense path, projector otherwise)."""
+        return self._ball
 
     def membership_residual(self, w: Tensor) -> float:
         """The method's own relative residual at ``v = w − w̄``: 0 on the first-order set."""
