@@ -14,8 +14,9 @@ The estimate (eq. 15) is ``S(xᵖ) ∩ U ≈ w̄ + (v₀ + N) ∩ B(0, r)``:
   projector ``z ↦ z − A⁺A z`` applied by a Krylov solve on the matrix-free path.
 * **Which member of the family of regularised solutions** (iteration count, or spectral cut-off τ
   on the dense path) is v₀: the least regularised candidate (most iterations, smallest τ) whose
-  true perturbed risk ``L(xᵖ, w̄ + v)`` is within ``tie`` (5 %) of the smallest one (one forward pass
-  per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).  Regularise only as much
+  true perturbed risk ``L(xᵖ, w̄ + v)`` is within ``tie`` (5 %) of the smallest one, the margin
+  measured on the smaller of that risk and the reduction it achieves over w̄ — the latter matters when
+  the unmoved points dominate the risk (one forward pass per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).  Regularise only as much
   as the perturbed problem asks for: candidates whose risks differ by rounding noise do not pull
   v₀ towards a truncation that drops real directions.  A Krylov solve stops at its tolerance, at
   ``maxiter``, or after ``patience`` scores in a row worse than that band (the family has left its
@@ -297,7 +298,7 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     if method == "influence":
         v, null, selected, path = _influence(H, b, solve)
     elif dense:
-        v, null, selected, path = _dense(problem, method, b, r, centered, perturbed_risk, solve, progress)
+        v, null, selected, path = _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progress)
     else:
         v, null, selected, path = _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius)
     if float(v.norm()) == 0.0:
@@ -328,7 +329,12 @@ def _influence(H, b, solve):
     return path.v, null, {"damping": damping, "lambda_max": lam, "iterations": path.iterations}, []
 
 
-def _dense(problem, method, b, r, centered, perturbed_risk, solve, progress):
+def _band(best: float, risk0: float, tie: float) -> float:
+    """The validated rule's tie band: ``tie`` of the lowest risk or of its reduction over w̄, the smaller."""
+    return best + tie * min(abs(best), max(risk0 - best, 0.0))
+
+
+def _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progress):
     if method == "hessian":
         spec, rhs = Spectrum.of(dense_hessian(problem)), b
     else:
@@ -349,7 +355,7 @@ def _dense(problem, method, b, r, centered, perturbed_risk, solve, progress):
             progress(rec)
     best = min(rec["perturbed_risk"] for rec in path)
     pick = 0 if solve.rule == "fixed" else next(
-        i for i, rec in enumerate(path) if rec["perturbed_risk"] <= best + solve.tie * abs(best))
+        i for i, rec in enumerate(path) if rec["perturbed_risk"] <= _band(best, risk0, solve.tie))
     selected = path[pick]
     return solutions[pick], NullSpace(basis=spec.null_basis(selected["tau"])), selected, path
 
@@ -368,7 +374,7 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
         if progress:
             progress(rec)
         lowest[0] = min(lowest[0], rec["perturbed_risk"])
-        if rec["perturbed_risk"] <= lowest[0] + solve.tie * abs(lowest[0]):  # the least regularised tie
+        if rec["perturbed_risk"] <= _band(lowest[0], risk0, solve.tie):  # the least regularised tie
             best.clear()
             best.update(rec)
             best_v[0], stale[0] = v.clone(), 0

@@ -172,3 +172,14 @@ def test_influence_method_is_a_point_with_the_same_result_type():
     assert est.null_space.dim == 0 and est.null_radius == 0.0
     assert torch.equal(est.sample(3, torch.Generator()), est.centre.expand(3, -1))
     assert set(est.summary()) >= {"feasibility_residual", "output_residual", "cost", "radius"}
+
+
+def test_the_validated_band_is_measured_on_the_reduction_when_unmoved_points_dominate():
+    """Risk 1.0 at w̄, best 0.999: a 5 % band on the risk (0.05) would admit candidates worse than
+    not moving at all; the band on the reduction (0.001) does not."""
+    from setsens.solution_set import _band
+
+    assert _band(0.999, 1.0, 0.05) == pytest.approx(0.999 + 0.05 * 0.001)
+    assert _band(0.999, 1.0, 0.05) < 1.0
+    assert _band(0.01, 1.0, 0.05) == pytest.approx(0.0105)  # far below w̄: 5 % of the risk, as before
+    assert _band(1.2, 1.0, 0.05) == 1.2  # nothing improves on w̄: exact ties only
