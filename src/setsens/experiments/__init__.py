@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("toy", "demo", "weights", "resnet", "landscape", "lipschitz")
+NAMES = ("analyze", "toy", "demo", "weights", "resnet", "landscape", "lipschitz")
 
 
 def command(name: str):

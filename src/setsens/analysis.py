@@ -1,0 +1,221 @@
+"""One call for a user's own model: the estimated set, what it does to predictions, and a verdict.
+
+``analyze(problem, perturbation)`` runs :func:`setsens.estimate`, grades it without retraining
+(:mod:`setsens.verdict`), and measures the predicted change of the outputs on held-out points (and on
+the moved points): which predictions flip at the centre of the set, how margins move, and which
+predictions the set leaves undetermined (members disagree).  With ``validate=True`` it retrains
+(:func:`setsens.retrain.budget_response`: same budget on perturbed and clean data, from w̄) and
+scores the estimate and the damped influence function on the same held-out outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .problem import Perturbation, Problem
+from .retrain import budget_response
+from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
+from .verdict import LossOnPoints, Verdict, assess
+
+__all__ = ["Analysis", "analyze", "choose_method", "outputs_on"]
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyze` found.  ``summary()`` is the JSON of ``setsens analyze --json``."""
+
+    method: str
+    method_reason: str
+    estimate: SolutionSet
+    verdict: Verdict
+    loss_on_points: LossOnPoints
+    members: Tensor
+    predictions: dict
+    validation: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    changes: dict[str, Tensor] = field(default_factory=dict, repr=False)  # validated output changes, for figures
+
+    def summary(self) -> dict:
+        lp = self.loss_on_points
+        return {
+            "verdict": self.verdict.to_dict(), "method": self.method, "method_reason": self.method_reason,
+            "loss_on_points": {"clean": lp.clean, "original": lp.original, "estimate": lp.estimate,
+                               "increase_removed": lp.increase_removed},
+            "set": dict(self.estimate.summary(), members=int(self.members.shape[0]),
+                        member_distances_from_w_bar=[float((m - self.estimate.w_bar).norm()) for m in self.members]),
+            "perturbation": {"indices": self.estimate.perturbation.indices.tolist(),
+                             "norm": self.estimate.perturbation.norm()},
+            "predictions": self.predictions, "validation": self.validation, "notes": self.notes,
+        }
+
+
+def choose_method(problem: Problem) -> tuple[str, str]:
+    """``method="auto"``: Gauss–Newton for a squared error (it equals eq. 19 at a zero-residual fit and
+    costs a JVP and a VJP per iteration); eq. 19 otherwise (for cross-entropy, the moved outputs are
+    weighted by their curvature, as retraining weighs them; Gauss–Newton would restore them fully)."""
+    if problem.loss_is_squared_error:
+        return "gauss-newton", "squared-error loss: Gauss–Newton equals eq. 19 at a zero-residual fit, cheaper"
+    return "hessian", "not a squared error: eq. 19 weighs each output by its curvature, as retraining does"
+
+
+def outputs_on(problem: Problem, w: Tensor, x: Tensor) -> Tensor:
+    """``f(x, w)`` in batches of ``problem.batch_size`` (memory bounded by the batch)."""
+    size = getattr(problem, "batch_size", 256)
+    dtype = problem.dtype if x.is_floating_point() else x.dtype
+    with torch.no_grad():
+        return torch.cat([problem.outputs(w, x[s:s + size].to(problem.device, dtype))
+                          for s in range(0, x.shape[0], size)])
+
+
+def _comparable(problem: Problem, out: Tensor) -> Tensor:
+    """Outputs as the loss sees them: centred per point when it ignores a common shift (logits)."""
+    out = out.reshape(out.shape[0], -1).double()
+    return out - out.mean(dim=1, keepdim=True) if problem.loss_ignores_output_shift else out
+
+
+def _is_classification(out: Tensor, y: Tensor | None) -> bool:
+    return out.ndim == 2 and out.shape[1] > 1 and y is not None and not y.is_floating_point()
+
+
+def _margins(out: Tensor, y: Tensor) -> Tensor:
+    """``f_y − max_{j≠y} f_j`` per point: positive when the point is classified correctly."""
+    true = out.gather(1, y[:, None])[:, 0]
+    others = out.scatter(1, y[:, None], float("-inf"))
+    return true - others.max(dim=1).values
+
+
+def prediction_change(problem: Problem, x: Tensor, y: Tensor | None, w_bar: Tensor, centre: Tensor,
+                      members: Tensor) -> dict:
+    """How the outputs on ``x`` move from w̄ to the centre, and how far the set's members spread them."""
+    before = outputs_on(problem, w_bar, x)
+    after = outputs_on(problem, centre, x)
+    change = (_comparable(problem, after) - _comparable(problem, before)).norm(dim=1)
+    record = {"points": int(x.shape[0]), "output_change": {"mean": float(change.mean()), "max": float(change.max())}}
+    if not _is_classification(before, y):
+        if len(members):
+            spread = torch.stack([_comparable(problem, outputs_on(problem, m, x)) for m in members])
+            record["member_output_spread_max"] = float((spread.amax(0) - spread.amin(0)).max())
+        return record
+    y = y.to(before.device)
+    pred0, pred1 = before.argmax(1), after.argmax(1)
+    flips = (pred0 != pred1).nonzero()[:, 0]
+    m0, m1 = _margins(before, y), _margins(after, y)
+    dm = (m1 - m0).double()
+    preds = [pred1] + [outputs_on(problem, m, x).argmax(1) for m in members]
+    undetermined = (torch.stack(preds) != pred0).any(0).nonzero()[:, 0]
+    record.update({
+        "accuracy": {"w_bar": float((pred0 == y).double().mean()), "estimate": float((pred1 == y).double().mean())},
+        "flips": {"count": int(flips.numel()), "indices": flips[:50].tolist()},
+        "margin_change": {"mean": float(dm.mean()), "median": float(dm.median()), "min": float(dm.min()),
+                          "max": float(dm.max())},
+        "undetermined_by_set": {"count": int(undetermined.numel()), "indices": undetermined[:50].tolist(),
+                                "explanation": "points whose predicted class changes at the centre or at some "
+                                               "sampled member of the set"},
+        "margins": {"w_bar": m0.double().tolist(), "estimate": m1.double().tolist()},
+    })
+    return record
+
+
+def _score(pred: Tensor, ref: Tensor) -> dict:
+    pred, ref = pred.reshape(-1).double(), ref.reshape(-1).double()
+    pearson = float(torch.corrcoef(torch.stack([pred, ref]))[0, 1]) if float(pred.std()) > 0 else float("nan")
+    return {"pearson": pearson, "relative_error": float((pred - ref).norm() / max(float(ref.norm()), 1e-300))}
+
+
+def validate_estimate(problem: Problem, perturbation: Perturbation, result: SolutionSet, x_eval: Tensor, *,
+                      steps: int = 1000, solve: SolveOptions | None = None, progress=None) -> tuple[dict, dict]:
+    """Score the estimate against retraining (:func:`setsens.retrain.budget_response`) on the outputs at
+    ``x_eval``: Pearson correlation and relative error between the predicted and the retrained change;
+    the damped influence function is scored the same way.  Returns the output changes (reference,
+    estimate, influence) and the scores."""
+    ref = budget_response(problem, perturbation, steps=steps, progress=progress)
+    base = _comparable(problem, outputs_on(problem, problem.params, x_eval))
+    ref_change = _comparable(problem, outputs_on(problem, ref.perturbed, x_eval)) - \
+        _comparable(problem, outputs_on(problem, ref.clean, x_eval))
+    drift = _comparable(problem, outputs_on(problem, ref.clean, x_eval)) - base
+    influence = estimate(problem, perturbation, "influence", solve=solve)
+
+    def change(shift: Tensor) -> Tensor:
+        return _comparable(problem, outputs_on(problem, problem.params + shift, x_eval)) - base
+
+    idx = perturbation.indices
+    changes = {"reference": ref_change, "estimate": change(result.shift), "influence": change(influence.shift)}
+    return changes, {
+        "reference": {"kind": "budget_response", "steps": ref.steps, "lr": ref.lr, "stable": ref.stable,
+                      "change_when_halved": ref.change_when_halved, "weight_drift": ref.drift,
+                      "output_change_norm": float(ref_change.norm()), "output_drift_norm": float(drift.norm()),
+                      "loss_on_points": problem.loss_on(idx, ref.perturbed, perturbation),
+                      "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, perturbation)},
+        "points": int(x_eval.shape[0]),
+        **_score(changes["estimate"], ref_change),
+        "influence": _score(changes["influence"], ref_change),
+        "influence_pearson": _score(changes["influence"], ref_change)["pearson"],
+    }
+
+
+def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", *, test: tuple | None = None,
+            members: int = 8, seed: int = 0, solve: SolveOptions | None = None,
+            radius: RadiusOptions | None = None, validate: bool = False, steps: int = 1000,
+            progress=None) -> Analysis:
+    """Estimate the set after ``perturbation``, grade it, and measure its effect on predictions.
+
+    Args:
+        method: ``"auto"`` (:func:`choose_method`) or one of :data:`setsens.solution_set.METHODS`.
+        test: held-out ``(x, y)`` (``y`` may be None); without it, the unmoved training points stand in.
+        members: members of the set sampled to see how far it spreads the predictions.
+        validate: retrain (``steps`` gradient-descent steps on perturbed and clean data, twice the cost
+            of ``2·steps`` gradients) and score the estimate and the influence function.
+        progress: ``progress(stage: str, info)`` for long steps.
+
+    Cost: one :func:`estimate`, ``members`` null projections and forward passes over the held-out points.
+    """
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    if members < 0:
+        raise ValueError(f"members must be ≥ 0, got {members}")
+    reason = "chosen by the caller"
+    if method == "auto":
+        method, reason = choose_method(problem)
+    report = (lambda stage, info=None: progress(stage, info)) if progress else (lambda stage, info=None: None)
+    report("estimate", method)
+    result = estimate(problem, perturbation, method, solve=solve, radius=radius,
+                      progress=lambda rec: report("candidate", rec))
+    idx = perturbation.indices
+    loss = LossOnPoints(clean=problem.loss_on(idx), original=problem.loss_on(idx, perturbation=perturbation),
+                        estimate=problem.loss_on(idx, result.centre, perturbation))
+    verdict = assess(result, loss)
+    report("verdict", verdict)
+    sampled = result.sample(members, torch.Generator().manual_seed(seed)) if members and method != "influence" \
+        else result.centre[None, :0].new_zeros(0, problem.p)
+    if test is not None:
+        x_eval, y_eval = test
+    else:
+        keep = torch.ones(problem.n, dtype=torch.bool)
+        keep[idx] = False
+        x_eval, y_eval = problem.points(keep.nonzero()[:, 0])
+    report("predictions")
+    x_moved, y_moved = problem.points(idx)
+    x_moved = x_moved + perturbation.delta.to(x_moved)
+    predictions = {
+        "held_out" if test is not None else "unmoved_training_points":
+            prediction_change(problem, x_eval, y_eval, problem.params, result.centre, sampled),
+        "moved_points": prediction_change(problem, x_moved, y_moved, problem.params, result.centre, sampled),
+    }
+    notes = []
+    if test is None:
+        notes.append("no held-out data: the unmoved training points stand in for held-out points")
+    validation, changes = None, {}
+    if validate:
+        report("validate", steps)
+        changes, validation = validate_estimate(problem, perturbation, result, x_eval, steps=steps, solve=solve,
+                                       progress=lambda k: report("retrain", k))
+        if not validation["reference"]["stable"]:
+            notes.append("the retraining reference still changes with its budget (change_when_halved "
+                         f"{validation['reference']['change_when_halved']:.2f}): raise --steps")
+    if math.isnan(loss.increase_removed):
+        notes.append("the move did not raise the loss on its points")
+    return Analysis(method, reason, result, verdict, loss, sampled, predictions, validation, notes, changes)

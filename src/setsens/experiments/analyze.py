@@ -1,0 +1,269 @@
+"""``setsens analyze``: the set-valued estimate, its verdict and its effect on predictions, for any model.
+
+Everything the user gives is loaded and checked before any work starts (specs, checkpoint, data
+shapes, labels, indices, step); the work is :func:`setsens.analysis.analyze`; this module only
+reads inputs and writes ``report.md``, ``results.json`` and figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from ..loading import load_checkpoint, load_data, load_loss, load_model
+
+SELECT_RULES = ("top-loss", "low-loss", "random")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _parse_points(points: str | None, select: str | None) -> tuple[str, object]:
+    if points and select:
+        raise click.BadParameter("give --points or --select, not both", param_hint="--points")
+    if points:
+        try:
+            idx = [int(s) for s in points.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {points!r}",
+                                     param_hint="--points") from None
+        if not idx:
+            raise click.BadParameter("no indices given", param_hint="--points")
+        return "points", idx
+    rule, _, k = (select or "random:3").partition(":")
+    if rule not in SELECT_RULES or not k.isdigit() or int(k) < 1:
+        raise click.BadParameter(f"expected one of {', '.join(r + ':K' for r in SELECT_RULES)} with K ≥ 1, "
+                                 f"got {select!r}", param_hint="--select")
+    return rule, int(k)
+
+
+def _select(problem, rule: str, arg, seed: int) -> torch.Tensor:
+    if rule == "points":
+        return problem.check_indices(arg)
+    if arg > problem.n:
+        raise click.BadParameter(f"{arg} points asked for, but there are {problem.n} training points",
+                                 param_hint="--select")
+    if rule == "random":
+        return torch.randperm(problem.n, generator=torch.Generator().manual_seed(seed))[:arg]
+    losses = torch.cat([problem.per_sample_loss(problem.params, x, y).detach().cpu()
+                        for x, y in problem.batches()])
+    return losses.argsort(descending=rule == "top-loss")[:arg]
+
+
+def _direction(problem, idx, direction: str, step: float, seed: int):
+    from ..perturb import gradient_perturbation, random_perturbation, scale_to_relative
+    from ..problem import Perturbation
+
+    if direction == "gradient":
+        return gradient_perturbation(problem, idx, step)
+    if direction == "random":
+        return random_perturbation(problem, idx, step, torch.Generator().manual_seed(seed))
+    import numpy as np
+
+    d = torch.as_tensor(np.load(direction, allow_pickle=False))
+    if tuple(d.shape) != (len(idx), *problem.input_shape):
+        raise click.BadParameter(f"{direction} has shape {tuple(d.shape)}, expected {(len(idx), *problem.input_shape)}"
+                                 " (one row per moved point)", param_hint="--direction")
+    x, _ = problem.points(idx)
+    return problem.check_perturbation(Perturbation(idx, scale_to_relative(x, d.to(x), step)))
+
+
+def _check_labels(problem, data) -> None:
+    """Integer labels of a K-output model (a classifier) must lie in [0, K)."""
+    x, _ = problem.points(torch.tensor([0]))
+    out = problem.outputs(problem.params, x)
+    if out.ndim != 2:
+        return
+    k = out.shape[1]
+    for y, part in ((data.y, "training"), (data.y_test, "held-out")):
+        if y is None or y.is_floating_point():
+            continue
+        if int(y.min()) < 0 or int(y.max()) >= k:
+            raise click.BadParameter(f"{part} labels span [{int(y.min())}, {int(y.max())}] but the model has {k} "
+                                     "outputs", param_hint="--data")
+
+
+def _figures(analysis, out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    from ..report import save_figure
+
+    names = []
+    held = next(iter(analysis.predictions.values()))
+    if "margins" in held:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        m0, m1 = torch.tensor(held["margins"]["w_bar"]), torch.tensor(held["margins"]["estimate"])
+        ax.scatter(m0, m1 - m0, s=6, alpha=0.6)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set(xlabel="margin at w̄", ylabel="predicted margin change",
+               title=f"{held['points']} points, {held['flips']['count']} flips")
+        names.append(save_figure(fig, out / "margins.png").name)
+    if analysis.changes:
+        ref = analysis.changes["reference"].reshape(-1)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for name, colour in (("influence", "tab:orange"), ("estimate", "tab:blue")):
+            score = analysis.validation[name]["pearson"] if name == "influence" else analysis.validation["pearson"]
+            ax.scatter(ref, analysis.changes[name].reshape(-1), s=4, alpha=0.5, color=colour,
+                       label=f"{analysis.method if name == 'estimate' else 'influence'} (r = {score:.3f})")
+        lim = float(ref.abs().max())
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+        ax.set(xlabel="retrained change of held-out outputs", ylabel="predicted change")
+        ax.legend(fontsize=8)
+        names.append(save_figure(fig, out / "validation.png").name)
+    return names
+
+
+def markdown(summary: dict, figures: list[str]) -> str:
+    v, s, lp = summary["verdict"], summary["set"], summary["loss_on_points"]
+    lines = [f"# setsens analyze — verdict: **{v['status'].upper()}**", "",
+             "| check | status | value | what to do |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['status']} | {c['value']:.3g} | {c['advice']} |" for c in v["checks"]]
+    lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", "",
+              "## The estimated set", "",
+              f"- shift ‖v₀‖ = {s['shift_norm']:.4g}, radius r = {s['radius']:.4g} (null reach ρ = "
+              f"{s['null_radius']:.4g}, determined: {s['radius_determined']}), {s['members']} members sampled",
+              f"- residuals: output {s['output_residual']:.3g}, eq. 19 feasibility {s['feasibility_residual']:.3g}; "
+              f"stationarity ‖∇L‖/‖JΔx‖ = {s['stationarity']:.3g}",
+              f"- cost: {s['cost']['hvp']} H v, {s['cost']['jvp_vjp_passes']} JVP+VJP passes, "
+              f"{s['cost']['seconds']:.1f} s",
+              f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
+              f"their loss: clean {lp['clean']:.4g}, moved {lp['original']:.4g}, at the estimate {lp['estimate']:.4g}",
+              "", "## Predictions", ""]
+    for name, p in summary["predictions"].items():
+        lines.append(f"- **{name.replace('_', ' ')}** ({p['points']} points): output change mean "
+                     f"{p['output_change']['mean']:.3g}, max {p['output_change']['max']:.3g}")
+        if "flips" in p:
+            lines.append(f"  - accuracy {p['accuracy']['w_bar']:.4f} → {p['accuracy']['estimate']:.4f}; "
+                         f"{p['flips']['count']} flips; margin change median {p['margin_change']['median']:.3g} "
+                         f"[{p['margin_change']['min']:.3g}, {p['margin_change']['max']:.3g}]; "
+                         f"{p['undetermined_by_set']['count']} predictions not determined by the set")
+    val = summary.get("validation")
+    if val:
+        ref = val["reference"]
+        lines += ["", "## Validation against retraining", "",
+                  f"Reference: gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g}) on perturbed and "
+                  f"on clean data; their difference changes the held-out outputs by {ref['output_change_norm']:.3g} "
+                  f"(the clean run itself drifts {ref['output_drift_norm']:.3g}); budget-stable: {ref['stable']} "
+                  f"(change when halved {ref['change_when_halved']:.2f}).", "",
+                  "| | Pearson | relative error |", "|---|---|---|",
+                  f"| {summary['method']} | {val['pearson']:.3f} | {val['relative_error']:.3f} |",
+                  f"| influence (damped) | {val['influence']['pearson']:.3f} | "
+                  f"{val['influence']['relative_error']:.3f} |"]
+    if summary["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    lines += [""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+@click.command("analyze")
+@click.option("--model", "model_spec", help="FILE.py:FUNCTION or package.module:FUNCTION returning an nn.Module.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="State dict (or a trusted pickled module).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole module (runs its code).")
+@click.option("--data", "data_spec", required=True, help=".npz (x, y[, x_test, y_test]), an image folder, or "
+              "FILE.py:FUNCTION.")
+@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
+              help="cross_entropy, squared_error or FILE.py:FUNCTION (per-sample loss).")
+@click.option("--points", help="Indices of the training points to move, e.g. 3,17,42.")
+@click.option("--select", help="Or choose them: top-loss:K, low-loss:K or random:K [default: random:3].")
+@click.option("--direction", default="gradient", show_default=True,
+              help="gradient (loss ascent), random, or an .npy of Δx (one row per point).")
+@click.option("--step", default=1.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
+              help="Size of each move in % of the point's norm.")
+@click.option("--method", default="auto", show_default=True,
+              type=click.Choice(["auto", "gauss-newton", "hessian", "influence"]))
+@click.option("--maxiter", default=200, show_default=True, type=click.IntRange(1), help="Krylov iterations at most.")
+@click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
+@click.option("--validate", is_flag=True, help="Retrain (same budget, perturbed and clean) and score the estimate.")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
+@click.option("--test-points", default=1000, show_default=True, type=click.IntRange(1),
+              help="Held-out points used at most.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Precision [default: the model's].")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, points, select, direction, step, method,
+            maxiter, members, validate, steps, test_points, device, dtype, batch_size, seed, out, as_json):
+    """Estimate how your trained model's solution set moves when some training points move."""
+    from ..analysis import analyze
+    from ..problem import Problem
+    from ..report import prepare_out_dir, to_jsonable, write_json, write_text
+    from ..solution_set import SolveOptions
+
+    log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
+    rule, arg = _parse_points(points, select)
+    if direction not in ("gradient", "random") and not Path(direction).is_file():
+        raise click.BadParameter(f"expected gradient, random or an existing .npy file, got {direction!r}",
+                                 param_hint="--direction")
+    if model_spec is None and checkpoint is None:
+        raise click.UsageError("give --model (and usually --checkpoint)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise click.BadParameter(f"device {device!r} is not available ({err})", param_hint="--device") from None
+    out = prepare_out_dir(out)
+    model = load_model(model_spec) if model_spec else None
+    if checkpoint:
+        model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
+    loss = load_loss(loss_spec)
+    data = load_data(data_spec)
+    problem = Problem(model, loss, (data.x, data.y), batch_size=batch_size, device=device,
+                      dtype=DTYPES[dtype] if dtype else None)
+    _check_labels(problem, data)
+    idx = _select(problem, rule, arg, seed)
+    pert = _direction(problem, idx, direction, step / 100, seed)
+    test = None if data.test is None else (data.x_test[:test_points], data.y_test[:test_points])
+    log(f"model: {type(model).__name__}, p = {problem.p}, n = {problem.n}, {problem.dtype}; moving points "
+        f"{idx.tolist()} by {step:g} % along {direction if direction in ('gradient', 'random') else 'the given Δx'}")
+
+    from tqdm.auto import tqdm
+
+    bars = {}
+
+    def progress(stage, info=None):
+        if stage == "retrain":
+            bars.setdefault("retrain", tqdm(total=2 * steps, desc="retrain (perturbed, clean)",
+                                            leave=False, disable=None)).update(1)
+        elif stage == "candidate":
+            bars.setdefault("estimate", tqdm(desc="estimate (scored candidates)", unit="check", leave=False,
+                                             disable=None)).update(1)
+        elif stage == "verdict":
+            for bar in bars.values():
+                bar.close()
+            log(f"verdict: {info.status.upper()}")
+            for line in info.lines():
+                log("  " + line)
+        elif stage in ("predictions", "validate"):
+            log(f"{stage}…")
+        else:
+            log(f"{stage} ({info})…")
+
+    import warnings
+
+    from ..problem import NotStationaryWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
+        analysis = analyze(problem, pert, method, test=test, members=members, seed=seed,
+                           solve=SolveOptions(maxiter=maxiter), validate=validate, steps=steps, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    summary = analysis.summary()
+    summary["inputs"] = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec, "loss": loss_spec,
+                         "step_percent": step, "direction": direction, "seed": seed}
+    figures = _figures(analysis, out)
+    write_json(out / "results.json", summary)
+    write_text(out / "report.md", markdown(to_jsonable(summary), figures))
+    if as_json:
+        compact = to_jsonable(summary)
+        for part in compact["predictions"].values():
+            part.pop("margins", None)
+        click.echo(json.dumps(compact, indent=2))
+    else:
+        if validate:
+            v = analysis.validation
+            click.echo(f"validation: Pearson {v['pearson']:.3f} (influence {v['influence_pearson']:.3f}), relative "
+                       f"error {v['relative_error']:.3f}; reference budget-stable: {v['reference']['stable']}")
+        click.echo(f"report written to {out / 'report.md'}")

@@ -1,0 +1,112 @@
+"""Should the estimate be believed?  A verdict computed without retraining.
+
+Each :class:`Check` grades one figure the estimate already carries (pass / warn / fail) and says
+what to do about a bad one.  The thresholds are stated beside each check; they were chosen on the
+zoo of ``benchmarks/zoo.py``, where the warnings predict the estimates that retraining rejects
+(``docs/runs/zoo/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .solution_set import SolutionSet
+
+__all__ = ["Check", "Verdict", "assess", "LossOnPoints"]
+
+STATUSES = ("pass", "warn", "fail")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One graded figure: ``status`` is ``pass``, ``warn`` or ``fail``; ``advice`` is empty on pass."""
+
+    name: str
+    status: str
+    value: float
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class LossOnPoints:
+    """Mean loss on the moved points: before the move (``clean``), after it at w̄ (``original``) and
+    at the estimate's centre (``estimate``)."""
+
+    clean: float
+    original: float
+    estimate: float
+
+    @property
+    def increase_removed(self) -> float:
+        """The share of the loss increase the estimate takes back (1: all of it; ≤ 0: none)."""
+        increase = self.original - self.clean
+        return (self.original - self.estimate) / increase if increase > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The worst status of the checks, and the checks."""
+
+    status: str
+    checks: tuple[Check, ...]
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "checks": [asdict(c) for c in self.checks]}
+
+    def lines(self) -> list[str]:
+        """One line per check, for a terminal or a report."""
+        return [f"{c.status.upper():4}  {c.name} = {c.value:.3g}" + (f" — {c.advice}" if c.advice else "")
+                for c in self.checks]
+
+
+def _grade(name: str, value: float, warn_above: float, fail_above: float, advice: str) -> Check:
+    status = "pass" if value <= warn_above else "warn" if value <= fail_above else "fail"
+    return Check(name, status, float(value), "" if status == "pass" else advice)
+
+
+def assess(estimate: SolutionSet, loss: LossOnPoints) -> Verdict:
+    """Grade ``estimate`` (and the loss on its moved points) by the checks below.
+
+    * ``stationarity`` ‖∇L(w̄)‖/‖JΔx‖: warn > 0.1, fail > 1 — the estimate would answer the gradient
+      already at w̄ rather than the perturbation.
+    * the method's own residual (``output_residual`` for Gauss–Newton, the eq.-19
+      ``feasibility_residual`` otherwise): warn > 0.1, fail > 0.5.
+    * ``radius_determined`` (set-valued methods): warn when the radius rule found no valid member
+      beyond the centre.
+    * ``solver``: warn when the Krylov solve stopped at ``maxiter`` rather than by its rule.
+    * ``moved_point_loss`` (losses that ignore a common output shift, i.e. cross-entropy): warn
+      below 1e-4, fail below 1e-7 — their curvature is of the size of their loss and vanishes.
+    * ``shift_precision`` ‖v₀‖/(ε‖w̄‖): warn below 1e3 — the shift is near the rounding of w̄.
+    """
+    s, checks = estimate, []
+    checks.append(_grade("stationarity", s.stationarity, 0.1, 1.0,
+                         "w̄ is not stationary at the scale of the perturbation: train longer or in float64 "
+                         "(L-BFGS fine-tuning), or use a larger --step"))
+    own = ("output_residual", s.output_residual) if s.method == "gauss-newton" else (
+        "feasibility_residual", s.feasibility_residual)
+    checks.append(_grade(*own, 0.1, 0.5, "the linear system is not solved: raise --maxiter, use --dtype float64, "
+                                        "or try another --method"))
+    if s.method != "influence":
+        determined = bool(s.radius_record.get("determined"))
+        checks.append(Check("radius_determined", "pass" if determined else "warn", float(determined),
+                            "" if determined else "no member beyond the centre was validated: read the set as "
+                            "its centre"))
+    stopped = s.selected.get("stopped_by")
+    if stopped is not None:
+        hit = stopped == "maxiter"
+        checks.append(Check("solver_stopped_by_rule", "warn" if hit else "pass", float(not hit),
+                            "the solve ran out of iterations: raise --maxiter" if hit else ""))
+    if s.problem.loss_ignores_output_shift:
+        value = loss.clean
+        status = "pass" if value >= 1e-4 else "warn" if value >= 1e-7 else "fail"
+        checks.append(Check("moved_point_loss", status, float(value), "" if status == "pass" else
+                            "the moved points are fitted so well that their curvature vanishes: eq. 19 barely "
+                            "sees them (prefer gauss-newton to restore them; retraining hardly moves)"))
+    eps = torch.finfo(s.shift.dtype).eps
+    precision = float(s.shift.norm()) / max(eps * float(s.w_bar.norm()), 1e-300)
+    checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,
+                        "" if precision >= 1e3 else "the shift is close to the rounding of w̄: use --dtype float64"))
+    status = max((c.status for c in checks), key=STATUSES.index)
+    return Verdict(status, tuple(checks))

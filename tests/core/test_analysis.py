@@ -1,0 +1,92 @@
+"""setsens.analyze: the verdict, the predictions and the validation against retraining."""
+
+import pytest
+import torch
+from torch import nn
+
+from setsens.analysis import analyze, choose_method
+from setsens.perturb import gradient_perturbation
+from setsens.problem import NotStationaryWarning, Problem, cross_entropy, squared_error
+from setsens.retrain import budget_response, levenberg_marquardt
+
+
+def fitted(seed=0, n=12, k=2, hidden=8):
+    """A tanh MLP fitted exactly (Levenberg–Marquardt) to n random points, plus held-out points."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, k)).double()
+    x = torch.randn(n + 40, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(n + 40, k, generator=g, dtype=torch.float64)
+    problem = Problem(model, squared_error, (x[:n], y[:n]))
+    fit = levenberg_marquardt(problem, gtol=1e-13, max_iter=300)
+    assert fit.converged
+    return Problem(model, squared_error, (x[:n], y[:n]), params=fit.w), (x[n:], y[n:])
+
+
+def test_auto_method_follows_the_loss():
+    problem, _ = fitted()
+    assert choose_method(problem)[0] == "gauss-newton"
+    ce = Problem(nn.Linear(3, 2).double(), cross_entropy, (torch.randn(4, 3, dtype=torch.float64),
+                                                             torch.tensor([0, 1, 0, 1])))
+    assert choose_method(ce)[0] == "hessian"
+
+
+def test_on_a_stationary_fit_the_verdict_passes_and_retraining_agrees():
+    problem, test = fitted()
+    pert = gradient_perturbation(problem, [2, 7], 0.01)
+    a = analyze(problem, pert, test=test, validate=True, steps=1000)
+    names = {c.name: c for c in a.verdict.checks}
+    assert names["stationarity"].status == "pass" and names["output_residual"].status == "pass"
+    v = a.validation
+    assert v["reference"]["stable"] and v["reference"]["output_change_norm"] > 1e3 * v["reference"]["output_drift_norm"]
+    assert v["pearson"] >= 0.9 and v["pearson"] >= v["influence_pearson"] - 1e-3
+    assert a.loss_on_points.increase_removed > 0.9
+    s = a.summary()
+    assert s["verdict"]["status"] in ("pass", "warn") and s["method"] == "gauss-newton"
+    assert s["predictions"]["held_out"]["points"] == 40
+    assert len(s["set"]["member_distances_from_w_bar"]) == 8
+
+
+def test_the_verdict_fails_where_w_bar_is_far_from_stationary():
+    problem, test = fitted()
+    moved = Problem(problem.model, squared_error, (problem.inputs, problem.targets),
+                    params=problem.params + 0.05 * torch.randn(problem.p, generator=torch.Generator().manual_seed(1),
+                                                               dtype=torch.float64))
+    pert = gradient_perturbation(moved, [2, 7], 0.001)
+    with pytest.warns(NotStationaryWarning):
+        a = analyze(moved, pert, test=test)
+    check = next(c for c in a.verdict.checks if c.name == "stationarity")
+    assert check.status == "fail" and check.value > 1 and "stationary" in check.advice
+    assert a.verdict.status == "fail"
+
+
+def test_classifier_predictions_report_flips_margins_and_the_sets_spread():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    problem = Problem(model, cross_entropy, (x[:20], y[:20]))
+    pert = gradient_perturbation(problem, [0, 1], 0.2)
+    with pytest.warns(NotStationaryWarning):
+        a = analyze(problem, pert, test=(x[20:], y[20:]), members=4, method="gauss-newton")
+    held = a.predictions["held_out"]
+    assert held["points"] == 10 and set(held) >= {"accuracy", "flips", "margin_change", "undetermined_by_set"}
+    m0, m1 = (torch.tensor(held["margins"][k], dtype=torch.float64) for k in ("w_bar", "estimate"))
+    out0 = problem.outputs(problem.params, x[20:])
+    assert torch.allclose(m0, out0.gather(1, y[20:, None])[:, 0] - out0.gather(1, 1 - y[20:, None])[:, 0])
+    flipped = ((m0 > 0) != (m1 > 0)).sum()  # two classes: a flip is a margin sign change
+    assert held["flips"]["count"] == int(flipped)
+    assert a.members.shape == (4, problem.p) and torch.cdist(a.members, a.members).max() > 0
+
+
+def test_budget_response_cancels_the_common_drift():
+    """On a quadratic risk, gradient descent's perturbed-minus-clean difference is the filtered
+    −H⁺JΔx whatever the start: from a non-stationary w̄ it equals the difference from the minimiser."""
+    problem, _ = fitted()
+    pert = gradient_perturbation(problem, [1], 0.01)
+    ref = budget_response(problem, pert, steps=50)
+    assert ref.drift < 1e-8  # stationary: the clean run stays
+    assert float(ref.shift.norm()) > 0 and 0 <= ref.change_when_halved
+    with pytest.raises(ValueError, match="at least 2"):
+        budget_response(problem, pert, steps=1)
