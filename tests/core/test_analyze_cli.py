@@ -1,0 +1,131 @@
+"""`setsens analyze` on a user's model file: a report end to end, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from setsens.cli import main
+
+MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def not_a_module():
+        return 42
+
+    def data():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 4, generator=g)
+        y = x[:, :3].argmax(1)
+        return x[:30], y[:30], x[30:], y[30:]
+""")
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A model file, a trained checkpoint (Adam, float32) and the same data as an .npz."""
+    root = tmp_path_factory.mktemp("user")
+    (root / "net.py").write_text(MODEL)
+    sys.path.insert(0, str(root))
+    import net
+
+    sys.path.remove(str(root))
+    m = net.model()
+    x, y, xt, yt = net.data()
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, root / "ckpt.pt")
+    np.savez(root / "data.npz", x=x.numpy(), y=y.numpy(), x_test=xt.numpy(), y_test=yt.numpy())
+    return root
+
+
+def run(args):
+    return CliRunner().invoke(main, ["analyze", *map(str, args)])
+
+
+def test_a_report_from_a_model_file_checkpoint_and_npz(user, tmp_path):
+    res = run(["--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt", "--data", user / "data.npz",
+               "--points", "1,5", "--validate", "--steps", "200", "--members", "3", "--json", "--out", tmp_path / "r"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["verdict"]["status"] in ("pass", "warn", "fail")
+    assert all(set(c) == {"name", "status", "value", "advice"} for c in summary["verdict"]["checks"])
+    assert summary["method"] == "hessian"  # auto, cross-entropy
+    assert set(summary["loss_on_points"]) >= {"original", "estimate"}
+    assert set(summary["validation"]) >= {"reference", "pearson", "relative_error", "influence_pearson"}
+    assert summary["perturbation"]["indices"] == [1, 5]
+    assert summary["predictions"]["held_out"]["points"] == 10
+    for name in ("report.md", "results.json", "margins.png", "validation.png"):
+        assert (tmp_path / "r" / name).is_file()
+    assert "verdict" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_data_from_a_function_and_select_rules(user, tmp_path):
+    for select in ("top-loss:2", "low-loss:1", "random:2"):
+        res = run(["--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt", "--data", user / "net.py:data",
+                   "--select", select, "--method", "gauss-newton", "--members", "0", "--out", tmp_path / select[:3]])
+        assert res.exit_code == 0, res.output
+        assert "verdict:" in res.output and "report written" in res.output
+
+
+def _bad_cases(user):
+    m, c, d = str(user / "net.py:model"), str(user / "ckpt.pt"), str(user / "data.npz")
+    (user / "wrong.pt").write_bytes(b"")
+    torch.save({"weight": torch.zeros(2, 2)}, user / "other.pt")
+    (user / "bad.npz").write_text("not a zip")
+    np.savez(user / "shape.npz", x=np.zeros((5, 7), np.float32), y=np.zeros(5, np.int64))
+    np.savez(user / "labels.npz", x=np.zeros((5, 4), np.float32), y=np.array([0, 1, 2, 3, 9]))
+    return {
+        "model spec without a function": (["--model", str(user / "net.py"), "--checkpoint", c, "--data", d], "FUNCTION"),
+        "model file missing": (["--model", "nowhere.py:model", "--data", d], "does not exist"),
+        "model function missing": (["--model", str(user / "net.py:nope"), "--data", d], "no attribute"),
+        "factory returns no module": (["--model", str(user / "net.py:not_a_module"), "--data", d], "not a torch.nn.Module"),
+        "empty checkpoint": (["--model", m, "--checkpoint", str(user / "wrong.pt"), "--data", d], "empty"),
+        "checkpoint of another model": (["--model", m, "--checkpoint", str(user / "other.pt"), "--data", d],
+                                        "does not fit the model"),
+        "data not an npz": (["--model", m, "--checkpoint", c, "--data", str(user / "bad.npz")], "not a readable .npz"),
+        "data the model rejects": (["--model", m, "--checkpoint", c, "--data", str(user / "shape.npz")],
+                                   "cannot be applied"),
+        "labels out of range": (["--model", m, "--checkpoint", c, "--data", str(user / "labels.npz")], "labels span"),
+        "indices out of range": (["--model", m, "--checkpoint", c, "--data", d, "--points", "3,99"], "out of range"),
+        "zero step": (["--model", m, "--checkpoint", c, "--data", d, "--step", "0"], "--step"),
+        "negative step": (["--model", m, "--checkpoint", c, "--data", d, "--step", "-1"], "--step"),
+        "bad select": (["--model", m, "--checkpoint", c, "--data", d, "--select", "best:3"], "--select"),
+        "too many selected": (["--model", m, "--checkpoint", c, "--data", d, "--select", "random:500"], "only|there are"),
+        "missing direction file": (["--model", m, "--checkpoint", c, "--data", d, "--direction", "dx.npy"], "--direction"),
+        "unknown loss": (["--model", m, "--checkpoint", c, "--data", d, "--loss", "hinge"], "loss"),
+        "no model": (["--data", d], "--model"),
+    }
+
+
+def test_bad_input_is_one_line_within_seconds(user):
+    for name, (args, message) in _bad_cases(user).items():
+        t0 = time.perf_counter()
+        res = run(args)
+        assert res.exit_code != 0, name
+        assert "Traceback" not in res.output, name
+        error = [line for line in res.output.splitlines() if line.startswith("Error")]
+        assert len(error) == 1 and __import__("re").search(message, error[0]), (name, res.output)
+        assert time.perf_counter() - t0 < 30, name
+
+
+def test_the_installed_command_prints_no_traceback(user):
+    res = subprocess.run([sys.executable, "-m", "setsens", "analyze", "--model", str(user / "net.py:model"),
+                          "--checkpoint", str(user / "ckpt.pt"), "--data", str(user / "data.npz"), "--points", "500"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("Error") and "out of range" in res.stderr
