@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/setsens demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest src tests
 
 clean:

@@ -21,3 +21,9 @@ def train(net, x, y, steps=500):
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     return net
+
+
+if __name__ == "__main__":  # trains it and writes mlp.pt: stands in for your own trained model
+    torch.manual_seed(0)
+    x, y, _, _ = data()
+    torch.save(train(model(), x, y).state_dict(), "mlp.pt")

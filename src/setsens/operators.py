@@ -136,11 +136,16 @@ def _scipy_operator(fn, p: int) -> spla.LinearOperator:
 
 
 def dense_hessian(problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:
-    """The p×p Hessian by ``torch.func.hessian``, batch by batch.  Small p only (tests, toy)."""
+    """The p×p Hessian, batch by batch: forward-over-reverse products with every basis vector at once
+    (``vmap``).  Small p only (tests, toy).  Not ``torch.func.hessian``: its reverse-mode Jacobian
+    gives wrong second derivatives through ``nn.MultiheadAttention`` (torch 2.13; checked against
+    finite differences in the tests)."""
     w = problem.params if w is None else w
     H = torch.zeros(problem.p, problem.p, dtype=w.dtype, device=w.device)
+    eye = torch.eye(problem.p, dtype=w.dtype, device=w.device)
     for x, y in problem.batches(perturbation):
-        H += torch.func.hessian(problem.batch_risk)(w, x, y)
+        column = lambda e: torch.func.jvp(lambda w_: grad(problem.batch_risk)(w_, x, y), (w,), (e,))[1]
+        H += torch.func.vmap(column)(eye)
     return H
 
 

@@ -2,8 +2,9 @@
 
 Everything downstream (operators, solvers, retraining) sees the network only through
 :class:`Problem`: a flat weight vector ``w`` of length ``p`` and the per-sample loss
-``ℓ(x_i, y_i, w)``.  The empirical risk is ``L(x, w) = Σ_i c ℓ(x_i, y_i, w)`` with ``c = 1/n``
-(``reduction="mean"``, the default) or ``c = 1`` (``reduction="sum"``, the paper's toy example).
+``ℓ(x_i, y_i, w)``.  The empirical risk is ``L(x, w) = Σ_i c ℓ(x_i, y_i, w) + (λ/2)‖w‖²`` with ``c = 1/n``
+(``reduction="mean"``, the default) or ``c = 1`` (``reduction="sum"``, the paper's toy example), and
+weight decay λ (default 0; a model trained with weight decay is stationary only with it).
 
 Data are held either as tensors or as a DataLoader that yields ``(x, y)`` batches in a fixed
 order (a shuffling loader is rejected); either way risks and derivatives are accumulated batch by
@@ -28,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "Problem",
@@ -120,6 +122,7 @@ class Problem:
         batch_size: batch size for tensor data (ignored for a DataLoader).
         dtype, device: where and in which precision w and the data live (default: the model's).
         reduction: ``"mean"`` (``L = (1/n) Σ ℓ_i``) or ``"sum"``.
+        weight_decay: λ ≥ 0 of the term ``(λ/2)‖w‖²`` (shared out over the batches of a pass).
     """
 
     def __init__(
@@ -133,9 +136,13 @@ class Problem:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         reduction: str = "mean",
+        weight_decay: float = 0.0,
     ):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
         first = next(iter(model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
@@ -335,7 +342,8 @@ class Problem:
     # -- the risk as a pure function of w -------------------------------------------------------
     def outputs(self, w: Tensor, x: Tensor) -> Tensor:
         """``f(x, w)`` for a batch in eval mode, buffers fixed: pure in ``w`` and ``x`` (torch.func-safe)."""
-        with _eval_mode(self.model):
+        # attention through the math kernel: the fused CPU kernels have no forward-mode derivative
+        with _eval_mode(self.model), sdpa_kernel(SDPBackend.MATH):
             return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
 
     def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -343,8 +351,11 @@ class Problem:
         return self.loss(self.outputs(w, x), y)
 
     def batch_risk(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``Σ_{i in batch} c ℓ_i`` — this batch's contribution to ``L``."""
-        return self.per_sample_loss(w, x, y).sum() * self.weight
+        """``Σ_{i in batch} c ℓ_i`` (+ the batch's share ``b/n`` of ``(λ/2)‖w‖²``) — its contribution to ``L``."""
+        risk = self.per_sample_loss(w, x, y).sum() * self.weight
+        if self.weight_decay:
+            risk = risk + 0.5 * self.weight_decay * (w * w).sum() * (x.shape[0] / self.n)
+        return risk
 
     def risk(self, w: Tensor | None = None, perturbation: Perturbation | None = None) -> float:
         """``L(x, w)`` (on the perturbed data if given); costs one forward pass over the data."""

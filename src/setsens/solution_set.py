@@ -277,6 +277,9 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     radius = radius or RadiusOptions()
     if dense and solve.rule == "fixed" and solve.tau is None:
         raise ValueError("rule='fixed' on the dense path needs tau")
+    if method == "gauss-newton" and getattr(problem, "weight_decay", 0.0):
+        raise ValueError("the Gauss–Newton form keeps the training outputs and has no weight-decay term: "
+                         "use method='hessian' on a problem with weight decay")
     problem.check_perturbation(perturbation)
     t0 = time.perf_counter()
     w_bar = problem.params

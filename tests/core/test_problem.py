@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from core_helpers import small_problem
 from setsens.problem import Problem, cross_entropy, squared_error
 
 
@@ -48,3 +49,44 @@ def test_loss_properties_declared_or_detected():
     assert mine.loss_ignores_output_shift and not mine.loss_is_squared_error
     mse = Problem(model, my_mse, (x, y))
     assert mse.loss_is_squared_error and not mse.loss_ignores_output_shift
+
+
+def test_weight_decay_adds_its_term_to_risk_gradient_and_hessian():
+    from setsens.operators import Hessian, dense_hessian
+
+    plain = small_problem()
+    decayed = Problem(plain.model, plain.loss, (plain.inputs, plain.targets), batch_size=5, weight_decay=0.3)
+    w = plain.params
+    assert decayed.risk() == pytest.approx(plain.risk() + 0.15 * float(w @ w), rel=1e-12)
+    assert torch.allclose(decayed.gradient(), plain.gradient() + 0.3 * w, atol=1e-12)
+    H = dense_hessian(decayed)
+    assert torch.allclose(H, dense_hessian(plain) + 0.3 * torch.eye(plain.p, dtype=w.dtype), atol=1e-10)
+    v = torch.randn(plain.p, dtype=w.dtype)
+    assert torch.allclose(Hessian(decayed)(v), H @ v, atol=1e-10)
+    with pytest.raises(ValueError, match="weight_decay"):
+        Problem(plain.model, plain.loss, (plain.inputs, plain.targets), weight_decay=-1.0)
+
+
+def test_attention_models_get_forward_mode_derivatives():
+    """nn.TransformerEncoderLayer's fused CPU attention has no forward-mode AD; the Problem evaluates
+    attention through the math kernel so that H v (forward over reverse) works and matches the dense H."""
+    from setsens.operators import Hessian, dense_hessian
+
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.TransformerEncoderLayer(4, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.encoder(x).mean(dim=1))
+
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    problem = Problem(Tiny().double(), cross_entropy, (x, torch.tensor([0, 1, 0, 1, 1, 0])))
+    v = torch.randn(problem.p, dtype=torch.float64)
+    w, h = problem.params, 1e-6
+    finite_difference = (problem.gradient(w + h * v) - problem.gradient(w - h * v)) / (2 * h)
+    for hv in (Hessian(problem)(v), dense_hessian(problem) @ v):
+        assert float((hv - finite_difference).norm() / finite_difference.norm()) < 1e-7

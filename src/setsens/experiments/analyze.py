@@ -172,7 +172,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
               help="Size of each move in % of the point's norm.")
 @click.option("--method", default="auto", show_default=True,
               type=click.Choice(["auto", "gauss-newton", "hessian", "influence"]))
-@click.option("--maxiter", default=200, show_default=True, type=click.IntRange(1), help="Krylov iterations at most.")
+@click.option("--maxiter", default=200, show_default=True, type=click.IntRange(1),
+              help="Krylov iterations at most, per solve (the estimate and each null projection).")
 @click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
 @click.option("--validate", is_flag=True, help="Retrain (same budget, perturbed and clean) and score the estimate.")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
@@ -190,7 +191,7 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     from ..analysis import analyze
     from ..problem import Problem
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
-    from ..solution_set import SolveOptions
+    from ..solution_set import RadiusOptions, SolveOptions
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
     rule, arg = _parse_points(points, select)
@@ -247,7 +248,8 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
         analysis = analyze(problem, pert, method, test=test, members=members, seed=seed,
-                           solve=SolveOptions(maxiter=maxiter), validate=validate, steps=steps, progress=progress)
+                           solve=SolveOptions(maxiter=maxiter), radius=RadiusOptions(projection_maxiter=maxiter,
+                                                                                     seed=seed), validate=validate, steps=steps, progress=progress)
     for bar in bars.values():
         bar.close()
     summary = analysis.summary()

@@ -1,0 +1,18 @@
+"""The shared CIFAR-10 ResNet-56 (checkpoint ../shared/data/resnet56-cifar10.th) on a few shared images."""
+
+from pathlib import Path
+
+from setsens.data.cifar import load_cifar10
+from setsens.models.resnet import cifar_resnet
+
+SUBSET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10-subset.npz"
+
+
+def model():
+    return cifar_resnet(56)
+
+
+def data(n: int = 100, n_test: int = 200):
+    x, y = load_cifar10(SUBSET, "train", n=n, seed=0)
+    xt, yt = load_cifar10(SUBSET, "test", n=n_test, seed=0)
+    return x, y, xt, yt
