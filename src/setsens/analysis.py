@@ -57,6 +57,8 @@ def choose_method(problem: Problem) -> tuple[str, str]:
     """``method="auto"``: Gauss–Newton for a squared error (it equals eq. 19 at a zero-residual fit and
     costs a JVP and a VJP per iteration); eq. 19 otherwise (for cross-entropy, the moved outputs are
     weighted by their curvature, as retraining weighs them; Gauss–Newton would restore them fully)."""
+    if problem.weight_decay:
+        return "hessian", "weight decay is part of the risk: only eq. 19 has its term"
     if problem.loss_is_squared_error:
         return "gauss-newton", "squared-error loss: Gauss–Newton equals eq. 19 at a zero-residual fit, cheaper"
     return "hessian", "not a squared error: eq. 19 weighs each output by its curvature, as retraining does"

@@ -84,6 +84,22 @@ def _check_labels(problem, data) -> None:
                                      "outputs", param_hint="--data")
 
 
+def _polish(problem, iterations: int, log):
+    """Fine-tune w̄ by L-BFGS on the training risk; the analysis is then of the polished weights."""
+    from ..problem import Problem
+    from ..retrain import retrain
+
+    before = float(problem.gradient().norm())
+    log(f"polish: L-BFGS, at most {iterations} iterations from ‖∇L‖ = {before:.3g}…")
+    fit = retrain(problem, gtol=0.0, max_iter=iterations)
+    record = {"iterations": fit.iterations, "grad_norm_before": before, "grad_norm_after": fit.grad_norm,
+              "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance}
+    log(f"polish: ‖∇L‖ {before:.3g} → {fit.grad_norm:.3g}, w̄ moved {fit.distance:.3g}")
+    inputs, targets = problem.inputs, problem.targets
+    return Problem(problem.model, problem.loss, (inputs, targets), fit.w, batch_size=problem.batch_size,
+                   dtype=problem.dtype, device=problem.device, weight_decay=problem.weight_decay), record
+
+
 def _figures(analysis, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
@@ -119,6 +135,11 @@ def markdown(summary: dict, figures: list[str]) -> str:
     lines = [f"# setsens analyze — verdict: **{v['status'].upper()}**", "",
              "| check | status | value | what to do |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['value']:.3g} | {c['advice']} |" for c in v["checks"]]
+    if summary.get("polish"):
+        pol = summary["polish"]
+        lines += ["", f"w̄ was first polished: {pol['iterations']} L-BFGS iterations, ‖∇L‖ {pol['grad_norm_before']:.3g} → "
+                  f"{pol['grad_norm_after']:.3g}, risk {pol['risk_before']:.4g} → {pol['risk_after']:.4g}, weights moved "
+                  f"{pol['weights_moved']:.3g}; everything below is about the polished weights."]
     lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", "",
               "## The estimated set", "",
               f"- shift ‖v₀‖ = {s['shift_norm']:.4g}, radius r = {s['radius']:.4g} (null reach ρ = "
@@ -179,6 +200,10 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
 @click.option("--test-points", default=1000, show_default=True, type=click.IntRange(1),
               help="Held-out points used at most.")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="λ of the (λ/2)‖w‖² term the model was trained with (part of the risk).")
+@click.option("--polish", default=0, show_default=True, type=click.IntRange(0),
+              help="First fine-tune w̄ with this many full-batch L-BFGS iterations (towards a stationary point).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Precision [default: the model's].")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
@@ -186,7 +211,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, points, select, direction, step, method,
-            maxiter, members, validate, steps, test_points, device, dtype, batch_size, seed, out, as_json):
+            maxiter, members, validate, steps, test_points, weight_decay, polish, device, dtype, batch_size, seed, out,
+            as_json):
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
     from ..problem import Problem
@@ -211,8 +237,11 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     loss = load_loss(loss_spec)
     data = load_data(data_spec)
     problem = Problem(model, loss, (data.x, data.y), batch_size=batch_size, device=device,
-                      dtype=DTYPES[dtype] if dtype else None)
+                      dtype=DTYPES[dtype] if dtype else None, weight_decay=weight_decay)
     _check_labels(problem, data)
+    polished = None
+    if polish:
+        problem, polished = _polish(problem, polish, log)
     idx = _select(problem, rule, arg, seed)
     pert = _direction(problem, idx, direction, step / 100, seed)
     test = None if data.test is None else (data.x_test[:test_points], data.y_test[:test_points])
@@ -253,6 +282,7 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     for bar in bars.values():
         bar.close()
     summary = analysis.summary()
+    summary["polish"] = polished
     summary["inputs"] = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec, "loss": loss_spec,
                          "step_percent": step, "direction": direction, "seed": seed}
     figures = _figures(analysis, out)

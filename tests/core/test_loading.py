@@ -1,0 +1,52 @@
+"""setsens.loading: a user's model, checkpoint, data and loss from command-line specs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from setsens.loading import load_checkpoint, load_data, load_loss, load_model
+from setsens.problem import cross_entropy
+
+
+def test_image_folder_with_train_and_test(tmp_path):
+    for split, per_class in (("train", 3), ("test", 2)):
+        for label, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            folder = tmp_path / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (5, 4), colour).save(folder / f"{i}.png")
+    data = load_data(str(tmp_path))
+    assert data.x.shape == (6, 3, 4, 5) and data.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.x_test.shape == (4, 3, 4, 5)
+    assert torch.allclose(data.x[0, 0], torch.ones(4, 5)) and torch.allclose(data.x[3, 2], torch.ones(4, 5))
+
+
+def test_npz_needs_x_and_y(tmp_path):
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="must hold arrays 'x' and 'y'"):
+        load_data(str(tmp_path / "d.npz"))
+    np.savez(tmp_path / "e.npz", x=np.zeros((2, 3)), y=np.zeros(3))
+    with pytest.raises(ValueError, match="2 inputs but 3 targets"):
+        load_data(str(tmp_path / "e.npz"))
+
+
+def test_checkpoints_prefixes_and_trusted_modules(tmp_path):
+    (tmp_path / "m.py").write_text("from torch import nn\ndef net():\n    return nn.Linear(3, 2)\n")
+    source = nn.Linear(3, 2)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
+    model = load_checkpoint(load_model(f"{tmp_path / 'm.py'}:net"), tmp_path / "ddp.pt")
+    assert torch.equal(model.weight, source.weight)
+    torch.save(source, tmp_path / "whole.pt")
+    with pytest.raises(ValueError, match="--trust-checkpoint"):
+        load_checkpoint(None, tmp_path / "whole.pt")
+    assert torch.equal(load_checkpoint(None, tmp_path / "whole.pt", trust=True).weight, source.weight)
+
+
+def test_losses_by_name_and_from_a_file(tmp_path):
+    assert load_loss("cross_entropy") is cross_entropy
+    (tmp_path / "l.py").write_text("def hinge(out, y):\n    return (1 - out[:, 0] * y).clamp(min=0)\n")
+    assert callable(load_loss(f"{tmp_path / 'l.py'}:hinge"))
+    with pytest.raises(ValueError, match="must be one of"):
+        load_loss("hinge")
