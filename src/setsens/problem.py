@@ -80,6 +80,19 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
+@contextlib.contextmanager
+def _differentiable_kernels():
+    """Attention through its math kernel, not the fused ones (the transformer fast path and flash
+    attention on the CPU have no forward-mode derivative); the caller's setting comes back."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 class NotStationaryWarning(UserWarning):
     """w̄ is not (close to) a stationary point of the risk: first-order theory may not apply."""
 
@@ -342,8 +355,7 @@ class Problem:
     # -- the risk as a pure function of w -------------------------------------------------------
     def outputs(self, w: Tensor, x: Tensor) -> Tensor:
         """``f(x, w)`` for a batch in eval mode, buffers fixed: pure in ``w`` and ``x`` (torch.func-safe)."""
-        # attention through the math kernel: the fused CPU kernels have no forward-mode derivative
-        with _eval_mode(self.model), sdpa_kernel(SDPBackend.MATH):
+        with _eval_mode(self.model), _differentiable_kernels():
             return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
 
     def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:

@@ -77,16 +77,28 @@ def test_attention_models_get_forward_mode_derivatives():
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
-            self.encoder = nn.TransformerEncoderLayer(4, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(4, 2)
+            self.encoder = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 2)
 
         def forward(self, x):
             return self.head(self.encoder(x).mean(dim=1))
 
-    x = torch.randn(6, 3, 4, dtype=torch.float64)
-    problem = Problem(Tiny().double(), cross_entropy, (x, torch.tensor([0, 1, 0, 1, 1, 0])))
+    x = torch.randn(6, 3, 8, dtype=torch.float64)
+    problem = Problem(Tiny().double().eval(), cross_entropy, (x, torch.tensor([0, 1, 0, 1, 1, 0])))
     v = torch.randn(problem.p, dtype=torch.float64)
     w, h = problem.params, 1e-6
     finite_difference = (problem.gradient(w + h * v) - problem.gradient(w - h * v)) / (2 * h)
     for hv in (Hessian(problem)(v), dense_hessian(problem) @ v):
         assert float((hv - finite_difference).norm() / finite_difference.norm()) < 1e-7
+    single = Problem(problem.model.float(), cross_entropy, (x.float(), problem.targets))  # the fused fast path's dtype
+    hv = Hessian(single)(v.float()).double()
+    assert float((hv - finite_difference).norm() / finite_difference.norm()) < 1e-3
+    from setsens.function_space import output_shift
+    from setsens.problem import Perturbation
+
+    dx = torch.randn(2, 3, 8)
+    r = output_shift(single, Perturbation(torch.tensor([0, 1]), dx))[:2]  # forward mode in x, no reverse pass
+    with torch.no_grad():
+        f = lambda t: single.outputs(single.params, x[:2].float() + t * dx)
+        assert torch.allclose(r, (f(1e-3) - f(-1e-3)) / 2e-3, rtol=1e-2, atol=1e-4)
+    assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting is back
