@@ -69,6 +69,9 @@ def test_a_report_from_a_model_file_checkpoint_and_npz(user, tmp_path):
     assert set(summary["validation"]) >= {"reference", "pearson", "relative_error", "influence_pearson"}
     assert summary["perturbation"]["indices"] == [1, 5]
     assert summary["predictions"]["held_out"]["points"] == 10
+    saved = torch.load(tmp_path / "r" / "set.pt")
+    assert saved["members"].shape == (3, saved["w_bar"].numel())
+    assert float((saved["members"] - saved["w_bar"]).norm(dim=1).max()) <= saved["radius"]
     for name in ("report.md", "results.json", "margins.png", "validation.png"):
         assert (tmp_path / "r" / name).is_file()
     assert "verdict" in (tmp_path / "r" / "report.md").read_text()

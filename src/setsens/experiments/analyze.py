@@ -216,7 +216,7 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
     from ..problem import Problem
-    from ..report import prepare_out_dir, to_jsonable, write_json, write_text
+    from ..report import atomic_torch_save, prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import RadiusOptions, SolveOptions
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
@@ -286,6 +286,9 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     summary["inputs"] = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec, "loss": loss_spec,
                          "step_percent": step, "direction": direction, "seed": seed}
     figures = _figures(analysis, out)
+    est = analysis.estimate
+    atomic_torch_save({"w_bar": est.w_bar, "shift": est.shift, "radius": est.radius, "members": analysis.members,
+                       "indices": est.perturbation.indices, "delta": est.perturbation.delta}, out / "set.pt")
     write_json(out / "results.json", summary)
     write_text(out / "report.md", markdown(to_jsonable(summary), figures))
     if as_json:
