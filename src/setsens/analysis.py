@@ -169,9 +169,9 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
         method: ``"auto"`` (:func:`choose_method`) or one of :data:`setsens.solution_set.METHODS`.
         test: held-out ``(x, y)`` (``y`` may be None); without it, the unmoved training points stand in.
         members: members of the set sampled to see how far it spreads the predictions.
-        validate: retrain (``steps`` gradient-descent steps on perturbed and clean data, twice the cost
-            of ``2·steps`` gradients) and score the estimate and the influence function.
-        progress: ``progress(stage: str, info)`` for long steps.
+        validate: retrain (``steps`` steps on the perturbed and on the clean data: ``2·steps`` gradient
+            passes) and score the estimate and the influence function.
+        progress: ``progress(stage: str, info=None)`` for long steps.
 
     Cost: one :func:`estimate`, ``members`` null projections and forward passes over the held-out points.
     """
@@ -182,7 +182,7 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     reason = "chosen by the caller"
     if method == "auto":
         method, reason = choose_method(problem)
-    report = (lambda stage, info=None: progress(stage, info)) if progress else (lambda stage, info=None: None)
+    report = progress or (lambda stage, info=None: None)
     report("estimate", method)
     result = estimate(problem, perturbation, method, solve=solve, radius=radius,
                       progress=lambda rec: report("candidate", rec))
@@ -192,7 +192,7 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     verdict = assess(result, loss)
     report("verdict", verdict)
     sampled = result.sample(members, torch.Generator().manual_seed(seed)) if members and method != "influence" \
-        else result.centre[None, :0].new_zeros(0, problem.p)
+        else result.shift.new_zeros(0, problem.p)
     if test is not None:
         x_eval, y_eval = test
     else:
@@ -214,7 +214,7 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     if validate:
         report("validate", steps)
         changes, validation = validate_estimate(problem, perturbation, result, x_eval, steps=steps, solve=solve,
-                                       progress=lambda k: report("retrain", k))
+                                                progress=lambda k: report("retrain", k))
         if not validation["reference"]["stable"]:
             notes.append("the retraining reference still changes with its budget (change_when_halved "
                          f"{validation['reference']['change_when_halved']:.2f}): raise --steps")
