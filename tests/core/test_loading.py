@@ -50,3 +50,11 @@ def test_losses_by_name_and_from_a_file(tmp_path):
     assert callable(load_loss(f"{tmp_path / 'l.py'}:hinge"))
     with pytest.raises(ValueError, match="must be one of"):
         load_loss("hinge")
+
+
+def test_data_function_returning_a_dataset(tmp_path):
+    (tmp_path / "ds.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def train():\n    return TensorDataset(torch.arange(12.).reshape(4, 3), torch.tensor([0, 1, 1, 0]))\n")
+    data = load_data(f"{tmp_path / 'ds.py'}:train")
+    assert data.x.shape == (4, 3) and data.y.tolist() == [0, 1, 1, 0] and data.test is None
