@@ -1,0 +1,53 @@
+"""setsens.audit: every point's modulus and many queries from one Gram factorisation, against
+independent matrix-free solves."""
+
+import pytest
+import torch
+from torch import nn
+
+from setsens.audit import GramFactor, answer_queries, exact_modulus, scan
+from setsens.problem import Perturbation, Problem, cross_entropy, squared_error
+from setsens.retrain import levenberg_marquardt
+from setsens.solution_set import SolveOptions, estimate
+
+
+def fitted(loss=squared_error, seed=0, n=10, k=2):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if loss is squared_error:
+        y = torch.randn(n, k, generator=g, dtype=torch.float64)
+        w = levenberg_marquardt(Problem(model, loss, (x, y)), gtol=1e-13, max_iter=300).w
+        return Problem(model, loss, (x, y), params=w)
+    return Problem(model, loss, (x, torch.randint(0, k, (n,), generator=g)))
+
+
+@pytest.mark.parametrize("loss", [squared_error, cross_entropy])
+def test_scan_matches_per_point_solves_and_its_direction_attains_it(loss):
+    problem = fitted(loss, k=3)
+    factor = GramFactor(problem)
+    result = scan(problem, factor)
+    exact = torch.tensor([exact_modulus(problem, k) for k in range(problem.n)], dtype=torch.float64)
+    assert torch.allclose(result.kappa, exact, rtol=1e-6)
+    assert float(exact.max() / exact.min()) > 1.5  # the points differ: a ranking that can fail
+    k = int(result.ranking[0])
+    x, _ = problem.points([k])
+    worst = answer_queries(problem, [Perturbation(torch.tensor([k]), result.direction[k][None])], factor)[0]
+    assert float(worst.norm()) == pytest.approx(float(result.kappa[k]), rel=1e-8)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):  # no direction moves the set further
+        d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        v = answer_queries(problem, [Perturbation(torch.tensor([k]), d / d.norm())], factor)[0]
+        assert float(v.norm()) <= float(result.kappa[k]) * (1 + 1e-10)
+
+
+def test_many_queries_match_individual_estimates():
+    problem = fitted(k=2)
+    g = torch.Generator().manual_seed(2)
+    perts = [Perturbation(torch.tensor([i % problem.n]), 0.01 * torch.randn(1, 3, generator=g, dtype=torch.float64))
+             for i in range(6)]
+    shifts = answer_queries(problem, perts)
+    for pert, v in zip(perts, shifts):
+        ref = estimate(problem, pert, "gauss-newton", solve=SolveOptions(rule="fixed", rtol=1e-13, maxiter=500)).shift
+        assert float((v - ref).norm() / ref.norm()) < 1e-6
