@@ -13,10 +13,9 @@ from pathlib import Path
 import click
 import torch
 
-from ..loading import load_checkpoint, load_data, load_loss, load_model
+from .user_model import load_problem, model_options
 
 SELECT_RULES = ("top-loss", "low-loss", "random")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _parse_points(points: str | None, select: str | None) -> tuple[str, object]:
@@ -67,37 +66,6 @@ def _direction(problem, idx, direction: str, step: float, seed: int):
                                  " (one row per moved point)", param_hint="--direction")
     x, _ = problem.points(idx)
     return problem.check_perturbation(Perturbation(idx, scale_to_relative(x, d.to(x), step)))
-
-
-def _check_labels(problem, data) -> None:
-    """Integer labels of a K-output model (a classifier) must lie in [0, K)."""
-    x, _ = problem.points(torch.tensor([0]))
-    out = problem.outputs(problem.params, x)
-    if out.ndim != 2:
-        return
-    k = out.shape[1]
-    for y, part in ((data.y, "training"), (data.y_test, "held-out")):
-        if y is None or y.is_floating_point():
-            continue
-        if int(y.min()) < 0 or int(y.max()) >= k:
-            raise click.BadParameter(f"{part} labels span [{int(y.min())}, {int(y.max())}] but the model has {k} "
-                                     "outputs", param_hint="--data")
-
-
-def _polish(problem, iterations: int, log):
-    """Fine-tune w̄ by L-BFGS on the training risk; the analysis is then of the polished weights."""
-    from ..problem import Problem
-    from ..retrain import retrain
-
-    before = float(problem.gradient().norm())
-    log(f"polish: L-BFGS, at most {iterations} iterations from ‖∇L‖ = {before:.3g}…")
-    fit = retrain(problem, gtol=0.0, max_iter=iterations)
-    record = {"iterations": fit.iterations, "grad_norm_before": before, "grad_norm_after": fit.grad_norm,
-              "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance}
-    log(f"polish: ‖∇L‖ {before:.3g} → {fit.grad_norm:.3g}, w̄ moved {fit.distance:.3g}")
-    inputs, targets = problem.inputs, problem.targets
-    return Problem(problem.model, problem.loss, (inputs, targets), fit.w, batch_size=problem.batch_size,
-                   dtype=problem.dtype, device=problem.device, weight_decay=problem.weight_decay), record
 
 
 def _figures(analysis, out: Path) -> list[str]:
@@ -178,13 +146,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
 
 
 @click.command("analyze")
-@click.option("--model", "model_spec", help="FILE.py:FUNCTION or package.module:FUNCTION returning an nn.Module.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="State dict (or a trusted pickled module).")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole module (runs its code).")
-@click.option("--data", "data_spec", required=True, help=".npz (x, y[, x_test, y_test]), an image folder, or "
-              "FILE.py:FUNCTION.")
-@click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
-              help="cross_entropy, squared_error or FILE.py:FUNCTION (per-sample loss).")
+@model_options
 @click.option("--points", help="Indices of the training points to move, e.g. 3,17,42.")
 @click.option("--select", help="Or choose them: top-loss:K, low-loss:K or random:K [default: random:3].")
 @click.option("--direction", default="gradient", show_default=True,
@@ -200,22 +162,13 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
 @click.option("--test-points", default=1000, show_default=True, type=click.IntRange(1),
               help="Held-out points used at most.")
-@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="λ of the (λ/2)‖w‖² term the model was trained with (part of the risk).")
-@click.option("--polish", default=0, show_default=True, type=click.IntRange(0),
-              help="First fine-tune w̄ with this many full-batch L-BFGS iterations (towards a stationary point).")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Precision [default: the model's].")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, points, select, direction, step, method,
-            maxiter, members, validate, steps, test_points, weight_decay, polish, device, dtype, batch_size, seed, out,
-            as_json):
+def command(points, select, direction, step, method, maxiter, members, validate, steps, test_points, seed, out,
+            as_json, **inputs):
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
-    from ..problem import Problem
     from ..report import atomic_torch_save, prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import RadiusOptions, SolveOptions
 
@@ -224,28 +177,14 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
     if direction not in ("gradient", "random") and not Path(direction).is_file():
         raise click.BadParameter(f"expected gradient, random or an existing .npy file, got {direction!r}",
                                  param_hint="--direction")
-    if model_spec is None and checkpoint is None:
-        raise click.UsageError("give --model (and usually --checkpoint)")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise click.BadParameter(f"device {device!r} is not available ({err})", param_hint="--device") from None
+    if inputs["data_spec"] is None:
+        raise click.UsageError("give --data (and --model, usually --checkpoint)")
     out = prepare_out_dir(out)
-    model = load_model(model_spec) if model_spec else None
-    if checkpoint:
-        model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
-    loss = load_loss(loss_spec)
-    data = load_data(data_spec)
-    problem = Problem(model, loss, (data.x, data.y), batch_size=batch_size, device=device,
-                      dtype=DTYPES[dtype] if dtype else None, weight_decay=weight_decay)
-    _check_labels(problem, data)
-    polished = None
-    if polish:
-        problem, polished = _polish(problem, polish, log)
+    problem, data, polished = load_problem(log=log, **inputs)
     idx = _select(problem, rule, arg, seed)
     pert = _direction(problem, idx, direction, step / 100, seed)
     test = None if data.test is None else (data.x_test[:test_points], data.y_test[:test_points])
-    log(f"model: {type(model).__name__}, p = {problem.p}, n = {problem.n}, {problem.dtype}; moving points "
+    log(f"model: {type(problem.model).__name__}, p = {problem.p}, n = {problem.n}, {problem.dtype}; moving points "
         f"{idx.tolist()} by {step:g} % along {direction if direction in ('gradient', 'random') else 'the given Δx'}")
 
     from tqdm.auto import tqdm
@@ -283,8 +222,9 @@ def command(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, poin
         bar.close()
     summary = analysis.summary()
     summary["polish"] = polished
-    summary["inputs"] = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec, "loss": loss_spec,
-                         "step_percent": step, "direction": direction, "seed": seed}
+    summary["inputs"] = {"model": inputs["model_spec"], "checkpoint": inputs["checkpoint"],
+                         "data": inputs["data_spec"], "loss": inputs["loss_spec"], "step_percent": step,
+                         "direction": direction, "seed": seed}
     figures = _figures(analysis, out)
     est = analysis.estimate
     atomic_torch_save({"w_bar": est.w_bar, "shift": est.shift, "radius": est.radius, "members": analysis.members,

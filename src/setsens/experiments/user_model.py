@@ -1,0 +1,94 @@
+"""A user's model, checkpoint, data and loss as command-line options, turned into a checked
+:class:`~setsens.problem.Problem` (shared by ``setsens analyze`` and ``setsens audit``).
+
+Everything is loaded and checked before any work starts: specs, checkpoint against the model,
+data shapes against the model, labels against its outputs, the device.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from ..loading import load_checkpoint, load_data, load_loss, load_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+OPTIONS = [
+    click.option("--model", "model_spec", help="FILE.py:FUNCTION or package.module:FUNCTION returning an nn.Module."),
+    click.option("--checkpoint", type=click.Path(dir_okay=False), help="State dict (or a trusted pickled module)."),
+    click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a whole module (runs its code)."),
+    click.option("--data", "data_spec", help=".npz (x, y[, x_test, y_test]), an image folder, or FILE.py:FUNCTION."),
+    click.option("--loss", "loss_spec", default="cross_entropy", show_default=True,
+                 help="cross_entropy, squared_error or FILE.py:FUNCTION (per-sample loss)."),
+    click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0),
+                 help="λ of the (λ/2)‖w‖² term the model was trained with (part of the risk)."),
+    click.option("--polish", default=0, show_default=True, type=click.IntRange(0),
+                 help="First fine-tune w̄ with this many full-batch L-BFGS iterations (towards a stationary point)."),
+    click.option("--device", default="cpu", show_default=True),
+    click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Precision [default: the model's]."),
+    click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1)),
+]
+
+
+def model_options(command):
+    """The options that name a user's model (``--model``, ``--checkpoint``, ``--data``, ``--loss``, …)."""
+    for option in reversed(OPTIONS):
+        command = option(command)
+    return command
+
+
+def _check_labels(problem, data) -> None:
+    """Integer labels of a K-output model (a classifier) must lie in [0, K)."""
+    x, _ = problem.points(torch.tensor([0]))
+    out = problem.outputs(problem.params, x)
+    if out.ndim != 2:
+        return
+    k = out.shape[1]
+    for y, part in ((data.y, "training"), (data.y_test, "held-out")):
+        if y is None or y.is_floating_point():
+            continue
+        if int(y.min()) < 0 or int(y.max()) >= k:
+            raise click.BadParameter(f"{part} labels span [{int(y.min())}, {int(y.max())}] but the model has {k} "
+                                     "outputs", param_hint="--data")
+
+
+def _polish(problem, iterations: int, log):
+    """Fine-tune w̄ by L-BFGS on the training risk; the analysis is then of the polished weights."""
+    from ..problem import Problem
+    from ..retrain import retrain
+
+    before = float(problem.gradient().norm())
+    log(f"polish: L-BFGS, at most {iterations} iterations from ‖∇L‖ = {before:.3g}…")
+    fit = retrain(problem, gtol=0.0, max_iter=iterations)
+    record = {"iterations": fit.iterations, "grad_norm_before": before, "grad_norm_after": fit.grad_norm,
+              "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance}
+    log(f"polish: ‖∇L‖ {before:.3g} → {fit.grad_norm:.3g}, w̄ moved {fit.distance:.3g}")
+    inputs, targets = problem.inputs, problem.targets
+    return Problem(problem.model, problem.loss, (inputs, targets), fit.w, batch_size=problem.batch_size,
+                   dtype=problem.dtype, device=problem.device, weight_decay=problem.weight_decay), record
+
+
+def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, weight_decay, polish, device,
+                 dtype, batch_size, log=click.echo):
+    """The checked problem, the data (with any held-out part) and the polish record (or None)."""
+    from ..problem import Problem
+
+    if model_spec is None and checkpoint is None:
+        raise click.UsageError("give --model (and usually --checkpoint)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise click.BadParameter(f"device {device!r} is not available ({err})", param_hint="--device") from None
+    model = load_model(model_spec) if model_spec else None
+    if checkpoint:
+        model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
+    loss = load_loss(loss_spec)
+    data = load_data(data_spec)
+    problem = Problem(model, loss, (data.x, data.y), batch_size=batch_size, device=device,
+                      dtype=DTYPES[dtype] if dtype else None, weight_decay=weight_decay)
+    _check_labels(problem, data)
+    polished = None
+    if polish:
+        problem, polished = _polish(problem, polish, log)
+    return problem, data, polished
