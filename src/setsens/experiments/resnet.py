@@ -100,12 +100,11 @@ def _pt(t):
 
 
 class _Run:
-    """State of one run: the problem, the shared Hessian, recycled deflation, HVP accounting."""
+    """State of one run: the problem, recycled deflation, HVP accounting."""
 
     def __init__(self, cfg: ResnetConfig, out: Path | None, progress: bool):
         from ..data.cifar import load_cifar10
         from ..models.resnet import load_cifar_resnet
-        from ..preconditioners import FastHessian
         from ..problem import Problem, cross_entropy
 
         self.cfg, self.out, self.progress = cfg, out, progress
@@ -116,10 +115,10 @@ class _Run:
         dtype = _pt(cfg.dtype)
         self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
         x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
-        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype, device=cfg.device)
-        self.hessian = FastHessian(self.problem)
+        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype,
+                               device=cfg.device)
         self.deflation = None
-        self.hvp_setup = 0
+        self.hvp_count = 0  # Hessian-vector products of this process
         self.solves: list[dict] = []
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -151,27 +150,26 @@ class _Run:
         return self.cfg.step / 100 if self.cfg.step is not None else self.calibrate(unit, self.cfg.target_loss)
 
     def solve(self, name: str, pert, x0: torch.Tensor | None = None, recycle: bool = True, track=None) -> dict:
-        """Estimate v for ``pert`` with the configured solver (checkpointed, resumable).
+        """v for ``pert``: :func:`setsens.estimate`'s v₀ after ``--maxiter`` iterations (checkpointed, resumable).
 
-        ``gauss-newton``: CGLS on ``G v = −r`` (:mod:`setsens.function_space`), one JVP and one VJP
-        pass per iteration.  ``minres``: MINRES on ``H v = −J Δx`` (eq. 19), one HVP per iteration,
-        deflated by recycled Ritz vectors.  Either way the exact eq.-19 feasibility residual
-        ``‖Hv + JΔx‖/‖JΔx‖`` costs one more HVP, which is also timed so the solve's cost can be
-        stated in HVPs.  ``track(v) -> dict`` is evaluated on every iterate (``out["path"]``).
+        ``gauss-newton``: CGLS on ``G v = −r``, one JVP and one VJP pass per iteration.  ``minres``: one
+        MINRES solve of ``H v = −J Δx`` (eq. 19), one HVP per iteration, deflated by recycled Ritz
+        vectors.  The estimate's feasibility residual ``‖Hv + JΔx‖/‖JΔx‖`` costs one more HVP, whose
+        time states the solve's cost in HVPs.  ``track(v) -> dict`` is evaluated on every iterate
+        (``out["path"]``).
         """
-        from ..function_space import function_space_shift
-        from ..operators import DataJacobian
-        from ..preconditioners import Deflation, minres
+        import warnings
+
+        from ..krylov import Deflation
+        from ..problem import NotStationaryWarning
+        from ..solution_set import RadiusOptions, SolveOptions, estimate
 
         cfg = self.cfg
         cache = self.state / f"{name}.pt" if self.state is not None else None
         if cache is not None and cache.exists():
             saved = torch.load(cache, weights_only=False)
-            if saved.get("bnorm") is not None and saved.get("solver") == cfg.solver:
+            if "v" in saved and saved.get("solver") == cfg.solver:
                 return self._recorded(name, saved)
-        J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
-        b = J @ pert.delta
-        calls0 = self.hessian.calls
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -183,48 +181,40 @@ class _Run:
         # the per-iterate path is saved beside the solver's checkpoint, so a resumed solve keeps it
         path_file = Path(f"{checkpoint}.path") if checkpoint else None
         path = torch.load(path_file, weights_only=False) if path_file and path_file.exists() else []
-        tracking = [0.0]
 
         def cb(it, res, v):
             if track is not None:
-                t = time.perf_counter()
                 path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
                 if path_file:
                     atomic_torch_save(path, path_file)
-                tracking[0] += time.perf_counter() - t
             if bar is not None:
                 bar.n = it
                 bar.set_postfix(residual=f"{res:.3e}", refresh=False)
                 bar.refresh()
 
-        defl = None
-        if cfg.solver == "gauss-newton":
-            v, res = function_space_shift(self.problem, pert, maxiter=cfg.maxiter, rtol=cfg.rtol,
-                                          scale=J.factor / self.problem.weight, x0=x0, callback=cb, checkpoint=checkpoint)
-            products = res.extra["passes"]
-        else:
-            defl = self.deflation if (recycle and cfg.recycle > 0) else None
-            res = minres(self.hessian, b.double(), maxiter=cfg.maxiter, rtol=cfg.rtol, x0=x0, deflation=defl,
-                         callback=cb, checkpoint=checkpoint, keep_basis=cfg.recycle > 0)
-            if cfg.recycle > 0 and res.basis is not None:
-                try:
-                    self.deflation = Deflation.from_krylov(res, cfg.recycle)
-                except ValueError:
-                    pass
-            v, products = res.v, None
-        seconds = res.seconds - tracking[0]  # the solve alone, without the per-iterate evaluations
+        minres = cfg.solver == "minres"
+        defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
+        opts = SolveOptions(maxiter=cfg.maxiter, rtol=cfg.rtol, rule="fixed", min_norm=False, hvp_mode="auto", x0=x0,
+                            deflation=defl, keep_basis=minres and cfg.recycle > 0, checkpoint=checkpoint, callback=cb)
+        with warnings.catch_warnings():  # the run reports stationarity itself
+            warnings.simplefilter("ignore", NotStationaryWarning)
+            est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
+                           radius=RadiusOptions(directions=0))
         if bar is not None:
             bar.close()
-        v = v.to(self.problem.params)
-        t1 = time.perf_counter()
-        Hv = self.hessian(v).double()  # exact feasibility residual (one more product, timed)
-        hvp_seconds = time.perf_counter() - t1
+        krylov = est.krylov
+        if minres and cfg.recycle > 0 and krylov.basis is not None:
+            try:
+                self.deflation = Deflation.from_krylov(krylov, cfg.recycle)
+            except ValueError:
+                pass
+        self.hvp_count += est.cost["hvp"]
+        seconds, hvp_seconds = est.cost["solve_seconds"], est.cost["hvp_seconds"]
         out = {
-            "v": v, "bnorm": float(b.norm()), "solver": cfg.solver, "iterations": res.iterations,
-            "resumed_from": res.resumed_from, "hvp_count": self.hessian.calls - calls0 - 1,
-            "jvp_vjp_passes": products, "deflated_with": defl.k if defl is not None else 0,
-            "feasibility_residual": float((Hv + b.double()).norm() / b.double().norm()),
-            "solver_residuals": res.residuals, "path": path, "seconds": seconds,
+            "v": est.shift, "solver": cfg.solver, "iterations": krylov.iterations, "resumed_from": krylov.resumed_from,
+            "hvp_count": krylov.products if minres else 0, "jvp_vjp_passes": None if minres else krylov.products,
+            "deflated_with": defl.k if defl is not None else 0, "feasibility_residual": est.feasibility_residual,
+            "solver_residuals": krylov.residuals, "path": path, "seconds": seconds,
             "hvp_seconds": hvp_seconds, "cost_in_hvps": seconds / hvp_seconds,
         }
         if cache is not None:
@@ -450,7 +440,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         "hvp_count": first["hvp_count"], "cost_in_hvps": first["cost_in_hvps"],
         "iterations_to_99_percent": first["iterations_to_99_percent"],
         "other_scale": {k: v for k, v in first.items() if k.endswith(("_scale", "_scale_percent"))},
-        "hvp_count_total": R.hessian.calls, "step_percent": first["step_percent"], "points": first["points"],
+        "hvp_count_total": R.hvp_count, "step_percent": first["step_percent"], "points": first["points"],
         "seconds": time.perf_counter() - t_start,
     }
     return results
