@@ -119,7 +119,8 @@ def main(argv=None):
             def f(w):
                 return sum(problem.batch_risk(w, x, y) for x, y in problem.batches())
 
-            return lambda it: -ihvp_at_x_cg(f, wbar, max_iter=it, tol=0.0, mode="rev-fwd", regularization=reg)(b[None])[0]
+            return lambda it: -ihvp_at_x_cg(f, wbar, max_iter=it, tol=0.0, mode="rev-fwd",
+                                            regularization=reg)(b[None])[0]
 
         methods["dattri_cg"] = dattri(0.0)
         methods["dattri_cg_damped"] = dattri(args.damping * lam_max)
@@ -184,12 +185,14 @@ def main(argv=None):
     target = best[metric]
     t_ours = min(r["seconds"] for r in ours if better(r[metric], target))
     summary = {"problem": args.problem, "p": problem.p, "n": problem.n, "points": k, "loss_at_wbar": l0,
-               "base_loss": base, "lambda_max": lam_max, "metric": metric, "target": target, "target_method": best["method"],
+               "base_loss": base, "lambda_max": lam_max, "metric": metric, "target": target,
+               "target_method": best["method"],
                "ours_seconds": t_ours, "device": str(problem.device), "ratios": {}}
     for name in methods:
         if name.startswith("setsens_"):
             continue
-        ok = [r for r in rows if r["method"] == name and "error" not in r and r[metric] == r[metric] and better(r[metric], target)]
+        ok = [r for r in rows if r["method"] == name and "error" not in r and r[metric] == r[metric]
+              and better(r[metric], target)]
         summary["ratios"][name] = (min(r["seconds"] for r in ok) / t_ours) if ok else None
         best_peer = [r for r in rows if r["method"] == name and "error" not in r]
         summary.setdefault("peer_best", {})[name] = (

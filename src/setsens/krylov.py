@@ -301,10 +301,9 @@ def minres(A, b: Tensor, *, maxiter: int = 200, rtol: float = 1e-10, x0: Tensor 
                  | dict(zip(_MINRES_SCALARS, (beta1, beta, oldb, dbar, epsln, phibar, cs, sn, tnorm2, gmax, gmin,
                                               itn, stopped_by))) | {"residuals": residuals})
     stopped_by = stopped_by or "maxiter"
-    return KrylovResult(
-        solution(x), itn, residuals, run.products, stopped_by in ("rtol", "rounding"), stopped_by, run.seconds,
-        resumed, basis=(torch.stack([v for v, _ in basis], 1), torch.stack([h for _, h in basis], 1)) if basis else None,
-        deflation=deflation)
+    V_AV = (torch.stack([v for v, _ in basis], 1), torch.stack([h for _, h in basis], 1)) if basis else None
+    return KrylovResult(solution(x), itn, residuals, run.products, stopped_by in ("rtol", "rounding"), stopped_by,
+                        run.seconds, resumed, basis=V_AV, deflation=deflation)
 
 
 def minres_min_norm(A, b: Tensor, *, maxiter: int = 200, rtol: float = 1e-10, **options) -> KrylovResult:
