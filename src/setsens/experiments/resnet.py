@@ -613,7 +613,8 @@ def _check_inputs(cfg: dict) -> None:
               help="gauss-newton: keep every training output (CGLS, JVP+VJP per step); "
                    "minres: eq. 19 on H (HVP per step).")
 @click.option("--maxiter", type=int, default=None, help="Solver iterations per solve (the regulariser) [50].")
-@click.option("--rtol", type=float, default=1e-6, show_default=True, help="MINRES relative residual tolerance.")
+@click.option("--rtol", type=float, default=1e-6, show_default=True,
+              help="Krylov tolerance (CGLS: relative residual; MINRES: SciPy's tests).")
 @click.option("--recycle", type=int, default=None, help="Ritz vectors recycled to deflate later solves (0: off) [20].")
 @click.option("--retrain-iter", type=int, default=None, help="L-BFGS iterations for warm-started retraining [50].")
 @click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
