@@ -4,13 +4,13 @@ Protocol (section "Simulation on Resnet"): w̄ is a pretrained CIFAR ResNet, x̄
 training images.  Points whose unperturbed loss is below ``threshold`` are moved along their own
 input gradient ``∇ₓℓ`` by a step given as a fraction of the image norm; the step is either given
 (``--step``, percent) or calibrated so that the mean loss on the moved points reaches
-``--target-loss`` (the paper's ≈ 0.004).  The shift Δw comes from one of two solvers
-(``--solver``), each with the iteration count as regulariser (``--maxiter``):
+``--target-loss`` (the paper's ≈ 0.004).  The shift Δw is :func:`setsens.estimate`'s v₀ in one of
+two forms (``--solver``), each with the iteration count as regulariser (``--maxiter``):
 
 * ``gauss-newton`` (default): the minimum-norm shift that keeps every training output,
   ``G v = −r`` by CGLS (:mod:`setsens.function_space`), one JVP + one VJP pass per iteration;
-* ``minres``: the least-squares problem of eq. 19, ``min ‖H v + J Δx‖``, by MINRES with H products
-  from :class:`~setsens.preconditioners.FastHessian` and, from the second solve on, deflation by
+* ``minres``: the least-squares problem of eq. 19, ``min ‖H v + J Δx‖``, by one MINRES solve with H
+  products by the fastest autodiff mode of the device and, from the second solve on, deflation by
   the Ritz vectors recycled from earlier solves (all solves share H).
 
 Both report the exact eq.-19 feasibility residual and the solve's cost in HVPs.
