@@ -15,7 +15,7 @@ other processes hits all methods alike.  Methods:
 * ``jvp_plus_vjp``      — not an HVP: one output JVP plus one output VJP, the cost of one
   iteration of the Gauss–Newton solver (:class:`setsens.function_space.OutputJacobian`).
 
-:class:`setsens.preconditioners.FastHessian` picks the fastest per device ("auto").
+:class:`setsens.operators.Hessian` takes the composition as ``mode``; ``"auto"`` picks the fastest per device.
 
 Measured (docs/resnet.md has the table and the command lines), in gradients:
 2 idle CPU cores, batch 250, 3 repeats: double backward 3.18× and 3.54× (two runs), forward-over-reverse
@@ -35,8 +35,8 @@ from torch.func import grad, jvp
 
 from setsens.function_space import OutputJacobian
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
+from setsens.operators import Hessian
 from setsens.problem import Problem, cross_entropy
-from setsens.preconditioners import FastHessian
 
 
 def main(argv=None):
@@ -80,7 +80,7 @@ def main(argv=None):
         gr = torch.autograd.grad(problem.batch_risk(wr, xb, yb), wr, create_graph=True)[0]
         return torch.autograd.grad(gr @ v, wr)[0]
 
-    fast = FastHessian(problem, method="rev_over_fwd")
+    fast = Hessian(problem, mode="rev_over_fwd")
 
     def m_rev_over_fwd():
         return fast.batch_hvp(w, xb, yb, v)

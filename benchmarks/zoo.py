@@ -3,7 +3,8 @@
 Each model of ``examples/zoo`` is trained (seeded; float32, Adam, as its file says), saved, and
 analysed through the command line for several choices of moved points (``random:3`` with seeds
 0, 1, 2), twice: as trained, and after following the verdict's advice (``--polish`` L-BFGS towards a
-stationary point in float64, with the weight decay the model was trained with).  Printed: per model and step, the verdict (how many seeds pass / warn / fail),
+stationary point in float64, with the weight decay the model was trained with).
+Printed: per model and step, the verdict (how many seeds pass / warn / fail),
 the Pearson correlation between predicted and retrained change of held-out outputs for the
 estimate and for the damped influence function (median, min, max over seeds), and whether the
 retraining reference was stable and clearly above zero.  The question it answers: where the
@@ -55,7 +56,8 @@ def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, o
     from setsens.cli import main
 
     run_dir = out / f"{name}{'-advised' if advised else ''}-step{step:g}-seed{seed}"
-    args = ["analyze", *(ADVICE[name] if advised else []), "--model", f"{ZOO / name}.py:model", "--checkpoint", str(ckpt), "--data",
+    args = ["analyze", *(ADVICE[name] if advised else []), "--model", f"{ZOO / name}.py:model",
+            "--checkpoint", str(ckpt), "--data",
             f"{ZOO / name}.py:data", "--select", "random:3", "--seed", str(seed), "--step", str(step),
             "--validate", "--steps", str(retrain_steps), "--json", "--out", str(run_dir)]
     t0 = time.perf_counter()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .function_space import OutputJacobian, cgls, output_shift
+from .function_space import OutputJacobian, output_shift
+from .krylov import cgls
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem
 
@@ -126,8 +127,7 @@ def exact_modulus(problem: Problem, point: int, maxiter: int = 500, rtol: float 
     for j in range(K):
         e = torch.zeros(problem.n, K, dtype=problem.dtype, device=problem.device)
         e[point, j] = 1.0
-        columns.append(cgls(G.matvec, G.rmatvec, _centre_classes(e, 1) if centered else e,
-                            maxiter=maxiter, rtol=rtol).x)
+        columns.append(cgls(G, _centre_classes(e, 1) if centered else e, maxiter=maxiter, rtol=rtol).x.to(e))
     return float(torch.linalg.matrix_norm(torch.stack(columns, 1) @ A, ord=2))
 
 

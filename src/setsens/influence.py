@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .operators import DataJacobian, Damped, Hessian, dense_hessian
 from .problem import Perturbation, Problem
-from .solvers import krylov_solve, top_eigenvalue
+from .krylov import minres, power_iteration
 
 __all__ = ["influence_shift"]
 
@@ -51,10 +51,11 @@ def influence_shift(
         return -torch.linalg.pinv(dense_hessian(problem), rtol=rcond, hermitian=True) @ b
     H = Hessian(problem)
     if variant == "damped":
-        return krylov_solve(Damped(H, damping), b, maxiter=maxiter, rtol=1e-10).v
+        return minres(Damped(H, damping), -b, maxiter=maxiter, rtol=1e-10).x.to(b)
     # LiSSA: h ← b + (1 − λ) h − H h / s converges to s (H + sλ)⁻¹ b when ‖H/s‖ < 1.
     if lissa_scale is None:
-        lissa_scale = 1.5 * top_eigenvalue(H, iterations=20)
+        start = torch.randn(problem.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        lissa_scale = 1.5 * float(power_iteration(H, start.to(H.w), 20).values[0])
     h = b.clone()
     for _ in range(lissa_steps):
         h = b + (1 - damping) * h - H(h) / lissa_scale

@@ -12,6 +12,11 @@ batch, so memory does not grow with ``n``.  Buffers (BatchNorm running statistic
 model is evaluated in ``eval`` mode and the risk is a function of ``w`` alone; the caller's model
 keeps its own mode.
 
+A problem may hold only some rows of the data (:class:`~setsens.distributed.DistributedProblem`):
+``rows`` says which (all of them here), indices are always global, and every sum over the data
+passes through :meth:`Problem.reduce` (the identity here, an all-reduce there), so the operators and
+``estimate`` run unchanged on a sharded problem.
+
 The loss declares two properties the estimators depend on (attributes of the loss function, or
 detected numerically on the first batch when absent): ``ignores_output_shift`` (a common shift of
 the outputs changes nothing: cross-entropy) and ``is_squared_error``.
@@ -203,6 +208,7 @@ class Problem:
                 raise ValueError("the DataLoader yields its data in a different order each time: fix the order")
         if self.n == 0:
             raise ValueError("the training data are empty")
+        self.rows = range(self.n)  # the global rows held here: all of them
         self.input_shape = tuple(self._first_batch()[0].shape[1:])
         self._check_model_accepts_data()
         self.loss_ignores_output_shift = self._loss_property("ignores_output_shift", self._detect_shift_invariance)
@@ -237,6 +243,28 @@ class Problem:
         """The factor ``c`` in ``L = Σ_i c ℓ_i``."""
         return 1.0 / self.n if self.reduction == "mean" else 1.0
 
+    def reduce(self, total):
+        """The sum over all rows of a sum over the rows held here (a tensor or a float): itself."""
+        return total
+
+    def holds(self, indices) -> Tensor:
+        """Which of the (global) ``indices`` are rows held here, a boolean mask."""
+        idx = torch.as_tensor(indices).long().reshape(-1).cpu()
+        return (idx >= self.rows.start) & (idx < self.rows.stop)
+
+    def localize(self, perturbation: Perturbation | None) -> Perturbation | None:
+        """The part of ``perturbation`` on the rows held here, indexed from the first of them
+        (None if none)."""
+        if perturbation is None:
+            return None
+        mine = self.holds(perturbation.indices)
+        if self.rows.start == 0 and mine.all():
+            return perturbation
+        if not mine.any():
+            return None
+        delta = perturbation.delta[mine.to(perturbation.delta.device)]
+        return Perturbation(perturbation.indices[mine] - self.rows.start, delta)
+
     def _cast(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = x.to(self.device)
         if x.is_floating_point():
@@ -248,7 +276,7 @@ class Problem:
 
     def _raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.loader is None:
-            for s in range(0, self.n, self.batch_size):
+            for s in range(0, len(self.inputs), self.batch_size):
                 yield self.inputs[s : s + self.batch_size], self.targets[s : s + self.batch_size]
         else:
             for x, y in self.loader:
@@ -258,7 +286,9 @@ class Problem:
         return next(iter(self._raw_batches()))
 
     def batches(self, perturbation: Perturbation | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of ``(x, y)`` in order, on device and in dtype, with ``perturbation`` applied."""
+        """Batches of the rows held here, ``(x, y)`` in order, on device and in dtype, with
+        ``perturbation`` (globally indexed) applied."""
+        perturbation = self.localize(perturbation)
         start = 0
         for x, y in self._raw_batches():
             x, y = self._cast(x, y)
@@ -272,8 +302,11 @@ class Problem:
             yield x, y
 
     def points(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """The training points ``indices`` as ``(x, y)`` on device and in dtype."""
+        """The training points ``indices`` (held here) as ``(x, y)`` on device and in dtype."""
         idx = self.check_indices(indices)
+        if not self.holds(idx).all():
+            raise IndexError(f"training points {idx[~self.holds(idx)].tolist()[:5]} are not held by this process")
+        idx = idx - self.rows.start
         if self.loader is None:
             return self._cast(self.inputs[idx], self.targets[idx])
         xs, ys = [None] * idx.numel(), [None] * idx.numel()
@@ -374,7 +407,7 @@ class Problem:
         w = self.params if w is None else w
         with torch.no_grad():
             total = sum(float(self.batch_risk(w, x, y)) for x, y in self.batches(perturbation))
-        return total
+        return self.reduce(total)
 
     def gradient(self, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:
         """``∇_w L(x, w)``; costs one forward and backward pass over the data."""
@@ -383,7 +416,7 @@ class Problem:
         grad = torch.func.grad(self.batch_risk)
         for x, y in self.batches(perturbation):
             g += grad(w, x, y)
-        return g
+        return self.reduce(g)
 
     def loss_on(self, indices, w: Tensor | None = None, perturbation: Perturbation | None = None) -> float:
         """Mean per-sample loss on the training points ``indices`` (perturbed if given)."""

@@ -158,8 +158,8 @@ def proximal_response(problem: Problem, perturbation: Perturbation, damping: flo
 
 @dataclass
 class BudgetResponse:
-    """Gradient descent (Nesterov momentum) from w̄ for ``steps`` (step ``lr``) on the perturbed data (ending at ``perturbed``)
-    and on the clean data (ending at ``clean``); ``shift = perturbed − clean``.  ``change_when_halved``:
+    """Gradient descent (Nesterov momentum) from w̄ for ``steps`` (step ``lr``) on the perturbed data
+    (ending at ``perturbed``) and on the clean data (ending at ``clean``); ``shift = perturbed − clean``.  ``change_when_halved``:
     ``‖shift − shift½‖/‖shift‖`` against the same difference after ``steps/2`` — small when the budget
     no longer matters (``stable``: ≤ 10 %).  ``drift``: ‖clean − w̄‖, how far training moves on its own."""
 
@@ -188,10 +188,11 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
     if steps < 2:
         raise ValueError(f"the retraining budget must be at least 2 steps, got {steps}")
     if lr is None:
+        from .krylov import power_iteration
         from .operators import Hessian
-        from .solvers import top_eigenvalue
 
-        lr = 1.0 / top_eigenvalue(Hessian(problem), iterations=30)
+        start = torch.randn(problem.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        lr = 1.0 / float(power_iteration(Hessian(problem), start.to(problem.params), 30).values[0])
     ends = []
     for pert in (perturbation, None):
         w, half = problem.params.clone(), None

@@ -16,7 +16,8 @@ The estimate (eq. 15) is ``S(xᵖ) ∩ U ≈ w̄ + (v₀ + N) ∩ B(0, r)``:
   on the dense path) is v₀: the least regularised candidate (most iterations, smallest τ) whose
   true perturbed risk ``L(xᵖ, w̄ + v)`` is within ``tie`` (5 %) of the smallest one, the margin
   measured on the smaller of that risk and the reduction it achieves over w̄ — the latter matters when
-  the unmoved points dominate the risk (one forward pass per candidate; ``rule="validated"``), or a fixed one (``rule="fixed"``).  Regularise only as much
+  the unmoved points dominate the risk (one forward pass per candidate; ``rule="validated"``), or a
+  fixed one (``rule="fixed"``).  Regularise only as much
   as the perturbed problem asks for: candidates whose risks differ by rounding noise do not pull
   v₀ towards a truncation that drops real directions.  A Krylov solve stops at its tolerance, at
   ``maxiter``, or after ``patience`` scores in a row worse than that band (the family has left its
@@ -43,11 +44,12 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .function_space import OutputJacobian, cgls, output_shift
-from .operators import DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
+from .function_space import OutputJacobian, output_shift
+from .krylov import Callback, Deflation, KrylovResult, cgls, minres, minres_min_norm, power_iteration
+from .operators import HVP_MODES, DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
 from .problem import Perturbation, Problem
 from .sets import AffineBall, excess, hausdorff
-from .solvers import Spectrum, krylov_solve, minres_min_norm, top_eigenvalue
+from .solvers import Spectrum
 
 __all__ = ["SolutionSet", "NullSpace", "SolveOptions", "RadiusOptions", "estimate", "DEFAULT_TAUS", "METHODS"]
 
@@ -62,8 +64,9 @@ class SolveOptions:
 
     Attributes:
         maxiter: Krylov iterations at most (CGLS: one JVP + one VJP pass each; MINRES: one H v
-            each, two solves).
-        rtol: relative residual at which a Krylov solve stops.
+            each, two solves unless ``min_norm=False``).
+        rtol: relative residual at which a Krylov solve stops (MINRES: SciPy's tests, see
+            :func:`setsens.krylov.minres`).
         rule: ``"validated"`` (the member of the family minimising the perturbed risk) or
             ``"fixed"`` (the last iterate; dense: the cut-off ``tau``).
         tau: dense path with ``rule="fixed"``: spectral cut-off relative to the largest value.
@@ -71,6 +74,17 @@ class SolveOptions:
             stop after ``patience`` scores in a row worse than the best by more than ``tie``.
         tie: validated rule — relative margin within which a less regularised candidate is preferred.
         influence_damping: ``method="influence"``: damping relative to λ_max(H).
+        min_norm: ``method="hessian"``: two consistent MINRES solves give the minimum-norm v₀; False:
+            one solve of ``H v = −J Δx`` (half the products; its iterates keep J Δx's part in ker H).
+        hvp_mode: the autodiff composition of H v (:data:`setsens.operators.HVP_MODES`; ``"auto"``:
+            the fastest measured on the device).
+        x0: start of the Krylov solve (default 0); v₀ then keeps x0's part in the null space.
+        deflation: MINRES on H deflated by this space (:class:`setsens.krylov.Deflation`).
+        keep_basis: keep the MINRES solve's Lanczos basis in ``SolutionSet.krylov``, so that later
+            solves on the same H can be deflated with :meth:`Deflation.from_krylov`.
+        checkpoint: a file path: the solve's state is saved there after every iteration and a rerun
+            resumes it (with ``rule="fixed"`` to the same v₀; a validated rule rescores from there).
+        callback: ``callback(k, residual, v_k)`` after every Krylov iteration; returning True stops.
     """
 
     maxiter: int = 200
@@ -81,18 +95,28 @@ class SolveOptions:
     patience: int = 4
     tie: float = 0.05
     influence_damping: float = 1e-4
+    min_norm: bool = True
+    hvp_mode: str = "fwd_over_rev"
+    x0: Tensor | None = None
+    deflation: Deflation | None = None
+    keep_basis: bool = False
+    checkpoint: str | None = None
+    callback: Callback | None = None
 
     def __post_init__(self):
         if self.rule not in ("validated", "fixed"):
             raise ValueError(f"rule must be 'validated' or 'fixed', got {self.rule!r}")
         if self.maxiter < 1 or self.check_every < 1 or self.patience < 1:
             raise ValueError("maxiter, check_every and patience must be ≥ 1")
+        if self.hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}")
 
 
 @dataclass
 class RadiusOptions:
-    """The rule for r (see the module doc): ``keep`` ∈ (0, 1], ``directions`` ≥ 1 random null
-    directions, each projected with at most ``projection_maxiter`` Krylov iterations."""
+    """The rule for r (see the module doc): ``keep`` ∈ (0, 1], ``directions`` random null directions,
+    each projected with at most ``projection_maxiter`` Krylov iterations; ``directions=0`` skips the
+    search (ρ = 0, r = ‖v₀‖: only v₀ is wanted)."""
 
     keep: float = 0.9
     directions: int = 4
@@ -100,8 +124,8 @@ class RadiusOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0 < self.keep <= 1 or self.directions < 1:
-            raise ValueError("keep must lie in (0, 1] and directions be ≥ 1")
+        if not 0 < self.keep <= 1 or self.directions < 0:
+            raise ValueError("keep must lie in (0, 1] and directions be ≥ 0")
 
 
 class NullSpace:
@@ -142,7 +166,10 @@ class SolutionSet:
         stationarity: ``‖∇L(x̄, w̄)‖ / ‖J Δx‖``: near or above 1, the estimate answers the gradient
             already at w̄ rather than the perturbation.
         selected, path: the validated choice and the scored candidates; radius_record: ρ's search.
-        cost: products and seconds, counted the same way for every method.
+        cost: products and seconds, counted the same way for every method: ``hvp``, ``jvp_vjp_passes``,
+            ``risk_evaluations``, ``null_projections``, ``seconds`` (all of it), ``solve_seconds`` (the
+            Krylov solve, callbacks excluded) and ``hvp_seconds`` (one H v, the unit of the solve's cost).
+        krylov: the Krylov solve's record (iterations, residuals, products, basis; None on the dense path).
     """
 
     problem: Problem
@@ -161,6 +188,7 @@ class SolutionSet:
     cost: dict
     scale: str = "exact"
     path: list[dict] = field(default_factory=list)
+    krylov: KrylovResult | None = field(default=None, repr=False)
     _operator: object = field(default=None, repr=False)
     _rhs: Tensor | None = field(default=None, repr=False)
 
@@ -277,9 +305,11 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     radius = radius or RadiusOptions()
     if dense and solve.rule == "fixed" and solve.tau is None:
         raise ValueError("rule='fixed' on the dense path needs tau")
-    if method == "gauss-newton" and getattr(problem, "weight_decay", 0.0):
+    if method == "gauss-newton" and problem.weight_decay:
         raise ValueError("the Gauss–Newton form keeps the training outputs and has no weight-decay term: "
                          "use method='hessian' on a problem with weight decay")
+    if dense and len(problem.rows) != problem.n:
+        raise ValueError("the dense path needs all the data in one process (use dense=False on a sharded problem)")
     problem.check_perturbation(perturbation)
     t0 = time.perf_counter()
     w_bar = problem.params
@@ -290,7 +320,7 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     centered = problem.loss_ignores_output_shift
     factor = 1.0 / (len(perturbation.indices) * problem.weight) if scale == "paper" else 1.0
     r = output_shift(problem, perturbation, centered=centered) * factor
-    H, G = Hessian(problem), OutputJacobian(problem, centered=centered)
+    H, G = Hessian(problem, mode=solve.hvp_mode), OutputJacobian(problem, centered=centered)
     risk0 = problem.risk(w_bar, perturbation)
     evals = [1]
 
@@ -299,17 +329,21 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
         return problem.risk(w_bar + v, perturbation)
 
     if method == "influence":
-        v, null, selected, path = _influence(H, b, solve)
+        v, null, selected, path, krylov = _influence(H, b, solve)
     elif dense:
-        v, null, selected, path = _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progress)
+        v, null, selected, path, krylov = _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve,
+                                                 progress)
     else:
-        v, null, selected, path = _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius)
+        v, null, selected, path, krylov = _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius)
     if float(v.norm()) == 0.0:
         warnings.warn("the validated shift is zero: no member of the linear model improves the "
                       "perturbed problem (the perturbation is outside the first-order regime)")
     risk_c = perturbed_risk(v)
     record = _validated_null_radius(problem.p, v, null, perturbed_risk, risk0, risk_c, radius)
-    feas = float((H(v) + b).norm()) / b_norm
+    t_hvp = time.perf_counter()
+    Hv = H(v)
+    hvp_seconds = time.perf_counter() - t_hvp
+    feas = float((Hv.double() + b.double()).norm() / b.double().norm())
     out_res = float((G @ v + r).norm() / max(float(r.norm()), 1e-300))
     operator, rhs = (G.matvec, r) if method == "gauss-newton" else (H, b)
     stationarity = problem.stationarity(reference=b_norm)["relative_grad_norm"]  # warns past 0.1
@@ -318,18 +352,21 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
         radius=math.hypot(float(v.norm()), record["rho"]), null_space=null,
         residual=out_res if method == "gauss-newton" else feas, feasibility_residual=feas,
         output_residual=out_res, perturbed_risk_ratio=risk_c / max(risk0, 1e-300), stationarity=stationarity,
-        selected=selected, radius_record=record, scale=scale, path=path, _operator=operator, _rhs=rhs,
-        cost={"hvp": H.calls, "jvp_vjp_passes": G.calls, "risk_evaluations": evals[0],
-              "null_projections": null.calls, "seconds": time.perf_counter() - t0},
+        selected=selected, radius_record=record, scale=scale, path=path, krylov=krylov, _operator=operator,
+        _rhs=rhs, cost={"hvp": H.calls, "jvp_vjp_passes": G.calls, "risk_evaluations": evals[0],
+                        "null_projections": null.calls, "seconds": time.perf_counter() - t0,
+                        "solve_seconds": None if krylov is None else krylov.seconds, "hvp_seconds": hvp_seconds},
     )
 
 
 def _influence(H, b, solve):
-    lam = top_eigenvalue(H, iterations=30)
+    start = torch.randn(b.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(H.w)
+    lam = float(power_iteration(H, start, 30).values[0])
     damping = solve.influence_damping * lam
-    path = krylov_solve(Damped(H, damping), b, maxiter=solve.maxiter, rtol=solve.rtol)
+    result = minres(Damped(H, damping), -b, maxiter=solve.maxiter, rtol=solve.rtol, x0=solve.x0,
+                    callback=solve.callback, checkpoint=solve.checkpoint)
     null = NullSpace(basis=torch.zeros(b.numel(), 0, dtype=b.dtype, device=b.device))
-    return path.v, null, {"damping": damping, "lambda_max": lam, "iterations": path.iterations}, []
+    return result.x.to(b), null, {"damping": damping, "lambda_max": lam, "iterations": result.iterations}, [], result
 
 
 def _band(best: float, risk0: float, tie: float) -> float:
@@ -360,7 +397,7 @@ def _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progre
     pick = 0 if solve.rule == "fixed" else next(
         i for i, rec in enumerate(path) if rec["perturbed_risk"] <= _band(best, risk0, solve.tie))
     selected = path[pick]
-    return solutions[pick], NullSpace(basis=spec.null_basis(selected["tau"])), selected, path
+    return solutions[pick], NullSpace(basis=spec.null_basis(selected["tau"])), selected, path, None
 
 
 def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
@@ -385,40 +422,31 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
             stale[0] += 1
         return stale[0] >= solve.patience
 
+    def on_iterate(k: int, residual: float, v: Tensor) -> bool:
+        stop = bool(solve.callback(k, residual, v)) if solve.callback else False
+        return score(k, v.to(b)) or stop
+
+    options = dict(maxiter=solve.maxiter, rtol=solve.rtol, x0=solve.x0, callback=on_iterate,
+                   checkpoint=solve.checkpoint)
     if method == "gauss-newton":
-        stop = []
-
-        def on_iterate(k, res, x):
-            if score(k, x.to(b)):
-                stop.append(k)
-                raise _Stop
-
-        try:
-            res = cgls(G.matvec, G.rmatvec, -r, maxiter=solve.maxiter, rtol=solve.rtol, callback=on_iterate)
-            stopped_by, iterations = ("rtol" if res.converged else "maxiter"), res.iterations
-        except _Stop:
-            stopped_by, iterations = "callback", stop[0]
+        result = cgls(G, -r, dot=G.dot, **options)
 
         def range_part(z):
-            return cgls(G.matvec, G.rmatvec, G @ z, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
+            return cgls(G, G @ z, dot=G.dot, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
     else:
-        sol = minres_min_norm(H, b, maxiter=solve.maxiter, rtol=solve.rtol, callback=score)
-        stopped_by, iterations = sol.stopped_by, sol.iterations
+        solver = minres_min_norm if solve.min_norm else minres
+        result = solver(H, -b, deflation=solve.deflation, keep_basis=solve.keep_basis, **options)
 
         def range_part(z):
-            return krylov_solve(H, -H(z), maxiter=radius.projection_maxiter, rtol=1e-10).v
+            return minres(H, H(z), maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
 
     if solve.rule == "fixed":
-        v, selected = last[0][1], {"iteration": last[0][0], "stopped_by": stopped_by}
+        v, selected = result.x, {"iteration": result.iterations, "stopped_by": result.stopped_by}
     else:
-        if stopped_by != "callback" and last[0] is not None and last[0][0] % solve.check_every:
+        if result.stopped_by != "callback" and last[0] is not None and last[0][0] % solve.check_every:
             score(solve.check_every * (last[0][0] // solve.check_every + 1), last[0][1])  # score the end
-        v, selected = best_v[0], dict(best, stopped_by=stopped_by, iterations_run=iterations)
-    return v.to(b), NullSpace(range_part=range_part), selected, path
-
-
-class _Stop(Exception):
-    pass
+        v, selected = best_v[0], dict(best, stopped_by=result.stopped_by, iterations_run=result.iterations)
+    return v.to(b), NullSpace(range_part=range_part), selected, path, result
 
 
 def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c, opts: RadiusOptions) -> dict:
@@ -426,7 +454,7 @@ def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c
     record = {"rule": f"members keep ≥ {opts.keep:g} of the centre's reduction of the perturbed risk",
               "keep": opts.keep, "directions": opts.directions, "risk_w_bar": risk0, "risk_centre": risk_c,
               "rho": 0.0, "determined": False, "evaluations": 0}
-    if null.dim == 0 or not risk_c < risk0:
+    if null.dim == 0 or opts.directions == 0 or not risk_c < risk0:
         return record
     threshold = risk_c + (1 - opts.keep) * (risk0 - risk_c)
     g = torch.Generator().manual_seed(opts.seed)

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from setsens.operators import DataJacobian, Hessian, dense_data_jacobian, dense_hessian, dense_output_jacobian
+from setsens.operators import (HVP_MODES, DataJacobian, Hessian, dense_data_jacobian, dense_hessian,
+                               dense_output_jacobian)
 from setsens.problem import Perturbation, Problem
 
 from core_helpers import small_problem
@@ -102,3 +103,10 @@ def test_output_jacobian_is_the_gauss_newton_factor(seed, batch):
 
     fd = (outputs(problem.params + eps * v) - outputs(problem.params - eps * v)) / (2 * eps)
     assert torch.allclose(J @ v, fd, atol=1e-6)
+
+
+def test_every_hvp_mode_gives_the_dense_product(problem):
+    H = dense_hessian(problem)
+    v = torch.randn(problem.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for mode in HVP_MODES:
+        assert torch.allclose(Hessian(problem, mode=mode) @ v, H @ v, atol=1e-10), mode

@@ -127,6 +127,39 @@ def test_matrix_free_set_matches_the_dense_set(loss):
     assert abs(dense.distance(w) - free.distance(w)) < 1e-5 * max(dense.distance(w), 1)
 
 
+def test_the_options_of_a_long_run(tmp_path):
+    """Start, checkpoint and resume, per-iteration callback, AD mode, one-solve MINRES with a recycled
+    deflation space, no radius search: what the ResNet study asks of estimate."""
+    from setsens.krylov import Deflation
+    from setsens.solution_set import RadiusOptions
+
+    problem, pert = fitted(3, "ce")
+    only_v0 = RadiusOptions(directions=0)
+    fixed = dict(rule="fixed", rtol=0.0)
+    straight = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=12, **fixed), radius=only_v0)
+    assert straight.radius == pytest.approx(float(straight.shift.norm())) and not straight.radius_record["determined"]
+    ck, seen = str(tmp_path / "gn.pt"), []
+    estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=6, checkpoint=ck, **fixed), radius=only_v0)
+    resumed = estimate(problem, pert, "gauss-newton", radius=only_v0, solve=SolveOptions(
+        maxiter=12, checkpoint=ck, callback=lambda k, res, v: seen.append((k, res)), **fixed))
+    assert resumed.krylov.resumed_from == 6 and [k for k, _ in seen] == list(range(7, 13))
+    assert torch.equal(resumed.shift, straight.shift) and seen[-1][1] == straight.krylov.residual
+    # from x0 the converged shift keeps x0's part in the null space: another member of the set
+    dense = estimate(problem, pert, "gauss-newton", dense=True)
+    x0 = 0.1 * torch.randn(problem.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    moved = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=400, rtol=1e-13, x0=x0, rule="fixed"),
+                     radius=only_v0)
+    assert torch.allclose(moved.shift, dense.shift + dense.null_space(x0), atol=1e-7)
+    # eq. 19 by one MINRES solve; its Lanczos basis deflates the next solve on the same H
+    one = SolveOptions(maxiter=15, min_norm=False, keep_basis=True, hvp_mode="auto", **fixed)
+    first = estimate(problem, pert, "hessian", solve=one, radius=only_v0)
+    assert first.krylov.products == 15 and first.cost["hvp"] == 16  # and one for the feasibility residual
+    deflation = Deflation.from_krylov(first.krylov, 5)
+    again = estimate(problem, pert.scaled(2.0), "hessian", radius=only_v0,
+                     solve=SolveOptions(maxiter=15, min_norm=False, deflation=deflation, **fixed))
+    assert again.krylov.deflation is deflation and again.feasibility_residual < first.feasibility_residual
+
+
 def test_gauss_newton_set_is_the_null_space_of_the_output_jacobian():
     problem, pert = fitted(5, "se")
     est = estimate(problem, pert, "gauss-newton", dense=True)

@@ -105,8 +105,9 @@ def markdown(summary: dict, figures: list[str]) -> str:
     lines += [f"| {c['name']} | {c['status']} | {c['value']:.3g} | {c['advice']} |" for c in v["checks"]]
     if summary.get("polish"):
         pol = summary["polish"]
-        lines += ["", f"w̄ was first polished: {pol['iterations']} L-BFGS iterations, ‖∇L‖ {pol['grad_norm_before']:.3g} → "
-                  f"{pol['grad_norm_after']:.3g}, risk {pol['risk_before']:.4g} → {pol['risk_after']:.4g}, weights moved "
+        lines += ["", f"w̄ was first polished: {pol['iterations']} L-BFGS iterations, ‖∇L‖ "
+                  f"{pol['grad_norm_before']:.3g} → {pol['grad_norm_after']:.3g}, risk {pol['risk_before']:.4g} → "
+                  f"{pol['risk_after']:.4g}, weights moved "
                   f"{pol['weights_moved']:.3g}; everything below is about the polished weights."]
     lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", "",
               "## The estimated set", "",
@@ -215,9 +216,9 @@ def command(points, select, direction, step, method, maxiter, members, validate,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
-        analysis = analyze(problem, pert, method, test=test, members=members, seed=seed,
-                           solve=SolveOptions(maxiter=maxiter), radius=RadiusOptions(projection_maxiter=maxiter,
-                                                                                     seed=seed), validate=validate, steps=steps, progress=progress)
+        analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
+                           solve=SolveOptions(maxiter=maxiter), steps=steps, progress=progress,
+                           radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
     for bar in bars.values():
         bar.close()
     summary = analysis.summary()

@@ -4,13 +4,13 @@ Protocol (section "Simulation on Resnet"): w̄ is a pretrained CIFAR ResNet, x̄
 training images.  Points whose unperturbed loss is below ``threshold`` are moved along their own
 input gradient ``∇ₓℓ`` by a step given as a fraction of the image norm; the step is either given
 (``--step``, percent) or calibrated so that the mean loss on the moved points reaches
-``--target-loss`` (the paper's ≈ 0.004).  The shift Δw comes from one of two solvers
-(``--solver``), each with the iteration count as regulariser (``--maxiter``):
+``--target-loss`` (the paper's ≈ 0.004).  The shift Δw is :func:`setsens.estimate`'s v₀ in one of
+two forms (``--solver``), each with the iteration count as regulariser (``--maxiter``):
 
 * ``gauss-newton`` (default): the minimum-norm shift that keeps every training output,
   ``G v = −r`` by CGLS (:mod:`setsens.function_space`), one JVP + one VJP pass per iteration;
-* ``minres``: the least-squares problem of eq. 19, ``min ‖H v + J Δx‖``, by MINRES with H products
-  from :class:`~setsens.preconditioners.FastHessian` and, from the second solve on, deflation by
+* ``minres``: the least-squares problem of eq. 19, ``min ‖H v + J Δx‖``, by one MINRES solve with H
+  products by the fastest autodiff mode of the device and, from the second solve on, deflation by
   the Ritz vectors recycled from earlier solves (all solves share H).
 
 Both report the exact eq.-19 feasibility residual and the solve's cost in HVPs.
@@ -100,12 +100,11 @@ def _pt(t):
 
 
 class _Run:
-    """State of one run: the problem, the shared Hessian, recycled deflation, HVP accounting."""
+    """State of one run: the problem, recycled deflation, HVP accounting."""
 
     def __init__(self, cfg: ResnetConfig, out: Path | None, progress: bool):
         from ..data.cifar import load_cifar10
         from ..models.resnet import load_cifar_resnet
-        from ..preconditioners import FastHessian
         from ..problem import Problem, cross_entropy
 
         self.cfg, self.out, self.progress = cfg, out, progress
@@ -116,10 +115,10 @@ class _Run:
         dtype = _pt(cfg.dtype)
         self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
         x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
-        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype, device=cfg.device)
-        self.hessian = FastHessian(self.problem)
+        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype,
+                               device=cfg.device)
         self.deflation = None
-        self.hvp_setup = 0
+        self.hvp_count = 0  # Hessian-vector products of this process
         self.solves: list[dict] = []
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -151,27 +150,26 @@ class _Run:
         return self.cfg.step / 100 if self.cfg.step is not None else self.calibrate(unit, self.cfg.target_loss)
 
     def solve(self, name: str, pert, x0: torch.Tensor | None = None, recycle: bool = True, track=None) -> dict:
-        """Estimate v for ``pert`` with the configured solver (checkpointed, resumable).
+        """v for ``pert``: :func:`setsens.estimate`'s v₀ after ``--maxiter`` iterations (checkpointed, resumable).
 
-        ``gauss-newton``: CGLS on ``G v = −r`` (:mod:`setsens.function_space`), one JVP and one VJP
-        pass per iteration.  ``minres``: MINRES on ``H v = −J Δx`` (eq. 19), one HVP per iteration,
-        deflated by recycled Ritz vectors.  Either way the exact eq.-19 feasibility residual
-        ``‖Hv + JΔx‖/‖JΔx‖`` costs one more HVP, which is also timed so the solve's cost can be
-        stated in HVPs.  ``track(v) -> dict`` is evaluated on every iterate (``out["path"]``).
+        ``gauss-newton``: CGLS on ``G v = −r``, one JVP and one VJP pass per iteration.  ``minres``: one
+        MINRES solve of ``H v = −J Δx`` (eq. 19), one HVP per iteration, deflated by recycled Ritz
+        vectors.  The estimate's feasibility residual ``‖Hv + JΔx‖/‖JΔx‖`` costs one more HVP, whose
+        time states the solve's cost in HVPs.  ``track(v) -> dict`` is evaluated on every iterate
+        (``out["path"]``).
         """
-        from ..function_space import function_space_shift
-        from ..operators import DataJacobian
-        from ..preconditioners import Deflation, minres
+        import warnings
+
+        from ..krylov import Deflation
+        from ..problem import NotStationaryWarning
+        from ..solution_set import RadiusOptions, SolveOptions, estimate
 
         cfg = self.cfg
         cache = self.state / f"{name}.pt" if self.state is not None else None
         if cache is not None and cache.exists():
             saved = torch.load(cache, weights_only=False)
-            if saved.get("bnorm") is not None and saved.get("solver") == cfg.solver:
+            if "v" in saved and saved.get("solver") == cfg.solver:
                 return self._recorded(name, saved)
-        J = DataJacobian(self.problem, pert.indices, scale=cfg.scale)
-        b = J @ pert.delta
-        calls0 = self.hessian.calls
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -183,48 +181,40 @@ class _Run:
         # the per-iterate path is saved beside the solver's checkpoint, so a resumed solve keeps it
         path_file = Path(f"{checkpoint}.path") if checkpoint else None
         path = torch.load(path_file, weights_only=False) if path_file and path_file.exists() else []
-        tracking = [0.0]
 
         def cb(it, res, v):
             if track is not None:
-                t = time.perf_counter()
                 path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
                 if path_file:
                     atomic_torch_save(path, path_file)
-                tracking[0] += time.perf_counter() - t
             if bar is not None:
                 bar.n = it
                 bar.set_postfix(residual=f"{res:.3e}", refresh=False)
                 bar.refresh()
 
-        defl = None
-        if cfg.solver == "gauss-newton":
-            v, res = function_space_shift(self.problem, pert, maxiter=cfg.maxiter, rtol=cfg.rtol,
-                                          scale=J.factor / self.problem.weight, x0=x0, callback=cb, checkpoint=checkpoint)
-            products = res.extra["passes"]
-        else:
-            defl = self.deflation if (recycle and cfg.recycle > 0) else None
-            res = minres(self.hessian, b.double(), maxiter=cfg.maxiter, rtol=cfg.rtol, x0=x0, deflation=defl,
-                         callback=cb, checkpoint=checkpoint, keep_basis=cfg.recycle > 0)
-            if cfg.recycle > 0 and res.basis is not None:
-                try:
-                    self.deflation = Deflation.from_krylov(res, cfg.recycle)
-                except ValueError:
-                    pass
-            v, products = res.v, None
-        seconds = res.seconds - tracking[0]  # the solve alone, without the per-iterate evaluations
+        minres = cfg.solver == "minres"
+        defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
+        opts = SolveOptions(maxiter=cfg.maxiter, rtol=cfg.rtol, rule="fixed", min_norm=False, hvp_mode="auto", x0=x0,
+                            deflation=defl, keep_basis=minres and cfg.recycle > 0, checkpoint=checkpoint, callback=cb)
+        with warnings.catch_warnings():  # the run reports stationarity itself
+            warnings.simplefilter("ignore", NotStationaryWarning)
+            est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
+                           radius=RadiusOptions(directions=0))
         if bar is not None:
             bar.close()
-        v = v.to(self.problem.params)
-        t1 = time.perf_counter()
-        Hv = self.hessian(v).double()  # exact feasibility residual (one more product, timed)
-        hvp_seconds = time.perf_counter() - t1
+        krylov = est.krylov
+        if minres and cfg.recycle > 0 and krylov.basis is not None:
+            try:
+                self.deflation = Deflation.from_krylov(krylov, cfg.recycle)
+            except ValueError:
+                pass
+        self.hvp_count += est.cost["hvp"]
+        seconds, hvp_seconds = est.cost["solve_seconds"], est.cost["hvp_seconds"]
         out = {
-            "v": v, "bnorm": float(b.norm()), "solver": cfg.solver, "iterations": res.iterations,
-            "resumed_from": res.resumed_from, "hvp_count": self.hessian.calls - calls0 - 1,
-            "jvp_vjp_passes": products, "deflated_with": defl.k if defl is not None else 0,
-            "feasibility_residual": float((Hv + b.double()).norm() / b.double().norm()),
-            "solver_residuals": res.residuals, "path": path, "seconds": seconds,
+            "v": est.shift, "solver": cfg.solver, "iterations": krylov.iterations, "resumed_from": krylov.resumed_from,
+            "hvp_count": krylov.products if minres else 0, "jvp_vjp_passes": None if minres else krylov.products,
+            "deflated_with": defl.k if defl is not None else 0, "feasibility_residual": est.feasibility_residual,
+            "solver_residuals": krylov.residuals, "path": path, "seconds": seconds,
             "hvp_seconds": hvp_seconds, "cost_in_hvps": seconds / hvp_seconds,
         }
         if cache is not None:
@@ -287,7 +277,8 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
             if cfg.n_test:
                 xt, yt = xt[: cfg.n_test], yt[: cfg.n_test]
             with torch.no_grad():
-                pred = torch.cat([R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu() for s in range(0, len(yt), 250)])
+                pred = torch.cat([R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu()
+                                  for s in range(0, len(yt), 250)])
             results["model"]["test_accuracy"] = float((pred == yt).double().mean())
             results["model"]["n_test"] = len(yt)
         except (FileNotFoundError, ValueError) as err:
@@ -301,7 +292,8 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     if eligible.numel() < max(cfg.points):
         # not enough near-zero-loss points (tiny subsets, random weights): take the lowest losses
         eligible = torch.argsort(losses)[: max(max(cfg.points), cfg.scenario_points, 1)].sort().values
-        results["eligible_fallback"] = f"fewer than {max(cfg.points)} points below {cfg.threshold:g}: used the lowest losses"
+        results["eligible_fallback"] = (f"fewer than {max(cfg.points)} points below {cfg.threshold:g}: "
+                                        "used the lowest losses")
 
     # -- Table 1 (and the step used everywhere) ----------------------------------------------------
     table1 = []
@@ -324,7 +316,8 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         row["solver_residuals"] = sol["solver_residuals"]
         row["path"] = sol.get("path", [])
         gap = row["loss_original"] - row["loss_base"]
-        for key, name in (("loss", "iterations_to_99_percent"), (f"loss_{other}_scale", f"iterations_to_99_percent_{other}_scale")):
+        for key, name in (("loss", "iterations_to_99_percent"),
+                          (f"loss_{other}_scale", f"iterations_to_99_percent_{other}_scale")):
             hit = [q["iteration"] for q in row["path"] if row["loss_original"] - q[key] >= 0.99 * gap]
             row[name] = hit[0] if hit else None
         row["paper"] = PAPER["table1"].get(k)
@@ -332,7 +325,8 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         if k == cfg.points[0]:
             first_unit, first_sol = unit, sol
         if out is not None:
-            atomic_torch_save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_table1_{k}.pt")
+            atomic_torch_save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta},
+                              out / "state" / f"estimate_table1_{k}.pt")
     results["table1"] = table1
 
     # -- Table 3: step sweep (exact rescaling of the first solve) ---------------------------------
@@ -406,16 +400,19 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
             if s == 0:
                 x0 = None
             else:
-                z = torch.randn(p.p, generator=torch.Generator().manual_seed(1000 + s), dtype=torch.float64).to(ref.device)
+                g_s = torch.Generator().manual_seed(1000 + s)
+                z = torch.randn(p.p, generator=g_s, dtype=torch.float64).to(ref.device)
                 x0 = z * (cfg.start_radius * ref.norm() / z.norm())
             sol = R.solve(f"seed_{s}", pert, x0=x0, recycle=False)
             if ref is None:
                 ref = sol["v"].double()
-            seeds.append({"seed": s, "start_norm": 0.0 if x0 is None else float(x0.norm())} | R.evaluate(pert, sol["v"], losses)
+            seeds.append({"seed": s, "start_norm": 0.0 if x0 is None else float(x0.norm())}
+                         | R.evaluate(pert, sol["v"], losses)
                          | {"hvp_count": sol["hvp_count"], "feasibility_residual": sol["feasibility_residual"],
                             "distance_to_seed0": float((sol["v"].double() - ref).norm())})
             if out is not None:
-                atomic_torch_save({"v": sol["v"], "indices": idx, "delta": pert.delta}, out / "state" / f"estimate_seed_{s}.pt")
+                atomic_torch_save({"v": sol["v"], "indices": idx, "delta": pert.delta},
+                                  out / "state" / f"estimate_seed_{s}.pt")
         results["seeds"] = {"points": k, "step_percent": 100 * step, "runs": seeds}
 
     # -- landscape -----------------------------------------------------------------------------------
@@ -450,7 +447,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         "hvp_count": first["hvp_count"], "cost_in_hvps": first["cost_in_hvps"],
         "iterations_to_99_percent": first["iterations_to_99_percent"],
         "other_scale": {k: v for k, v in first.items() if k.endswith(("_scale", "_scale_percent"))},
-        "hvp_count_total": R.hessian.calls, "step_percent": first["step_percent"], "points": first["points"],
+        "hvp_count_total": R.hvp_count, "step_percent": first["step_percent"], "points": first["points"],
         "seconds": time.perf_counter() - t_start,
     }
     return results
@@ -459,7 +456,8 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
 def _solver_line(cfg: dict) -> str:
     if cfg["solver"] == "gauss-newton":
         what = ("Solver: Gauss–Newton / function space (CGLS on G v = −r: keep every training output; "
-                f"one JVP + one VJP pass per iteration), at most {cfg['maxiter']} iterations per solve (the regulariser)")
+                f"one JVP + one VJP pass per iteration), at most {cfg['maxiter']} iterations per solve "
+                "(the regulariser)")
     else:
         what = (f"Solver: MINRES on eq. 19 (H v = −J Δx), at most {cfg['maxiter']} Hessian-vector products per solve "
                 f"(the regulariser), recycling {cfg['recycle']} Ritz vectors across solves")
@@ -481,12 +479,14 @@ def render_report(r: dict, command_line: str = "") -> str:
     if command_line:
         L += [f"Command: `{command_line}`", ""]
     L += [f"p = {m['p']:,} parameters, n = {m['n']} training images"
-          + (f", test accuracy {100 * m['test_accuracy']:.1f} % on {m['n_test']} test images" if "test_accuracy" in m else "")
+          + (f", test accuracy {100 * m['test_accuracy']:.1f} % on {m['n_test']} test images"
+             if "test_accuracy" in m else "")
           + f".  At w̄: risk {st['risk']:.3e}, ‖∇L‖ = {st['grad_norm']:.3e} (relative {st['relative_grad_norm']:.2e}); "
           f"{r['eligible_points']} points with loss < {cfg['threshold']:g}.", "",
           _solver_line(cfg), "",
           "## Table 1 — loss on the perturbed points", "",
-          "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | iterations to 99 % | "
+          "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | "
+          "iterations to 99 % | "
           "other J scaling: at w̄ + v, removed, iterations to 99 % | risk on all data: w̄ → w̄ + v | "
           "feasibility ‖Hv+JΔx‖/‖JΔx‖ | iterations (cost in HVPs) | paper (w̄ → est.) |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -495,8 +495,9 @@ def render_report(r: dict, command_line: str = "") -> str:
         pp, o = t["paper"], t.get(f"{other}_scale")
         alt = (f"{other}: {_e(o['loss_estimated'])}, {100 * o['increase_removed']:.2f} %, "
                f"{_e(t.get(f'iterations_to_99_percent_{other}_scale'))}") if o else "—"
-        L.append(f"| {t['points']} | {t['step_percent']:.3g} | {_e(t['loss_base'])} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | "
-                 f"{_x(t['loss_reduction'])} | {100 * t['increase_removed']:.2f} % | {_e(t.get('iterations_to_99_percent'))} | {alt} | "
+        L.append(f"| {t['points']} | {t['step_percent']:.3g} | {_e(t['loss_base'])} | {_e(t['loss_original'])} | "
+                 f"{_e(t['loss_estimated'])} | {_x(t['loss_reduction'])} | {100 * t['increase_removed']:.2f} % | "
+                 f"{_e(t.get('iterations_to_99_percent'))} | {alt} | "
                  f"{_e(t['risk_original'])} → {_e(t['risk_estimated'])} | "
                  f"{t['feasibility_residual']:.3f} | {t['iterations']} ({t['cost_in_hvps']:.1f}) | "
                  + (f"{pp[0]} → {pp[1]:.2g} ({pp[0] / pp[1]:.0f}×)" if pp else "—") + " |")
@@ -506,35 +507,43 @@ def render_report(r: dict, command_line: str = "") -> str:
     L += ["", "## Table 2 — relative differences (‖·‖/‖w̄‖) over perturbation scenarios", "",
           "Δw_ret = w_ret(xᵖ) − w_ret(x̄): the shift that retraining makes *because of* the perturbation "
           "(both warm-started from w̄ with the same budget; w̄ is only approximately stationary on the subset).", "",
-          "| scenario | points | step (%) | orig.–est. | orig.–retrained | est.–retrained | ‖Δw_ret‖ | ‖v − Δw_ret‖/‖Δw_ret‖ | "
+          "| scenario | points | step (%) | orig.–est. | orig.–retrained | est.–retrained | ‖Δw_ret‖ | "
+          "‖v − Δw_ret‖/‖Δw_ret‖ | "
           "cos(v, Δw_ret) | loss w̄ / est. / ret. | risk w̄ → est. | iterations, HVPs (deflated k) |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in r["table2"]:
-        L.append(f"| {t['scenario']} | {len(t['indices'])} | {t['step_percent']:.3g} | {t['rel_diff_original_estimated']:.2e} | "
-                 f"{t['rel_diff_original_retrained']:.2e} | {t['rel_diff_estimated_retrained']:.2e} | {t['rel_retrained_shift']:.2e} | "
+        L.append(f"| {t['scenario']} | {len(t['indices'])} | {t['step_percent']:.3g} | "
+                 f"{t['rel_diff_original_estimated']:.2e} | {t['rel_diff_original_retrained']:.2e} | "
+                 f"{t['rel_diff_estimated_retrained']:.2e} | {t['rel_retrained_shift']:.2e} | "
                  f"{t['estimate_error_vs_shift']:.3f} | {t['cosine_estimate_retrained']:.3f} | "
                  f"{_e(t['loss_original'])} / {_e(t['loss_estimated'])} / {_e(t['loss_retrained'])} | "
-                 f"{_e(t['risk_original'])} → {_e(t['risk_estimated'])} | {t['iterations']}, {t['hvp_count']} ({t['deflated_with']}) |")
+                 f"{_e(t['risk_original'])} → {_e(t['risk_estimated'])} | "
+                 f"{t['iterations']}, {t['hvp_count']} ({t['deflated_with']}) |")
     if r["table2"]:
         u = r["retrain_unperturbed"]
         L += ["", f"Retraining: warm-started L-BFGS from w̄, at most {cfg['retrain_iter']} iterations (not converged "
               f"unless stated in the JSON).  On x̄ alone it moves w̄ by {u['rel_diff_original_retrained']:.2e}·‖w̄‖ "
               f"to ‖∇L‖ = {u['grad_norm']:.2e}."]
-    L += ["", "## Table 3 — step sweep (1-point direction; v rescaled exactly: a Krylov solve from 0 is linear in Δx)", "",
+    L += ["", "## Table 3 — step sweep (1-point direction; v rescaled exactly: a Krylov solve from 0 is linear in Δx)",
+          "",
           "| step (%) | at w̄ | at w̄ + v | reduction | paper (w̄ → est.) |", "|---|---|---|---|---|"]
     for t in r["table3"]:
         pp = t["paper"]
-        L.append(f"| {t['step_percent']:g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {_x(t['loss_reduction'])} | "
+        L.append(f"| {t['step_percent']:g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | "
+                 f"{_x(t['loss_reduction'])} | "
                  + (f"{pp[0]} → {pp[1]}" if pp else "—") + " |")
     if r.get("seeds"):
         s = r["seeds"]
-        L += ["", f"## Estimates from different random starts ({s['points']} points, step {s['step_percent']:.3g} %)", "",
-              "| seed | ‖start‖ | loss at w̄ | loss at estimate | ‖v‖ | distance to seed 0 | feasibility |", "|---|---|---|---|---|---|---|"]
+        L += ["", f"## Estimates from different random starts ({s['points']} points, step {s['step_percent']:.3g} %)",
+              "", "| seed | ‖start‖ | loss at w̄ | loss at estimate | ‖v‖ | distance to seed 0 | feasibility |",
+              "|---|---|---|---|---|---|---|"]
         for t in s["runs"]:
-            L.append(f"| {t['seed']} | {t['start_norm']:.3g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | {t['norm_v']:.3g} | "
+            L.append(f"| {t['seed']} | {t['start_norm']:.3g} | {_e(t['loss_original'])} | {_e(t['loss_estimated'])} | "
+                     f"{t['norm_v']:.3g} | "
                      f"{t['distance_to_seed0']:.3g} | {t['feasibility_residual']:.3f} |")
     if "landscape" in r:
-        L += ["", "## Loss landscape", "", "Plane through w̄ spanned by d₁ = (seed-0 estimate − w̄) and a filter-normalised "
+        L += ["", "## Loss landscape", "",
+              "Plane through w̄ spanned by d₁ = (seed-0 estimate − w̄) and a filter-normalised "
               "random direction orthogonal to it with the same norm; α = 1, β = 0 is the seed-0 estimate.", "",
               "![contour](landscape_contour.png) ![surface](landscape_surface.png)"]
     s = r["summary"]
@@ -565,7 +574,8 @@ def _check_inputs(cfg: dict) -> None:
         load_cifar_resnet(cfg["checkpoint"], cfg["depth"])
     except Exception as err:  # an empty, foreign or mismatched file
         raise click.BadParameter(f"cannot load {cfg['checkpoint']} as a depth-{cfg['depth']} CIFAR ResNet: "
-                                 f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                                 f"{type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
                                  param_hint="--checkpoint/--depth") from None
     if Path(cfg["data"]).is_dir():
         return
@@ -583,12 +593,15 @@ def _check_inputs(cfg: dict) -> None:
 @click.command("resnet")
 @click.option("--depth", type=int, default=56, show_default=True, help="CIFAR ResNet depth (6k+2).")
 @click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="State dict (akamaster layout).")
-@click.option("--data", default=ResnetConfig.data, show_default=True, help="CIFAR-10 .npz subset or torchvision folder.")
+@click.option("--data", default=ResnetConfig.data, show_default=True,
+              help="CIFAR-10 .npz subset or torchvision folder.")
 @click.option("--n", type=int, default=None, help="Training subset size [1000; quick 48].")
 @click.option("--subset-seed", type=int, default=None, help="Draw the subset at random (default: the first n).")
 @click.option("--points", default=None, help="Comma-separated counts of perturbed points for Table 1 [1,10].")
-@click.option("--threshold", type=float, default=1e-5, show_default=True, help="Eligible points: unperturbed loss below this.")
-@click.option("--target-loss", type=float, default=0.004, show_default=True, help="Calibrate the step so the moved points reach this loss.")
+@click.option("--threshold", type=float, default=1e-5, show_default=True,
+              help="Eligible points: unperturbed loss below this.")
+@click.option("--target-loss", type=float, default=0.004, show_default=True,
+              help="Calibrate the step so the moved points reach this loss.")
 @click.option("--step", type=float, default=None, help="Step in percent of the image norm (overrides --target-loss).")
 @click.option("--sweep", default="0.2,0.5,1,2", show_default=True, help="Steps (percent) for Table 3.")
 @click.option("--scenarios", type=int, default=None, help="Perturbation scenarios for Table 2 [10].")
@@ -597,12 +610,15 @@ def _check_inputs(cfg: dict) -> None:
 @click.option("--seed-points", type=int, default=None, help="Points moved in the multi-start study [500].")
 @click.option("--start-radius", type=float, default=0.5, show_default=True, help="‖random start‖ ÷ ‖v of seed 0‖.")
 @click.option("--solver", type=click.Choice(["gauss-newton", "minres"]), default="gauss-newton", show_default=True,
-              help="gauss-newton: keep every training output (CGLS, JVP+VJP per step); minres: eq. 19 on H (HVP per step).")
+              help="gauss-newton: keep every training output (CGLS, JVP+VJP per step); "
+                   "minres: eq. 19 on H (HVP per step).")
 @click.option("--maxiter", type=int, default=None, help="Solver iterations per solve (the regulariser) [50].")
-@click.option("--rtol", type=float, default=1e-6, show_default=True, help="MINRES relative residual tolerance.")
+@click.option("--rtol", type=float, default=1e-6, show_default=True,
+              help="Krylov tolerance (CGLS: relative residual; MINRES: SciPy's tests).")
 @click.option("--recycle", type=int, default=None, help="Ritz vectors recycled to deflate later solves (0: off) [20].")
 @click.option("--retrain-iter", type=int, default=None, help="L-BFGS iterations for warm-started retraining [50].")
-@click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True, help="J scaling: 1/n or the paper's 1/|K|.")
+@click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
+              help="J scaling: 1/n or the paper's 1/|K|.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=None, help="Images per pass [250].")
@@ -624,12 +640,13 @@ def command(**kw):
     base = QUICK if kw["quick"] else {}
     defaults = ResnetConfig()
     cfg = {}
-    for f in ("n", "scenarios", "seeds", "seed_points", "maxiter", "recycle", "retrain_iter", "batch_size", "n_test", "grid"):
+    for f in ("n", "scenarios", "seeds", "seed_points", "maxiter", "recycle", "retrain_iter", "batch_size", "n_test",
+              "grid"):
         cfg[f] = kw[f] if kw[f] is not None else base.get(f, getattr(defaults, f))
     cfg["points"] = _tuple(kw["points"], int, "--points") if kw["points"] else base.get("points", defaults.points)
     cfg["sweep"] = _tuple(kw["sweep"], float, "--sweep")
-    for f in ("depth", "checkpoint", "data", "subset_seed", "solver", "threshold", "target_loss", "step", "scenario_points",
-              "start_radius", "rtol", "scale", "dtype", "device", "threads", "seed", "quick"):
+    for f in ("depth", "checkpoint", "data", "subset_seed", "solver", "threshold", "target_loss", "step",
+              "scenario_points", "start_radius", "rtol", "scale", "dtype", "device", "threads", "seed", "quick"):
         cfg[f] = kw[f]
     cfg["landscape"] = cfg["grid"] > 1
     if cfg["n"] < 2 or min(cfg["points"]) < 1 or cfg["maxiter"] < 1:

@@ -173,6 +173,7 @@ def load_cifar_resnet(
     bad = [k for k in expected if expected[k].shape != state[k].shape]
     if bad:
         k = bad[0]
-        raise ValueError(f"{path}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}")
+        raise ValueError(f"{path}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}, "
+                         f"model {tuple(expected[k].shape)}")
     model.load_state_dict(state)
     return model.eval()
