@@ -160,8 +160,9 @@ def proximal_response(problem: Problem, perturbation: Perturbation, damping: flo
 class BudgetResponse:
     """Gradient descent (Nesterov momentum) from w̄ for ``steps`` (step ``lr``) on the perturbed data
     (ending at ``perturbed``) and on the clean data (ending at ``clean``); ``shift = perturbed − clean``.
-    ``change_when_halved``: ``‖shift − shift½‖/‖shift‖`` against the same difference after ``steps/2`` — small when the budget
-    no longer matters (``stable``: ≤ 10 %).  ``drift``: ‖clean − w̄‖, how far training moves on its own."""
+    ``change_when_halved``: ``‖shift − shift½‖/‖shift‖`` against the same difference after ``steps/2``,
+    small when the budget no longer matters (``stable``: ≤ 10 %).  ``drift``: ‖clean − w̄‖, how far
+    training moves on its own."""
 
     perturbed: Tensor
     clean: Tensor
