@@ -132,3 +132,20 @@ def test_the_installed_command_prints_no_traceback(user):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("Error") and "out of range" in res.stderr
+
+
+def test_audit_scan_and_queries_against_their_references(user, tmp_path):
+    res = CliRunner().invoke(main, ["audit", "--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt",
+                                    "--data", user / "data.npz", "--dtype", "float64", "--check", "--queries", "20",
+                                    "--top", "3", "--json", "--out", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    scan = summary["scan"]
+    assert scan["spearman_vs_exact"] > 0.99 and scan["top20_max_relative_error"] < 1e-4
+    assert len(scan["retrained_held_out_move"]["random"]) == 5 and scan["top_vs_random_ratio"] > 0
+    assert summary["queries"]["count"] == 20 and summary["queries"]["max_relative_error_vs_individual"] < 1e-3
+    assert {"seconds_over_one_estimate", "kappa", "ranking"} <= set(scan)
+    assert (tmp_path / "a" / "kappa.png").is_file() and (tmp_path / "a" / "report.md").is_file()
+    bad = CliRunner().invoke(main, ["audit", "--model", str(user / "net.py:model"), "--checkpoint",
+                                    str(user / "ckpt.pt"), "--data", str(user / "data.npz"), "--top", "500"])
+    assert bad.exit_code != 0 and "there are 30" in bad.output and "Traceback" not in bad.output

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("analyze", "toy", "demo", "weights", "resnet", "landscape", "lipschitz")
+NAMES = ("analyze", "audit", "toy", "demo", "weights", "resnet", "landscape", "lipschitz")
 
 
 def command(name: str):
