@@ -151,6 +151,9 @@ def command(n_queries, top, step, check, seed, out, as_json, **inputs):
     from ..solution_set import estimate
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
+    if inputs["weight_decay"]:
+        raise click.BadParameter("the audit uses the Gauss–Newton form, which has no weight-decay term",
+                                 param_hint="--weight-decay")
     out = prepare_out_dir(out)
     if inputs["model_spec"] is None and inputs["checkpoint"] is None:
         problem, x_eval = _demo_problem(log)
