@@ -50,6 +50,10 @@ def checkpoint(name: str, out: Path) -> Path:
     return path
 
 
+def label(name: str, advised: bool) -> str:
+    return name + (" (" + " ".join(ADVICE[name]) + ")" if advised else " (as trained)")
+
+
 def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, out: Path, advised: bool) -> dict:
     from click.testing import CliRunner
 
@@ -62,13 +66,14 @@ def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, o
             "--validate", "--steps", str(retrain_steps), "--json", "--out", str(run_dir)]
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, args)
-    if res.exit_code != 0:
-        raise RuntimeError(f"{name}: {res.output}")
+    if res.exit_code != 0:  # recorded, not fatal: the zoo goes on
+        return {"model": label(name, advised), "step_percent": step, "seed": seed,
+                "error": res.output.strip().splitlines()[-1]}
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     v = summary["validation"]
     ref = v["reference"]
-    return {"model": name + (" (" + " ".join(ADVICE[name]) + ")" if advised else " (as trained)"),
-            "step_percent": step, "seed": seed, "verdict": summary["verdict"]["status"],
+    return {"model": label(name, advised), "step_percent": step, "seed": seed,
+            "verdict": summary["verdict"]["status"],
             "failed_checks": [c["name"] for c in summary["verdict"]["checks"] if c["status"] != "pass"],
             "method": summary["method"], "pearson": v["pearson"], "relative_error": v["relative_error"],
             "influence_pearson": v["influence_pearson"], "reference_stable": ref["stable"],
@@ -77,7 +82,7 @@ def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, o
 
 
 def spread(values) -> str:
-    values = [v for v in values if v == v]
+    values = [v for v in values if isinstance(v, float) and v == v]  # JSON's null is a NaN
     if not values:
         return "—"
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
@@ -87,7 +92,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | step | verdicts (pass/warn/fail) | Pearson, estimate | Pearson, influence | reference stable |"
              " retrained change / drift | seconds |", "|---|---|---|---|---|---|---|---|"]
     groups = {}
-    for r in rows:
+    for r in (r for r in rows if "error" not in r):
         groups.setdefault((r["model"], r["step_percent"]), []).append(r)
     for (model, step), rs in groups.items():
         counts = "/".join(str(sum(r["verdict"] == s for r in rs)) for s in ("pass", "warn", "fail"))
@@ -108,14 +113,21 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    done = out / "zoo.json"
+    rows = json.loads(done.read_text()) if done.exists() else []  # resumes: finished rows are kept
     for name in args.models.split(","):
         ckpt = checkpoint(name, out)
         for advised, step in ((a, float(s)) for a in (False, True) if not a or ADVICE[name]
                               for s in args.steps.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
+                key = (label(name, advised), step, seed)
+                if any((r["model"], r["step_percent"], r["seed"]) == key for r in rows):
+                    continue
                 rows.append(analyse(name, ckpt, step, seed, args.retrain_steps, out, advised))
                 r = rows[-1]
+                if "error" in r:
+                    print(f"{r['model']} step {step:g} % seed {seed}: {r['error']}", flush=True)
+                    continue
                 print(f"{r['model']} step {step:g} % seed {seed}: verdict {r['verdict']} {r['failed_checks']}, "
                       f"Pearson {r['pearson']:.3f} (influence {r['influence_pearson']:.3f}), "
                       f"reference stable {r['reference_stable']}, {r['seconds']:.0f} s", flush=True)

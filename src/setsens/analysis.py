@@ -215,7 +215,9 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
         report("validate", steps)
         changes, validation = validate_estimate(problem, perturbation, result, x_eval, steps=steps, solve=solve,
                                                 progress=lambda k: report("retrain", k))
-        if not validation["reference"]["stable"]:
+        if validation["reference"]["output_change_norm"] == 0.0:
+            notes.append("retraining did not move the held-out outputs at all: there is nothing to validate against")
+        elif not validation["reference"]["stable"]:
             notes.append("the retraining reference still changes with its budget (change_when_halved "
                          f"{validation['reference']['change_when_halved']:.2f}): raise --steps")
     if math.isnan(loss.increase_removed):

@@ -231,7 +231,7 @@ def command(points, select, direction, step, method, maxiter, members, validate,
     atomic_torch_save({"w_bar": est.w_bar, "shift": est.shift, "radius": est.radius, "members": analysis.members,
                        "indices": est.perturbation.indices, "delta": est.perturbation.delta}, out / "set.pt")
     write_json(out / "results.json", summary)
-    write_text(out / "report.md", markdown(to_jsonable(summary), figures))
+    write_text(out / "report.md", markdown(summary, figures))  # raw floats: NaN prints as nan
     if as_json:
         compact = to_jsonable(summary)
         for part in compact["predictions"].values():
