@@ -1,4 +1,4 @@
-"""scikit-learn's 8×8 digits split 300 / 500 (train / held-out), shared by the zoo's data functions."""
+"""Shared by the zoo: scikit-learn's 8×8 digits split 300 / 500 (train / held-out), and full-batch training."""
 
 import torch
 from sklearn.datasets import load_digits
@@ -11,3 +11,12 @@ def digits(n_train: int = 300, n_test: int = 500, seed: int = 0):
     y = torch.as_tensor(d.target)
     tr, te = order[:n_train], order[n_train:n_train + n_test]
     return x[tr], y[tr], x[te], y[te]
+
+
+def fit(net, x, y, optimizer, steps: int):
+    """Full-batch cross-entropy training, as people train a small classifier."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from _digits import digits
+from _digits import digits, fit
 
 
 def model():
@@ -18,12 +18,7 @@ def data():
 
 
 def train(net, x, y, steps=300):
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net
+    return fit(net, x, y, torch.optim.Adam(net.parameters(), lr=1e-2), steps)
 
 
 if __name__ == "__main__":  # trains it and writes cnn.pt: stands in for your own trained model

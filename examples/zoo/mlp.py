@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from _digits import digits
+from _digits import digits, fit
 
 
 def model():
@@ -15,12 +15,7 @@ def data():
 
 
 def train(net, x, y, steps=500):
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net
+    return fit(net, x, y, torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-4), steps)
 
 
 if __name__ == "__main__":  # trains it and writes mlp.pt: stands in for your own trained model

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from _digits import digits
+from _digits import digits, fit
 
 
 class RowTransformer(nn.Module):
@@ -29,12 +29,7 @@ def data():
 
 
 def train(net, x, y, steps=400):
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net
+    return fit(net, x, y, torch.optim.Adam(net.parameters(), lr=3e-3), steps)
 
 
 if __name__ == "__main__":  # trains it and writes transformer.pt: stands in for your own trained model
