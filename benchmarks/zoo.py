@@ -115,7 +115,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = out / "zoo.json"
-    rows = json.loads(done.read_text()) if done.exists() else []  # resumes: finished rows are kept
+    rows = json.loads(done.read_text()) if done.exists() else []
+    rows = [r for r in rows if "error" not in r]  # resumes: finished rows are kept, failed ones rerun
     for name in args.models.split(","):
         ckpt = checkpoint(name, out)
         for advised, step in ((a, float(s)) for a in (False, True) if not a or ADVICE[name]
