@@ -52,12 +52,14 @@ def test_resnet_cli_bad_paths(tmp_path):
 def test_cached_results_are_keyed_by_settings():
     from dataclasses import replace
 
-    from setsens.experiments.resnet import ResnetConfig, settings_key
+    from setsens.experiments.resnet import UNCACHED, ResnetConfig
+    from setsens.experiments.state import settings_key
 
     cfg = ResnetConfig()
-    assert settings_key(cfg) == settings_key(replace(cfg, threads=2, grid=5))  # do not change a result
+    key = settings_key(cfg, UNCACHED)
+    assert key == settings_key(replace(cfg, threads=2, grid=5), UNCACHED)  # do not change a result
     for change in ({"maxiter": 51}, {"solver": "minres"}, {"n": 500}, {"step": 0.5}, {"dtype": "float64"}):
-        assert settings_key(replace(cfg, **change)) != settings_key(cfg), change
+        assert settings_key(replace(cfg, **change), UNCACHED) != key, change
 
 
 def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
