@@ -83,42 +83,19 @@ def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
         assert time.perf_counter() - t0 < 30
 
 
-def _numbers(obj, path=""):
-    """Every number in a JSON tree except timings and product counts (a resumed run skips work)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}/{i}")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        if not any(t in path for t in ("seconds", "hvp", "time", "resumed", "passes", "evaluations")):
-            yield path, obj
-
-
 def test_killed_run_resumes_to_the_same_result(tiny_run_files, tmp_path):
     """SIGKILL a run at a random point, rerun it into the same --out: the final JSON equals an
     uninterrupted run's (timings and product counts aside)."""
     import random
-    import subprocess
-    import sys
-    import time
+
+    from cli_helpers import killed_and_resumed
 
     ckpt, npz, _ = tiny_run_files
-    args = [sys.executable, "-m", "setsens", "resnet", "--quick", "--json", "--no-progress", "--depth", "8",
-            "--checkpoint", str(ckpt), "--data", str(npz), "--n", "8", "--maxiter", "4", "--scenarios", "1",
-            "--seeds", "2", "--seed-points", "2", "--grid", "2", "--retrain-iter", "2", "--n-test", "6",
-            "--recycle", "2", "--threads", "1"]
-    t0 = time.perf_counter()
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    whole = time.perf_counter() - t0
-    killed = subprocess.Popen(args + ["--out", str(tmp_path / "resumed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(random.Random().uniform(0.3, 0.9) * whole)
-    killed.kill()
-    killed.wait()
-    subprocess.run(args + ["--out", str(tmp_path / "resumed")], check=True, capture_output=True)
-    a = dict(_numbers(json.loads((tmp_path / "whole" / "results.json").read_text())))
-    b = dict(_numbers(json.loads((tmp_path / "resumed" / "results.json").read_text())))
-    assert a.keys() == b.keys()
-    assert {k: v for k, v in a.items() if v != b[k]} == {}
+    args = ["resnet", "--quick", "--json", "--no-progress", "--depth", "8", "--checkpoint", str(ckpt), "--data", str(npz),
+            "--n", "8", "--maxiter", "4", "--scenarios", "1", "--seeds", "2", "--seed-points", "2", "--grid", "2",
+            "--retrain-iter", "2", "--n-test", "6", "--recycle", "2", "--threads", "1"]
+    fraction = random.Random().uniform(0.3, 0.9)
+    whole, resumed, _ = killed_and_resumed(args, tmp_path, "results.json",
+                                           lambda out, elapsed, duration: elapsed >= fraction * duration)
+    assert whole.keys() == resumed.keys()
+    assert {k: v for k, v in whole.items() if v != resumed[k]} == {}
