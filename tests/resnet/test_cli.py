@@ -99,3 +99,58 @@ def test_killed_run_resumes_to_the_same_result(tiny_run_files, tmp_path):
                                            lambda out, elapsed, duration: elapsed >= fraction * duration)
     assert whole.keys() == resumed.keys()
     assert {k: v for k, v in whole.items() if v != resumed[k]} == {}
+
+
+def _break_run(run, case, tmp_path):
+    """Spoil a valid `setsens resnet` run directory the way ``case`` names."""
+    cfg_file = run / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if case == "no config":
+        cfg_file.unlink()
+    elif case == "config not JSON":
+        cfg_file.write_text("{depth: 8")
+    elif case == "config of another command":
+        cfg_file.write_text(json.dumps({"points": 300, "width": 32}))
+    elif case == "no estimates":
+        for f in (run / "state").glob("estimate_*"):
+            f.unlink()
+    elif case in ("checkpoint gone", "depth mismatch", "data not npz"):
+        key, value = {"checkpoint gone": ("checkpoint", str(tmp_path / "gone.th")), "depth mismatch": ("depth", 20),
+                      "data not npz": ("data", str(cfg_file))}[case]
+        cfg_file.write_text(json.dumps(cfg | {key: value}))
+
+
+@pytest.mark.parametrize("args, case, hint", [
+    (["--grid", "1"], None, "--grid"),
+    (["--range", "1"], None, "--range"),
+    (["--range", "1,0"], None, "--range"),
+    (["--range", "a,b"], None, "--range"),
+    (["--n", "0"], None, "--n"),
+    (["--n", "100"], None, "--n"),
+    (["--seed", "-1"], None, "--seed"),
+    (["--plane", "random"], None, "--plane"),
+    ([], "no config", "--run"),
+    ([], "config not JSON", "--run"),
+    ([], "config of another command", "--run"),
+    ([], "no estimates", "--run"),
+    ([], "checkpoint gone", "--run"),
+    ([], "depth mismatch", "--run"),
+    ([], "data not npz", "--run"),
+    (["--out", "{tmp}/missing/ls"], None, "parent directory"),
+])
+def test_landscape_bad_options_are_refused_before_any_work(tiny_run_files, tmp_path, args, case, hint):
+    from dataclasses import asdict
+
+    from cli_helpers import rejected
+
+    from setsens.experiments.resnet import ResnetConfig
+
+    ckpt, npz, _ = tiny_run_files
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(asdict(ResnetConfig(depth=8, checkpoint=str(ckpt), data=str(npz), n=8))))
+    (run / "state" / "estimate_seed_0.pt").write_bytes(b"")  # read only after the checks
+    _break_run(run, case, tmp_path)
+    out = tmp_path / "ls"
+    args = [a.format(tmp=tmp_path) for a in args]
+    rejected(["landscape", "--run", str(run), "--out", str(out), *args], hint, out=out)
