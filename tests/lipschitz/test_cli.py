@@ -57,3 +57,20 @@ def test_killed_sweep_resumes_to_the_same_result(tmp_path):
     assert "retrainings cached" in log, log
     assert whole.keys() == resumed.keys() and any("/empirical/" in k for k in whole)
     assert {k: v for k, v in whole.items() if v != resumed[k]} == {}
+
+
+def test_notice_states_the_duration_and_the_short_option_before_any_work(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from setsens.cli import main
+    from setsens.experiments import lipschitz as exp
+
+    def no_work(*args, **kwargs):
+        raise RuntimeError("work started")
+
+    monkeypatch.setattr(exp, "run", no_work)
+    res = CliRunner().invoke(main, ["lipschitz", "--out", str(tmp_path / "l")])
+    notice, error = res.output.splitlines()[0], res.output.splitlines()[-1]
+    assert "work started" in error and "min on 2 CPU cores" in notice and "--quick" in notice
+    minutes = float(notice.split("about ")[1].split(" min")[0])
+    assert minutes == round(exp.expected_minutes(exp.LipschitzConfig())) and minutes <= 10
