@@ -167,8 +167,20 @@ def retraining_sweep(problem: Problem, dirs: dict, plan: list, reference_norm: f
     """The empirical modulus over ``plan`` ((direction, step) pairs): the run's longest step.
 
     Each record is cached in ``state`` as soon as it is measured, so a killed run resumes after the
-    last one; cached records of another w̄ (another training) are discarded.
+    last one; cached records of another w̄ (another training) are discarded.  Runs on one thread:
+    L-BFGS on tensors this small gains nothing from a second one, which only waits — on a loaded
+    2-core machine each retraining took 9× the CPU time and wall time with two threads
+    (docs/runs/lipschitz-default.txt); the figures are the same.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log, progress) -> list[EmpiricalRecord]:
     from tqdm.auto import tqdm
 
     w_bar = _fingerprint(problem.params)
