@@ -33,8 +33,10 @@ class _Group(click.Group):
         except Exception as err:
             if ctx.meta.get("setsens.debug"):
                 raise
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise click.ClickException(f"{type(err).__name__}: {first} (--debug shows the traceback)") from None
+            from .experiments.options import first_line
+
+            message = f"{type(err).__name__}: {first_line(err)} (--debug shows the traceback)"
+            raise click.ClickException(message) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

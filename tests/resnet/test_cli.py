@@ -52,12 +52,14 @@ def test_resnet_cli_bad_paths(tmp_path):
 def test_cached_results_are_keyed_by_settings():
     from dataclasses import replace
 
-    from setsens.experiments.resnet import ResnetConfig, settings_key
+    from setsens.experiments.resnet import UNCACHED, ResnetConfig
+    from setsens.experiments.state import settings_key
 
     cfg = ResnetConfig()
-    assert settings_key(cfg) == settings_key(replace(cfg, threads=2, grid=5))  # do not change a result
+    key = settings_key(cfg, UNCACHED)
+    assert key == settings_key(replace(cfg, threads=2, grid=5), UNCACHED)  # do not change a result
     for change in ({"maxiter": 51}, {"solver": "minres"}, {"n": 500}, {"step": 0.5}, {"dtype": "float64"}):
-        assert settings_key(replace(cfg, **change)) != settings_key(cfg), change
+        assert settings_key(replace(cfg, **change), UNCACHED) != key, change
 
 
 def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
@@ -81,42 +83,74 @@ def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
         assert time.perf_counter() - t0 < 30
 
 
-def _numbers(obj, path=""):
-    """Every number in a JSON tree except timings and product counts (a resumed run skips work)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}/{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}/{i}")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        if not any(t in path for t in ("seconds", "hvp", "time", "resumed", "passes", "evaluations")):
-            yield path, obj
-
-
 def test_killed_run_resumes_to_the_same_result(tiny_run_files, tmp_path):
     """SIGKILL a run at a random point, rerun it into the same --out: the final JSON equals an
     uninterrupted run's (timings and product counts aside)."""
     import random
-    import subprocess
-    import sys
-    import time
+
+    from cli_helpers import killed_and_resumed
 
     ckpt, npz, _ = tiny_run_files
-    args = [sys.executable, "-m", "setsens", "resnet", "--quick", "--json", "--no-progress", "--depth", "8",
-            "--checkpoint", str(ckpt), "--data", str(npz), "--n", "8", "--maxiter", "4", "--scenarios", "1",
-            "--seeds", "2", "--seed-points", "2", "--grid", "2", "--retrain-iter", "2", "--n-test", "6",
-            "--recycle", "2", "--threads", "1"]
-    t0 = time.perf_counter()
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    whole = time.perf_counter() - t0
-    killed = subprocess.Popen(args + ["--out", str(tmp_path / "resumed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(random.Random().uniform(0.3, 0.9) * whole)
-    killed.kill()
-    killed.wait()
-    subprocess.run(args + ["--out", str(tmp_path / "resumed")], check=True, capture_output=True)
-    a = dict(_numbers(json.loads((tmp_path / "whole" / "results.json").read_text())))
-    b = dict(_numbers(json.loads((tmp_path / "resumed" / "results.json").read_text())))
-    assert a.keys() == b.keys()
-    assert {k: v for k, v in a.items() if v != b[k]} == {}
+    args = ["resnet", "--quick", "--json", "--no-progress", "--depth", "8", "--checkpoint", str(ckpt), "--data", str(npz),
+            "--n", "8", "--maxiter", "4", "--scenarios", "1", "--seeds", "2", "--seed-points", "2", "--grid", "2",
+            "--retrain-iter", "2", "--n-test", "6", "--recycle", "2", "--threads", "1"]
+    fraction = random.Random().uniform(0.3, 0.9)
+    whole, resumed, _ = killed_and_resumed(args, tmp_path, "results.json",
+                                           lambda out, elapsed, duration: elapsed >= fraction * duration)
+    assert whole.keys() == resumed.keys()
+    assert {k: v for k, v in whole.items() if v != resumed[k]} == {}
+
+
+def _break_run(run, case, tmp_path):
+    """Spoil a valid `setsens resnet` run directory the way ``case`` names."""
+    cfg_file = run / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if case == "no config":
+        cfg_file.unlink()
+    elif case == "config not JSON":
+        cfg_file.write_text("{depth: 8")
+    elif case == "config of another command":
+        cfg_file.write_text(json.dumps({"points": 300, "width": 32}))
+    elif case == "no estimates":
+        for f in (run / "state").glob("estimate_*"):
+            f.unlink()
+    elif case in ("checkpoint gone", "depth mismatch", "data not npz"):
+        key, value = {"checkpoint gone": ("checkpoint", str(tmp_path / "gone.th")), "depth mismatch": ("depth", 20),
+                      "data not npz": ("data", str(cfg_file))}[case]
+        cfg_file.write_text(json.dumps(cfg | {key: value}))
+
+
+@pytest.mark.parametrize("args, case, hint", [
+    (["--grid", "1"], None, "--grid"),
+    (["--range", "1"], None, "--range"),
+    (["--range", "1,0"], None, "--range"),
+    (["--range", "a,b"], None, "--range"),
+    (["--n", "0"], None, "--n"),
+    (["--n", "100"], None, "--n"),
+    (["--seed", "-1"], None, "--seed"),
+    (["--plane", "random"], None, "--plane"),
+    ([], "no config", "--run"),
+    ([], "config not JSON", "--run"),
+    ([], "config of another command", "--run"),
+    ([], "no estimates", "--run"),
+    ([], "checkpoint gone", "--run"),
+    ([], "depth mismatch", "--run"),
+    ([], "data not npz", "--run"),
+    (["--out", "{tmp}/missing/ls"], None, "parent directory"),
+])
+def test_landscape_bad_options_are_refused_before_any_work(tiny_run_files, tmp_path, args, case, hint):
+    from dataclasses import asdict
+
+    from cli_helpers import rejected
+
+    from setsens.experiments.resnet import ResnetConfig
+
+    ckpt, npz, _ = tiny_run_files
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(asdict(ResnetConfig(depth=8, checkpoint=str(ckpt), data=str(npz), n=8))))
+    (run / "state" / "estimate_seed_0.pt").write_bytes(b"")  # read only after the checks
+    _break_run(run, case, tmp_path)
+    out = tmp_path / "ls"
+    args = [a.format(tmp=tmp_path) for a in args]
+    rejected(["landscape", "--run", str(run), "--out", str(out), *args], hint, out=out)

@@ -1,7 +1,8 @@
 """Reproductions and studies behind the CLI subcommands.
 
-Each module exposes one ``click`` command named like the module; :mod:`setsens.cli` imports a
-module only when its subcommand runs.  To add a subcommand, add its module name to ``NAMES``.
+Each module in ``NAMES`` exposes one ``click`` command named like the module; :mod:`setsens.cli`
+imports a module only when its subcommand runs.  To add a subcommand, add its module name to
+``NAMES``.  :mod:`.options` (option checks) and :mod:`.state` (resumable runs) serve them all.
 """
 
 from __future__ import annotations

@@ -11,23 +11,50 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 import torch
 
+from .options import first_line, number_list
+
 __all__ = ["command"]
 
 
+def _run_config(run_dir: Path, estimates: str, n: int | None) -> tuple[dict, list[Path]]:
+    """The run's settings and saved estimates, with its checkpoint and data checked (in seconds)."""
+    from .resnet import ResnetConfig, _check_inputs
+
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise click.BadParameter(f"no config.json in {run_dir}: not a `setsens resnet` run", param_hint="--run")
+    try:
+        cfg = asdict(ResnetConfig(**json.loads(cfg_file.read_text())))
+    except (ValueError, TypeError) as err:
+        raise click.BadParameter(f"{cfg_file} is not a `setsens resnet` config ({type(err).__name__}: "
+                                 f"{first_line(err)})", param_hint="--run") from None
+    files = sorted((run_dir / "state").glob(f"estimate_{estimates}_*.pt"))
+    if not files:
+        raise click.BadParameter(f"no saved estimates 'state/estimate_{estimates}_*.pt' in {run_dir}", param_hint="--run")
+    try:
+        _check_inputs(cfg)
+    except click.BadParameter as err:
+        raise click.BadParameter(f"the run's {err.param_hint}: {err.message}", param_hint="--run") from None
+    if n is not None and n > cfg["n"]:
+        raise click.BadParameter(f"the run has {cfg['n']} images, cannot evaluate on {n}", param_hint="--n")
+    return cfg, files
+
+
 @click.command("landscape")
-@click.option("--run", "run_dir", required=True, help="A `setsens resnet` run directory.")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A `setsens resnet` run directory.")
 @click.option("--estimates", default="seed", type=click.Choice(["seed", "table1"]), show_default=True,
               help="Which saved estimates to mark (the multi-start study or Table 1's).")
 @click.option("--plane", default="estimate", type=click.Choice(["estimate", "filter"]), show_default=True)
-@click.option("--grid", type=int, default=11, show_default=True, help="Points per axis.")
+@click.option("--grid", type=click.IntRange(2), default=11, show_default=True, help="Points per axis.")
 @click.option("--range", "span", default="-0.5,1.5", show_default=True, help="α and β range (units of the directions).")
-@click.option("--n", type=int, default=None, help="Evaluate on the first n images only (default: the run's n).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", type=click.IntRange(1), default=None, help="Evaluate on the first n images only (default: the run's n).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--out", default=None, help="Output directory (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(run_dir, estimates, plane, grid, span, n, seed, out, progress):
@@ -38,20 +65,12 @@ def command(run_dir, estimates, plane, grid, span, n, seed, out, progress):
     from ..problem import Perturbation, Problem, cross_entropy
     from ..report import prepare_out_dir, save_figure, write_json
 
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
-        raise click.BadParameter(f"no config.json in {run_dir}: not a `setsens resnet` run", param_hint="--run")
-    cfg = json.loads(cfg_file.read_text())
-    files = sorted((run_dir / "state").glob(f"estimate_{estimates}_*.pt"))
-    if not files:
-        raise click.BadParameter(f"no saved estimates 'state/estimate_{estimates}_*.pt' in {run_dir}", param_hint="--run")
-    try:
-        lo, hi = (float(t) for t in span.split(","))
-    except ValueError:
-        raise click.BadParameter("--range must be 'lo,hi'") from None
-    if grid < 2:
-        raise click.BadParameter("--grid must be at least 2")
+    span_t = number_list(span, "--range")
+    if len(span_t) != 2 or not span_t[0] < span_t[1]:
+        raise click.BadParameter(f"expected 'lo,hi' with lo < hi, got {span!r}", param_hint="--range")
+    lo, hi = span_t
+    cfg, files = _run_config(run_dir, estimates, n)
+    out = prepare_out_dir(out) if out else run_dir
     dtype = getattr(torch, cfg["dtype"])
     model = load_cifar_resnet(cfg["checkpoint"], cfg["depth"]).to(cfg["device"], dtype)
     x, y = load_cifar10(cfg["data"], "train", n=cfg["n"], seed=cfg["subset_seed"], dtype=dtype)
@@ -75,7 +94,6 @@ def command(run_dir, estimates, plane, grid, span, n, seed, out, progress):
                    progress=bar.update if bar else None)
     if bar:
         bar.close()
-    out = prepare_out_dir(out) if out else run_dir
     write_json(out / "landscape.json", ls.to_dict())
     title = f"ResNet-{cfg['depth']}, {pert.indices.numel()} perturbed points ({plane} plane)"
     fc, fs = plot_landscape(ls, title)

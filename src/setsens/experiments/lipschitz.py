@@ -15,8 +15,10 @@ and writes ``lipschitz.json``, ``lipschitz.md`` and figures into ``--out``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -27,15 +29,19 @@ import torch
 from ..lipschitz import (
     DEFAULT_TAU,
     DenseModulus,
+    EmpiricalRecord,
     closed_form_modulus,
     empirical_modulus,
     matrix_free_modulus,
 )
 from ..problem import Perturbation, Problem, squared_error
 from ..report import prepare_out_dir, save_figure, write_json, write_text
+from .options import number_list
 from .seeds import distribution, parse_seeds
+from .state import RunState
 
-__all__ = ["LipschitzConfig", "train_dfcnn", "run", "format_report", "command"]
+__all__ = ["LipschitzConfig", "train_dfcnn", "retraining_sweep", "run", "format_report", "expected_minutes",
+           "command"]
 
 
 @dataclass
@@ -48,14 +54,27 @@ class LipschitzConfig:
     lbfgs_gtol: float = 1e-5
     lbfgs_max_iter: int = 3000
     directions: int = 20
-    steps: tuple[float, ...] = (1e-4, 1e-3)
-    worst_steps: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 3e-2)
+    steps: tuple[float, ...] = (1e-3,)
+    worst_steps: tuple[float, ...] = (1e-4, 1e-2)
     tau: float = DEFAULT_TAU
     scale: str = "exact"
     matrix_free: bool = False
     retrain: str = "auto"
     retrain_rtol: float = 1e-3
+    retrain_floor: float = 0.3
+    retrain_iter: int = 2000
     polish: str = "auto"
+
+
+#: Settings that change no cached retraining (records are stored per direction and step).
+UNCACHED = ("directions", "steps", "worst_steps", "matrix_free")
+#: The dense modulus holds a few p × p float64 matrices: this many weights is about 4 GB.
+MAX_DENSE_WEIGHTS = 10_000
+
+
+def weight_count(cfg: LipschitzConfig, inputs: int = 64, outputs: int = 10) -> int:
+    """p of the digits DFCNN ``inputs``-``width``×depth-``outputs`` (bias-free)."""
+    return cfg.width * (inputs + (cfg.depth - 1) * cfg.width + outputs)
 
 
 def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
@@ -90,7 +109,13 @@ def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
 
 
 def _distance_fn(cfg: LipschitzConfig, problem: Problem):
-    """Distance to a solution set, the foundation way, with a tolerance tied to ‖J Δx‖."""
+    """Distance to a solution set, the foundation way, with a tolerance tied to ‖J Δx‖.
+
+    L-BFGS stops at ``‖∇L‖ ≤ max(retrain_rtol · ‖∇L(w, xᵖ)‖, retrain_floor · ‖∇L(w̄)‖)`` or after
+    ``retrain_iter`` iterations: no tighter than a fraction of w̄'s own stationarity (against a
+    floor of 0.1 and 5000 iterations, 0.3 and 2000 move the headline ratios by 1.6–3.2 % at a
+    quarter of the cost, while they differ by 47 % over seeds: docs/runs/lipschitz-tolerance.txt).
+    """
     from ..retrain import distance_to_solution_set, retrain
 
     if cfg.retrain == "lm" or (cfg.retrain == "auto" and problem.p * problem.n < 2e5):
@@ -100,7 +125,8 @@ def _distance_fn(cfg: LipschitzConfig, problem: Problem):
     def fn(pb, w, pert):
         # tolerance relative to the size of the optimality violation the perturbation causes
         scale = float(pb.gradient(w, pert).norm())
-        return retrain(pb, w, pert, gtol=max(cfg.retrain_rtol * scale, 0.1 * g0), max_iter=5000)
+        return retrain(pb, w, pert, gtol=max(cfg.retrain_rtol * scale, cfg.retrain_floor * g0),
+                       max_iter=cfg.retrain_iter)
 
     return fn
 
@@ -132,8 +158,60 @@ def _directions(problem: Problem, dm: DenseModulus, worst, cfg: LipschitzConfig,
     return out
 
 
-def run(cfg: LipschitzConfig, problem: Problem | None = None, log=print) -> dict:
-    """The whole report as a JSON-able dict (no files written)."""
+def _fingerprint(w: torch.Tensor) -> str:
+    return hashlib.sha256(w.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def retraining_sweep(problem: Problem, dirs: dict, plan: list, reference_norm: float, distance, predicted: dict,
+                     state: RunState | None = None, log=print, progress: bool = False) -> list[EmpiricalRecord]:
+    """The empirical modulus over ``plan`` ((direction, step) pairs): the run's longest step.
+
+    Each record is cached in ``state`` as soon as it is measured, so a killed run resumes after the
+    last one; cached records of another w̄ (another training) are discarded.  Runs on one thread:
+    L-BFGS on tensors this small gains nothing from a second one, which only waits — on a loaded
+    2-core machine each retraining took 9× the CPU time and wall time with two threads
+    (docs/runs/lipschitz-default.txt); the figures are the same.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log, progress) -> list[EmpiricalRecord]:
+    from tqdm.auto import tqdm
+
+    w_bar = _fingerprint(problem.params)
+    saved = state.load("retrainings") if state is not None else None
+    if saved is None or saved["w_bar"] != w_bar:
+        saved = {"w_bar": w_bar, "records": {}}
+    done = saved["records"]
+    cached = sum(f"{n}@{s!r}" in done for n, s in plan)
+    if cached:
+        log(f"resumed: {cached} of {len(plan)} retrainings cached in {state.dir}")
+    bar = tqdm(total=len(plan), initial=cached, desc="retraining", unit="run", file=sys.stderr, disable=not progress)
+    records = []
+    for name, step in plan:
+        key = f"{name}@{step!r}"
+        if key not in done:
+            rec = empirical_modulus(problem, {name: dirs[name]}, [step], reference_norm, distance=distance,
+                                    predicted=predicted)[0]
+            done[key] = rec.as_dict()
+            if state is not None:
+                state.save("retrainings", saved)
+            bar.update()
+            if not progress:
+                log(f"{name:>14s} step {step:.0e}: ratio {rec.ratio:.4g}")
+        records.append(EmpiricalRecord(**done[key]))
+    bar.close()
+    return records
+
+
+def run(cfg: LipschitzConfig, problem: Problem | None = None, log=print, state: RunState | None = None,
+        progress: bool = False) -> dict:
+    """The whole report as a JSON-able dict; ``state`` caches the retrainings (resumable)."""
     t_start = time.perf_counter()
     problem = train_dfcnn(cfg, log) if problem is None else problem
     stat = problem.stationarity(warn=False)
@@ -180,11 +258,10 @@ def run(cfg: LipschitzConfig, problem: Problem | None = None, log=print) -> dict
     predicted = {}
     for name, unit in dirs.items():
         predicted[name] = dm.first_order_shift(unit, tau=cfg.tau)
-    dist = _distance_fn(cfg, problem)
-    records = empirical_modulus(problem, dirs, cfg.steps, ref_norm, distance=dist, predicted=predicted, progress=log)
-    extra_steps = [s for s in cfg.worst_steps if s not in cfg.steps]
-    records += empirical_modulus(problem, {"worst": dirs["worst"]}, extra_steps, ref_norm, distance=dist,
-                                 predicted=predicted, progress=log)
+    plan = [(name, s) for name in dirs for s in cfg.steps] + [("worst", s) for s in cfg.worst_steps
+                                                               if s not in cfg.steps]
+    records = retraining_sweep(problem, dirs, plan, ref_norm, _distance_fn(cfg, problem), predicted, state, log,
+                               progress)
     small = [r for r in records if r.relative_step <= 1e-3]
     max_ratio = max(r.ratio for r in small)
     worst_small = [r for r in small if r.direction == "worst"]
@@ -290,27 +367,36 @@ def plot(res: dict, out) -> list:
     return paths
 
 
-MINUTES_PER_DIRECTION = 0.8
+#: Measured with the defaults on 2 CPU cores shared with other jobs (docs/runs/lipschitz-default.txt,
+#: 4.5 min; 2.2 min on one less loaded core): minutes per retraining (L-BFGS on the perturbed data
+#: and back, 300 points, p = 3392) and for the rest (training, dense Hessian and Jacobian Gram, moduli).
+MINUTES_PER_RETRAINING = 0.085
+MINUTES_REST = 2.7
+
+
+def retraining_count(cfg: LipschitzConfig) -> int:
+    """Retrainings of one run: every direction at every step, the worst case at its extra steps."""
+    return cfg.directions * len(cfg.steps) + len([s for s in cfg.worst_steps if s not in cfg.steps])
 
 
 def expected_minutes(cfg: LipschitzConfig) -> float:
-    """Wall time of one run on 2 CPU cores: MINUTES_PER_DIRECTION per retraining direction at 300
-    points (Levenberg–Marquardt on a (10 n) × p Jacobian, so about ∝ n²), plus a minute for the
-    rest (measured with the defaults, 2026-11-30: 16.7 min)."""
-    return 1.0 + MINUTES_PER_DIRECTION * cfg.directions * (cfg.points / 300) ** 2
+    """Wall time of one run on 2 CPU cores, from the defaults' measurement: a retraining's passes
+    cost ∝ n·p, the dense Hessian and Jacobian Gram ∝ n·p²."""
+    n, p = cfg.points / 300, weight_count(cfg) / 3392
+    return MINUTES_REST * n * p**2 + MINUTES_PER_RETRAINING * retraining_count(cfg) * n * p
 
 
 @click.command("lipschitz")
 @click.option("--points", default=300, show_default=True, type=click.IntRange(10, 1797), help="digits training points n")
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(1), help="hidden ReLU layers H")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="hidden width m")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--seeds", default=None,
               help="Comma-separated seeds: run each (reports in seed<k>/) and give median, min and max of every "
                    "headline figure (overrides --seed).")
 @click.option("--directions", default=20, show_default=True, type=click.IntRange(1), help="retraining directions (≥ 20 for the report)")
-@click.option("--steps", default="1e-4,1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
-@click.option("--worst-steps", default="1e-5,1e-4,1e-3,1e-2,3e-2", show_default=True,
+@click.option("--steps", default="1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
+@click.option("--worst-steps", default="1e-4,1e-2", show_default=True,
               help="extra relative steps for the worst-case direction (figure)")
 @click.option("--tau", default=DEFAULT_TAU, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="null-space tolerance |λ| ≤ τ·λ_max")
 @click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
@@ -318,45 +404,49 @@ def expected_minutes(cfg: LipschitzConfig) -> float:
 @click.option("--matrix-free/--no-matrix-free", default=False, show_default=True,
               help="also compute κ matrix-free (Lanczos + LSMR) and compare with the dense value")
 @click.option("--retrain", type=click.Choice(["auto", "lm", "lbfgs"]), default="auto", show_default=True)
+@click.option("--retrain-iter", default=2000, show_default=True, type=click.IntRange(1),
+              help="L-BFGS iterations per retraining at most")
+@click.option("--retrain-floor", default=0.3, show_default=True, type=click.FloatRange(0),
+              help="retrain to ‖∇L‖ ≤ this × ‖∇L(w̄)‖ at least (0.1 and --retrain-iter 5000: the former, tighter setting)")
 @click.option("--adam-steps", default=3000, show_default=True, type=click.IntRange(0))
-@click.option("--quick", is_flag=True, help="tiny network and data (seconds; for CI)")
-@click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path())
+@click.option("--quick", is_flag=True, help="tiny network and data: 8 points, one hidden layer (seconds; for CI)")
+@click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path(),
+              help="report directory (its parent must exist; a killed run resumes from it)")
 @click.option("--json", "as_json", is_flag=True, help="print the JSON summary to stdout")
 @click.option("--threads", default=0, type=click.IntRange(0), help="torch threads (0: leave default)")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar with the time left")
 def command(points, depth, width, seed, seeds, directions, steps, worst_steps, tau, scale, matrix_free, retrain,
-            adam_steps, quick, out, as_json, threads):
+            retrain_iter, retrain_floor, adam_steps, quick, out, as_json, threads, progress):
     """Lipschitz modulus and training stability (Theorems 2–3, coderivative criterion, retraining)."""
+    cfg = LipschitzConfig(points=points, depth=depth, width=width, seed=seed, directions=directions,
+                          steps=number_list(steps, "--steps", float, 0, open_min=True),
+                          worst_steps=number_list(worst_steps, "--worst-steps", float, 0, open_min=True)
+                          if worst_steps.strip() else (),
+                          tau=tau, scale=scale, matrix_free=matrix_free, retrain=retrain, retrain_iter=retrain_iter,
+                          retrain_floor=retrain_floor, adam_steps=adam_steps)
+    if quick:
+        cfg.points, cfg.depth, cfg.adam_steps = min(points, 8), 1, 300
+        cfg.steps, cfg.worst_steps = (1e-4,), (1e-5, 1e-2)
+    if weight_count(cfg) > MAX_DENSE_WEIGHTS:
+        raise click.BadParameter(f"a {cfg.depth}-layer DFCNN of width {cfg.width} has {weight_count(cfg)} weights; "
+                                 f"the dense modulus handles at most {MAX_DENSE_WEIGHTS}", param_hint="--width/--depth")
+    seed_list = parse_seeds(seeds) if seeds else [seed]
+    outdir = prepare_out_dir(out)
     if threads:
         torch.set_num_threads(threads)
-    try:
-        steps_t = tuple(float(s) for s in steps.split(","))
-        worst_t = tuple(float(s) for s in worst_steps.split(",")) if worst_steps else ()
-    except ValueError as err:
-        raise click.BadParameter(f"steps must be comma-separated numbers: {err}") from err
-    if any(s <= 0 for s in steps_t + worst_t):
-        raise click.BadParameter("steps must be positive")
-    if directions < 1:
-        raise click.BadParameter("--directions must be at least 1")
-    cfg = LipschitzConfig(points=points, depth=depth, width=width, seed=seed, directions=directions,
-                          steps=steps_t, worst_steps=worst_t, tau=tau, scale=scale, matrix_free=matrix_free,
-                          retrain=retrain, adam_steps=adam_steps)
-    if quick:
-        cfg.points, cfg.width, cfg.depth, cfg.adam_steps = min(points, 8), 32, 1, 300
-        cfg.steps, cfg.worst_steps = (1e-4,), (1e-5, 1e-2)
-    seed_list = parse_seeds(seeds) if seeds else [seed]
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     if not quick:
         log(f"this takes about {expected_minutes(cfg) * len(seed_list):.0f} min on 2 CPU cores (mostly the "
-            f"{cfg.directions} retraining directions); --quick runs in about 30 s")
-    outdir = prepare_out_dir(out)
+            f"{retraining_count(cfg)} retrainings); --quick runs in about 30 s; a killed run resumes from --out")
     keys = ["numerical_modulus", "numerical_modulus_per_block", "closed_form_modulus", "closed_form_theorem3",
             "aubin_residual", "criterion_holds", "ill_determined", "empirical_max_ratio",
             "empirical_max_ratio_over_kappa", "worst_case_ratio", "worst_case_ratio_over_kappa", "directions",
             "matrix_free", "problem"]
     runs = []
     for s in seed_list:
-        res = run(replace(cfg, seed=s), log=log)
         where = outdir if len(seed_list) == 1 else prepare_out_dir(outdir / f"seed{s}")
+        cfg_s = replace(cfg, seed=s)
+        res = run(cfg_s, log=log, state=RunState(where, cfg_s, UNCACHED), progress=progress)
         write_json(where / "lipschitz.json", res)
         write_text(where / "lipschitz.md", format_report(res))
         plot(res, where)

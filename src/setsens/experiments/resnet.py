@@ -37,6 +37,8 @@ import click
 import torch
 
 from ..report import atomic_torch_save
+from .options import first_line, npz_lengths, number_list
+from .state import RunState
 
 __all__ = ["command", "ResnetConfig", "run", "render_report", "QUICK", "PAPER"]
 
@@ -81,13 +83,8 @@ class ResnetConfig:
     quick: bool = False
 
 
-def settings_key(cfg: ResnetConfig) -> str:
-    """A short hash of the settings a run's cached solves and retrainings depend on: a rerun into the
-    same ``--out`` with other settings starts afresh instead of reusing stale results."""
-    import hashlib
-
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "landscape", "grid")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+#: Settings that change no cached solve or retraining (the cache key leaves them out).
+UNCACHED = ("threads", "landscape", "grid")
 
 
 #: ``--quick``: a 2-core CPU in a few minutes (tiny subset, few iterations); same code path.
@@ -108,10 +105,8 @@ class _Run:
         from ..problem import Problem, cross_entropy
 
         self.cfg, self.out, self.progress = cfg, out, progress
-        self.state = None
-        if out is not None:  # cached results are keyed by every setting they depend on
-            self.state = out / "state" / settings_key(cfg)
-            self.state.mkdir(parents=True, exist_ok=True)
+        # cached results are keyed by every setting they depend on
+        self.state = RunState(out, cfg, UNCACHED).dir if out is not None else None
         dtype = _pt(cfg.dtype)
         self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
         x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
@@ -551,20 +546,8 @@ def render_report(r: dict, command_line: str = "") -> str:
     return "\n".join(L)
 
 
-def _tuple(text, cast, name):
-    try:
-        vals = tuple(cast(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{name} must be a comma-separated list, got {text!r}") from None
-    if not vals:
-        raise click.BadParameter(f"{name} must not be empty")
-    return vals
-
-
 def _check_inputs(cfg: dict) -> None:
     """Checkpoint against depth, data format and subset size — in seconds, before any work."""
-    import numpy as np
-
     from ..models.resnet import load_cifar_resnet
 
     if cfg["depth"] < 8 or (cfg["depth"] - 2) % 6:
@@ -574,17 +557,11 @@ def _check_inputs(cfg: dict) -> None:
         load_cifar_resnet(cfg["checkpoint"], cfg["depth"])
     except Exception as err:  # an empty, foreign or mismatched file
         raise click.BadParameter(f"cannot load {cfg['checkpoint']} as a depth-{cfg['depth']} CIFAR ResNet: "
-                                 f"{type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                                 f"{type(err).__name__}: {first_line(err)}",
                                  param_hint="--checkpoint/--depth") from None
     if Path(cfg["data"]).is_dir():
         return
-    try:
-        with np.load(cfg["data"], allow_pickle=False) as z:
-            available = len(z["train_y"])
-    except Exception as err:
-        raise click.BadParameter(f"{cfg['data']} is not a CIFAR-10 npz with train_x/train_y arrays "
-                                 f"({type(err).__name__})", param_hint="--data") from None
+    available = npz_lengths(cfg["data"], ("train_x", "train_y"), "--data")["train_y"]
     if cfg["n"] > available:
         raise click.BadParameter(f"--n {cfg['n']} asks for more training images than {cfg['data']} holds "
                                  f"({available})", param_hint="--n")
@@ -643,8 +620,9 @@ def command(**kw):
     for f in ("n", "scenarios", "seeds", "seed_points", "maxiter", "recycle", "retrain_iter", "batch_size", "n_test",
               "grid"):
         cfg[f] = kw[f] if kw[f] is not None else base.get(f, getattr(defaults, f))
-    cfg["points"] = _tuple(kw["points"], int, "--points") if kw["points"] else base.get("points", defaults.points)
-    cfg["sweep"] = _tuple(kw["sweep"], float, "--sweep")
+    cfg["points"] = (number_list(kw["points"], "--points", int, 1) if kw["points"]
+                     else base.get("points", defaults.points))
+    cfg["sweep"] = number_list(kw["sweep"], "--sweep", float, 0, open_min=True)
     for f in ("depth", "checkpoint", "data", "subset_seed", "solver", "threshold", "target_loss", "step",
               "scenario_points", "start_radius", "rtol", "scale", "dtype", "device", "threads", "seed", "quick"):
         cfg[f] = kw[f]

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
 __all__ = ["command", "render_report"]
-
-
-def _floats(text: str, name: str) -> tuple:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip() != "")
-    except ValueError:
-        raise click.BadParameter(f"{name} must be a comma-separated list of numbers, got {text!r}") from None
-    if not vals:
-        raise click.BadParameter(f"{name} must not be empty")
-    return vals
 
 
 def _num(v):
@@ -95,30 +84,31 @@ def render_report(results: dict, command_line: str) -> str:
 @click.option("--dataset", type=click.Choice(["digits", "cifar10"]), default="digits", show_default=True)
 @click.option("--data", "data_path", default="../shared/data/cifar10-subset.npz", show_default=True,
               help="CIFAR-10 subset .npz (for --dataset cifar10).")
-@click.option("--out", default="setsens-weights-report", show_default=True, help="Report directory (its parent must exist).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="setsens-weights-report", show_default=True,
+              help="Report directory (its parent must exist; a killed run resumes from it).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny configuration (for tests): few epochs, small grid, weak attacks.")
 @click.option("--budgets", default="0,0.005,0.01,0.02,0.05", show_default=True, help="Fractions ρ of each layer's norm.")
-@click.option("--lam", type=float, default=0.1, show_default=True, help="λ of the main robust model.")
-@click.option("--mu", type=float, default=0.0, show_default=True, help="μ of the main robust model.")
+@click.option("--lam", type=click.FloatRange(0), default=0.1, show_default=True, help="λ of the main robust model.")
+@click.option("--mu", type=click.FloatRange(0), default=0.0, show_default=True, help="μ of the main robust model.")
 @click.option("--grid-lams", default="0.03,0.1,0.3", show_default=True, help="λ grid of extra robust models ('' = none).")
 @click.option("--grid-mus", default="0,0.001", show_default=True, help="μ grid of extra robust models.")
-@click.option("--train-budget", type=float, default=0.01, show_default=True, help="Training budget ρ of the hinge.")
+@click.option("--train-budget", type=click.FloatRange(0), default=0.01, show_default=True, help="Training budget ρ of the hinge.")
 @click.option("--variant", type=click.Choice(["hinge", "hinge_normalized", "max_eta"]), default="hinge", show_default=True)
-@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs per model [60; quick 8].")
 @click.option("--hidden", default="128", show_default=True, help="Hidden widths, comma-separated (e.g. 128,128).")
 @click.option("--activation", type=click.Choice(["relu", "relu6", "clip1"]), default="relu", show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--attack-steps", type=int, default=40, show_default=True)
-@click.option("--attack-restarts", type=int, default=2, show_default=True)
-@click.option("--attack-targets", type=int, default=None, help="Closest classes attacked per input (default all).")
-@click.option("--weight-attack-points", type=int, default=100, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--attack-steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--attack-restarts", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--attack-targets", type=click.IntRange(1), default=None, help="Closest classes attacked per input (default all).")
+@click.option("--weight-attack-points", type=click.IntRange(0), default=100, show_default=True,
               help="Test points for the weight-space PGD / Frank–Wolfe attacks (0 = skip).")
-@click.option("--weight-attack-steps", type=int, default=100, show_default=True)
-@click.option("--random-samples", type=int, default=20, show_default=True,
+@click.option("--weight-attack-steps", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--random-samples", type=click.IntRange(1), default=20, show_default=True,
               help="Random boundary perturbations per budget (accuracy under random Ŵ).")
-@click.option("--gamma-rel", type=float, default=0.05, show_default=True)
+@click.option("--gamma-rel", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary JSON to stdout.")
 def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant,
             epochs, hidden, activation, lr, batch_size, attack_steps, attack_restarts, attack_targets,
@@ -128,39 +118,29 @@ def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, g
 
     from ..report import prepare_out_dir, save_figure, write_json, write_text
     from ..weights.experiment import ExperimentConfig, plot_accuracy_curves, run_experiment
+    from .options import npz_lengths, number_list
+    from .state import RunState
 
-    if dataset == "cifar10" and not Path(data_path).is_file():
-        raise click.BadParameter(f"CIFAR-10 subset not found at '{data_path}'", param_hint="--data")
-    try:
-        hidden_t = tuple(int(h) for h in hidden.split(",") if h.strip())
-    except ValueError:
-        raise click.BadParameter(f"--hidden must be comma-separated integers, got {hidden!r}") from None
-    kw = dict(dataset=dataset, data_path=data_path, seed=seed, hidden=hidden_t, activation=activation, epochs=epochs,
-              lr=lr, batch_size=batch_size, budgets=_floats(budgets, "--budgets"), lam=lam, mu=mu,
+    if dataset == "cifar10":
+        npz_lengths(data_path, ("train_x", "train_y", "test_x", "test_y"), "--data")
+    kw = dict(dataset=dataset, data_path=data_path, seed=seed, hidden=number_list(hidden, "--hidden", int, 1),
+              activation=activation, epochs=epochs if epochs is not None else (8 if quick else 60), lr=lr,
+              batch_size=batch_size, budgets=number_list(budgets, "--budgets", float, 0), lam=lam, mu=mu,
               train_budget=train_budget, variant=variant,
-              grid_lams=_floats(grid_lams, "--grid-lams") if grid_lams.strip() else (),
-              grid_mus=_floats(grid_mus, "--grid-mus"), attack_steps=attack_steps, attack_restarts=attack_restarts,
-              attack_targets=attack_targets, weight_attack_points=weight_attack_points,
+              grid_lams=number_list(grid_lams, "--grid-lams", float, 0) if grid_lams.strip() else (),
+              grid_mus=number_list(grid_mus, "--grid-mus", float, 0), attack_steps=attack_steps,
+              attack_restarts=attack_restarts, attack_targets=attack_targets, weight_attack_points=weight_attack_points,
               weight_attack_steps=weight_attack_steps, random_samples=random_samples, gamma_rel=gamma_rel)
-    if any(b < 0 for b in kw["budgets"]):
-        raise click.BadParameter(f"budgets must be non-negative fractions, got {budgets!r}", param_hint="--budgets")
     if quick:
         if budgets == "0,0.005,0.01,0.02,0.05":
             kw["budgets"] = (0.0, 0.01)
-        kw.update(epochs=min(epochs, 8), hidden=(16,), grid_lams=(), attack_steps=5,
-                  attack_restarts=1, attack_targets=2, random_samples=2, weight_attack_points=10,
-                  weight_attack_steps=5, ramp_epochs=2)
-    try:
-        cfg = ExperimentConfig(**kw)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    try:
-        out_dir = prepare_out_dir(out)
-    except FileNotFoundError as err:
-        raise click.UsageError(str(err)) from None
+        kw.update(hidden=(16,), grid_lams=(), attack_steps=5, attack_restarts=1, attack_targets=2, random_samples=2,
+                  weight_attack_points=10, weight_attack_steps=5, ramp_epochs=2)
+    cfg = ExperimentConfig(**kw)
+    out_dir = prepare_out_dir(out)
     log = (lambda msg: click.echo(msg, err=True))
     progress = (lambda it: tqdm(it, desc="epochs", leave=False, file=sys.stderr, disable=quick))
-    results = run_experiment(cfg, progress=progress, log=log)
+    results = run_experiment(cfg, progress=progress, log=log, state=RunState(out_dir, cfg))
     command_line = "setsens weights " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "setsens weights"
     results["command"] = command_line
     write_json(out_dir / "results.json", results)

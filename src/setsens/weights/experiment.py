@@ -183,8 +183,12 @@ def _load(cfg: ExperimentConfig):
     return (xtr, ytr, xte, yte), classes
 
 
-def run_experiment(cfg: ExperimentConfig, progress=None, log=print) -> dict:
-    """Train standard + robust models, evaluate each; ``progress`` wraps epoch iterators (tqdm)."""
+def run_experiment(cfg: ExperimentConfig, progress=None, log=print, state=None) -> dict:
+    """Train standard + robust models, evaluate each; ``progress`` wraps epoch iterators (tqdm).
+
+    ``state`` (an :class:`~setsens.experiments.state.RunState` keyed by ``cfg``) makes the run
+    resumable: training is checkpointed every epoch and each model's evaluation is cached.
+    """
     torch.manual_seed(cfg.seed)
     data, classes = _load(cfg)
     xtr, ytr, xte, yte = data
@@ -197,9 +201,16 @@ def run_experiment(cfg: ExperimentConfig, progress=None, log=print) -> dict:
                 runs.append((f"robust_lam{lam:g}_mu{mu:g}", lam, mu))
     models = {}
     for i, (name, lam, mu) in enumerate(runs):
+        if state is not None and (cached := state.load(f"model-{name}")) is not None:
+            models[name] = cached
+            log(f"[{cfg.dataset}] {name}: cached in {state.dir}")
+            continue
         t0 = time.time()
         tc = cfg.train_config(lam, mu)
-        model, history = train_mlp(xtr, ytr, K, tc, seed=cfg.seed, progress=progress)
+        checkpoint = state.path(f"train-{name}") if state is not None else None
+        if checkpoint is not None and checkpoint.exists():
+            log(f"[{cfg.dataset}] {name}: training resumes from {checkpoint}")
+        model, history = train_mlp(xtr, ytr, K, tc, seed=cfg.seed, progress=progress, checkpoint=checkpoint)
         t_train = time.time() - t0
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + i)
         res = evaluate_model(model_weights(model), data, cfg, gen, detailed=name in ("standard", "robust"))
@@ -207,6 +218,8 @@ def run_experiment(cfg: ExperimentConfig, progress=None, log=print) -> dict:
                     "train_seconds": t_train, "eval_seconds": time.time() - t0 - t_train,
                     "final_epoch": history[-1]})
         models[name] = res
+        if state is not None:
+            state.save(f"model-{name}", res)
         c1 = next((r["certified_accuracy"] for r in res["budgets"] if r["budget"] == 0.01), float("nan"))
         log(f"[{cfg.dataset}] {name}: clean {res['clean_accuracy']:.3f}, certified@1% {c1:.3f} "
             f"({t_train:.1f}s train, {res['eval_seconds']:.1f}s eval)")

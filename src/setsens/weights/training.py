@@ -14,11 +14,13 @@ lowered by shrinking all weights, which fights the cross-entropy.  λ = μ = 0 i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..report import atomic_torch_save
 from .bounds import margin_change_bound, relative_budget
 from .network import check_inputs, check_labels, check_weights, forward, layer_norms, make_mlp, margins
 
@@ -106,12 +108,14 @@ def model_weights(model: nn.Sequential) -> list[Tensor]:
 
 
 def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed: int = 0,
-              progress: Callable | None = None) -> tuple[nn.Sequential, list[dict]]:
+              progress: Callable | None = None, checkpoint: Path | None = None) -> tuple[nn.Sequential, list[dict]]:
     """Train a bias-free MLP with Adam on the theory-driven loss (standard training if λ = μ = 0).
 
     The training budget ρ is ramped linearly from 0 over the first ``ramp_epochs`` epochs.
     ``progress`` wraps the epoch iterator (e.g. ``tqdm``).  Returns the model (eval mode) and a
-    per-epoch history of the mean loss parts.  Deterministic given ``seed``.
+    per-epoch history of the mean loss parts.  Deterministic given ``seed``.  With ``checkpoint``
+    (a file) the model, optimiser and shuffling state are saved there after every epoch and
+    training resumes from it: a killed run ends with the same weights as an uninterrupted one.
     """
     if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x must be (n, n0) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -121,8 +125,14 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
     weights = model_weights(model)
     check_labels(y, x.shape[0], num_classes)
     n = x.shape[0]
-    history = []
-    epochs = range(config.epochs)
+    history, start = [], 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        history, start = saved["history"], saved["epoch"]
+    epochs = range(start, config.epochs)
     if progress is not None:
         epochs = progress(epochs)
     for epoch in epochs:
@@ -139,5 +149,8 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
         history.append({"epoch": epoch + 1, "budget": rho, **{k: v / n for k, v in sums.items()}})
+        if checkpoint is not None:
+            atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "generator": gen.get_state(), "history": history}, checkpoint)
     model.eval()
     return model, history
