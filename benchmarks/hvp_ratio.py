@@ -27,93 +27,113 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
 
 import torch
-from torch.func import grad, jvp
+from torch.func import grad
 
 from setsens.function_space import OutputJacobian
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
-from setsens.operators import Hessian
+from setsens.operators import HVP_MODES, Hessian
 from setsens.problem import Problem, cross_entropy
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problem", choices=["resnet", "digits"], default="resnet",
+                    help="ResNet-56 on CIFAR images, or the digits demo MLP (setsens demo's problem)")
     ap.add_argument("--checkpoint", default="../shared/data/resnet56-cifar10.th")
     ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
     ap.add_argument("--depth", type=int, default=56)
-    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--batch", type=int, default=250, help="ResNet images (the digits problem has its own 100)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache", default="auto", help="OutputJacobian's cache: auto, none or bytes")
     ap.add_argument("--random-weights", action="store_true", help="no checkpoint/data: random net and images")
+    ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     args = ap.parse_args(argv)
+    say = (lambda *a: None) if args.json else print
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.random_weights:
-        model = cifar_resnet(args.depth)
-        x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-    else:
-        from setsens.data.cifar import load_cifar10
+    load = os.getloadavg()[0]
+    if args.problem == "digits":
+        from setsens.experiments.demo import DemoConfig, train_stationary
 
-        model = load_cifar_resnet(args.checkpoint, args.depth)
-        x, y = load_cifar10(args.data, "train", n=args.batch)
-    model = model.to(args.device)
-    problem = Problem(model, cross_entropy, (x, y), batch_size=args.batch, device=args.device)
+        problem, model_name = train_stationary(DemoConfig(), progress=False), "digits MLP 64-64-64-10"
+    else:
+        if args.random_weights:
+            model = cifar_resnet(args.depth)
+            x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+        else:
+            from setsens.data.cifar import load_cifar10
+
+            model = load_cifar_resnet(args.checkpoint, args.depth)
+            x, y = load_cifar10(args.data, "train", n=args.batch)
+        problem = Problem(model.to(args.device), cross_entropy, (x, y), batch_size=args.batch, device=args.device)
+        model_name = f"ResNet-{args.depth}" + (" (random weights)" if args.random_weights else "")
     w = problem.params
-    v = torch.randn(problem.p, generator=torch.Generator().manual_seed(1)).to(w)
+    v = torch.randn(problem.p, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(w)
+    u = torch.randn(problem.n, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(w)
     xb, yb = next(problem.batches())
+    assert xb.shape[0] == problem.n, "one batch: the gradient and the G products see the same points"
     sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
 
     g = grad(problem.batch_risk)
+    hessians = {mode: Hessian(problem, mode=mode) for mode in HVP_MODES if mode != "auto"}
+    cache = args.cache if args.cache in ("auto", "none") else int(args.cache)
+    G, G0 = OutputJacobian(problem, centered=True, cache=cache), OutputJacobian(problem, centered=True, cache="none")
+    G @ v, G.T @ u  # a first product runs uncached, the second builds the cache: paid once per solve
+    sync()
+    t = time.perf_counter()
+    G @ v, G.T @ u
+    sync()
+    setup = time.perf_counter() - t
 
-    def m_grad():
-        return g(w, xb, yb)
-
-    def m_fwd_over_rev():
-        return jvp(lambda w_: g(w_, xb, yb), (w,), (v,))[1]
-
-    def m_double_backward():
-        wr = w.detach().requires_grad_(True)
-        gr = torch.autograd.grad(problem.batch_risk(wr, xb, yb), wr, create_graph=True)[0]
-        return torch.autograd.grad(gr @ v, wr)[0]
-
-    fast = Hessian(problem, mode="rev_over_fwd")
-
-    def m_rev_over_fwd():
-        return fast.batch_hvp(w, xb, yb, v)
-
-    G = OutputJacobian(problem, centered=True)
-    u = torch.randn(problem.n, 10, generator=torch.Generator().manual_seed(2)).to(w)
-
-    def m_jvp_plus_vjp():
-        return G @ v, G.T @ u
-
-    methods = {"grad": m_grad, "fwd_over_rev": m_fwd_over_rev, "double_backward": m_double_backward,
-               "rev_over_fwd": m_rev_over_fwd, "jvp_plus_vjp": m_jvp_plus_vjp}
-    ref = m_fwd_over_rev()
-    for name in ("double_backward", "rev_over_fwd"):
-        err = float((methods[name]() - ref).norm() / ref.norm())
-        print(f"{name}: relative difference to fwd_over_rev {err:.2e}")
-        assert err < 1e-3, f"{name} disagrees with the reference HVP"
+    methods = {"grad": lambda: g(w, xb, yb),
+               **{mode: (lambda H=H: H.batch_hvp(w, xb, yb, v)) for mode, H in hessians.items()},
+               "gn_iteration": lambda: (G @ v, G.T @ u),
+               "gn_iteration_uncached": lambda: (G0 @ v, G0.T @ u)}
+    ref = methods["fwd_over_rev"]()
+    agreement = {name: float((methods[name]() - ref).norm() / ref.norm()) for name in hessians}
+    (a, b), (a0, b0) = methods["gn_iteration"](), methods["gn_iteration_uncached"]()
+    agreement["gn_iteration"] = max(float((a - a0).norm() / a0.norm()), float((b - b0).norm() / b0.norm()))
+    for name, err in agreement.items():
+        say(f"{name}: relative difference to the reference {err:.2e}")
+        assert err < 1e-3, f"{name} disagrees with the reference"
     for fn in methods.values():  # warm-up (allocator, cuDNN autotuning)
         fn()
+    sync()
+    t = time.perf_counter()
+    methods["grad"]()
+    sync()
+    inner = max(1, math.ceil(0.05 / (time.perf_counter() - t)))  # each timing ≥ 50 ms (the digits MLP)
     times = {k: [] for k in methods}
     for _ in range(args.repeats):
         for name, fn in methods.items():
             sync()
             t = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) / inner)
     med = {k: statistics.median(t) for k, t in times.items()}
-    out = {"device": str(w.device), "threads": args.threads, "batch": args.batch, "p": problem.p,
-           "seconds": med, "ratio_to_grad": {k: med[k] / med["grad"] for k in methods if k != "grad"}}
-    for k, r in out["ratio_to_grad"].items():
-        print(f"{k:16s} {med[k]:8.3f} s   {r:5.2f}× gradient")
-    print(f"{'grad':16s} {med['grad']:8.3f} s")
+    ratio = {k: med[k] / med["grad"] for k in methods if k != "grad"}
+    hvp_mode = Hessian(problem, mode="auto").mode
+    out = {"gn_iteration_over_gradient": ratio["gn_iteration"],
+           "gn_iteration_uncached_over_gradient": ratio["gn_iteration_uncached"],
+           "hvp_over_gradient": ratio[hvp_mode], "hvp_mode": hvp_mode,
+           "gn_setup_over_gradient": setup / med["grad"], "gn_cache_bytes": G.cached_bytes,
+           "device": str(w.device), "model": model_name, "batch": problem.n, "p": problem.p,
+           "dtype": str(w.dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
+           "load_average_at_start": load, "torch": torch.__version__, "seconds": med, "ratio_to_grad": ratio,
+           "agreement": agreement}
+    for k, r in ratio.items():
+        say(f"{k:22s} {med[k]:8.3f} s   {r:5.2f}× gradient")
+    say(f"{'grad':22s} {med['grad']:8.3f} s   (cache setup {setup:.2f} s, {G.cached_bytes / 2**20:.0f} MiB)")
     print(json.dumps(out))
 
 

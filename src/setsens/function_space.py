@@ -56,14 +56,15 @@ class OutputJacobian:
     it depends on.  ``calls`` counts passes.  On a sharded problem the rows are those held here
     and ``G.T @ u`` and :meth:`dot` are all-reduced.
 
-    ``cache`` (``"auto"``, ``"none"`` or a number of bytes, see :func:`cache_budget`): the first
+    ``cache`` (``"auto"``, ``"none"`` or a number of bytes, see :func:`cache_budget`): the second
     product on a batch linearises it (``torch.func.linearize`` for ``G v``, a retained autograd graph
     for ``Gᵀ u``) if its estimated size fits in what is left of the budget; later products on that
-    batch run the tangent passes only and equal the uncached ones to rounding.  Batches that do not
-    fit are recomputed each time.  Memory per cached point: the activations the backward pass
-    keeps, twice (about 7 MB per CIFAR image for ResNet-56 in float32, so 1000 images need
-    about 7 GB); ``cached_bytes`` is the estimate held.  Building a batch's linearisation costs
-    about ten gradients of that batch once (tracing), repaid after a dozen products.
+    batch run the tangent passes only (about one gradient for the pair against two) and equal the
+    uncached ones to rounding.  Batches that do not fit are recomputed each time; a one-off
+    product never builds anything.  Memory per cached point: twice the activations the backward
+    pass keeps (about 8 MB per CIFAR image for ResNet-56 in float32: 1000 images need about 8 GB);
+    ``cached_bytes`` is that estimate, summed.  Building costs a trace of the JVP once per batch,
+    a few gradients (plus about 0.4 s the first time in a process).
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, centered: bool = False,
@@ -75,6 +76,7 @@ class OutputJacobian:
         self.budget = cache_budget(cache, self.w.device)
         self.cached_bytes = 0
         self._linear: dict[int, tuple] = {}  # batch number → (v ↦ G_b v, u ↦ G_bᵀ u)
+        self._seen: set[int] = set()  # batches with one product done
 
     def matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
@@ -93,13 +95,14 @@ class OutputJacobian:
         return self.problem.reduce(out)
 
     def _products(self, i: int, x: Tensor) -> tuple:
-        """``(v ↦ G_b v, u ↦ G_bᵀ u)`` on batch ``i``: its cached linearisation (built now if it fits
-        the budget) or passes that recompute the outputs."""
+        """``(v ↦ G_b v, u ↦ G_bᵀ u)`` on batch ``i``: its cached linearisation (built at the batch's
+        second product if it fits the budget) or passes that recompute the outputs."""
         if i in self._linear:
             return self._linear[i]
         f = lambda w: self.problem.outputs(w, x)  # noqa: E731
-        size = 2 * self._saved_bytes_per_point * x.shape[0]
-        if self.cached_bytes + size > self.budget:
+        first, size = i not in self._seen, 2 * self._saved_bytes_per_point * x.shape[0]
+        self._seen.add(i)
+        if first or self.cached_bytes + size > self.budget:
             def recompute_pull(u):
                 out, back = vjp(f, self.w)
                 return back(u.reshape(out.shape))[0]
@@ -109,7 +112,7 @@ class OutputJacobian:
             wr = self.w.detach().requires_grad_(True)
             out = f(wr)
         with warnings.catch_warnings():  # torch.fx const folding warns about its own attributes
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore")
             push = linearize(f, self.w)[1]
         pull = lambda u: torch.autograd.grad(out, wr, u.reshape(out.shape), retain_graph=True)[0]  # noqa: E731
         self._linear[i] = (push, pull)

@@ -43,12 +43,12 @@ def test_output_jacobian_products_match_dense(seed, batch, centered, cache):
         G = torch.block_diag(*[P] * problem.n) @ G
     op = OutputJacobian(problem, centered=centered, cache=cache)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(2):  # the second round runs on the cached linearisations
+    for _ in range(3):  # the second round builds the cache, the third runs on it
         v = torch.randn(problem.p, generator=g, dtype=torch.float64)
         u = torch.randn(problem.n, 3, generator=g, dtype=torch.float64)
         assert torch.allclose((op @ v).reshape(-1), G @ v, atol=1e-10)
         assert torch.allclose(op.T @ u, G.T @ u.reshape(-1), atol=1e-10)
-    assert op.calls == 4
+    assert op.calls == 6
     assert op.cached_bytes <= op.budget
 
 
@@ -66,6 +66,9 @@ def test_cache_holds_what_fits_and_equals_recomputation_to_rounding():
             assert torch.allclose(op @ v, ref, rtol=1e-13, atol=1e-15)
             assert torch.allclose(op.T @ u, ref_t, rtol=1e-13, atol=1e-15)
     assert (none.cached_bytes, len(none._linear)) == (0, 0)
+    once = OutputJacobian(problem)
+    once @ v
+    assert once.cached_bytes == 0  # a one-off product builds nothing
     assert sorted(some._linear) == [0, 2] and some.cached_bytes == 4 * per_point  # batch 1 (3 points) did not fit
     assert sorted(auto._linear) == [0, 1, 2]
 
