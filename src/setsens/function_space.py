@@ -33,17 +33,14 @@ the two tangent passes only, about one gradient, instead of about two uncached
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 from torch import Tensor
-from torch.func import jvp, linearize, vjp
+from torch.func import jvp, vjp
 
-from .operators import Adjoint
+from .operators import Adjoint, cache_budget, linearized
 from .problem import Perturbation, Problem
 
-__all__ = ["OutputJacobian", "output_shift", "cache_budget"]
+__all__ = ["OutputJacobian", "output_shift"]
 
 
 class OutputJacobian:
@@ -111,9 +108,7 @@ class OutputJacobian:
         with torch.enable_grad():
             wr = self.w.detach().requires_grad_(True)
             out = f(wr)
-        with warnings.catch_warnings():  # torch.fx const folding warns about its own attributes
-            warnings.simplefilter("ignore")
-            push = linearize(f, self.w)[1]
+        push = linearized(f, self.w)[0]
         pull = lambda u: torch.autograd.grad(out, wr, u.reshape(out.shape), retain_graph=True)[0]  # noqa: E731
         self._linear[i] = (push, pull)
         self.cached_bytes += size
@@ -137,24 +132,6 @@ class OutputJacobian:
     @property
     def T(self) -> Adjoint:
         return Adjoint(self)
-
-
-def cache_budget(cache: str | int, device: torch.device) -> int:
-    """Bytes a per-batch linearisation cache may hold: ``"none"`` 0, an int itself, ``"auto"`` half the
-    memory free now on ``device`` (the GPU's free memory, else the host's available RAM)."""
-    if cache == "none":
-        return 0
-    if cache != "auto":
-        if isinstance(cache, str) or cache < 0:
-            raise ValueError(f"cache must be 'auto', 'none' or a number of bytes ≥ 0, got {cache!r}")
-        return int(cache)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        with open("/proc/meminfo") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable")) // 2
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def _saved_bytes(f, w: Tensor) -> int:
