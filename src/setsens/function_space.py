@@ -74,6 +74,7 @@ class OutputJacobian:
         self.cached_bytes = 0
         self._linear: dict[int, tuple] = {}  # batch number → (v ↦ G_b v, u ↦ G_bᵀ u)
         self._seen: set[int] = set()  # batches with one product done
+        self._traceable = True  # False once torch.func.linearize has failed on the model
 
     def matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
@@ -108,7 +109,10 @@ class OutputJacobian:
         with torch.enable_grad():
             wr = self.w.detach().requires_grad_(True)
             out = f(wr)
-        push = linearized(f, self.w)[0]
+        push = linearized(f, self.w)[0] if self._traceable else None
+        if push is None:  # untraceable model: only Gᵀ u is cached
+            self._traceable = False
+            push = lambda v: jvp(f, (self.w,), (v,))[1]  # noqa: E731
         pull = lambda u: torch.autograd.grad(out, wr, u.reshape(out.shape), retain_graph=True)[0]  # noqa: E731
         self._linear[i] = (push, pull)
         self.cached_bytes += size

@@ -139,11 +139,15 @@ def cache_budget(cache: str | int, device: torch.device) -> int:
 
 def linearized(f, w: Tensor) -> tuple:
     """``(v ↦ ∂f(w)/∂w · v, bytes held or None)``: ``torch.func.linearize`` with everything that does
-    not depend on v computed now (its constants folded by one product); the bytes are those constants'."""
-    with warnings.catch_warnings():  # torch.fx const folding warns about its own attributes
-        warnings.simplefilter("ignore")
-        push = linearize(f, w)[1]
-        push(torch.zeros_like(w))
+    not depend on v computed now (its constants folded by one product); the bytes are those constants'.
+    ``(None, None)`` when f cannot be traced (control flow that reads tensor values, e.g. ``one_hot``)."""
+    try:
+        with warnings.catch_warnings():  # torch.fx const folding warns about its own attributes
+            warnings.simplefilter("ignore")
+            push = linearize(f, w)[1]
+            push(torch.zeros_like(w))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None, None
     cells = dict(zip(push.__code__.co_freevars, push.__closure__))
     if "const_folded_jvp_graph" not in cells:  # another torch's linearize: size unknown
         return push, None
