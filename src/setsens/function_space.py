@@ -70,8 +70,8 @@ class OutputJacobian:
         self.w = problem.params if w is None else w
         self.centered = centered
         self.calls = 0
-        self.budget = cache_budget(cache, self.w.device)
-        self.cached_bytes = 0
+        self.cache, self.cached_bytes = cache, 0
+        cache_budget(cache, self.w.device)  # checks it
         self._linear: dict[int, tuple] = {}  # batch number → (v ↦ G_b v, u ↦ G_bᵀ u)
         self._seen: set[int] = set()  # batches with one product done
         self._traceable = True  # False once torch.func.linearize has failed on the model
@@ -100,7 +100,7 @@ class OutputJacobian:
         f = lambda w: self.problem.outputs(w, x)  # noqa: E731
         first, size = i not in self._seen, 2 * self._saved_bytes_per_point * x.shape[0]
         self._seen.add(i)
-        if first or self.cached_bytes + size > self.budget:
+        if first or self.cached_bytes + size > cache_budget(self.cache, self.w.device, self.cached_bytes):
             def recompute_pull(u):
                 out, back = vjp(f, self.w)
                 return back(u.reshape(out.shape))[0]

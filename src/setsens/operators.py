@@ -70,7 +70,8 @@ class Hessian:
             mode = "double_backward" if self.w.device.type == "cpu" else "rev_over_fwd"
         self.mode = mode
         self._grad = grad(problem.batch_risk)
-        self.budget, self.cached_bytes = cache_budget(cache, self.w.device), 0
+        self.cache, self.cached_bytes = cache, 0
+        cache_budget(cache, self.w.device)  # checks it
         self._linear: dict[int, object] = {}  # batch number → v ↦ H_b v
         self._seen: set[int] = set()  # batches with one product done
         self._per_point: float | None = None  # bytes, measured on the first batch linearised
@@ -102,15 +103,19 @@ class Hessian:
         first = i not in self._seen
         self._seen.add(i)
         size = None if self._per_point is None else self._per_point * x.shape[0]
-        if not first and self.budget and (size is None or self.cached_bytes + size <= self.budget):
+        if not first and self._fits(size or 0):
             push, size = linearized(lambda w: self._grad(w, x, y), self.w)
             size = math.inf if size is None else size
             if self._per_point is None:
                 self._per_point = size / x.shape[0]
-            if self.cached_bytes + size <= self.budget:
+            if self._fits(size):
                 self._linear[i], self.cached_bytes = push, self.cached_bytes + size
                 return push
         return lambda v: self.batch_hvp(self.w, x, y, v)
+
+    def _fits(self, size: float) -> bool:
+        return self.cache != "none" and self.cached_bytes + size <= cache_budget(self.cache, self.w.device,
+                                                                                   self.cached_bytes)
 
     __matmul__ = __call__
 
@@ -119,9 +124,10 @@ class Hessian:
         return _scipy_operator(self, self.problem.p)
 
 
-def cache_budget(cache: str | int, device: torch.device) -> int:
-    """Bytes a per-batch linearisation cache may hold: ``"none"`` 0, an int itself, ``"auto"`` half the
-    memory free now on ``device`` (the GPU's free memory, else the host's available RAM)."""
+def cache_budget(cache: str | int, device: torch.device, held: int = 0) -> int:
+    """Bytes a per-batch linearisation cache that holds ``held`` may hold in all: ``"none"`` 0, an int
+    itself, ``"auto"`` ``held`` plus half the memory free now on ``device`` (the GPU's free memory,
+    else the host's available RAM) — asked at each batch, so operators and other processes share."""
     if cache == "none":
         return 0
     if cache != "auto":
@@ -129,12 +135,13 @@ def cache_budget(cache: str | int, device: torch.device) -> int:
             raise ValueError(f"cache must be 'auto', 'none' or a number of bytes ≥ 0, got {cache!r}")
         return int(cache)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
+        return held + torch.cuda.mem_get_info(device)[0] // 2
     try:
         with open("/proc/meminfo") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable")) // 2
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return held + free // 2
 
 
 def linearized(f, w: Tensor) -> tuple:
