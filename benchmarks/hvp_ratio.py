@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache", default="auto", help="OutputJacobian's cache: auto, none or bytes")
+    ap.add_argument("--hvp-cache", default="none", help="Hessian's cache: none (its default), auto or bytes")
     ap.add_argument("--random-weights", action="store_true", help="no checkpoint/data: random net and images")
     ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     args = ap.parse_args(argv)
@@ -86,7 +87,8 @@ def main(argv=None):
     hessians = {mode: Hessian(problem, mode=mode, cache="none") for mode in HVP_MODES if mode != "auto"}
     cache = args.cache if args.cache in ("auto", "none") else int(args.cache)
     G, G0 = OutputJacobian(problem, centered=True, cache=cache), OutputJacobian(problem, centered=True, cache="none")
-    H = Hessian(problem, mode="auto", cache=cache)  # the library's default
+    hvp_cache = args.hvp_cache if args.hvp_cache in ("auto", "none") else int(args.hvp_cache)
+    H = Hessian(problem, mode="auto", cache=hvp_cache)  # the library's default unless --hvp-cache
     setup = {}
     for name, fn in (("gn", lambda: (G @ v, G.T @ u)), ("hvp", lambda: H @ v)):
         fn()  # a first product runs uncached, the second builds the cache: paid once per solve
@@ -132,7 +134,7 @@ def main(argv=None):
            "hvp_mode": H.mode + (" (cached: linearised forward-over-reverse)" if H.cached_bytes else ""),
            "gn_setup_over_gradient": setup["gn"] / med["grad"], "gn_cache_bytes": G.cached_bytes,
            "hvp_setup_over_gradient": setup["hvp"] / med["grad"], "hvp_cache_bytes": H.cached_bytes,
-           "cache": args.cache,
+           "cache": args.cache, "hvp_cache": args.hvp_cache,
            "device": str(w.device), "model": model_name, "batch": problem.n, "p": problem.p,
            "dtype": str(w.dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
            "load_average_at_start": load, "torch": torch.__version__, "seconds": med, "ratio_to_grad": ratio,
