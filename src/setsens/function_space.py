@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
-from .operators import Adjoint, cache_budget, linearized
+from .operators import Adjoint, cache_budget, linearized, memory_in_use
 from .problem import Perturbation, Problem
 
 __all__ = ["OutputJacobian", "output_shift"]
@@ -58,10 +58,12 @@ class OutputJacobian:
     for ``Gᵀ u``) if its estimated size fits in what is left of the budget; later products on that
     batch run the tangent passes only (about one gradient for the pair against two) and equal the
     uncached ones to rounding.  Batches that do not fit are recomputed each time; a one-off
-    product never builds anything.  Memory per cached point: twice the activations the backward
-    pass keeps (about 8 MB per CIFAR image for ResNet-56 in float32: 1000 images need about 8 GB);
-    ``cached_bytes`` is that estimate, summed.  Building costs a trace of the JVP once per batch,
-    a few gradients (plus about 0.4 s the first time in a process).
+    product never builds anything.  Memory per cached point: at least twice the activations the
+    backward pass keeps, and what the process's memory grew by in a build if more (about 8 MB per
+    CIFAR image for ResNet-56 in float32 by the first, up to 20 MB by the second, so the default
+    budget caches about one batch of 250 on a 24 GB machine); ``cached_bytes`` is the sum.
+    Building costs a trace of the JVP once per batch, a few gradients (plus about 0.4 s the first
+    time in a process).
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, centered: bool = False,
@@ -98,7 +100,7 @@ class OutputJacobian:
         if i in self._linear:
             return self._linear[i]
         f = lambda w: self.problem.outputs(w, x)  # noqa: E731
-        first, size = i not in self._seen, 2 * self._saved_bytes_per_point * x.shape[0]
+        first, size = i not in self._seen, self._bytes_per_point * x.shape[0]
         self._seen.add(i)
         if first or self.cached_bytes + size > cache_budget(self.cache, self.w.device, self.cached_bytes):
             def recompute_pull(u):
@@ -106,6 +108,7 @@ class OutputJacobian:
                 return back(u.reshape(out.shape))[0]
 
             return lambda v: jvp(f, (self.w,), (v,))[1], recompute_pull
+        before = memory_in_use(self.w.device)
         with torch.enable_grad():
             wr = self.w.detach().requires_grad_(True)
             out = f(wr)
@@ -114,16 +117,19 @@ class OutputJacobian:
             self._traceable = False
             push = lambda v: jvp(f, (self.w,), (v,))[1]  # noqa: E731
         pull = lambda u: torch.autograd.grad(out, wr, u.reshape(out.shape), retain_graph=True)[0]  # noqa: E731
+        size = max(size, memory_in_use(self.w.device) - before)  # what the build really took, if more
+        self._per_point = max(self._per_point, size // x.shape[0])
         self._linear[i] = (push, pull)
         self.cached_bytes += size
         return self._linear[i]
 
     @property
-    def _saved_bytes_per_point(self) -> int:
-        """Bytes of activations the backward pass keeps per data point (two points measured once)."""
+    def _bytes_per_point(self) -> int:
+        """Bytes a cached point takes: first twice the activations the backward pass keeps (two points
+        measured), then the most that a build has really taken."""
         if not hasattr(self, "_per_point"):
             x, _ = next(self.problem.batches())
-            self._per_point = _saved_bytes(lambda w: self.problem.outputs(w, x[:2]), self.w) // 2
+            self._per_point = _saved_bytes(lambda w: self.problem.outputs(w, x[:2]), self.w)
         return self._per_point
 
     def dot(self, a: Tensor, b: Tensor) -> float:

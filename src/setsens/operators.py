@@ -18,6 +18,7 @@ the true derivative of ``∇_w L``; ``"paper"`` uses ``1/|K|`` as printed in the
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import warnings
@@ -31,7 +32,7 @@ from torch.func import grad, jacfwd, jvp, linearize
 from .problem import Perturbation, Problem
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
-           "J_SCALES", "HVP_MODES", "cache_budget", "linearized"]
+           "J_SCALES", "HVP_MODES", "cache_budget", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
 HVP_MODES = ("fwd_over_rev", "rev_over_fwd", "double_backward", "auto")
@@ -106,8 +107,9 @@ class Hessian:
         self._seen.add(i)
         size = None if self._per_point is None else self._per_point * x.shape[0]
         if not first and self._fits(size or 0):
+            before = memory_in_use(self.w.device)
             push, size = linearized(lambda w: self._grad(w, x, y), self.w)
-            size = math.inf if size is None else size
+            size = math.inf if size is None else max(size, memory_in_use(self.w.device) - before)
             if self._per_point is None:
                 self._per_point = size / x.shape[0]
             if self._fits(size):
@@ -128,8 +130,9 @@ class Hessian:
 
 def cache_budget(cache: str | int, device: torch.device, held: int = 0) -> int:
     """Bytes a per-batch linearisation cache that holds ``held`` may hold in all: ``"none"`` 0, an int
-    itself, ``"auto"`` ``held`` plus half the memory free now on ``device`` (the GPU's free memory,
-    else the host's available RAM) — asked at each batch, so operators and other processes share."""
+    itself, ``"auto"`` ``held`` plus a quarter of the memory free now on ``device`` (the GPU's free
+    memory, else the host's available RAM) — asked at each batch, so operators and other processes
+    share, and a build's transient peak (about twice what it keeps) still fits."""
     if cache == "none":
         return 0
     if cache != "auto":
@@ -137,13 +140,24 @@ def cache_budget(cache: str | int, device: torch.device, held: int = 0) -> int:
             raise ValueError(f"cache must be 'auto', 'none' or a number of bytes ≥ 0, got {cache!r}")
         return int(cache)
     if device.type == "cuda":
-        return held + torch.cuda.mem_get_info(device)[0] // 2
+        return held + torch.cuda.mem_get_info(device)[0] // 4
     try:
         with open("/proc/meminfo") as fh:
             free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return held + free // 2
+    return held + free // 4
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes this process holds on ``device`` now: the CUDA allocator's, else the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def linearized(f, w: Tensor) -> tuple:
@@ -157,6 +171,8 @@ def linearized(f, w: Tensor) -> tuple:
             push(torch.zeros_like(w))
     except (RuntimeError, TypeError, NotImplementedError):
         return None, None
+    finally:
+        gc.collect()  # the tracer's reference cycles hold tensors of the primal pass
     cells = dict(zip(push.__code__.co_freevars, push.__closure__))
     if "const_folded_jvp_graph" not in cells:  # another torch's linearize: size unknown
         return push, None

@@ -52,9 +52,10 @@ def test_output_jacobian_products_match_dense(seed, batch, centered, cache):
     assert cache == "auto" or op.cached_bytes <= cache_budget(cache, problem.device)
 
 
-def test_cache_holds_what_fits_and_equals_recomputation_to_rounding():
+def test_cache_holds_what_fits_and_equals_recomputation_to_rounding(monkeypatch):
+    monkeypatch.setattr("setsens.function_space.memory_in_use", lambda device: 0)  # sizes by estimate only
     problem = _wide(5, n=7, batch_size=3)  # batches of 3, 3, 1 points
-    per_point = 2 * OutputJacobian(problem)._saved_bytes_per_point
+    per_point = OutputJacobian(problem)._bytes_per_point
     assert per_point > 0
     none, some, auto = (OutputJacobian(problem, cache=c) for c in ("none", 4 * per_point, "auto"))
     g = torch.Generator().manual_seed(0)
