@@ -1,26 +1,27 @@
-"""Hessian-vector product time ÷ gradient time on a CIFAR ResNet, measured side by side.
+"""Hessian-vector product and Gauss–Newton iteration time ÷ gradient time, measured side by side.
 
-    .venv/bin/python benchmarks/hvp_ratio.py --batch 250 --repeats 3 --threads 2
+    python benchmarks/hvp_ratio.py --json                      # ResNet-56, batch 250, 2 threads
+    python benchmarks/hvp_ratio.py --json --problem digits     # the digits demo MLP
 
-Every method computes ``H v`` for the same risk (mean cross-entropy on one batch, BatchNorm in
-eval mode) and is checked against the reference (forward-over-reverse) to float precision;
-the times are medians over ``--repeats`` runs after one warm-up, interleaved so that load from
-other processes hits all methods alike.  Methods:
+``--json`` prints one JSON object: ``gn_iteration_over_gradient`` (one ``G v`` plus one ``Gᵀ u`` of
+:class:`setsens.function_space.OutputJacobian` with its default cache, built beforehand),
+``gn_iteration_uncached_over_gradient``, ``hvp_over_gradient`` (``Hessian(mode="auto")``, cached only
+with ``--hvp-cache``), ``hvp_uncached_over_gradient``, the one-off cache builds in gradients, the
+settings (model, batch, threads, dtype, device) and the load average at the start.  Every method
+runs on the same batch as the gradient (one forward and backward pass, the unit) and is checked
+against the reference (forward-over-reverse; the cached G against the uncached one); the times are
+medians over ``--repeats`` runs after one warm-up, interleaved so that load from other processes
+hits all methods alike (each timing repeats a method until it lasts ≥ 50 ms).  HVP compositions:
 
-* ``grad``              — one gradient (the unit);
-* ``fwd_over_rev``      — ``jvp(grad(L))`` with torch.func (the previous default);
+* ``fwd_over_rev``      — ``jvp(grad(L))`` with torch.func;
 * ``double_backward``   — ``autograd.grad(⟨∇L, v⟩)`` with ``create_graph=True``;
-* ``rev_over_fwd``      — ``grad_w ⟨∇L, v⟩`` where the directional derivative comes from one
-  forward-mode pass: ``∇_w [jvp_w L(w)·v]`` (torch.func).
-* ``jvp_plus_vjp``      — not an HVP: one output JVP plus one output VJP, the cost of one
-  iteration of the Gauss–Newton solver (:class:`setsens.function_space.OutputJacobian`).
+* ``rev_over_fwd``      — ``∇_w [jvp_w L(w)·v]`` (torch.func);
+* ``hvp_default``       — ``Hessian(mode="auto", cache=--hvp-cache)`` over the problem.
 
 :class:`setsens.operators.Hessian` takes the composition as ``mode``; ``"auto"`` picks the fastest per device.
-
-Measured (docs/resnet.md has the table and the command lines), in gradients:
-2 idle CPU cores, batch 250, 3 repeats: double backward 3.18× and 3.54× (two runs), forward-over-reverse
-5.9–6.5×, reverse-over-forward 5.7–6.4×, JVP + VJP 2.17×.  H100, batch 1000, 20 repeats:
-reverse-over-forward 2.14×, forward-over-reverse 2.76×, double backward 6.64×, JVP + VJP 1.63×.
+Recorded runs: docs/runs/hvp-ratio-cpu.json, docs/runs/hvp-ratio-digits-cpu.json; docs/resnet.md
+has the table (older runs: 2 idle CPU cores, batch 250: double backward 3.18× and 3.54×, JVP + VJP
+uncached 2.17×; H100, batch 1000: reverse-over-forward 2.14×, JVP + VJP 1.63×).
 """
 
 from __future__ import annotations
