@@ -1,119 +1,150 @@
-"""Hessian-vector product time ÷ gradient time on a CIFAR ResNet, measured side by side.
+"""Hessian-vector product and Gauss–Newton iteration time ÷ gradient time, measured side by side.
 
-    .venv/bin/python benchmarks/hvp_ratio.py --batch 250 --repeats 3 --threads 2
+    python benchmarks/hvp_ratio.py --json                      # ResNet-56, batch 250, 2 threads
+    python benchmarks/hvp_ratio.py --json --problem digits     # the digits demo MLP
 
-Every method computes ``H v`` for the same risk (mean cross-entropy on one batch, BatchNorm in
-eval mode) and is checked against the reference (forward-over-reverse) to float precision;
-the times are medians over ``--repeats`` runs after one warm-up, interleaved so that load from
-other processes hits all methods alike.  Methods:
+``--json`` prints one JSON object: ``gn_iteration_over_gradient`` (one ``G v`` plus one ``Gᵀ u`` of
+:class:`setsens.function_space.OutputJacobian` with its default cache, built beforehand),
+``gn_iteration_uncached_over_gradient``, ``hvp_over_gradient`` (``Hessian(mode="auto")``, cached only
+with ``--hvp-cache``), ``hvp_uncached_over_gradient``, the one-off cache builds in gradients, the
+settings (model, batch, threads, dtype, device) and the load average at the start.  Every method
+runs on the same batch as the gradient (one forward and backward pass, the unit) and is checked
+against the reference (forward-over-reverse; the cached G against the uncached one); the times are
+medians over ``--repeats`` runs after one warm-up, interleaved so that load from other processes
+hits all methods alike (each timing repeats a method until it lasts ≥ 50 ms).  HVP compositions:
 
-* ``grad``              — one gradient (the unit);
-* ``fwd_over_rev``      — ``jvp(grad(L))`` with torch.func (the previous default);
+* ``fwd_over_rev``      — ``jvp(grad(L))`` with torch.func;
 * ``double_backward``   — ``autograd.grad(⟨∇L, v⟩)`` with ``create_graph=True``;
-* ``rev_over_fwd``      — ``grad_w ⟨∇L, v⟩`` where the directional derivative comes from one
-  forward-mode pass: ``∇_w [jvp_w L(w)·v]`` (torch.func).
-* ``jvp_plus_vjp``      — not an HVP: one output JVP plus one output VJP, the cost of one
-  iteration of the Gauss–Newton solver (:class:`setsens.function_space.OutputJacobian`).
+* ``rev_over_fwd``      — ``∇_w [jvp_w L(w)·v]`` (torch.func);
+* ``hvp_default``       — ``Hessian(mode="auto", cache=--hvp-cache)`` over the problem.
 
 :class:`setsens.operators.Hessian` takes the composition as ``mode``; ``"auto"`` picks the fastest per device.
-
-Measured (docs/resnet.md has the table and the command lines), in gradients:
-2 idle CPU cores, batch 250, 3 repeats: double backward 3.18× and 3.54× (two runs), forward-over-reverse
-5.9–6.5×, reverse-over-forward 5.7–6.4×, JVP + VJP 2.17×.  H100, batch 1000, 20 repeats:
-reverse-over-forward 2.14×, forward-over-reverse 2.76×, double backward 6.64×, JVP + VJP 1.63×.
+Recorded runs: docs/runs/hvp-ratio-cpu.json, docs/runs/hvp-ratio-digits-cpu.json; docs/resnet.md
+has the table (older runs: 2 idle CPU cores, batch 250: double backward 3.18× and 3.54×, JVP + VJP
+uncached 2.17×; H100, batch 1000: reverse-over-forward 2.14×, JVP + VJP 1.63×).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
 
 import torch
-from torch.func import grad, jvp
+from torch.func import grad
 
 from setsens.function_space import OutputJacobian
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
-from setsens.operators import Hessian
+from setsens.operators import HVP_MODES, Hessian
 from setsens.problem import Problem, cross_entropy
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problem", choices=["resnet", "digits"], default="resnet",
+                    help="ResNet-56 on CIFAR images, or the digits demo MLP (setsens demo's problem)")
     ap.add_argument("--checkpoint", default="../shared/data/resnet56-cifar10.th")
     ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
     ap.add_argument("--depth", type=int, default=56)
-    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--batch", type=int, default=250, help="ResNet images (the digits problem has its own 100)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache", default="auto", help="OutputJacobian's cache: auto, none or bytes")
+    ap.add_argument("--hvp-cache", default="none", help="Hessian's cache: none (its default), auto or bytes")
     ap.add_argument("--random-weights", action="store_true", help="no checkpoint/data: random net and images")
+    ap.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     args = ap.parse_args(argv)
+    say = (lambda *a: None) if args.json else print
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.random_weights:
-        model = cifar_resnet(args.depth)
-        x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-    else:
-        from setsens.data.cifar import load_cifar10
+    load = os.getloadavg()[0]
+    if args.problem == "digits":
+        from setsens.experiments.demo import DemoConfig, train_stationary
 
-        model = load_cifar_resnet(args.checkpoint, args.depth)
-        x, y = load_cifar10(args.data, "train", n=args.batch)
-    model = model.to(args.device)
-    problem = Problem(model, cross_entropy, (x, y), batch_size=args.batch, device=args.device)
+        problem, model_name = train_stationary(DemoConfig(), progress=False), "digits MLP 64-64-64-10"
+    else:
+        if args.random_weights:
+            model = cifar_resnet(args.depth)
+            x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+        else:
+            from setsens.data.cifar import load_cifar10
+
+            model = load_cifar_resnet(args.checkpoint, args.depth)
+            x, y = load_cifar10(args.data, "train", n=args.batch)
+        problem = Problem(model.to(args.device), cross_entropy, (x, y), batch_size=args.batch, device=args.device)
+        model_name = f"ResNet-{args.depth}" + (" (random weights)" if args.random_weights else "")
     w = problem.params
-    v = torch.randn(problem.p, generator=torch.Generator().manual_seed(1)).to(w)
+    v = torch.randn(problem.p, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(w)
+    u = torch.randn(problem.n, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(w)
     xb, yb = next(problem.batches())
+    assert xb.shape[0] == problem.n, "one batch: the gradient and the G products see the same points"
     sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
 
     g = grad(problem.batch_risk)
+    hessians = {mode: Hessian(problem, mode=mode, cache="none") for mode in HVP_MODES if mode != "auto"}
+    cache = args.cache if args.cache in ("auto", "none") else int(args.cache)
+    G, G0 = OutputJacobian(problem, centered=True, cache=cache), OutputJacobian(problem, centered=True, cache="none")
+    hvp_cache = args.hvp_cache if args.hvp_cache in ("auto", "none") else int(args.hvp_cache)
+    H = Hessian(problem, mode="auto", cache=hvp_cache)  # the library's default unless --hvp-cache
+    setup = {}
+    for name, fn in (("gn", lambda: (G @ v, G.T @ u)), ("hvp", lambda: H @ v)):
+        fn()  # a first product runs uncached, the second builds the cache: paid once per solve
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        setup[name] = time.perf_counter() - t
 
-    def m_grad():
-        return g(w, xb, yb)
-
-    def m_fwd_over_rev():
-        return jvp(lambda w_: g(w_, xb, yb), (w,), (v,))[1]
-
-    def m_double_backward():
-        wr = w.detach().requires_grad_(True)
-        gr = torch.autograd.grad(problem.batch_risk(wr, xb, yb), wr, create_graph=True)[0]
-        return torch.autograd.grad(gr @ v, wr)[0]
-
-    fast = Hessian(problem, mode="rev_over_fwd")
-
-    def m_rev_over_fwd():
-        return fast.batch_hvp(w, xb, yb, v)
-
-    G = OutputJacobian(problem, centered=True)
-    u = torch.randn(problem.n, 10, generator=torch.Generator().manual_seed(2)).to(w)
-
-    def m_jvp_plus_vjp():
-        return G @ v, G.T @ u
-
-    methods = {"grad": m_grad, "fwd_over_rev": m_fwd_over_rev, "double_backward": m_double_backward,
-               "rev_over_fwd": m_rev_over_fwd, "jvp_plus_vjp": m_jvp_plus_vjp}
-    ref = m_fwd_over_rev()
-    for name in ("double_backward", "rev_over_fwd"):
-        err = float((methods[name]() - ref).norm() / ref.norm())
-        print(f"{name}: relative difference to fwd_over_rev {err:.2e}")
-        assert err < 1e-3, f"{name} disagrees with the reference HVP"
+    methods = {"grad": lambda: g(w, xb, yb),
+               **{mode: (lambda H=H: H.batch_hvp(w, xb, yb, v)) for mode, H in hessians.items()},
+               "hvp_default": lambda: H @ v,
+               "gn_iteration": lambda: (G @ v, G.T @ u),
+               "gn_iteration_uncached": lambda: (G0 @ v, G0.T @ u)}
+    ref = methods["fwd_over_rev"]()
+    agreement = {name: float((methods[name]() - ref).norm() / ref.norm()) for name in [*hessians, "hvp_default"]}
+    (a, b), (a0, b0) = methods["gn_iteration"](), methods["gn_iteration_uncached"]()
+    agreement["gn_iteration"] = max(float((a - a0).norm() / a0.norm()), float((b - b0).norm() / b0.norm()))
+    for name, err in agreement.items():
+        say(f"{name}: relative difference to the reference {err:.2e}")
+        assert err < 1e-3, f"{name} disagrees with the reference"
     for fn in methods.values():  # warm-up (allocator, cuDNN autotuning)
         fn()
+    sync()
+    t = time.perf_counter()
+    methods["grad"]()
+    sync()
+    inner = max(1, math.ceil(0.05 / (time.perf_counter() - t)))  # each timing ≥ 50 ms (the digits MLP)
     times = {k: [] for k in methods}
     for _ in range(args.repeats):
         for name, fn in methods.items():
             sync()
             t = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append((time.perf_counter() - t) / inner)
     med = {k: statistics.median(t) for k, t in times.items()}
-    out = {"device": str(w.device), "threads": args.threads, "batch": args.batch, "p": problem.p,
-           "seconds": med, "ratio_to_grad": {k: med[k] / med["grad"] for k in methods if k != "grad"}}
-    for k, r in out["ratio_to_grad"].items():
-        print(f"{k:16s} {med[k]:8.3f} s   {r:5.2f}× gradient")
-    print(f"{'grad':16s} {med['grad']:8.3f} s")
+    ratio = {k: med[k] / med["grad"] for k in methods if k != "grad"}
+    out = {"gn_iteration_over_gradient": ratio["gn_iteration"],
+           "gn_iteration_uncached_over_gradient": ratio["gn_iteration_uncached"],
+           "hvp_over_gradient": ratio["hvp_default"], "hvp_uncached_over_gradient": ratio[H.mode],
+           "hvp_mode": H.mode + (" (cached: linearised forward-over-reverse)" if H.cached_bytes else ""),
+           "gn_setup_over_gradient": setup["gn"] / med["grad"], "gn_cache_bytes": G.cached_bytes,
+           "hvp_setup_over_gradient": setup["hvp"] / med["grad"], "hvp_cache_bytes": H.cached_bytes,
+           "cache": args.cache, "hvp_cache": args.hvp_cache,
+           "device": str(w.device), "model": model_name, "batch": problem.n, "p": problem.p,
+           "dtype": str(w.dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
+           "load_average_at_start": load, "torch": torch.__version__, "seconds": med, "ratio_to_grad": ratio,
+           "agreement": agreement}
+    for k, r in ratio.items():
+        say(f"{k:22s} {med[k]:8.3f} s   {r:5.2f}× gradient")
+    say(f"{'grad':22s} {med['grad']:8.3f} s")
+    say(f"cache setup: G {setup['gn']:.2f} s, {G.cached_bytes / 2**20:.0f} MiB; H {setup['hvp']:.2f} s, "
+        f"{H.cached_bytes / 2**20:.0f} MiB")
     print(json.dumps(out))
 
 

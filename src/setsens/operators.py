@@ -18,16 +18,21 @@ the true derivative of ``∇_w L``; ``"paper"`` uses ``1/|K|`` as printed in the
 
 from __future__ import annotations
 
+import gc
+import math
+import os
+import warnings
+
 import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jvp
+from torch.func import grad, jacfwd, jvp, linearize
 
 from .problem import Perturbation, Problem
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
-           "J_SCALES", "HVP_MODES"]
+           "J_SCALES", "HVP_MODES", "cache_budget", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
 HVP_MODES = ("fwd_over_rev", "rev_over_fwd", "double_backward", "auto")
@@ -43,10 +48,20 @@ class Hessian:
     on the CPU, reverse-over-forward on a GPU.  Measured on ResNet-56 (``benchmarks/hvp_ratio.py``),
     in gradients: 2 CPU cores, batch 250 — double backward 3.2, forward-over-reverse 5.9,
     reverse-over-forward 6.3; H100, batch 1000 — 6.6, 2.8 and 2.1.
+
+    ``cache`` (``"none"``, the default, ``"auto"`` or bytes, :func:`cache_budget`): H is fixed at w, so
+    the second product on a batch linearises its gradient (:func:`linearized`: forward-over-reverse
+    with the forward and backward values folded in) if it fits; later products on it run the tangent
+    pass only (1.15 gradients against 1.63 for double backward on the digits MLP,
+    docs/runs/hvp-ratio-digits-cpu.json).  The first batch linearised is measured and sets the
+    estimate per point for the rest (kept only if it fits itself).  Opt-in because the memory is
+    large and the budget bounds only what is held: about 30 MB per CIFAR image for ResNet-56 in
+    float32, and the build (a trace) peaks higher still — at batch 250 it exhausted a 24 GB machine.
+    Use it on small networks or small batches.  ``cached_bytes`` is what is held.
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None,
-                 mode: str = "fwd_over_rev"):
+                 mode: str = "fwd_over_rev", cache: str | int = "none"):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
         self.problem = problem
@@ -58,6 +73,11 @@ class Hessian:
             mode = "double_backward" if self.w.device.type == "cpu" else "rev_over_fwd"
         self.mode = mode
         self._grad = grad(problem.batch_risk)
+        self.cache, self.cached_bytes = cache, 0
+        cache_budget(cache, self.w.device)  # checks it
+        self._linear: dict[int, object] = {}  # batch number → v ↦ H_b v
+        self._seen: set[int] = set()  # batches with one product done
+        self._per_point: float | None = None  # bytes, measured on the first batch linearised
 
     def batch_hvp(self, w: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """One batch's contribution to ``H v``."""
@@ -74,16 +94,91 @@ class Hessian:
     def __call__(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
         out = torch.zeros_like(self.w)
-        for x, y in self.problem.batches(self.perturbation):
-            out += self.batch_hvp(self.w, x, y, v)
+        for i, (x, y) in enumerate(self.problem.batches(self.perturbation)):
+            out += self._product(i, x, y)(v)
         self.calls += 1
         return self.problem.reduce(out)
+
+    def _product(self, i: int, x: Tensor, y: Tensor):
+        """``v ↦ H_b v`` on batch ``i``: cached (linearised at its second product if it fits) or recomputed."""
+        if i in self._linear:
+            return self._linear[i]
+        first = i not in self._seen
+        self._seen.add(i)
+        size = None if self._per_point is None else self._per_point * x.shape[0]
+        if not first and self._fits(size or 0):
+            before = memory_in_use(self.w.device)
+            push, size = linearized(lambda w: self._grad(w, x, y), self.w)
+            size = math.inf if size is None else max(size, memory_in_use(self.w.device) - before)
+            if self._per_point is None:
+                self._per_point = size / x.shape[0]
+            if self._fits(size):
+                self._linear[i], self.cached_bytes = push, self.cached_bytes + size
+                return push
+        return lambda v: self.batch_hvp(self.w, x, y, v)
+
+    def _fits(self, size: float) -> bool:
+        return self.cache != "none" and self.cached_bytes + size <= cache_budget(self.cache, self.w.device,
+                                                                                   self.cached_bytes)
 
     __matmul__ = __call__
 
     def to_scipy(self) -> spla.LinearOperator:
         """A SciPy ``LinearOperator`` (float64 NumPy in and out) for SciPy's Krylov solvers."""
         return _scipy_operator(self, self.problem.p)
+
+
+def cache_budget(cache: str | int, device: torch.device, held: int = 0) -> int:
+    """Bytes a per-batch linearisation cache that holds ``held`` may hold in all: ``"none"`` 0, an int
+    itself, ``"auto"`` ``held`` plus a quarter of the memory free now on ``device`` (the GPU's free
+    memory, else the host's available RAM) — asked at each batch, so operators and other processes
+    share, and a build's transient peak (about twice what it keeps) still fits."""
+    if cache == "none":
+        return 0
+    if cache != "auto":
+        if isinstance(cache, str) or cache < 0:
+            raise ValueError(f"cache must be 'auto', 'none' or a number of bytes ≥ 0, got {cache!r}")
+        return int(cache)
+    if device.type == "cuda":
+        return held + torch.cuda.mem_get_info(device)[0] // 4
+    try:
+        with open("/proc/meminfo") as fh:
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return held + free // 4
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes this process holds on ``device`` now: the CUDA allocator's, else the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def linearized(f, w: Tensor) -> tuple:
+    """``(v ↦ ∂f(w)/∂w · v, bytes held or None)``: ``torch.func.linearize`` with everything that does
+    not depend on v computed now (its constants folded by one product); the bytes are those constants'.
+    ``(None, None)`` when f cannot be traced (control flow that reads tensor values, e.g. ``one_hot``)."""
+    try:
+        with warnings.catch_warnings():  # torch.fx const folding warns about its own attributes
+            warnings.simplefilter("ignore")
+            push = linearize(f, w)[1]
+            push(torch.zeros_like(w))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None, None
+    finally:
+        gc.collect()  # the tracer's reference cycles hold tensors of the primal pass
+    cells = dict(zip(push.__code__.co_freevars, push.__closure__))
+    if "const_folded_jvp_graph" not in cells:  # another torch's linearize: size unknown
+        return push, None
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in cells["const_folded_jvp_graph"].cell_contents.parameters()}
+    return push, sum(held.values())
 
 
 class Damped:

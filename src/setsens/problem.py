@@ -58,8 +58,8 @@ cross_entropy.is_squared_error = False
 
 def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
     """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
-    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:
-        targets = nn.functional.one_hot(targets.long(), outputs.shape[1])
+    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:  # one-hot, traceable (no value checks)
+        targets = torch.zeros_like(outputs).scatter_(1, targets.long()[:, None], 1.0)
     return targets.to(outputs.dtype)
 
 

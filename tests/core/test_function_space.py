@@ -1,12 +1,13 @@
 """The function-space (Gauss–Newton) estimate against dense linear algebra."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from setsens.function_space import OutputJacobian, output_shift
-from setsens.operators import DataJacobian, dense_hessian, dense_output_jacobian
+from setsens.operators import DataJacobian, cache_budget, dense_hessian, dense_output_jacobian
 from setsens.problem import Perturbation, Problem, squared_error
 from setsens.solution_set import RadiusOptions, SolveOptions, estimate
 
@@ -32,20 +33,52 @@ def _perturbation(problem, k, seed):
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 1000), batch=st.integers(1, 7), centered=st.booleans())
-def test_output_jacobian_products_match_dense(seed, batch, centered):
+@given(seed=st.integers(0, 1000), batch=st.integers(1, 7), centered=st.booleans(),
+       cache=st.sampled_from(["auto", "none", 3000]))
+def test_output_jacobian_products_match_dense(seed, batch, centered, cache):
     problem = _wide(seed, batch_size=batch)
     G = dense_output_jacobian(problem)  # (n·K) × p, rows point-major
     if centered:
         P = torch.eye(3, dtype=G.dtype) - 1 / 3
         G = torch.block_diag(*[P] * problem.n) @ G
-    op = OutputJacobian(problem, centered=centered)
+    op = OutputJacobian(problem, centered=centered, cache=cache)
     g = torch.Generator().manual_seed(seed)
-    v = torch.randn(problem.p, generator=g, dtype=torch.float64)
-    u = torch.randn(problem.n, 3, generator=g, dtype=torch.float64)
-    assert torch.allclose((op @ v).reshape(-1), G @ v, atol=1e-10)
-    assert torch.allclose(op.T @ u, G.T @ u.reshape(-1), atol=1e-10)
-    assert op.calls == 2
+    for _ in range(3):  # the second round builds the cache, the third runs on it
+        v = torch.randn(problem.p, generator=g, dtype=torch.float64)
+        u = torch.randn(problem.n, 3, generator=g, dtype=torch.float64)
+        assert torch.allclose((op @ v).reshape(-1), G @ v, atol=1e-10)
+        assert torch.allclose(op.T @ u, G.T @ u.reshape(-1), atol=1e-10)
+    assert op.calls == 6
+    assert cache == "auto" or op.cached_bytes <= cache_budget(cache, problem.device)
+
+
+def test_cache_holds_what_fits_and_equals_recomputation_to_rounding(monkeypatch):
+    monkeypatch.setattr("setsens.function_space.memory_in_use", lambda device: 0)  # sizes by estimate only
+    problem = _wide(5, n=7, batch_size=3)  # batches of 3, 3, 1 points
+    per_point = OutputJacobian(problem)._bytes_per_point
+    assert per_point > 0
+    none, some, auto = (OutputJacobian(problem, cache=c) for c in ("none", 4 * per_point, "auto"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(problem.p, generator=g, dtype=torch.float64)
+        u = torch.randn(problem.n, 3, generator=g, dtype=torch.float64)
+        ref, ref_t = none @ v, none.T @ u
+        for op in (some, auto):
+            assert torch.allclose(op @ v, ref, rtol=1e-13, atol=1e-15)
+            assert torch.allclose(op.T @ u, ref_t, rtol=1e-13, atol=1e-15)
+    assert (none.cached_bytes, len(none._linear)) == (0, 0)
+    once = OutputJacobian(problem)
+    once @ v
+    assert once.cached_bytes == 0  # a one-off product builds nothing
+    assert sorted(some._linear) == [0, 2] and some.cached_bytes == 4 * per_point  # batch 1 (3 points) did not fit
+    assert sorted(auto._linear) == [0, 1, 2]
+
+
+def test_cache_rejects_a_bad_budget():
+    with pytest.raises(ValueError, match="cache"):
+        OutputJacobian(_wide(0), cache="all")
+    with pytest.raises(ValueError, match="cache"):
+        OutputJacobian(_wide(0), cache=-1)
 
 
 def test_output_shift_is_the_derivative_of_the_outputs_along_the_data():

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from setsens.operators import (HVP_MODES, DataJacobian, Hessian, dense_data_jacobian, dense_hessian,
-                               dense_output_jacobian)
+from setsens.operators import (HVP_MODES, DataJacobian, Hessian, cache_budget, dense_data_jacobian,
+                               dense_hessian, dense_output_jacobian)
 from setsens.problem import Perturbation, Problem
 
 from core_helpers import small_problem
@@ -110,3 +110,23 @@ def test_every_hvp_mode_gives_the_dense_product(problem):
     v = torch.randn(problem.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for mode in HVP_MODES:
         assert torch.allclose(Hessian(problem, mode=mode) @ v, H @ v, atol=1e-10), mode
+
+
+def test_cached_hessian_gives_the_dense_product_and_keeps_to_its_budget(problem, monkeypatch):
+    """Batches of 5, 5, 2 points: a budget of 7.5 points' worth holds the 5-point batch measured first
+    and not the second; "none" holds nothing; every product equals the dense one."""
+    monkeypatch.setattr("setsens.operators.memory_in_use", lambda device: 0)  # sizes by the constants only
+    H = dense_hessian(problem)
+    g = torch.Generator().manual_seed(0)
+    probe = Hessian(problem, cache="auto")
+    probe @ H[0], probe @ H[0]
+    per_point = probe._per_point
+    assert per_point > 0 and sorted(probe._linear) == [0, 1, 2]
+    for mode in HVP_MODES:
+        for cache in ("none", int(7.5 * per_point)):
+            op = Hessian(problem, mode=mode, cache=cache)
+            for _ in range(3):  # uncached, building, cached
+                v = torch.randn(problem.p, dtype=torch.float64, generator=g)
+                assert torch.allclose(op @ v, H @ v, atol=1e-10), (mode, cache)
+            assert (0 in op._linear, 1 in op._linear) == (cache != "none", False)
+            assert cache == "auto" or op.cached_bytes <= cache_budget(cache, problem.device)
