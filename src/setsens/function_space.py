@@ -119,6 +119,8 @@ class OutputJacobian:
         pull = lambda u: torch.autograd.grad(out, wr, u.reshape(out.shape), retain_graph=True)[0]  # noqa: E731
         size = max(size, memory_in_use(self.w.device) - before)  # what the build really took, if more
         self._per_point = max(self._per_point, size // x.shape[0])
+        if self.cached_bytes + size > cache_budget(self.cache, self.w.device, self.cached_bytes):
+            return push, pull  # it took more than the budget allows: used for this product, not kept
         self._linear[i] = (push, pull)
         self.cached_bytes += size
         return self._linear[i]
