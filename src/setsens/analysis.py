@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .problem import Perturbation, Problem
+from .problem import Perturbation, Problem, center_classes
 from .retrain import budget_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
 from .verdict import LossOnPoints, Verdict, assess
@@ -76,7 +76,7 @@ def outputs_on(problem: Problem, w: Tensor, x: Tensor) -> Tensor:
 def _comparable(problem: Problem, out: Tensor) -> Tensor:
     """Outputs as the loss sees them: centred per point when it ignores a common shift (logits)."""
     out = out.reshape(out.shape[0], -1).double()
-    return out - out.mean(dim=1, keepdim=True) if problem.loss_ignores_output_shift else out
+    return center_classes(out) if problem.loss_ignores_output_shift else out
 
 
 def _is_classification(out: Tensor, y: Tensor | None) -> bool:
@@ -135,27 +135,24 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     the damped influence function is scored the same way.  Returns the output changes (reference,
     estimate, influence) and the scores."""
     ref = budget_response(problem, perturbation, steps=steps, progress=progress)
-    base = _comparable(problem, outputs_on(problem, problem.params, x_eval))
-    ref_change = _comparable(problem, outputs_on(problem, ref.perturbed, x_eval)) - \
-        _comparable(problem, outputs_on(problem, ref.clean, x_eval))
-    drift = _comparable(problem, outputs_on(problem, ref.clean, x_eval)) - base
+    at = lambda w: _comparable(problem, outputs_on(problem, w, x_eval))  # noqa: E731
+    base, clean = at(problem.params), at(ref.clean)
+    ref_change = at(ref.perturbed) - clean
     influence = estimate(problem, perturbation, "influence", solve=solve)
-
-    def change(shift: Tensor) -> Tensor:
-        return _comparable(problem, outputs_on(problem, problem.params + shift, x_eval)) - base
-
+    changes = {"reference": ref_change, "estimate": at(problem.params + result.shift) - base,
+               "influence": at(problem.params + influence.shift) - base}
+    influence_score = _score(changes["influence"], ref_change)
     idx = perturbation.indices
-    changes = {"reference": ref_change, "estimate": change(result.shift), "influence": change(influence.shift)}
     return changes, {
         "reference": {"kind": "budget_response", "steps": ref.steps, "lr": ref.lr, "stable": ref.stable,
                       "change_when_halved": ref.change_when_halved, "weight_drift": ref.drift,
-                      "output_change_norm": float(ref_change.norm()), "output_drift_norm": float(drift.norm()),
+                      "output_change_norm": float(ref_change.norm()), "output_drift_norm": float((clean - base).norm()),
                       "loss_on_points": problem.loss_on(idx, ref.perturbed, perturbation),
                       "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, perturbation)},
         "points": int(x_eval.shape[0]),
         **_score(changes["estimate"], ref_change),
-        "influence": _score(changes["influence"], ref_change),
-        "influence_pearson": _score(changes["influence"], ref_change)["pearson"],
+        "influence": influence_score,
+        "influence_pearson": influence_score["pearson"],
     }
 
 

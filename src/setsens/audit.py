@@ -27,13 +27,9 @@ from torch import Tensor
 from .function_space import OutputJacobian, output_shift
 from .krylov import cgls
 from .operators import dense_output_jacobian
-from .problem import Perturbation, Problem
+from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["GramFactor", "Scan", "scan", "input_jacobians", "exact_modulus", "answer_queries"]
-
-
-def _centre_classes(t: Tensor, dim: int) -> Tensor:
-    return t - t.mean(dim=dim, keepdim=True)
 
 
 class GramFactor:
@@ -44,10 +40,8 @@ class GramFactor:
         t0 = time.perf_counter()
         self.problem = problem
         self.centered = problem.loss_ignores_output_shift
-        G = dense_output_jacobian(problem)
+        G = dense_output_jacobian(problem, centered=self.centered)
         self.k = G.shape[0] // problem.n
-        if self.centered:
-            G = _centre_classes(G.reshape(problem.n, self.k, -1), 1).reshape(problem.n * self.k, -1)
         lam, self.Q = torch.linalg.eigh(G @ G.T)
         rcond = G.shape[0] * torch.finfo(lam.dtype).eps if rcond is None else rcond
         keep = lam > rcond * float(lam.max())
@@ -62,13 +56,16 @@ class GramFactor:
         Qr = self.Q[rows]
         return (Qr * self.inverse) @ Qr.T
 
+    def rows(self, r: Tensor) -> Tensor:
+        """Output changes ``r`` ((n, K), or (m, n, K) for m at once) as rows in G's row space: (m, n·K),
+        centred over the classes as G is."""
+        r = r.to(self.G).reshape(-1, self.problem.n, self.k)
+        return (center_classes(r) if self.centered else r).reshape(r.shape[0], -1)
+
     def shift(self, r: Tensor) -> Tensor:
         """The minimum-norm ``v = −G⁺ r`` for output changes ``r`` of shape (n, K), or (m, n, K) for m
         queries at once (then (m, p))."""
-        flat = r.reshape(-1, self.problem.n * self.k).to(self.G)
-        if self.centered:
-            flat = _centre_classes(flat.reshape(-1, self.problem.n, self.k), 2).reshape(flat.shape)
-        v = -((flat @ self.Q) * self.inverse) @ self.Q.T @ self.G
+        v = -((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T @ self.G
         return v if r.ndim == 3 else v[0]
 
 
@@ -79,7 +76,7 @@ def input_jacobians(problem: Problem, points: Tensor | None = None) -> Tensor:
     x, _ = problem.points(points)
     one = lambda x_: problem.outputs(problem.params, x_[None]).reshape(-1)
     A = torch.func.vmap(torch.func.jacrev(one))(x).reshape(len(points), -1, x[0].numel())
-    return _centre_classes(A, 1) if problem.loss_ignores_output_shift else A
+    return center_classes(A, 1) if problem.loss_ignores_output_shift else A
 
 
 @dataclass
@@ -127,7 +124,7 @@ def exact_modulus(problem: Problem, point: int, maxiter: int = 500, rtol: float 
     for j in range(K):
         e = torch.zeros(problem.n, K, dtype=problem.dtype, device=problem.device)
         e[point, j] = 1.0
-        columns.append(cgls(G, _centre_classes(e, 1) if centered else e, maxiter=maxiter, rtol=rtol).x.to(e))
+        columns.append(cgls(G, center_classes(e) if centered else e, maxiter=maxiter, rtol=rtol).x.to(e))
     return float(torch.linalg.matrix_norm(torch.stack(columns, 1) @ A, ord=2))
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .operators import Adjoint, cache_budget, linearized, memory_in_use
-from .problem import Perturbation, Problem
+from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["OutputJacobian", "output_shift"]
 
@@ -83,10 +83,10 @@ class OutputJacobian:
         out = [self._products(i, x)[0](v) for i, (x, _) in enumerate(self.problem.batches())]
         self.calls += 1
         out = torch.cat(out).reshape(len(self.problem.rows), -1)
-        return _center(out) if self.centered else out
+        return center_classes(out) if self.centered else out
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        u = _center(u.to(self.w)) if self.centered else u.to(self.w)
+        u = center_classes(u.to(self.w)) if self.centered else u.to(self.w)
         out, start = torch.zeros_like(self.w), 0
         for i, (x, _) in enumerate(self.problem.batches()):
             out += self._products(i, x)[1](u[start:start + x.shape[0]])
@@ -181,9 +181,4 @@ def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None 
     rK = jvp(lambda x_: problem.outputs(w, x_), (x,), (local.delta.to(x),))[1].reshape(len(x), -1)
     r = torch.zeros(len(problem.rows), rK.shape[1], dtype=rK.dtype, device=rK.device)
     r.index_add_(0, local.indices.to(r.device), rK)
-    return _center(r) if centered else r
-
-
-def _center(u: Tensor) -> Tensor:
-    """Centre each row over the classes (``P = I − 𝟙𝟙ᵀ/K``): what a softmax loss sees of the outputs."""
-    return u - u.mean(dim=-1, keepdim=True)
+    return center_classes(r) if centered else r

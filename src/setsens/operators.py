@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp, linearize
 
-from .problem import Perturbation, Problem
+from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
            "J_SCALES", "HVP_MODES", "cache_budget", "linearized", "memory_in_use"]
@@ -293,8 +293,9 @@ def dense_data_jacobian(problem: Problem, indices, w: Tensor | None = None, scal
 
 
 def dense_output_jacobian(problem: Problem, w: Tensor | None = None,
-                          perturbation: Perturbation | None = None) -> Tensor:
+                          perturbation: Perturbation | None = None, centered: bool = False) -> Tensor:
     """``∂f(x_i, w)/∂w`` for every training point, stacked: an (n·K) × p matrix.  Small only.
+    ``centered``: each point's rows centred over the classes, as ``OutputJacobian(centered=True)``.
 
     For a squared-error risk at a zero-residual minimum, ``H = c·JᵀJ`` (Gauss–Newton), and the
     solution set S(x̄) is a smooth manifold of codimension n·K near w̄ — the setting in which the
@@ -305,4 +306,5 @@ def dense_output_jacobian(problem: Problem, w: Tensor | None = None,
     w = problem.params if w is None else w
     per_sample = torch.func.vmap(torch.func.jacrev(lambda w_, x: problem.outputs(w_, x[None]).reshape(-1)),
                                  in_dims=(None, 0))
-    return torch.cat([per_sample(w, x).reshape(-1, problem.p) for x, _ in problem.batches(perturbation)])
+    rows = [per_sample(w, x).reshape(x.shape[0], -1, problem.p) for x, _ in problem.batches(perturbation)]
+    return torch.cat([center_classes(J, 1) if centered else J for J in rows]).reshape(-1, problem.p)

@@ -56,6 +56,11 @@ cross_entropy.ignores_output_shift = True  # softmax: a common shift of the logi
 cross_entropy.is_squared_error = False
 
 
+def center_classes(u: Tensor, dim: int = -1) -> Tensor:
+    """Centre over the classes along ``dim`` (``P = I − 𝟙𝟙ᵀ/K``): what a softmax loss sees of the outputs."""
+    return u - u.mean(dim=dim, keepdim=True)
+
+
 def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
     """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
     if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:  # one-hot, traceable (no value checks)

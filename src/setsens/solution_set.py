@@ -378,10 +378,8 @@ def _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progre
     if method == "hessian":
         spec, rhs = Spectrum.of(dense_hessian(problem)), b
     else:
-        G = dense_output_jacobian(problem).reshape(problem.n, r.shape[1], problem.p)
-        if centered:  # P = I − 𝟙𝟙ᵀ/K on each point's outputs, as OutputJacobian(centered=True)
-            G = G - G.mean(dim=1, keepdim=True)
-        spec, rhs = Spectrum.of_rectangular(G.reshape(-1, problem.p)), r.reshape(-1)
+        spec = Spectrum.of_rectangular(dense_output_jacobian(problem, centered=centered))
+        rhs = r.reshape(-1)
     exact = max(rhs.numel(), spec.right.shape[0]) * torch.finfo(spec.values.dtype).eps  # NumPy's pinv cut-off
     taus = [solve.tau] if solve.rule == "fixed" else [exact] + [t for t in DEFAULT_TAUS if t > exact]
     path, solutions = [], []
