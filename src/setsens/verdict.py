@@ -75,7 +75,7 @@ def assess(estimate: SolutionSet, loss: LossOnPoints) -> Verdict:
       ``feasibility_residual`` otherwise): warn > 0.1, fail > 0.5.
     * ``radius_determined`` (set-valued methods): warn when the radius rule found no valid member
       beyond the centre.
-    * ``solver``: warn when the Krylov solve stopped at ``maxiter`` rather than by its rule.
+    * ``solver_stopped_by_rule``: warn when the Krylov solve stopped at ``maxiter`` rather than by its rule.
     * ``moved_point_loss`` (losses that ignore a common output shift, i.e. cross-entropy): warn
       below 1e-4, fail below 1e-7 — their curvature is of the size of their loss and vanishes.
     * ``shift_precision`` ‖v₀‖/(ε‖w̄‖): warn below 1e3 — the shift is near the rounding of w̄.

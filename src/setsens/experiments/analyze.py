@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 
+from .options import number_list
 from .user_model import load_problem, model_options
 
 SELECT_RULES = ("top-loss", "low-loss", "random")
@@ -22,14 +23,7 @@ def _parse_points(points: str | None, select: str | None) -> tuple[str, object]:
     if points and select:
         raise click.BadParameter("give --points or --select, not both", param_hint="--points")
     if points:
-        try:
-            idx = [int(s) for s in points.split(",") if s.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated integers, got {points!r}",
-                                     param_hint="--points") from None
-        if not idx:
-            raise click.BadParameter("no indices given", param_hint="--points")
-        return "points", idx
+        return "points", list(number_list(points, "--points", int))
     rule, _, k = (select or "random:3").partition(":")
     if rule not in SELECT_RULES or not k.isdigit() or int(k) < 1:
         raise click.BadParameter(f"expected one of {', '.join(r + ':K' for r in SELECT_RULES)} with K ≥ 1, "
@@ -86,10 +80,11 @@ def _figures(analysis, out: Path) -> list[str]:
     if analysis.changes:
         ref = analysis.changes["reference"].reshape(-1)
         fig, ax = plt.subplots(figsize=(5, 4))
-        for name, colour in (("influence", "tab:orange"), ("estimate", "tab:blue")):
-            score = analysis.validation[name]["pearson"] if name == "influence" else analysis.validation["pearson"]
+        val = analysis.validation
+        for name, label, score, colour in (("influence", "influence", val["influence_pearson"], "tab:orange"),
+                                           ("estimate", analysis.method, val["pearson"], "tab:blue")):
             ax.scatter(ref, analysis.changes[name].reshape(-1), s=4, alpha=0.5, color=colour,
-                       label=f"{analysis.method if name == 'estimate' else 'influence'} (r = {score:.3f})")
+                       label=f"{label} (r = {score:.3f})")
         lim = float(ref.abs().max())
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
         ax.set(xlabel="retrained change of held-out outputs", ylabel="predicted change")

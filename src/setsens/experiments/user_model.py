@@ -54,8 +54,7 @@ def _check_labels(problem, data) -> None:
 
 
 def _polish(problem, iterations: int, log):
-    """Fine-tune w̄ by L-BFGS on the training risk; the analysis is then of the polished weights."""
-    from ..problem import Problem
+    """w̄ fine-tuned by L-BFGS on the training risk, and what it took (the analysis is then of it)."""
     from ..retrain import retrain
 
     before = float(problem.gradient().norm())
@@ -64,9 +63,7 @@ def _polish(problem, iterations: int, log):
     record = {"iterations": fit.iterations, "grad_norm_before": before, "grad_norm_after": fit.grad_norm,
               "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance}
     log(f"polish: ‖∇L‖ {before:.3g} → {fit.grad_norm:.3g}, w̄ moved {fit.distance:.3g}")
-    inputs, targets = problem.inputs, problem.targets
-    return Problem(problem.model, problem.loss, (inputs, targets), fit.w, batch_size=problem.batch_size,
-                   dtype=problem.dtype, device=problem.device, weight_decay=problem.weight_decay), record
+    return fit.w, record
 
 
 def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, weight_decay, polish, device,
@@ -85,10 +82,15 @@ def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec,
         model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
     loss = load_loss(loss_spec)
     data = load_data(data_spec)
-    problem = Problem(model, loss, (data.x, data.y), batch_size=batch_size, device=device,
-                      dtype=DTYPES[dtype] if dtype else None, weight_decay=weight_decay)
+
+    def problem_at(params=None):
+        return Problem(model, loss, (data.x, data.y), params, batch_size=batch_size, device=device,
+                       dtype=DTYPES[dtype] if dtype else None, weight_decay=weight_decay)
+
+    problem = problem_at()
     _check_labels(problem, data)
     polished = None
     if polish:
-        problem, polished = _polish(problem, polish, log)
+        w, polished = _polish(problem, polish, log)
+        problem = problem_at(w)
     return problem, data, polished
