@@ -262,6 +262,10 @@ class Adjoint:
     def __matmul__(self, y: Tensor) -> Tensor:
         return self.op.rmatvec(y)
 
+    @property
+    def T(self):
+        return self.op
+
 
 def _scipy_operator(fn, p: int) -> spla.LinearOperator:
     def mv(v: np.ndarray) -> np.ndarray:

@@ -1,0 +1,89 @@
+"""A poisoning certificate for bias-free ReLU networks: predictions that no move of K training points
+within a budget can change (the two halves of setsens joined).
+
+1. **First order (the set).**  Moving points k ∈ K by ``‖Δx_k‖ ≤ δ‖x_k‖`` moves the Gauss–Newton set
+   by ``v = Σ_k v_k`` with ``‖v_k‖ ≤ κ_k δ‖x_k‖`` (the scan's local modulus), so
+   ``‖v‖ ≤ δ κ_K``, ``κ_K = Σ of the K largest κ_k‖x_k‖`` — for *any* K points.  This holds for
+   the linearised set; the member of the new set nearest to w̄ moves by ``δ κ_K + O(δ²)``.
+2. **Norms (rigorous).**  Layer l's block of v is a matrix ΔWˡ with
+   ``‖ΔWˡ‖_∞ ≤ √(fan-in_l)·‖ΔWˡ‖_F ≤ √(fan-in_l)·‖v‖`` (max row ℓ1 norm), so the per-layer budgets
+   ``ε_l = √(fan-in_l)·δ κ_K`` hold every layer.
+3. **Margins (rigorous).**  The margin bounds of :mod:`setsens.weights` (Theorems 2–3 of the
+   weight-perturbation part) certify each prediction that every network within ε keeps.
+
+So a certified prediction is unchanged by every such poisoning up to the first-order step 1 — the
+only approximation, checked by attacking the certified points and retraining
+(``setsens audit --certify``).  Cost: the scan, then one bound evaluation per δ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .audit import Scan
+from .problem import Problem
+from .weights.certify import certified_prediction
+from .weights.network import network_from_model
+
+__all__ = ["Certificate", "poisoning_certificate", "layer_weights"]
+
+
+def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
+    """The weight matrices of the problem's bias-free ReLU network at ``w`` (default w̄), input layer
+    first; raises :class:`~setsens.weights.network.UnsupportedNetworkError` outside that setting."""
+    matrices, _, activation = network_from_model(problem.model)
+    if activation != "relu":
+        raise ValueError(f"the certificate's margin bounds need ReLU activations, got {activation}")
+    name = {id(t): n for n, t in problem.model.named_parameters()}
+    params = problem.unflatten(problem.params if w is None else w)
+    return [params[name[id(t)]].detach() for t in matrices]
+
+
+@dataclass
+class Certificate:
+    """``certified[i, j]``: held-out point j's prediction survives every move of ``points`` training
+    points with ``‖Δx_k‖ ≤ deltas[i]·‖x_k‖`` (first order in the set, rigorous in the margins);
+    ``budgets[i]`` the per-layer ε_l used; ``kappa`` = κ_K, the bound on ‖v‖ per unit δ."""
+
+    deltas: Tensor
+    points: int
+    kappa: float
+    budgets: Tensor
+    predictions: Tensor
+    certified: Tensor
+
+    @property
+    def fraction(self) -> Tensor:
+        """The certified fraction of the held-out points at each δ."""
+        return self.certified.double().mean(dim=1)
+
+    def largest_delta(self, fraction: float = 0.5) -> float:
+        """The largest δ tried with at least ``fraction`` certified (0 if none)."""
+        ok = self.deltas[self.fraction >= fraction]
+        return float(ok.max()) if ok.numel() else 0.0
+
+
+def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, points: int) -> Certificate:
+    """Certify the predictions at ``x`` against every move of ``points`` training points by at most
+    ``δ‖x_k‖`` for each δ in ``deltas`` (relative).  Needs the :class:`~setsens.audit.Scan` of
+    ``problem`` (its κ_k)."""
+    weights = layer_weights(problem)
+    if not 1 <= points <= problem.n:
+        raise ValueError(f"points must be in [1, {problem.n}], got {points}")
+    deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
+    if (deltas < 0).any():
+        raise ValueError("the budgets δ must be ≥ 0")
+    x_train, _ = problem.points(torch.arange(problem.n))
+    reach = scan.kappa * x_train.reshape(problem.n, -1).norm(dim=1).to(scan.kappa)
+    kappa = float(reach.topk(points).values.sum())
+    fan_in = torch.tensor([W.shape[1] for W in weights], dtype=torch.float64)
+    budgets = deltas[:, None] * kappa * fan_in.sqrt()
+    x = x.reshape(len(x), -1).to(weights[0])
+    certified, predictions = [], None
+    for eps in budgets:
+        predictions, ok = certified_prediction(weights, x, eps.to(weights[0]))
+        certified.append(ok)
+    return Certificate(deltas, points, kappa, budgets, predictions, torch.stack(certified))

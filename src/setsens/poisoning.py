@@ -1,0 +1,222 @@
+"""Targeted poisoning through the coderivative (Gauss–Newton form): how to move K training points so
+that an objective of the weights — by default a held-out point's margin — drops the most.
+
+To first order the solution set moves by ``v(Δx) = −G⁺ r(Δx)`` with ``r = E A Δx`` (the outputs'
+change at the moved points, :func:`~setsens.function_space.output_shift`).  For an objective
+φ(w), the gradient of ``φ(w̄ + v(Δx))`` with respect to the move of point k is
+
+    ∂φ/∂Δx_k = −A_kᵀ u_k,    u = (Gᵀ)⁺ ∇φ(w̄ + v)
+
+— the coderivative of the solution map applied to ∇φ.  Each gradient costs one adjoint
+least-squares solve (CGLS on Gᵀ, or two products with a :class:`~setsens.audit.GramFactor`) and one
+reverse pass over the training outputs.  The attack (:func:`poison`) is projected gradient descent
+on Δx under a per-point budget ``‖Δx_k‖ ≤ budget·‖x_k‖``; its first step is the exact optimum of the
+linearised objective.  Whether the poisoning really moves the model is for retraining to say (the
+``setsens audit --attack`` check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .audit import GramFactor
+from .function_space import OutputJacobian, output_shift
+from .krylov import cgls
+from .perturb import gradient_perturbation, random_perturbation, scale_to_relative
+from .problem import Perturbation, Problem
+
+__all__ = ["margin", "AttackOptions", "Poisoning", "set_shift", "input_gradient", "poison", "baselines"]
+
+Objective = Callable[[Tensor], Tensor]
+
+
+def margin(problem: Problem, x: Tensor, label: int | None = None) -> Objective:
+    """``φ(w) = f_c(x; w) − max_{j≠c} f_j(x; w)`` for one input ``x``; ``c`` is ``label`` or the class
+    predicted at w̄.  Negative once the prediction of x is no longer c."""
+    x = x.to(problem.params)[None]
+    if label is None:
+        label = int(problem.outputs(problem.params, x).argmax())
+
+    def phi(w: Tensor) -> Tensor:
+        f = problem.outputs(w, x).reshape(-1)
+        others = torch.cat([f[:label], f[label + 1:]])
+        return f[label] - others.max()
+
+    return phi
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """``points``: K training points moved (chosen by the first gradient unless given); ``budget``:
+    ``‖Δx_k‖ ≤ budget·‖x_k‖`` in all; ``steps``: projected-gradient steps per stage; ``stages``: the
+    budget is spent in this many equal stages, each followed by retraining and a new linearisation
+    (more than one needs ``retrain``); ``solver``: ``"factor"`` (a dense :class:`GramFactor` per
+    stage, small networks) or ``"cgls"`` (matrix-free, ``maxiter``/``rtol`` per solve)."""
+
+    points: int = 10
+    budget: float = 0.1
+    steps: int = 10
+    stages: int = 1
+    solver: str = "factor"
+    maxiter: int = 200
+    rtol: float = 1e-8
+
+    def __post_init__(self):
+        if self.points < 1 or self.steps < 1 or self.stages < 1 or not self.budget > 0:
+            raise ValueError(f"points, steps and stages must be ≥ 1 and budget > 0, got {self}")
+        if self.solver not in ("factor", "cgls"):
+            raise ValueError(f"solver must be 'factor' or 'cgls', got {self.solver!r}")
+
+
+@dataclass
+class Poisoning:
+    """The attack's Δx (all stages) and its record: ``start`` = φ(w̄); ``predicted`` = φ(w̄ + v(Δx))
+    of the last stage's first-order set; ``retrained`` = φ after each stage's retraining (with
+    ``retrain``), ``weights`` the last of them; ``solves`` forward plus adjoint solves."""
+
+    perturbation: Perturbation
+    start: float
+    predicted: float
+    retrained: list[float] = field(default_factory=list)
+    weights: Tensor | None = None
+    solves: int = 0
+
+
+def set_shift(problem: Problem, perturbation: Perturbation, factor=None, maxiter: int = 200,
+              rtol: float = 1e-8) -> Tensor:
+    """The minimum-norm Gauss–Newton shift ``v = −G⁺ r(Δx)``: one product with ``factor`` or one CGLS."""
+    centered = problem.loss_ignores_output_shift
+    r = output_shift(problem, perturbation, centered=centered)
+    if factor is not None:
+        return factor.shift(r)
+    return -cgls(OutputJacobian(problem, centered=centered), r, maxiter=maxiter, rtol=rtol).x.to(problem.params)
+
+
+def _adjoint(problem: Problem, g: Tensor, factor, maxiter: int, rtol: float) -> Tensor:
+    """``u = (Gᵀ)⁺ g`` of shape (n, K): the least-squares output vector whose ``Gᵀ u`` is nearest g."""
+    if factor is not None:
+        return ((factor.G @ g.to(factor.G)) @ factor.Q * factor.inverse) @ factor.Q.T
+    return cgls(_FlatAdjoint(problem), g, maxiter=maxiter, rtol=rtol).x.to(problem.params).reshape(problem.n, -1)
+
+
+class _FlatAdjoint:
+    """``Gᵀ`` (``.T``: ``G``) on flattened output vectors, as CGLS iterates vectors."""
+
+    def __init__(self, problem: Problem, G: OutputJacobian | None = None, transposed: bool = True):
+        self.problem, self.transposed = problem, transposed
+        self.G = G or OutputJacobian(problem, centered=problem.loss_ignores_output_shift)
+
+    def __matmul__(self, z: Tensor) -> Tensor:
+        if self.transposed:
+            return self.G.T @ z.reshape(len(self.problem.rows), -1)
+        return (self.G @ z).reshape(-1)
+
+    @property
+    def T(self):
+        return _FlatAdjoint(self.problem, self.G, not self.transposed)
+
+
+def input_gradient(problem: Problem, objective: Objective, perturbation: Perturbation | None = None,
+                   factor=None, maxiter: int = 200, rtol: float = 1e-8) -> Tensor:
+    """``∂φ(w̄ + v(Δx))/∂x_k`` for every training point k (shape of the inputs, (n, …)), at the move
+    ``perturbation`` (none: Δx = 0).  Cost: one forward solve when Δx ≠ 0, one adjoint solve, one
+    reverse pass over the training outputs."""
+    w = problem.params
+    if perturbation is not None:
+        w = w + set_shift(problem, perturbation, factor, maxiter, rtol)
+    u = _adjoint(problem, torch.func.grad(objective)(w), factor, maxiter, rtol).reshape(problem.n, -1)
+    grads, start = [], 0
+    for x, _ in problem.batches():
+        ub = u[start:start + x.shape[0]].to(x)
+        grads.append(-torch.func.grad(lambda x_: (problem.outputs(problem.params, x_).reshape(len(x_), -1)
+                                                  * ub).sum())(x))
+        start += x.shape[0]
+    return torch.cat(grads)
+
+
+def _project(delta: Tensor, radius: Tensor) -> Tensor:
+    norms = delta.reshape(len(delta), -1).norm(dim=1).clamp(min=1e-300)
+    return delta * (radius / norms).clamp(max=1.0).reshape(-1, *[1] * (delta.ndim - 1))
+
+
+def _stage(problem: Problem, objective: Objective, options: AttackOptions, points, radius_all: Tensor,
+           budget: float) -> tuple[Perturbation, float, int]:
+    """One stage of projected gradient descent on ``φ(w + v(Δx))`` at the problem's w: ``(Δx, φ predicted,
+    solves)``.  The first step goes to the linearised optimum ``Δx_k = −ε_k g_k/‖g_k‖``, the next ones
+    (ε_k/4, normalised gradient) follow φ's curvature; the best iterate is kept."""
+    factor = GramFactor(problem) if options.solver == "factor" else None
+    solve = dict(factor=factor, maxiter=options.maxiter, rtol=options.rtol)
+    g = input_gradient(problem, objective, None, **solve)
+    radius_all = radius_all * budget
+    if points is None:
+        points = (g.reshape(problem.n, -1).norm(dim=1) * radius_all).argsort(descending=True)[:options.points]
+    points = problem.check_indices(points)
+    radius, g = radius_all[points].reshape(-1, *[1] * (g.ndim - 1)), g[points]
+    best, solves, step, delta = None, 1, 1.0, torch.zeros_like(g)
+    for _ in range(options.steps):
+        unit = g / g.reshape(len(g), -1).norm(dim=1).clamp(min=1e-300).reshape(radius.shape)
+        delta = _project(delta - step * radius * unit, radius.reshape(-1))
+        pert = Perturbation(points, delta)
+        value = float(objective(problem.params + set_shift(problem, pert, **solve)))
+        if best is None or value < best[1]:
+            best = (pert, value)
+        g, solves, step = input_gradient(problem, objective, pert, **solve)[points], solves + 2, 0.25
+    return best[0], best[1], solves
+
+
+def poison(problem: Problem, objective: Objective, options: AttackOptions = AttackOptions(), points=None,
+           retrain: Callable[[Perturbation], Tensor] | None = None) -> Poisoning:
+    """Move K training points within the budget so that φ drops the most, through the coderivative.
+
+    ``points`` default to the K whose first-order effect at full budget is largest
+    (``‖∂φ/∂x_k‖·‖x_k‖``).  With one stage the whole budget is spent on the first-order set at w̄
+    (valid while ``‖v‖`` stays inside the estimate's radius).  With several, each stage spends its
+    share, then ``retrain(Δx so far)`` (the victim's training from w̄ on the moved data) gives the
+    weights the next stage linearises at; the stages' moves add up (within the budget by the
+    triangle inequality).  Cost per stage: a factor (``solver="factor"``) and, per step, one forward
+    and one adjoint solve; plus one retraining.
+    """
+    if options.stages > 1 and retrain is None:
+        raise ValueError("more than one stage needs retrain(perturbation) -> weights")
+    x, y = problem.points(torch.arange(problem.n))
+    radius_all = x.reshape(problem.n, -1).norm(dim=1)
+    start = float(objective(problem.params))
+    at, total, record = problem, torch.zeros_like(x), Poisoning(None, start, start)
+    for _ in range(options.stages):
+        share = options.budget / options.stages
+        pert, record.predicted, solves = _stage(at, objective, options, points, radius_all, share)
+        points, record.solves = pert.indices, record.solves + solves
+        total[points] += pert.delta
+        record.perturbation = Perturbation(points, total[points])
+        if retrain is not None:
+            record.weights = retrain(record.perturbation)
+            record.retrained.append(float(objective(record.weights)))
+            at = _moved(problem, x + total, y, record.weights)
+    return record
+
+
+def _moved(problem: Problem, x: Tensor, y: Tensor, w: Tensor) -> Problem:
+    """The problem on moved inputs ``x`` at weights ``w`` (tensor data only)."""
+    if problem.loader is not None:
+        raise ValueError("a staged attack needs tensor training data, not a DataLoader")
+    return Problem(problem.model, problem.loss, (x, y), params=w, batch_size=problem.batch_size,
+                   dtype=problem.dtype, device=problem.device, reduction=problem.reduction,
+                   weight_decay=problem.weight_decay)
+
+
+def baselines(problem: Problem, points, budget: float, generator: torch.Generator,
+              worst_direction: Tensor | None = None) -> dict[str, Perturbation]:
+    """Moves of the same points at the full budget that know nothing of the target: ``random``
+    (Gaussian directions), ``loss-gradient`` (each point's own loss ascent) and, with a scan's
+    ``worst_direction`` (n, …), ``worst-direction`` (the largest move of the set, untargeted)."""
+    points = problem.check_indices(points)
+    moves = {"random": random_perturbation(problem, points, budget, generator),
+             "loss-gradient": gradient_perturbation(problem, points, budget)}
+    if worst_direction is not None:
+        x, _ = problem.points(points)
+        moves["worst-direction"] = Perturbation(points, scale_to_relative(x, worst_direction[points].to(x), budget))
+    return moves
