@@ -36,6 +36,7 @@ from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
 from ..retrain import levenberg_marquardt, retrain
 from ..solution_set import SolveOptions, estimate
+from ..training import adam_steps
 from .seeds import distribution, parse_seeds
 
 
@@ -69,12 +70,9 @@ def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
     model = mlp(list(cfg.widths)).double()
     problem = Problem(model, squared_error, (x, y), batch_size=cfg.n)
     w = problem.params.clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=1e-2)
     batch = next(problem.batches())
-    for _ in tqdm(range(cfg.adam_steps), desc="train (Adam)", disable=not progress, leave=False):
-        opt.zero_grad()
-        problem.batch_risk(w, *batch).backward()
-        opt.step()
+    adam_steps([w], lambda: problem.batch_risk(w, *batch), cfg.adam_steps,
+               progress=lambda it: tqdm(it, desc="train (Adam)", disable=not progress, leave=False))
     fit = retrain(problem, w.detach(), gtol=1e-12, max_iter=cfg.lbfgs_iters)
     fit = levenberg_marquardt(problem, fit.w, gtol=1e-13)
     return Problem(model, squared_error, (x, y), params=fit.w, batch_size=cfg.n)

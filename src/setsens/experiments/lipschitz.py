@@ -82,17 +82,13 @@ def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
     from ..data.digits import load_digits_subset
     from ..models.mlp import mlp
     from ..retrain import retrain
+    from ..training import adam_steps
 
     x, y = load_digits_subset(cfg.points, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     net = mlp([x.shape[1], *([cfg.width] * cfg.depth), 10]).double()
     target = torch.nn.functional.one_hot(y, 10).double()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(cfg.adam_steps):
-        opt.zero_grad()
-        loss = 0.5 * ((net(x) - target) ** 2).sum(1).mean()
-        loss.backward()
-        opt.step()
+    adam_steps(net.parameters(), lambda: 0.5 * ((net(x) - target) ** 2).sum(1).mean(), cfg.adam_steps)
     pb = Problem(net, squared_error, (x, y))
     res = retrain(pb, pb.params, None, gtol=cfg.lbfgs_gtol, max_iter=cfg.lbfgs_max_iter)
     log(f"trained: risk {res.risk:.3e}, ‖∇L‖ {res.grad_norm:.2e} ({res.iterations} L-BFGS iterations)")

@@ -150,6 +150,18 @@ def _check_target(target, y, K):
     return target
 
 
+def _keep_best(obj: Tensor, best_m: Tensor, current: Sequence, best: list) -> Tensor:
+    """Per input, keep the iterate whose margin ``obj`` beats ``best_m``: updates ``best`` in place.
+
+    Returns the new best margins; layers whose iterate is ``None`` are skipped.
+    """
+    better = obj < best_m
+    for l, c in enumerate(current):
+        if c is not None:
+            best[l] = torch.where(better.view(-1, *[1] * (c.ndim - 1)), c, best[l])
+    return torch.where(better, obj, best_m)
+
+
 def weight_attack(
     weights: Sequence[Tensor],
     x: Tensor,
@@ -205,11 +217,7 @@ def weight_attack(
                     gamma = 2.0 / (t + 2.0)
                     dl.mul_(1 - gamma).add_(gamma * vertex)
             cur = _pair_margin(forward_perturbed(weights, deltas, x, act), y, target)
-            better = cur < best_m
-            best_m = torch.where(better, cur, best_m)
-            for l, dl in enumerate(deltas):
-                if dl is not None:
-                    best[l] = torch.where(better[:, None, None], dl, best[l])
+            best_m = _keep_best(cur, best_m, deltas, best)
     return best, m0 - best_m
 
 
@@ -293,21 +301,14 @@ def box_attack(
         for t in range(steps):
             obj = objective(ts)
             with torch.no_grad():
-                better = obj < best_m
-                best_m = torch.where(better, obj, best_m)
-                for l in idx:
-                    best[l] = torch.where(better[:, None], ts[l], best[l])
+                best_m = _keep_best(obj, best_m, ts, best)
             g = torch.autograd.grad(obj.sum(), [ts[l] for l in idx])
             alpha = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps))
             with torch.no_grad():
                 for l, gl in zip(idx, g):
                     ts[l].copy_(torch.maximum(torch.minimum(ts[l] - alpha * e[l] * gl.sign(), e[l]), -e[l]))
         with torch.no_grad():
-            obj = objective(ts)
-            better = obj < best_m
-            best_m = torch.where(better, obj, best_m)
-            for l in idx:
-                best[l] = torch.where(better[:, None], ts[l], best[l])
+            best_m = _keep_best(objective(ts), best_m, ts, best)
     return best, m0 - best_m
 
 
