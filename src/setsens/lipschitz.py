@@ -108,7 +108,8 @@ def parse_dfcnn(problem: Problem) -> DFCNNLayout:
     >>> import torch
     >>> from setsens.models.mlp import mlp
     >>> net = mlp([3, 4, 2]).double()
-    >>> pb = Problem(net, squared_error, (torch.rand(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)))
+    >>> x, y = torch.rand(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    >>> pb = Problem(net, squared_error, (x, y))
     >>> parse_dfcnn(pb).labels()
     ['W1', 'a (output)']
     """

@@ -8,7 +8,7 @@ from setsens.operators import (HVP_MODES, DataJacobian, Hessian, cache_budget, d
                                dense_hessian, dense_output_jacobian)
 from setsens.problem import Perturbation, Problem
 
-from core_helpers import small_problem
+from problems import small_problem
 
 
 def test_hvp_matches_dense_and_finite_difference(problem):

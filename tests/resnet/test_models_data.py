@@ -7,7 +7,7 @@ import torch
 from setsens.data.cifar import load_cifar10, load_cifar10_folder
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
 
-from .conftest import CKPT, NPZ
+from problems import CKPT, NPZ
 
 
 @pytest.mark.parametrize("depth,params", [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962)])

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from problems import weight_net
 from setsens.weights.attacks import box_attack, random_boundary_perturbation, weight_attack
 from setsens.weights.bounds import (
     margin_change_bound,
@@ -31,12 +32,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def random_net(seed, depth, widths, n0, K, N):
-    g = torch.Generator().manual_seed(seed)
-    sizes = [n0, *widths[: depth - 1], K]
-    W = [torch.randn(sizes[l + 1], sizes[l], generator=g, dtype=D) for l in range(depth)]
-    x = torch.randn(N, n0, generator=g, dtype=D) * 2
-    y = torch.randint(0, K, (N,), generator=g)
-    return W, x, y, g
+    return weight_net(seed, [n0, *widths[: depth - 1], K], N, x_scale=2, labels="random")
 
 
 def nonneg_equal_rows(g, rows, cols, norm):

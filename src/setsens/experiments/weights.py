@@ -312,7 +312,8 @@ def render_report(results: dict, command_line: str) -> str:
             L.append(f"| {name} | {m['lam']:g} | {m['mu']:g} | {100 * r['budget']:g} % | {_pct(r['clean_accuracy'])} | "
                      f"{_pct(r['certified_accuracy'])} | {_pct(r['attacked_accuracy'])} | "
                      f"{_pct(r['random_accuracy_mean'])} | {_pct(r['random_accuracy_min'])} |")
-    L += ["", f"Clean-accuracy cost of the robust loss (standard − robust): {100 * s['clean_accuracy_cost']:.1f} points.",
+    L += ["", "Clean-accuracy cost of the robust loss (standard − robust): "
+          f"{100 * s['clean_accuracy_cost']:.1f} points.",
           "Certified-accuracy gain (robust − standard): "
           + ", ".join(f"{100 * float(b):g} %: {100 * g:+.1f}" for b, g in s["certified_gain"].items()), ""]
     L += ["## Soundness and tightness of the bound", "",
@@ -337,7 +338,8 @@ def render_report(results: dict, command_line: str) -> str:
         m = results["models"][name]
         for r in m["budgets"]:
             t = r["theorem4"]
-            L.append(f"| {name} | {100 * r['budget']:g} % | {t['empirical_surrogate_loss']:.3f} | {t['rademacher']:.3g} | "
+            L.append(f"| {name} | {100 * r['budget']:g} % | {t['empirical_surrogate_loss']:.3f} | "
+                     f"{t['rademacher']:.3g} | "
                      f"{t['confidence_term']:.3f} | {t['bound']:.3g} | {1 - r['attacked_accuracy']:.3f} | "
                      f"{1 - r['certified_accuracy']:.3f} | {m['train_test_gap']:.3f} | "
                      f"{r['certified_accuracy_train'] - r['certified_accuracy']:.3f} |")
@@ -346,7 +348,8 @@ def render_report(results: dict, command_line: str) -> str:
     for name, m in results["models"].items():
         fe = {k: round(v, 4) for k, v in m["final_epoch"].items() if k != "epoch"}
         L.append(f"| {name} | {m['lam']:g} | {m['mu']:g} | {', '.join(f'{v:.3g}' for v in m['layer_norms'])} | "
-                 f"{100 * m['max_certified_budget_median']:.3g} % | {m['train_seconds']:.1f} | {m['eval_seconds']:.1f} | {fe} |")
+                 f"{100 * m['max_certified_budget_median']:.3g} % | {m['train_seconds']:.1f} | "
+                 f"{m['eval_seconds']:.1f} | {fe} |")
     L += ["", "Figure: `accuracy_vs_budget.png`.", ""]
     return "\n".join(L)
 
@@ -359,13 +362,17 @@ def render_report(results: dict, command_line: str) -> str:
               help="Report directory (its parent must exist; a killed run resumes from it).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny configuration (for tests): few epochs, small grid, weak attacks.")
-@click.option("--budgets", default="0,0.005,0.01,0.02,0.05", show_default=True, help="Fractions ρ of each layer's norm.")
+@click.option("--budgets", default="0,0.005,0.01,0.02,0.05", show_default=True,
+              help="Fractions ρ of each layer's norm.")
 @click.option("--lam", type=click.FloatRange(0), default=0.1, show_default=True, help="λ of the main robust model.")
 @click.option("--mu", type=click.FloatRange(0), default=0.0, show_default=True, help="μ of the main robust model.")
-@click.option("--grid-lams", default="0.03,0.1,0.3", show_default=True, help="λ grid of extra robust models ('' = none).")
+@click.option("--grid-lams", default="0.03,0.1,0.3", show_default=True,
+              help="λ grid of extra robust models ('' = none).")
 @click.option("--grid-mus", default="0,0.001", show_default=True, help="μ grid of extra robust models.")
-@click.option("--train-budget", type=click.FloatRange(0), default=0.01, show_default=True, help="Training budget ρ of the hinge.")
-@click.option("--variant", type=click.Choice(["hinge", "hinge_normalized", "max_eta"]), default="hinge", show_default=True)
+@click.option("--train-budget", type=click.FloatRange(0), default=0.01, show_default=True,
+              help="Training budget ρ of the hinge.")
+@click.option("--variant", type=click.Choice(["hinge", "hinge_normalized", "max_eta"]), default="hinge",
+              show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs per model [60; quick 8].")
 @click.option("--hidden", default="128", show_default=True, help="Hidden widths, comma-separated (e.g. 128,128).")
 @click.option("--activation", type=click.Choice(["relu", "relu6", "clip1"]), default="relu", show_default=True)
@@ -373,7 +380,8 @@ def render_report(results: dict, command_line: str) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--attack-steps", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--attack-restarts", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--attack-targets", type=click.IntRange(1), default=None, help="Closest classes attacked per input (default all).")
+@click.option("--attack-targets", type=click.IntRange(1), default=None,
+              help="Closest classes attacked per input (default all).")
 @click.option("--weight-attack-points", type=click.IntRange(0), default=100, show_default=True,
               help="Test points for the weight-space PGD / Frank–Wolfe attacks (0 = skip).")
 @click.option("--weight-attack-steps", type=click.IntRange(1), default=100, show_default=True)

@@ -135,7 +135,9 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
     if progress is not None:
         epochs = progress(epochs)
     for epoch in epochs:
-        rho = config.train_budget * min(1.0, (epoch + 1) / config.ramp_epochs) if config.ramp_epochs else config.train_budget
+        rho = config.train_budget
+        if config.ramp_epochs:
+            rho = rho * min(1.0, (epoch + 1) / config.ramp_epochs)
         perm = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         for s in range(0, n, config.batch_size):
