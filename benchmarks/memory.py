@@ -58,7 +58,8 @@ def main():
             results[name] = measure(args)
             if not a.json:
                 r = results[name]
-                print(f"{name:28s} peak {r['peak_rss_mib']:8.0f} MiB  {r['seconds']:7.1f} s  exit {r['exit_code']}", flush=True)
+                print(f"{name:28s} peak {r['peak_rss_mib']:8.0f} MiB  {r['seconds']:7.1f} s  "
+                      f"exit {r['exit_code']}", flush=True)
     if a.json:
         print(json.dumps(results, indent=2))
 

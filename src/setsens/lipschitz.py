@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacfwd
 
+from .models.mlp import mlp_layers
 from .operators import J_SCALES, DataJacobian, Hessian, dense_hessian
 from .problem import Perturbation, Problem, squared_error
 
@@ -107,7 +108,8 @@ def parse_dfcnn(problem: Problem) -> DFCNNLayout:
     >>> import torch
     >>> from setsens.models.mlp import mlp
     >>> net = mlp([3, 4, 2]).double()
-    >>> pb = Problem(net, squared_error, (torch.rand(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)))
+    >>> x, y = torch.rand(5, 3, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    >>> pb = Problem(net, squared_error, (x, y))
     >>> parse_dfcnn(pb).labels()
     ['W1', 'a (output)']
     """
@@ -117,32 +119,20 @@ def parse_dfcnn(problem: Problem) -> DFCNNLayout:
             f"(setsens.problem.squared_error); this problem uses {getattr(problem.loss, '__name__', problem.loss)!r}"
         )
     model = problem.model
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the closed form needs an nn.Sequential DFCNN, got {type(model).__name__}")
+    linears, activation = mlp_layers(model, flatten=False)
     if len(problem.input_shape) != 1:
         raise ValueError(f"the DFCNN takes flat inputs, the data have point shape {problem.input_shape}")
-    mods = list(model)
-    if not mods or not isinstance(mods[-1], nn.Linear):
-        raise ValueError("a DFCNN must end with a Linear output layer (the paper's a)")
-    expect_linear = True
-    for i, m in enumerate(mods):
-        if expect_linear:
-            if not isinstance(m, nn.Linear):
-                raise ValueError(f"layer {i} is {type(m).__name__}; the DFCNN alternates Linear and ReLU")
-            if m.bias is not None:
-                raise ValueError(f"layer {i} (Linear) has a bias; the paper's DFCNN is bias-free (eq. 8)")
-        elif type(m) is not nn.ReLU:
-            raise ValueError(
-                f"layer {i} is {type(m).__name__}; Theorem 2 needs ReLU activations between the Linear layers"
-            )
-        expect_linear = not expect_linear
-    linear_names = {f"{i}.weight" for i, m in enumerate(mods) if isinstance(m, nn.Linear)}
+    if activation != "relu":
+        raise ValueError(f"the activation is {activation}; Theorem 2 needs ReLU between the Linear layers")
+    names = tuple(f"{i}.weight" for i, m in enumerate(model) if isinstance(m, nn.Linear))
+    for name, m in zip(names, linears):
+        if m.bias is not None:
+            raise ValueError(f"layer {name.split('.')[0]} (Linear) has a bias; the paper's DFCNN is bias-free (eq. 8)")
     blocks = dict(problem.blocks())
-    extra = set(blocks) - linear_names
+    extra = set(blocks) - set(names)
     if extra:
         raise ValueError(f"unexpected parameters {sorted(extra)} in the DFCNN")
-    names = tuple(f"{i}.weight" for i, m in enumerate(mods) if isinstance(m, nn.Linear))
-    shapes = tuple(tuple(mods[int(n.split('.')[0])].weight.shape) for n in names)
+    shapes = tuple(tuple(m.weight.shape) for m in linears)
     if shapes[0][1] != problem.input_shape[0]:
         raise ValueError(f"first layer expects {shapes[0][1]} inputs, the data have {problem.input_shape[0]}")
     return DFCNNLayout(names, tuple(blocks[n] for n in names), shapes)

@@ -11,7 +11,7 @@ from setsens.operators import DataJacobian, cache_budget, dense_hessian, dense_o
 from setsens.problem import Perturbation, Problem, squared_error
 from setsens.solution_set import RadiusOptions, SolveOptions, estimate
 
-from core_helpers import small_problem
+from problems import small_problem
 
 
 def _wide(seed, loss="ce", n=6, batch_size=4):

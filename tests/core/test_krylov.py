@@ -6,26 +6,8 @@ import scipy.sparse.linalg as spla
 import torch
 from hypothesis import given, settings, strategies as st
 
+from problems import graded, singular_symmetric
 from setsens.krylov import Deflation, cgls, lanczos, minres, minres_min_norm, power_iteration
-
-
-def singular_symmetric(p, rank, seed, indefinite=False):
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
-    lam = torch.zeros(p, dtype=torch.float64)
-    lam[:rank] = torch.rand(rank, generator=g, dtype=torch.float64) + 0.1
-    if indefinite:
-        lam[: rank // 2] *= -1
-    return Q @ torch.diag(lam) @ Q.T, g
-
-
-def graded(p=120, seed=0):
-    """Eigenvalues 1e2 … 1e-3 (three negative) and 40 zeros, and a b outside range(H)."""
-    g = torch.Generator().manual_seed(seed)
-    U, _ = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.logspace(2, -3, p - 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64)])
-    lam[:3] *= -1
-    return U @ torch.diag(lam) @ U.T, torch.randn(p, generator=g, dtype=torch.float64)
 
 
 def krylov_minimiser(H, b, k):

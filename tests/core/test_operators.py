@@ -4,11 +4,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from setsens.models.resnet import cifar_resnet
 from setsens.operators import (HVP_MODES, DataJacobian, Hessian, cache_budget, dense_data_jacobian,
                                dense_hessian, dense_output_jacobian)
-from setsens.problem import Perturbation, Problem
+from setsens.problem import Perturbation, Problem, cross_entropy
 
-from core_helpers import small_problem
+from problems import small_problem
 
 
 def test_hvp_matches_dense_and_finite_difference(problem):
@@ -130,3 +131,22 @@ def test_cached_hessian_gives_the_dense_product_and_keeps_to_its_budget(problem,
                 assert torch.allclose(op @ v, H @ v, atol=1e-10), (mode, cache)
             assert (0 in op._linear, 1 in op._linear) == (cache != "none", False)
             assert cache == "auto" or op.cached_bytes <= cache_budget(cache, problem.device)
+
+
+def test_hessian_modes_agree_on_resnet():
+    torch.manual_seed(0)
+    model = cifar_resnet(8).double()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    prob = Problem(model, cross_entropy, (x, y), batch_size=2)
+    v = torch.randn(prob.p, dtype=torch.float64)
+    ref, fast = Hessian(prob)(v), Hessian(prob, mode="auto")
+    assert fast.mode == "double_backward"  # "auto" on the CPU
+    got = fast @ v
+    assert fast.calls == 1
+    assert float((got - ref).norm() / ref.norm()) < 1e-10
+    other = Hessian(prob, mode="rev_over_fwd")  # the GPU choice, same numbers
+    assert float((other(v) - ref).norm() / ref.norm()) < 1e-10

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from core_helpers import small_problem
+from problems import small_problem
 from setsens.problem import Problem, cross_entropy, squared_error
 
 

@@ -31,7 +31,7 @@ def test_cross_entropy_reference_is_stable_where_plain_retraining_is_not():
     the smaller gtol is.  The proximal response is a finite minimiser: it moves ≤ 5 % when its
     tolerance is tightened 100×, and to first order it is −(H + λI)⁻¹ J Δx (3 % off at this 0.1 % step,
     6 % at λ = 0.01; 0.6 % at a 0.01 % step: first-order convergence)."""
-    from core_helpers import small_problem
+    from problems import small_problem
     from setsens.influence import influence_shift
     from setsens.perturb import gradient_perturbation
     from setsens.retrain import proximal_response

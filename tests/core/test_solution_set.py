@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from core_helpers import small_problem
+from problems import small_problem
 from setsens.experiments.toy import toy_problem, toy_study
 from setsens.influence import influence_shift
 from setsens.operators import dense_hessian, dense_output_jacobian

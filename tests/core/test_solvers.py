@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
+from problems import singular_symmetric
 from setsens.solvers import Spectrum
-from test_krylov import singular_symmetric
 
 
 @settings(max_examples=10, deadline=None)

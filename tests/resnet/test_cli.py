@@ -65,10 +65,8 @@ def test_cached_results_are_keyed_by_settings():
 def test_resnet_bad_inputs_fail_fast_with_one_line(tmp_path):
     import time
 
-    from pathlib import Path
+    from problems import CKPT, NPZ as DATA
 
-    shared = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    CKPT, DATA = shared / "resnet56-cifar10.th", shared / "cifar10-subset.npz"
     empty = tmp_path / "empty.th"
     empty.write_bytes(b"")
     not_npz = tmp_path / "x.npz"

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 
+from problems import weight_net
 from setsens.weights.attacks import (
     attacked_robust,
     box_attack,
@@ -66,16 +67,12 @@ def test_projection_batched_radii_and_errors():
         project_rows_l1(v * float("nan"), 1.0)
 
 
-def small_net(seed=0, sizes=(4, 6, 5, 3), N=8):
-    g = torch.Generator().manual_seed(seed)
-    W = [torch.randn(sizes[l + 1], sizes[l], generator=g, dtype=D) for l in range(len(sizes) - 1)]
-    x = torch.randn(N, sizes[0], generator=g, dtype=D)
-    return W, x, forward(W, x).argmax(1), g
+SIZES = (4, 6, 5, 3)
 
 
 @pytest.mark.parametrize("kind", ["simplex", "vertex"])
 def test_random_boundary_rows_on_sphere(kind):
-    W, x, y, g = small_net()
+    W, x, y, g = weight_net(0, SIZES, 8)
     eps = relative_budget(W, 0.1)
     for n in (None, 5):
         deltas = random_boundary_perturbation(W, eps, layers=[0, 2], n=n, kind=kind, generator=g)
@@ -86,7 +83,7 @@ def test_random_boundary_rows_on_sphere(kind):
 
 def test_last_layer_attack_is_exact():
     """Only Wᵈ moves: the worst decrease of m_{yt} is exactly 2 ε_d ‖h^{d-1}‖_∞ (linear in ΔWᵈ)."""
-    W, x, y, g = small_net()
+    W, x, y, g = weight_net(0, SIZES, 8)
     t = (y + 1) % 3
     eps = [0.0, 0.0, 0.3]
     exact = 2 * 0.3 * hidden_states(W, x)[-2].abs().amax(1)
@@ -99,7 +96,7 @@ def test_last_layer_attack_is_exact():
 
 
 def test_box_perturbation_is_a_weight_perturbation_in_the_budget():
-    W, x, y, g = small_net()
+    W, x, y, g = weight_net(0, SIZES, 8)
     eps = relative_budget(W, 0.2)
     ts, change = box_attack(W, x, y, (y + 2) % 3, eps, steps=10, generator=g)
     deltas = materialize_box_perturbation(W, ts, x)
@@ -110,7 +107,7 @@ def test_box_perturbation_is_a_weight_perturbation_in_the_budget():
 
 
 def test_weight_attack_no_weaker_than_random():
-    W, x, y, g = small_net(3)
+    W, x, y, g = weight_net(3, SIZES, 8)
     eps = relative_budget(W, 0.1)
     t = (y + 1) % 3
     _, c = weight_attack(W, x, y, t, eps, steps=30, generator=g)
@@ -124,7 +121,7 @@ def test_weight_attack_no_weaker_than_random():
 
 
 def test_certified_subset_of_attacked_subset_of_correct():
-    W, x, y, g = small_net(5, sizes=(4, 8, 3), N=40)
+    W, x, y, g = weight_net(5, (4, 8, 3), 40)
     y = y.clone()
     y[:5] = (y[:5] + 1) % 3  # some clean errors
     for frac in (0.0, 0.01, 0.05, 0.2):
@@ -138,7 +135,7 @@ def test_certified_subset_of_attacked_subset_of_correct():
 
 
 def test_attack_rejects_target_equal_label():
-    W, x, y, g = small_net()
+    W, x, y, g = weight_net(0, SIZES, 8)
     with pytest.raises(ValueError, match="differ"):
         box_attack(W, x, y, y, [0.1, 0.1, 0.1])
     with pytest.raises(ValueError, match="method"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
+from problems import weight_net
 from setsens.weights.attacks import box_attack, random_boundary_perturbation, weight_attack
 from setsens.weights.bounds import (
     margin_change_bound,
@@ -18,12 +18,10 @@ from setsens.weights.bounds import (
     single_layer_bound,
 )
 from setsens.weights.network import (
-    UnsupportedNetworkError,
     forward,
     forward_perturbed,
     layer_norms,
     margins,
-    network_from_model,
 )
 
 D = torch.float64
@@ -31,12 +29,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def random_net(seed, depth, widths, n0, K, N):
-    g = torch.Generator().manual_seed(seed)
-    sizes = [n0, *widths[: depth - 1], K]
-    W = [torch.randn(sizes[l + 1], sizes[l], generator=g, dtype=D) for l in range(depth)]
-    x = torch.randn(N, n0, generator=g, dtype=D) * 2
-    y = torch.randint(0, K, (N,), generator=g)
-    return W, x, y, g
+    return weight_net(seed, [n0, *widths[: depth - 1], K], N, x_scale=2, labels="random")
 
 
 def nonneg_equal_rows(g, rows, cols, norm):
@@ -265,33 +258,3 @@ def test_bad_input_raises(call, match):
     W, x, y, _ = random_net(0, 2, [4], 3, 3, N=4)
     with pytest.raises(ValueError, match=match):
         call(W, x, y)
-
-
-@pytest.mark.parametrize(
-    "model, match",
-    [
-        (nn.Sequential(nn.Conv2d(1, 2, 3)), "Conv2d"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 2, bias=False)), "negative values"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.Sigmoid(), nn.Linear(4, 2, bias=False)), "σ\\(0\\) ≠ 0"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.LeakyReLU(), nn.Linear(4, 2, bias=False)), "negative values"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.Hardtanh(), nn.Linear(4, 2, bias=False)), "min_val = 0"),
-        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), "biases"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)), "consecutive"),
-        (nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU()), "end with"),
-        (nn.Linear(3, 2, bias=False), "nn.Sequential"),
-    ],
-)
-def test_unsupported_networks(model, match):
-    with pytest.raises(UnsupportedNetworkError, match=match):
-        network_from_model(model)
-
-
-def test_network_from_model_roundtrip():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5, bias=False), nn.ReLU6(), nn.Linear(5, 3, bias=False))
-    W, b, act = network_from_model(model)
-    assert b is None and act == "relu6"
-    x = torch.randn(4, 2, 3)
-    torch.testing.assert_close(forward([w.detach() for w in W], x.flatten(1), act), model(x))
-    Wb, bb, _ = network_from_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), allow_bias=True)
-    assert len(bb) == 2

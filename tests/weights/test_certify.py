@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from problems import weight_net
 from setsens.weights.attacks import attacked_robust
 from setsens.weights.bounds import relative_budget
 from setsens.weights.certify import (
@@ -20,18 +21,13 @@ D = torch.float64
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def net(seed, sizes=(3, 5, 4, 3), N=30):
-    g = torch.Generator().manual_seed(seed)
-    W = [torch.randn(sizes[l + 1], sizes[l], generator=g, dtype=D) for l in range(len(sizes) - 1)]
-    x = torch.randn(N, sizes[0], generator=g, dtype=D)
-    y = forward(W, x).argmax(1)
-    return W, x, y, g
+SIZES = (3, 5, 4, 3)
 
 
 @settings(max_examples=20, **SETTINGS)
 @given(seed=st.integers(0, 10**6), layer=st.integers(0, 2))
 def test_closed_form_equals_bisection_single_layer(seed, layer):
-    W, x, y, _ = net(seed)
+    W, x, y, _ = weight_net(seed, SIZES, 30)
     t_closed = max_certified_budget(W, x, y, layers=[layer], method="closed")
     t_bis = max_certified_budget(W, x, y, layers=[layer], method="bisection")
     torch.testing.assert_close(t_bis, t_closed, rtol=1e-9, atol=1e-12)
@@ -40,7 +36,7 @@ def test_closed_form_equals_bisection_single_layer(seed, layer):
 @settings(max_examples=20, **SETTINGS)
 @given(seed=st.integers(0, 10**6))
 def test_max_budget_is_the_certification_threshold(seed):
-    W, x, y, _ = net(seed)
+    W, x, y, _ = weight_net(seed, SIZES, 30)
     t = max_certified_budget(W, x, y)  # fraction of each layer's norm, all layers
     M = layer_norms(W)
     pos = t > 0
@@ -51,7 +47,7 @@ def test_max_budget_is_the_certification_threshold(seed):
 
 
 def test_wrong_predictions_have_zero_budget_and_certificate_implies_correct():
-    W, x, y, _ = net(1)
+    W, x, y, _ = weight_net(1, SIZES, 30)
     wrong = (y + 1) % 3
     assert (max_certified_budget(W, x, wrong) == 0).all()
     assert not certify(W, x, wrong, [0.0, 0.0, 0.0]).any()
@@ -59,7 +55,7 @@ def test_wrong_predictions_have_zero_budget_and_certificate_implies_correct():
 
 
 def test_certified_prediction_agrees_with_certify_on_predicted_labels():
-    W, x, y, _ = net(2)
+    W, x, y, _ = weight_net(2, SIZES, 30)
     eps = relative_budget(W, 0.01)
     pred, cert = certified_prediction(W, x, eps)
     assert torch.equal(pred, y)
@@ -68,7 +64,7 @@ def test_certified_prediction_agrees_with_certify_on_predicted_labels():
 
 
 def test_certified_points_survive_attacks():
-    W, x, y, g = net(4, N=60)
+    W, x, y, g = weight_net(4, SIZES, 60)
     for frac in (0.002, 0.01, 0.05):
         eps = relative_budget(W, frac)
         cert = certify(W, x, y, eps)
@@ -77,7 +73,7 @@ def test_certified_points_survive_attacks():
 
 
 def test_certified_accuracy_decreases_with_budget():
-    W, x, y, _ = net(5, N=80)
+    W, x, y, _ = weight_net(5, SIZES, 80)
     accs = [certified_accuracy(W, x, y, relative_budget(W, f)) for f in (0, 0.001, 0.01, 0.1, 1.0)]
     top2 = forward(W, x).topk(2, dim=1).values
     unique_max = float((top2[:, 0] > top2[:, 1]).double().mean())  # ties (dead ReLUs) are not certified
@@ -85,7 +81,7 @@ def test_certified_accuracy_decreases_with_budget():
 
 
 def test_errors():
-    W, x, y, _ = net(0)
+    W, x, y, _ = weight_net(0, SIZES, 30)
     with pytest.raises(ValueError, match="closed form"):
         max_certified_budget(W, x, y, method="closed")
     with pytest.raises(ValueError, match="method"):

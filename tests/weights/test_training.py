@@ -6,7 +6,7 @@ from torch import nn
 
 from setsens.weights.bounds import margin_change_bound, relative_budget
 from setsens.weights.certify import certified_accuracy
-from setsens.weights.data import load_digits_split
+from setsens.data.digits import load_digits_split
 from setsens.weights.network import forward, layer_norms
 from setsens.weights.training import TrainConfig, model_weights, robust_loss, train_mlp
 

@@ -1,7 +1,8 @@
 """CIFAR-10: the shared npz subset and the standard torchvision folder (``cifar-10-batches-py``).
 
-Both loaders return float images in [0, 1] of shape (n, 3, 32, 32) and int64 labels; the
+The loaders return float images in [0, 1] of shape (n, 3, 32, 32) and int64 labels; the
 normalisation the pretrained ResNets expect is part of the model (:mod:`setsens.models.resnet`).
+:func:`load_cifar10_flat` gives both splits of the npz as flat rows (for MLPs).
 Reading the torchvision folder needs no torchvision: the batches are Python pickles.
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["load_cifar10", "load_cifar10_npz", "load_cifar10_folder", "CIFAR10_CLASSES", "CIFAR10_URL"]
+__all__ = ["load_cifar10", "load_cifar10_npz", "load_cifar10_folder", "load_cifar10_flat", "CIFAR10_CLASSES",
+           "CIFAR10_URL"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -101,3 +103,18 @@ def load_cifar10(path, split: str = "train", n: int | None = None, seed: int | N
             idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         x, y = x[idx], y[idx]
     return x, y
+
+
+def load_cifar10_flat(path, dtype=torch.float32):
+    """Both splits of a CIFAR-10 ``.npz`` as rows of 3072 pixels in [0, 1] (HWC order), for MLPs.
+
+    Returns ``(x_train, y_train, x_test, y_test, class_names)``; the names come from the file's
+    ``classes`` array when it has one, else ``"0"`` … ``"9"``.
+    """
+    xs = []
+    for split in ("train", "test"):
+        x, y = load_cifar10_npz(path, split, torch.float64)
+        xs += [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1).to(dtype), y.reshape(-1)]
+    with np.load(path) as z:
+        classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(c) for c in range(10)]
+    return (*xs, classes)

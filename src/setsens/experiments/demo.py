@@ -36,6 +36,7 @@ from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
 from ..retrain import levenberg_marquardt, retrain
 from ..solution_set import SolveOptions, estimate
+from ..training import adam_steps
 from .seeds import distribution, parse_seeds
 
 
@@ -69,12 +70,9 @@ def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
     model = mlp(list(cfg.widths)).double()
     problem = Problem(model, squared_error, (x, y), batch_size=cfg.n)
     w = problem.params.clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=1e-2)
     batch = next(problem.batches())
-    for _ in tqdm(range(cfg.adam_steps), desc="train (Adam)", disable=not progress, leave=False):
-        opt.zero_grad()
-        problem.batch_risk(w, *batch).backward()
-        opt.step()
+    adam_steps([w], lambda: problem.batch_risk(w, *batch), cfg.adam_steps,
+               progress=lambda it: tqdm(it, desc="train (Adam)", disable=not progress, leave=False))
     fit = retrain(problem, w.detach(), gtol=1e-12, max_iter=cfg.lbfgs_iters)
     fit = levenberg_marquardt(problem, fit.w, gtol=1e-13)
     return Problem(model, squared_error, (x, y), params=fit.w, batch_size=cfg.n)
@@ -180,7 +178,8 @@ def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
 def run_demo(cfg: DemoConfig, seeds: list[int], progress: bool = True, log=print) -> dict:
     """The study for every seed, and each headline figure as a distribution over the seeds."""
     per_seed = [run_seed(DemoConfig(**{**asdict(cfg), "seed": s}), progress, log) for s in seeds]
-    keys = [k for k in per_seed[0] if k.endswith(("distance_ratio", "loss_reduction")) or k == "set_vs_retraining_ratio"]
+    keys = [k for k in per_seed[0]
+            if k.endswith(("distance_ratio", "loss_reduction")) or k == "set_vs_retraining_ratio"]
     return {"seeds": seeds, "headlines": {k: distribution([r[k] for r in per_seed]) for k in keys},
             "per_seed": per_seed}
 
@@ -220,15 +219,18 @@ def demo_markdown(result: dict) -> str:
              f"p = {first['p']} weights, float64; seeds {', '.join(map(str, result['seeds']))}.",
              "",
              "Headline figures over seeds: **median** (min – max).  distance ratio = distance of the estimate to the",
-             "new solution set ÷ that of w̄ (warm-started Levenberg–Marquardt retraining); loss reduction = loss on the moved",
+             "new solution set ÷ that of w̄ (warm-started Levenberg–Marquardt retraining); "
+             "loss reduction = loss on the moved",
              "points at w̄ ÷ at the estimate.",
              "",
              "| estimate | distance ratio | loss reduction |", "|---|---|---|"]
     for label, prefix in (("Gauss–Newton set (centre)", ""), ("eq. 19 on H (min-norm MINRES)", "hessian_"),
                           ("damped influence function", "influence_")):
-        lines.append(f"| {label} | {_fmt(h[prefix + 'distance_ratio'], '.3f')} | {_fmt(h[prefix + 'loss_reduction'], '.1f')}× |")
+        lines.append(f"| {label} | {_fmt(h[prefix + 'distance_ratio'], '.3f')} | "
+                     f"{_fmt(h[prefix + 'loss_reduction'], '.1f')}× |")
     lines += ["", f"Set versus retraining (Levenberg–Marquardt warm-started from {c['members']} members of the set):",
-              f"distance of the retrained point to the estimated set ÷ to its centre: {_fmt(h['set_vs_retraining_ratio'], '.3f')}.", ""]
+              "distance of the retrained point to the estimated set ÷ to its centre: "
+              f"{_fmt(h['set_vs_retraining_ratio'], '.3f')}.", ""]
     for r in result["per_seed"]:
         lines.append(_seed_markdown(r))
     return "\n".join(lines)
@@ -237,7 +239,8 @@ def demo_markdown(result: dict) -> str:
 def _seed_markdown(r: dict) -> str:
     o, e, ref = r.get("overparameterization"), r["estimates"]["estimate"], r["reference"]
     over = ("" if o is None else f"Output Jacobian {o['rows']} × {o['p']}: rank {o['rank']} "
-            f"({'full row rank' if o['full_row_rank'] else 'NOT full row rank'}), σ_min/σ_max = {o['sigma_ratio']:.1e}.  ")
+            f"({'full row rank' if o['full_row_rank'] else 'NOT full row rank'}), "
+            f"σ_min/σ_max = {o['sigma_ratio']:.1e}.  ")
     lines = [f"## seed {r['config']['seed']}", "",
              f"At w̄: ‖∇L‖ = {r['stationarity']['grad_norm']:.2e}, risk {r['stationarity']['risk']:.2e}.  {over}"
              f"‖Δx‖ = {r['perturbation_norm']:.4f}.", "",
@@ -255,7 +258,8 @@ def _seed_markdown(r: dict) -> str:
               f"{e['feasibility_residual']:.1e}; {e['cost']['jvp_vjp_passes']} JVP/VJP passes, {e['selected']}",
               "* retrained from members: to the set / to the centre = "
               + ", ".join(f"{s['retrained_to_set']:.4f} / {s['retrained_to_centre']:.4f}" for s in sv["members"]),
-              f"* reference: {ref['method']}; converged {ref['converged']}; moves {ref['change_when_tolerance_tightened_100x']:.1e} "
+              f"* reference: {ref['method']}; converged {ref['converged']}; "
+              f"moves {ref['change_when_tolerance_tightened_100x']:.1e} "
               f"(relative) when its tolerance is tightened 100×.  {r['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -36,7 +36,8 @@ def _run_config(run_dir: Path, estimates: str, n: int | None) -> tuple[dict, lis
                                  f"{first_line(err)})", param_hint="--run") from None
     files = sorted((run_dir / "state").glob(f"estimate_{estimates}_*.pt"))
     if not files:
-        raise click.BadParameter(f"no saved estimates 'state/estimate_{estimates}_*.pt' in {run_dir}", param_hint="--run")
+        raise click.BadParameter(f"no saved estimates 'state/estimate_{estimates}_*.pt' in {run_dir}",
+                                 param_hint="--run")
     try:
         _check_inputs(cfg)
     except click.BadParameter as err:
@@ -47,13 +48,15 @@ def _run_config(run_dir: Path, estimates: str, n: int | None) -> tuple[dict, lis
 
 
 @click.command("landscape")
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A `setsens resnet` run directory.")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A `setsens resnet` run directory.")
 @click.option("--estimates", default="seed", type=click.Choice(["seed", "table1"]), show_default=True,
               help="Which saved estimates to mark (the multi-start study or Table 1's).")
 @click.option("--plane", default="estimate", type=click.Choice(["estimate", "filter"]), show_default=True)
 @click.option("--grid", type=click.IntRange(2), default=11, show_default=True, help="Points per axis.")
 @click.option("--range", "span", default="-0.5,1.5", show_default=True, help="α and β range (units of the directions).")
-@click.option("--n", type=click.IntRange(1), default=None, help="Evaluate on the first n images only (default: the run's n).")
+@click.option("--n", type=click.IntRange(1), default=None,
+              help="Evaluate on the first n images only (default: the run's n).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--out", default=None, help="Output directory (default: the run directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True)

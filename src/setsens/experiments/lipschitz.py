@@ -82,17 +82,13 @@ def train_dfcnn(cfg: LipschitzConfig, log=print) -> Problem:
     from ..data.digits import load_digits_subset
     from ..models.mlp import mlp
     from ..retrain import retrain
+    from ..training import adam_steps
 
     x, y = load_digits_subset(cfg.points, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     net = mlp([x.shape[1], *([cfg.width] * cfg.depth), 10]).double()
     target = torch.nn.functional.one_hot(y, 10).double()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(cfg.adam_steps):
-        opt.zero_grad()
-        loss = 0.5 * ((net(x) - target) ** 2).sum(1).mean()
-        loss.backward()
-        opt.step()
+    adam_steps(net.parameters(), lambda: 0.5 * ((net(x) - target) ** 2).sum(1).mean(), cfg.adam_steps)
     pb = Problem(net, squared_error, (x, y))
     res = retrain(pb, pb.params, None, gtol=cfg.lbfgs_gtol, max_iter=cfg.lbfgs_max_iter)
     log(f"trained: risk {res.risk:.3e}, ‖∇L‖ {res.grad_norm:.2e} ({res.iterations} L-BFGS iterations)")
@@ -335,7 +331,8 @@ def format_report(res: dict) -> str:
     lines += ["", f"κ (whole network) = {k:.5g}; criterion residual {res['aubin_residual']:.2e}; "
                   f"max empirical ratio at steps ≤ 0.1 % over {res['directions']} directions = "
                   f"{res['empirical_max_ratio']:.5g} ({res['empirical_max_ratio_over_kappa']:.3f} κ); "
-                  f"worst-case direction ratio {res['worst_case_ratio']:.5g} ({res['worst_case_ratio_over_kappa']:.3f} κ)."]
+                  f"worst-case direction ratio {res['worst_case_ratio']:.5g} "
+                  f"({res['worst_case_ratio_over_kappa']:.3f} κ)."]
     return "\n".join(lines) + "\n"
 
 
@@ -387,18 +384,21 @@ def expected_minutes(cfg: LipschitzConfig) -> float:
 
 
 @click.command("lipschitz")
-@click.option("--points", default=300, show_default=True, type=click.IntRange(10, 1797), help="digits training points n")
+@click.option("--points", default=300, show_default=True, type=click.IntRange(10, 1797),
+              help="digits training points n")
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(1), help="hidden ReLU layers H")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(1), help="hidden width m")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--seeds", default=None,
               help="Comma-separated seeds: run each (reports in seed<k>/) and give median, min and max of every "
                    "headline figure (overrides --seed).")
-@click.option("--directions", default=20, show_default=True, type=click.IntRange(1), help="retraining directions (≥ 20 for the report)")
+@click.option("--directions", default=20, show_default=True, type=click.IntRange(1),
+              help="retraining directions (≥ 20 for the report)")
 @click.option("--steps", default="1e-3", show_default=True, help="relative steps ‖Δx‖/‖x̄‖ for all directions")
 @click.option("--worst-steps", default="1e-4,1e-2", show_default=True,
               help="extra relative steps for the worst-case direction (figure)")
-@click.option("--tau", default=DEFAULT_TAU, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="null-space tolerance |λ| ≤ τ·λ_max")
+@click.option("--tau", default=DEFAULT_TAU, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="null-space tolerance |λ| ≤ τ·λ_max")
 @click.option("--scale", type=click.Choice(["exact", "paper"]), default="exact", show_default=True,
               help="J scale: exact 1/n, or the paper's 1/|K|")
 @click.option("--matrix-free/--no-matrix-free", default=False, show_default=True,
@@ -407,7 +407,8 @@ def expected_minutes(cfg: LipschitzConfig) -> float:
 @click.option("--retrain-iter", default=2000, show_default=True, type=click.IntRange(1),
               help="L-BFGS iterations per retraining at most")
 @click.option("--retrain-floor", default=0.3, show_default=True, type=click.FloatRange(0),
-              help="retrain to ‖∇L‖ ≤ this × ‖∇L(w̄)‖ at least (0.1 and --retrain-iter 5000: the former, tighter setting)")
+              help="retrain to ‖∇L‖ ≤ this × ‖∇L(w̄)‖ at least "
+                   "(0.1 and --retrain-iter 5000: the former, tighter setting)")
 @click.option("--adam-steps", default=3000, show_default=True, type=click.IntRange(0))
 @click.option("--quick", is_flag=True, help="tiny network and data: 8 points, one hidden layer (seconds; for CI)")
 @click.option("--out", default="setsens-report/lipschitz", show_default=True, type=click.Path(),

@@ -85,7 +85,8 @@ def toy_study(n_estimates: int = 5) -> dict:
         "feasibility_residual": est.feasibility_residual,
         "risk_original": risk(problem.params),
         "risk_min_norm": risk(est.centre),
-        "estimated_solutions": [{"w": m.tolist(), "risk": risk(m), "distance_from_w_bar": float((m - problem.params).norm())}
+        "estimated_solutions": [{"w": m.tolist(), "risk": risk(m),
+                                 "distance_from_w_bar": float((m - problem.params).norm())}
                                 for m in members],
         "min_distance_estimates": min(float((m - problem.params).norm()) for m in members),
         "influence_point": {"w": infl.tolist(), "risk": risk(infl)},
@@ -145,7 +146,8 @@ def figures(study: dict, out) -> list:
         ax.plot(xs, 2.5 / xs, "b--", lw=1, label=r"$S(x^p)$")
         est = np.array([e["w"] for e in study["estimated_solutions"]])
         ax.plot(est[:, 0], est[:, 1], "r.", ms=10, label=r"estimates in $S \cap \mathbb{B}(\bar w, 0.2)$")
-        ax.plot(*study["influence_point"]["w"], "o", color="orange", mfc="none", ms=11, label="influence function (pinv)")
+        ax.plot(*study["influence_point"]["w"], "o", color="orange", mfc="none", ms=11,
+                label="influence function (pinv)")
         ax.plot(1, 2, "ko", label=r"$\bar w$")
         ax.set(xlabel="$w_1$", ylabel="$w_2$", xlim=(0.6, 1.6), ylim=(1.5, 2.6))
         ax.legend(fontsize=7, loc="upper right")

@@ -24,16 +24,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .bounds import layer_mask
+from .bounds import layer_budgets
 from .network import (
-    check_eps,
-    check_inputs,
+    check_batch,
     check_labels,
     check_weights,
     forward,
     forward_perturbed,
     get_activation,
+    layer_loop,
     margins,
+    perturbation_term,
 )
 
 __all__ = [
@@ -80,16 +81,20 @@ def project_rows_l1(v: Tensor, radius) -> Tensor:
     return torch.where((r == 0)[..., None], torch.zeros_like(v), p)
 
 
-def _resolve(weights, x, y, eps, layers):
-    weights = [w.detach() for w in check_weights(weights)]
-    x = check_inputs(weights, x)
-    K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
-    d = len(weights)
-    e = check_eps(eps, d, weights[0])
-    mask = layer_mask(layers, d)
-    e = torch.where(mask, e, torch.zeros_like(e))
-    return weights, x, y, e, mask
+def _checked(weights, x, y):
+    weights, x, y = check_batch(weights, x, y)
+    return [w.detach() for w in weights], x, y
+
+
+def _attack_setup(weights, x, y, target, eps, layers, activation):
+    """Checked inputs, the target classes, the activation and the clean margins m_{y,target}."""
+    weights, x, y = _checked(weights, x, y)
+    e, mask = layer_budgets(eps, layers, weights)
+    target = _check_target(target, y, weights[-1].shape[0])
+    act = get_activation(activation)
+    with torch.no_grad():
+        m0 = _pair_margin(forward(weights, x, act), y, target)
+    return weights, x, y, target, e, mask, act, m0
 
 
 def random_boundary_perturbation(
@@ -108,9 +113,7 @@ def random_boundary_perturbation(
     Unperturbed layers get ``None``.
     """
     weights = check_weights(weights)
-    d = len(weights)
-    e = check_eps(eps, d, weights[0])
-    mask = layer_mask(layers, d)
+    e, mask = layer_budgets(eps, layers, weights)
     if kind not in ("simplex", "vertex"):
         raise ValueError(f"kind must be 'simplex' or 'vertex', got {kind!r}")
     out: list[Tensor | None] = []
@@ -147,6 +150,18 @@ def _check_target(target, y, K):
     return target
 
 
+def _keep_best(obj: Tensor, best_m: Tensor, current: Sequence, best: list) -> Tensor:
+    """Per input, keep the iterate whose margin ``obj`` beats ``best_m``: updates ``best`` in place.
+
+    Returns the new best margins; layers whose iterate is ``None`` are skipped.
+    """
+    better = obj < best_m
+    for l, c in enumerate(current):
+        if c is not None:
+            best[l] = torch.where(better.view(-1, *[1] * (c.ndim - 1)), c, best[l])
+    return torch.where(better, obj, best_m)
+
+
 def weight_attack(
     weights: Sequence[Tensor],
     x: Tensor,
@@ -169,17 +184,12 @@ def weight_attack(
     the margin decrease m_{y,target} − m̂_{y,target} they cause (evaluated by a plain forward pass
     of the perturbed weights).  Memory O(N Σ n_l n_{l-1}): chunk large batches.
     """
-    weights, x, y, e, mask = _resolve(weights, x, y, eps, layers)
-    K = weights[-1].shape[0]
-    target = _check_target(target, y, K)
+    weights, x, y, target, e, mask, act, m0 = _attack_setup(weights, x, y, target, eps, layers, activation)
     if method not in ("pgd", "fw"):
         raise ValueError(f"method must be 'pgd' or 'fw', got {method!r}")
     if init not in ("random", "zero"):
         raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
     N = x.shape[0]
-    act = get_activation(activation)
-    with torch.no_grad():
-        m0 = _pair_margin(forward(weights, x, act), y, target)
     if init == "random":
         start = random_boundary_perturbation(weights, e, layers, n=N, generator=generator)
     else:
@@ -207,25 +217,26 @@ def weight_attack(
                     gamma = 2.0 / (t + 2.0)
                     dl.mul_(1 - gamma).add_(gamma * vertex)
             cur = _pair_margin(forward_perturbed(weights, deltas, x, act), y, target)
-            better = cur < best_m
-            best_m = torch.where(better, cur, best_m)
-            for l, dl in enumerate(deltas):
-                if dl is not None:
-                    best[l] = torch.where(better[:, None, None], dl, best[l])
+            best_m = _keep_best(cur, best_m, deltas, best)
     return best, m0 - best_m
 
 
 def box_forward(weights: Sequence[Tensor], ts: Sequence, x: Tensor, activation="relu") -> Tensor:
     """Logits under the reduced perturbation: z̃ˡ = Wˡĥ + tˡ ‖ĥ‖_∞ (tˡ of shape (N, n_l) or None)."""
-    act = get_activation(activation)
-    h = x
-    d = len(weights)
-    for l, w in enumerate(weights):
-        z = h @ w.T
-        if ts[l] is not None:
-            z = z + ts[l] * h.abs().amax(dim=1, keepdim=True)
-        h = act(z) if l < d - 1 else z
-    return h
+
+    def add(l, h):
+        return None if ts[l] is None else ts[l] * h.abs().amax(dim=1, keepdim=True)
+
+    return layer_loop(weights, x, activation, add)[-1]
+
+
+def _box_delta(t: Tensor, h: Tensor) -> Tensor:
+    """The per-input ΔW = t ⊗ sign(h_k*) e_k* (k* = argmax |h_k|), shape (N, n_l, n_{l-1})."""
+    k = h.abs().argmax(dim=1)
+    s = h.gather(1, k[:, None]).squeeze(1).sign()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    col = torch.nn.functional.one_hot(k, h.shape[1]).to(h.dtype) * s[:, None]
+    return t[:, :, None] * col[:, None, :]
 
 
 @torch.no_grad()
@@ -234,23 +245,13 @@ def materialize_box_perturbation(weights: Sequence[Tensor], ts: Sequence, x: Ten
 
     Each row of ΔWˡ has ℓ1 norm |tˡ_j| ≤ ε_l, so they lie in B_ε; shape (N, n_l, n_{l-1}).
     """
-    act = get_activation(activation)
-    h = x
-    d = len(weights)
     out = []
-    for l, w in enumerate(weights):
-        z = h @ w.T
-        if ts[l] is not None:
-            k = h.abs().argmax(dim=1)
-            s = h.gather(1, k[:, None]).squeeze(1).sign()
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            col = torch.nn.functional.one_hot(k, h.shape[1]).to(h.dtype) * s[:, None]
-            dl = ts[l][:, :, None] * col[:, None, :]
-            out.append(dl)
-            z = z + torch.einsum("njk,nk->nj", dl, h)
-        else:
-            out.append(None)
-        h = act(z) if l < d - 1 else z
+
+    def add(l, h):
+        out.append(None if ts[l] is None else _box_delta(ts[l], h))
+        return perturbation_term(out[-1], h)
+
+    layer_loop(weights, x, activation, add)
     return out
 
 
@@ -273,15 +274,10 @@ def box_attack(
     best iterate per input is kept.  Returns ``(ts, change)`` with change = m − m̂ ≥ 0 for the
     pair (y, target).  Cost: ``steps × restarts`` forward/backward passes.
     """
-    weights, x, y, e, mask = _resolve(weights, x, y, eps, layers)
-    K = weights[-1].shape[0]
-    target = _check_target(target, y, K)
+    weights, x, y, target, e, mask, act, m0 = _attack_setup(weights, x, y, target, eps, layers, activation)
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be ≥ 1")
     N = x.shape[0]
-    act = get_activation(activation)
-    with torch.no_grad():
-        m0 = _pair_margin(forward(weights, x, act), y, target)
     idx = [l for l in range(len(weights)) if mask[l]]
     best_m = m0.clone()
     best = [torch.zeros((N, w.shape[0]), dtype=w.dtype) if mask[l] else None for l, w in enumerate(weights)]
@@ -305,21 +301,14 @@ def box_attack(
         for t in range(steps):
             obj = objective(ts)
             with torch.no_grad():
-                better = obj < best_m
-                best_m = torch.where(better, obj, best_m)
-                for l in idx:
-                    best[l] = torch.where(better[:, None], ts[l], best[l])
+                best_m = _keep_best(obj, best_m, ts, best)
             g = torch.autograd.grad(obj.sum(), [ts[l] for l in idx])
             alpha = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps))
             with torch.no_grad():
                 for l, gl in zip(idx, g):
                     ts[l].copy_(torch.maximum(torch.minimum(ts[l] - alpha * e[l] * gl.sign(), e[l]), -e[l]))
         with torch.no_grad():
-            obj = objective(ts)
-            better = obj < best_m
-            best_m = torch.where(better, obj, best_m)
-            for l in idx:
-                best[l] = torch.where(better[:, None], ts[l], best[l])
+            best_m = _keep_best(objective(ts), best_m, ts, best)
     return best, m0 - best_m
 
 
@@ -342,10 +331,8 @@ def attacked_robust(
     m̂_{y,i} ≤ 0 (ties count as errors, as in the certificate).  ``n_targets=None`` = all K−1.
     Per-input worst case, so certified ⊆ robust-under-attack ⊆ clean-correct.
     """
-    weights = [w.detach() for w in check_weights(weights)]
-    x = check_inputs(weights, x)
+    weights, x, y = _checked(weights, x, y)
     K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
     n_targets = K - 1 if n_targets is None else max(1, min(int(n_targets), K - 1))
     out = []
     for s in range(0, x.shape[0], batch_size):
@@ -381,9 +368,7 @@ def random_perturbation_accuracy(
 
     Returns a tensor (samples,) of accuracies.
     """
-    weights = [w.detach() for w in check_weights(weights)]
-    x = check_inputs(weights, x)
-    y = check_labels(y, x.shape[0], weights[-1].shape[0])
+    weights, x, y = _checked(weights, x, y)
     accs = []
     for _ in range(samples):
         deltas = random_boundary_perturbation(weights, eps, layers, kind=kind, generator=generator)

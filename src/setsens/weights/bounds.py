@@ -30,6 +30,8 @@ __all__ = [
     "relative_budget",
     "pairwise_last_layer_l1",
     "product_gap",
+    "layer_budgets",
+    "assemble_bound",
     "margin_change_bound",
     "margin_change_bound_all_pairs",
     "single_layer_bound",
@@ -80,40 +82,57 @@ def pairwise_last_layer_l1(w_last: Tensor) -> Tensor:
 
 
 def _exclusive_cumprod(v: Tensor) -> Tensor:
-    one = torch.ones(1, dtype=v.dtype, device=v.device)
-    return torch.cat([one, torch.cumprod(v, 0)[:-1]]) if v.numel() else v
+    one = torch.ones((*v.shape[:-1], 1), dtype=v.dtype, device=v.device)
+    return torch.cat([one, torch.cumprod(v, -1)[..., :-1]], -1) if v.shape[-1] else v
 
 
 def product_gap(m: Tensor, e: Tensor) -> Tensor:
     """Π(m_l + e_l) − Π m_l, summed by telescoping: Σ_l e_l Π_{j<l}(m_j+e_j) Π_{j>l} m_j.
 
+    ``e`` may hold one budget vector per row (shape (N, L)); the gap is then one per row.
+
     >>> product_gap(torch.tensor([2., 3.]), torch.tensor([1., 0.5]))
     tensor(4.5000)
     """
     if m.numel() == 0:
-        return torch.zeros((), dtype=m.dtype, device=m.device)
+        return torch.zeros(e.shape[:-1], dtype=m.dtype, device=m.device)
     before = _exclusive_cumprod(m + e)
     after = torch.flip(_exclusive_cumprod(torch.flip(m, (0,))), (0,))
-    return (e * before * after).sum()
+    return (e * before * after).sum(-1)
+
+
+def layer_budgets(eps, layers, weights: Sequence[Tensor], name: str = "eps") -> tuple[Tensor, Tensor]:
+    """``(ε, mask)``: one checked budget per layer, set to 0 outside ``layers``, and the mask."""
+    d = len(weights)
+    e = check_eps(eps, d, weights[0], name)
+    mask = layer_mask(layers, d).to(e.device)
+    return torch.where(mask, e, torch.zeros_like(e)), mask
 
 
 def _prepare(weights, x, eps, layers):
     weights = check_weights(weights)
     x = check_inputs(weights, x)
-    d = len(weights)
-    e = check_eps(eps, d, weights[0])
-    e = torch.where(layer_mask(layers, d).to(e.device), e, torch.zeros_like(e))
-    return weights, x, e, d
+    e, _ = layer_budgets(eps, layers, weights)
+    return weights, x, e
 
 
-def _eta_terms(weights, x, e):
-    """(A, c1, c2): η_{yi} = A_{yi} c1 + c2, with c1 = (P_ε−P)B and c2 = 2 ε_d P_ε B per input."""
+def assemble_bound(weights: Sequence[Tensor], x: Tensor, e: Tensor, y: Tensor | None = None) -> Tensor:
+    """η of Theorems 2–3 from checked inputs: η_{yi} = a_{yi} (P_ε − P) B + 2 ε_d P_ε B.
+
+    ``e`` holds the budgets (0 for exact layers), one vector (d,) or one per input (N, d).  Returns
+    (N, K) for the labels ``y`` (0 at i = y), or (N, K, K) for every pair (0 on the diagonal).
+    """
     M = layer_norms(weights)
     B = x.abs().amax(dim=1)
-    gap = product_gap(M[:-1], e[:-1])
-    Pe = torch.prod(M[:-1] + e[:-1])
+    c1 = product_gap(M[:-1], e[..., :-1]) * B
+    c2 = 2 * e[..., -1] * torch.prod(M[:-1] + e[..., :-1], dim=-1) * B
     A = pairwise_last_layer_l1(weights[-1])
-    return A, gap * B, 2 * e[-1] * Pe * B
+    K = A.shape[0]
+    if y is None:
+        eta = A[None] * c1[:, None, None] + c2[:, None, None]
+        return eta * (1 - torch.eye(K, dtype=eta.dtype, device=eta.device))
+    eta = A[y] * c1[:, None] + c2[:, None]
+    return eta.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 
 
 def margin_change_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None) -> Tensor:
@@ -127,21 +146,15 @@ def margin_change_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, la
     >>> margin_change_bound(W, torch.tensor([[1., 1.]]), torch.tensor([0]), [0.1, 0.1])
     tensor([[0.0000, 0.7200]])
     """
-    weights, x, e, d = _prepare(weights, x, eps, layers)
-    K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
-    A, c1, c2 = _eta_terms(weights, x, e)
-    eta = A[y] * c1[:, None] + c2[:, None]
-    return eta.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
+    weights, x, e = _prepare(weights, x, eps, layers)
+    y = check_labels(y, x.shape[0], weights[-1].shape[0])
+    return assemble_bound(weights, x, e, y)
 
 
 def margin_change_bound_all_pairs(weights: Sequence[Tensor], x: Tensor, eps, layers=None) -> Tensor:
     """η for every ordered class pair: (N, K, K) with [j, y, i] ≥ |m̂_{yi}(x_j) − m_{yi}(x_j)|; 0 on the diagonal."""
-    weights, x, e, d = _prepare(weights, x, eps, layers)
-    K = weights[-1].shape[0]
-    A, c1, c2 = _eta_terms(weights, x, e)
-    eta = A[None] * c1[:, None, None] + c2[:, None, None]
-    return eta * (1 - torch.eye(K, dtype=eta.dtype, device=eta.device))
+    weights, x, e = _prepare(weights, x, eps, layers)
+    return assemble_bound(weights, x, e)
 
 
 def single_layer_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps_k: float, k: int) -> Tensor:
@@ -183,8 +196,8 @@ def margin_change_bound_with_bias(
     η_{yi} = a_{yi} δ_{d-1} + 2 ε_d H_{d-1} + 2 β_d.  With zero biases and β = 0 it equals
     Theorem 2 (:func:`margin_change_bound`).  ``beta = None`` means no bias perturbation.
     """
-    weights, x, e, d = _prepare(weights, x, eps, layers)
-    mask = layer_mask(layers, d)
+    weights, x, e = _prepare(weights, x, eps, layers)
+    d = len(weights)
     if biases is None:
         biases = [None] * d
     if not isinstance(biases, (list, tuple)) or len(biases) != d:
@@ -196,8 +209,7 @@ def margin_change_bound_with_bias(
                                  f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
             if not torch.isfinite(b).all():
                 raise ValueError(f"biases[{l}] contains NaN or Inf")
-    bt = torch.zeros(d, dtype=e.dtype) if beta is None else check_eps(beta, d, weights[0], name="beta")
-    bt = torch.where(mask, bt, torch.zeros_like(bt))
+    bt = torch.zeros(d, dtype=e.dtype) if beta is None else layer_budgets(beta, layers, weights, "beta")[0]
     K = weights[-1].shape[0]
     y = check_labels(y, x.shape[0], K)
     M = layer_norms(weights)

@@ -12,13 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .bounds import (
-    layer_mask,
-    pairwise_last_layer_l1,
-    margin_change_bound,
-    margin_change_bound_all_pairs,
-)
-from .network import check_eps, check_inputs, check_labels, check_weights, forward, layer_norms, margins
+from .bounds import assemble_bound, layer_budgets, margin_change_bound, margin_change_bound_all_pairs
+from .network import check_batch, check_inputs, check_weights, forward, layer_norms, margins
 
 __all__ = [
     "certified_margin",
@@ -31,14 +26,14 @@ __all__ = [
 
 def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu") -> Tensor:
     """min_{i≠y} (m_{yi} − η_{yi}) per input, shape (N,): > 0 means certified correct for class y."""
-    weights = check_weights(weights)
-    x = check_inputs(weights, x)
-    K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
+    weights, x, y = check_batch(weights, x, y)
     m = margins(forward(weights, x, activation), y)
-    eta = margin_change_bound(weights, x, y, eps, layers)
-    slack = (m - eta).masked_fill(torch.nn.functional.one_hot(y, K).bool(), float("inf"))
-    return slack.amin(dim=1)
+    return _least_slack(m, margin_change_bound(weights, x, y, eps, layers), y)
+
+
+def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
+    """min_{i≠y} (m_{yi} − η_{yi}) per row."""
+    return (m - eta).masked_fill(torch.nn.functional.one_hot(y, m.shape[1]).bool(), float("inf")).amin(dim=1)
 
 
 def certify(weights, x, y, eps, layers=None, activation="relu") -> Tensor:
@@ -55,11 +50,9 @@ def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None,
     x = check_inputs(weights, x)
     logits = forward(weights, x, activation)
     pred = logits.argmax(dim=1)
-    K = logits.shape[1]
     eta = margin_change_bound_all_pairs(weights, x, eps, layers)
     eta_pred = eta[torch.arange(x.shape[0]), pred]
-    slack = (margins(logits, pred) - eta_pred).masked_fill(torch.nn.functional.one_hot(pred, K).bool(), float("inf"))
-    return pred, slack.amin(dim=1) > 0
+    return pred, _least_slack(margins(logits, pred), eta_pred, pred) > 0
 
 
 @torch.no_grad()
@@ -96,15 +89,11 @@ def max_certified_budget(
     so t = min_i m_{yi} / η_{yi}(1)), ``"bisection"`` (any layers, vectorised over the batch,
     ``iters`` halvings after bracketing) or ``"auto"``.
     """
-    weights = check_weights(weights)
-    x = check_inputs(weights, x)
-    d = len(weights)
+    weights, x, y = check_batch(weights, x, y)
     K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
     if direction is None:
         direction = layer_norms(weights)
-    r = check_eps(direction, d, weights[0], name="direction")
-    r = torch.where(layer_mask(layers, d), r, torch.zeros_like(r))
+    r, _ = layer_budgets(direction, layers, weights, "direction")
     m = margins(forward(weights, x, activation), y)
     notself = ~torch.nn.functional.one_hot(y, K).bool()
     m_min = m.masked_fill(~notself, float("inf")).amin(dim=1)
@@ -144,18 +133,6 @@ def max_certified_budget(
 
 
 def _certified_at(weights, x, y, m, notself, t, r):
-    """Certified at the per-input budget t_j · r (Theorem 3 rebuilt from its terms, one budget per row)."""
-    M = layer_norms(weights)
-    e = t[:, None] * r[None, :]  # (N, d)
-    B = x.abs().amax(dim=1)
-
-    Mh = M[:-1]
-    Pe = torch.prod(Mh[None, :] + e[:, :-1], dim=1)
-    # telescoping gap per input
-    before = torch.cumprod(torch.cat([torch.ones_like(t)[:, None], Mh[None, :] + e[:, :-1]], dim=1), dim=1)[:, :-1]
-    after_full = torch.flip(torch.cumprod(torch.flip(torch.cat([Mh, torch.ones(1, dtype=M.dtype)]), (0,)), 0), (0,))
-    after = after_full[1:]
-    gap = (e[:, :-1] * before * after[None, :]).sum(dim=1)
-    A = pairwise_last_layer_l1(weights[-1])[y]
-    eta = A * (gap * B)[:, None] + (2 * e[:, -1] * Pe * B)[:, None]
+    """Certified at the per-input budget t_j · r (one budget vector per row)."""
+    eta = assemble_bound(weights, x, t[:, None] * r[None, :], y)
     return ((m - eta) > 0).masked_fill(~notself, True).all(dim=1)

@@ -17,8 +17,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .bounds import margin_change_bound, product_gap
-from .network import check_eps, check_inputs, check_labels, check_weights, forward, layer_norms, margins
+from .bounds import product_gap
+from .certify import certified_margin
+from .network import check_eps, check_inputs, check_weights, layer_norms
 
 __all__ = ["ramp", "robust_surrogate_loss", "rademacher_bound", "theorem4_bound"]
 
@@ -36,14 +37,7 @@ def ramp(t: Tensor, gamma: float) -> Tensor:
 
 def robust_surrogate_loss(weights, x, y, eps, gamma: float, activation="relu") -> Tensor:
     """ℓ̃_j = φ_γ(min_{i≠y_j} (m_{y_j i} − η_{y_j i})) per input, shape (N,); ≥ the worst-case 0-1 loss over B_ε."""
-    weights = check_weights(weights)
-    x = check_inputs(weights, x)
-    K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
-    m = margins(forward(weights, x, activation), y)
-    eta = margin_change_bound(weights, x, y, eps)
-    mt = (m - eta).masked_fill(torch.nn.functional.one_hot(y, K).bool(), float("inf")).amin(dim=1)
-    return ramp(mt, gamma)
+    return ramp(certified_margin(weights, x, y, eps, activation=activation), gamma)
 
 
 def rademacher_bound(norms, eps, B: float, n: int, n0: int, K: int, gamma: float) -> dict:

@@ -11,11 +11,12 @@ message, anything outside the setting (convolutions, biases where not allowed, T
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..models.mlp import ACTIVATIONS, UnsupportedNetworkError, check_activation, mlp_layers
 
 __all__ = [
     "UnsupportedNetworkError",
@@ -25,31 +26,16 @@ __all__ = [
     "check_weights",
     "check_inputs",
     "check_labels",
+    "check_batch",
     "check_eps",
     "layer_norms",
     "forward",
+    "layer_loop",
     "hidden_states",
     "forward_perturbed",
     "margins",
-    "make_mlp",
     "network_from_model",
 ]
-
-
-class UnsupportedNetworkError(ValueError):
-    """The network (a layer, an activation or a bias) is outside the setting of the bounds."""
-
-
-def _clip1(t: Tensor) -> Tensor:
-    return t.clamp(0.0, 1.0)
-
-
-#: Activations of the ReLU family, by name: 1-Lipschitz, non-negative, monotone, σ(0) = 0.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "relu6": nn.functional.relu6,
-    "clip1": _clip1,  # min(max(t, 0), 1), i.e. Hardtanh(0, 1)
-}
 
 
 def get_activation(activation) -> Callable[[Tensor], Tensor]:
@@ -66,41 +52,6 @@ def get_activation(activation) -> Callable[[Tensor], Tensor]:
     if any(activation is f for f in ACTIVATIONS.values()):
         return activation
     raise UnsupportedNetworkError(f"activation must be a name or an nn.Module, got {type(activation).__name__}")
-
-
-def check_activation(module: nn.Module) -> str:
-    """Name of a supported activation module; raise :class:`UnsupportedNetworkError` otherwise.
-
-    >>> check_activation(nn.ReLU())
-    'relu'
-    >>> check_activation(nn.Tanh())
-    Traceback (most recent call last):
-    ...
-    setsens.weights.network.UnsupportedNetworkError: activation Tanh is outside the setting: it takes negative values (σ must be non-negative, monotone, 1-Lipschitz with σ(0) = 0: ReLU, ReLU6, Hardtanh(0, c))
-    """
-    why = None
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.ReLU6:
-        return "relu6"
-    if type(module) is nn.Hardtanh:
-        if module.min_val == 0.0 and module.max_val > 0.0:
-            return "relu6" if module.max_val == 6.0 else ("clip1" if module.max_val == 1.0 else "hardtanh")
-        why = "Hardtanh is supported only with min_val = 0 and max_val > 0"
-    elif isinstance(module, (nn.Tanh, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                             nn.Mish, nn.PReLU, nn.RReLU, nn.Identity, nn.Softsign, nn.Tanhshrink,
-                             nn.Hardswish)):
-        why = "it takes negative values"
-    elif isinstance(module, (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)):
-        why = "σ(0) ≠ 0"
-    elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
-        why = "it is not element-wise"
-    else:
-        why = "it is not a known member of the ReLU family"
-    raise UnsupportedNetworkError(
-        f"activation {type(module).__name__} is outside the setting: {why} (σ must be non-negative, "
-        "monotone, 1-Lipschitz with σ(0) = 0: ReLU, ReLU6, Hardtanh(0, c))"
-    )
 
 
 def _finite(t: Tensor, name: str):
@@ -157,6 +108,13 @@ def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
     return y.long()
 
 
+def check_batch(weights: Sequence[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+    """``(weights, x, y)`` checked together by :func:`check_weights`, :func:`check_inputs`, :func:`check_labels`."""
+    weights = check_weights(weights)
+    x = check_inputs(weights, x)
+    return weights, x, check_labels(y, x.shape[0], weights[-1].shape[0])
+
+
 def check_eps(eps, depth: int, like: Tensor, name: str = "eps") -> Tensor:
     """One finite, non-negative budget per layer, as a 1-D tensor of length ``depth``."""
     if isinstance(eps, Tensor):
@@ -183,24 +141,40 @@ def layer_norms(weights: Sequence[Tensor]) -> Tensor:
     return torch.stack([w.abs().sum(dim=1).max() for w in weights])
 
 
-def hidden_states(weights: Sequence[Tensor], x: Tensor, activation="relu", biases=None) -> list[Tensor]:
-    """[h⁰ = x, h¹, …, hᵈ⁻¹, f(x)]: the inputs of every layer, then the logits."""
+def layer_loop(weights: Sequence[Tensor], x: Tensor, activation="relu", add=None) -> list[Tensor]:
+    """[h⁰ = x, h¹, …, hᵈ⁻¹, f(x)]: the one pass through the layers every forward variant uses.
+
+    ``add(l, h)`` (optional) returns a term added to layer l's pre-activation ``Wˡ h`` (a bias, a
+    weight perturbation's ``ΔWˡ h`` …) or ``None``.  Cost: one pass, O(N Σ n_l n_{l-1}).
+    """
     act = get_activation(activation)
     hs = [x]
-    h = x
     d = len(weights)
     for l, w in enumerate(weights):
-        z = h @ w.T
-        if biases is not None and biases[l] is not None:
-            z = z + biases[l]
-        h = act(z) if l < d - 1 else z
-        hs.append(h)
+        z = hs[-1] @ w.T
+        extra = add(l, hs[-1]) if add is not None else None
+        if extra is not None:
+            z = z + extra
+        hs.append(act(z) if l < d - 1 else z)
     return hs
+
+
+def hidden_states(weights: Sequence[Tensor], x: Tensor, activation="relu", biases=None) -> list[Tensor]:
+    """[h⁰ = x, h¹, …, hᵈ⁻¹, f(x)]: the inputs of every layer, then the logits."""
+    add = None if biases is None else (lambda l, h: biases[l])
+    return layer_loop(weights, x, activation, add)
 
 
 def forward(weights: Sequence[Tensor], x: Tensor, activation="relu", biases=None) -> Tensor:
     """Logits f(x|W), shape (N, K).  Cost: one pass, O(N Σ n_l n_{l-1})."""
     return hidden_states(weights, x, activation, biases)[-1]
+
+
+def perturbation_term(delta, h: Tensor):
+    """ΔW h for one shared ΔW (n_l, n_{l-1}) or one per input (N, n_l, n_{l-1}); ``None`` stays ``None``."""
+    if delta is None:
+        return None
+    return h @ delta.T if delta.ndim == 2 else torch.einsum("njk,nk->nj", delta, h)
 
 
 def forward_perturbed(weights: Sequence[Tensor], deltas: Sequence, x: Tensor, activation="relu") -> Tensor:
@@ -209,41 +183,12 @@ def forward_perturbed(weights: Sequence[Tensor], deltas: Sequence, x: Tensor, ac
     ``deltas[l]`` is ``None`` (layer not perturbed), a matrix shaped like ``weights[l]`` (one
     perturbation shared by the whole batch) or a stack (N, n_l, n_{l-1}) (one per input).
     """
-    act = get_activation(activation)
-    h = x
-    d = len(weights)
-    for l, w in enumerate(weights):
-        z = h @ w.T
-        dl = deltas[l]
-        if dl is not None:
-            z = z + (h @ dl.T if dl.ndim == 2 else torch.einsum("njk,nk->nj", dl, h))
-        h = act(z) if l < d - 1 else z
-    return h
+    return layer_loop(weights, x, activation, lambda l, h: perturbation_term(deltas[l], h))[-1]
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
     """Pairwise margins m_{y_j i} = f_{y_j} − f_i, shape (N, K) (0 where i = y_j)."""
     return logits.gather(1, y[:, None]) - logits
-
-
-def make_mlp(sizes: Sequence[int], activation: str = "relu", generator: torch.Generator | None = None,
-             dtype=torch.float32) -> nn.Sequential:
-    """A bias-free MLP ``sizes = [n0, n1, …, K]`` with Kaiming-uniform weights drawn from ``generator``."""
-    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-        raise ValueError(f"sizes must list at least an input and an output width, all ≥ 1, got {sizes}")
-    act_cls = {"relu": nn.ReLU, "relu6": nn.ReLU6, "clip1": lambda: nn.Hardtanh(0.0, 1.0)}
-    if activation not in act_cls:
-        raise UnsupportedNetworkError(f"unknown activation {activation!r}; supported: {sorted(act_cls)}")
-    layers: list[nn.Module] = []
-    for l in range(len(sizes) - 1):
-        lin = nn.Linear(int(sizes[l]), int(sizes[l + 1]), bias=False, dtype=dtype)
-        bound = math.sqrt(6.0 / sizes[l])  # Kaiming-uniform for ReLU
-        with torch.no_grad():
-            lin.weight.copy_((torch.rand(lin.weight.shape, generator=generator, dtype=dtype) * 2 - 1) * bound)
-        layers.append(lin)
-        if l < len(sizes) - 2:
-            layers.append(act_cls[activation]())
-    return nn.Sequential(*layers)
 
 
 def network_from_model(model: nn.Module, allow_bias: bool = False):
@@ -253,51 +198,18 @@ def network_from_model(model: nn.Module, allow_bias: bool = False):
     one supported activation (the same everywhere).  ``weights`` are the live parameters (so
     gradients flow); ``biases`` is ``None`` for a bias-free network.
 
-    >>> w, b, act = network_from_model(nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False)))
+    >>> model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    >>> w, b, act = network_from_model(model)
     >>> [tuple(t.shape) for t in w], b, act
     ([(3, 4), (2, 3)], None, 'relu')
-    >>> network_from_model(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    >>> network_from_model(nn.Sequential(nn.Conv2d(1, 2, 3)))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    setsens.weights.network.UnsupportedNetworkError: module 0 (Conv2d) is outside the setting: only nn.Linear layers separated by a ReLU-family activation are supported
+    setsens.models.mlp.UnsupportedNetworkError: module 0 (Conv2d) is outside the setting: ...
     """
-    if not isinstance(model, nn.Sequential):
-        raise UnsupportedNetworkError(f"expected an nn.Sequential MLP, got {type(model).__name__}")
-    mods = list(model)
-    if mods and isinstance(mods[0], nn.Flatten):
-        mods = mods[1:]
-        offset = 1
-    else:
-        offset = 0
-    weights, biases, names = [], [], set()
-    act_module = None
-    for i, m in enumerate(mods):
-        pos = i + offset
-        expect_linear = i % 2 == 0
-        if expect_linear:
-            if not isinstance(m, nn.Linear):
-                if next(m.parameters(), None) is None and i > 0:
-                    raise UnsupportedNetworkError(
-                        f"module {pos} ({type(m).__name__}): expected an nn.Linear after each activation "
-                        "(one activation between consecutive layers)"
-                    )
-                raise UnsupportedNetworkError(
-                    f"module {pos} ({type(m).__name__}) is outside the setting: only nn.Linear layers "
-                    "separated by a ReLU-family activation are supported"
-                )
-            weights.append(m.weight)
-            biases.append(m.bias)
-        else:
-            if isinstance(m, nn.Linear):
-                raise UnsupportedNetworkError(
-                    f"module {pos}: two consecutive nn.Linear layers without an activation in between"
-                )
-            names.add(check_activation(m))
-            act_module = m
-    if not weights or len(mods) % 2 == 0:
-        raise UnsupportedNetworkError("the network must start and end with an nn.Linear layer")
-    if len(names) > 1:
-        raise UnsupportedNetworkError(f"all activations must be the same, got {sorted(names)}")
+    linears, activation = mlp_layers(model)
+    weights = [m.weight for m in linears]
+    biases = [m.bias for m in linears]
     has_bias = any(b is not None for b in biases)
     if has_bias and not allow_bias:
         raise UnsupportedNetworkError(
@@ -305,9 +217,4 @@ def network_from_model(model: nn.Module, allow_bias: bool = False):
             "margin_change_bound_with_bias with allow_bias=True)"
         )
     check_weights([w.detach() for w in weights])
-    if not names:
-        activation = "relu"  # a single linear layer: no activation is applied
-    else:
-        name = names.pop()
-        activation = name if name in ACTIVATIONS else act_module
     return weights, (biases if has_bias else None), activation

@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..models.mlp import mlp
 from ..report import atomic_torch_save
 from .bounds import margin_change_bound, relative_budget
-from .network import check_inputs, check_labels, check_weights, forward, layer_norms, make_mlp, margins
+from .network import check_batch, check_labels, forward, layer_norms, margins
 
 VARIANTS = ("hinge", "hinge_normalized", "max_eta")
 
@@ -71,10 +72,8 @@ def robust_loss(weights, x: Tensor, y: Tensor, lam: float, mu: float, budget: fl
     ``budget`` is the fraction ρ with ε_l = ρ ‖Wˡ‖_∞.  Cost: one forward pass plus the bound,
     O(N Σ n_l n_{l-1} + K² n_{d-1}).
     """
-    weights = check_weights(weights)
-    x = check_inputs(weights, x)
+    weights, x, y = check_batch(weights, x, y)
     K = weights[-1].shape[0]
-    y = check_labels(y, x.shape[0], K)
     logits = forward(weights, x, activation)
     ce = nn.functional.cross_entropy(logits, y)
     loss = ce
@@ -120,7 +119,7 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
     if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x must be (n, n0) with one label per row, got {tuple(x.shape)} and {tuple(y.shape)}")
     gen = torch.Generator().manual_seed(seed)
-    model = make_mlp([x.shape[1], *config.hidden, num_classes], config.activation, generator=gen, dtype=x.dtype)
+    model = mlp([x.shape[1], *config.hidden, num_classes], activation=config.activation, generator=gen, dtype=x.dtype)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     weights = model_weights(model)
     check_labels(y, x.shape[0], num_classes)
@@ -136,7 +135,9 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
     if progress is not None:
         epochs = progress(epochs)
     for epoch in epochs:
-        rho = config.train_budget * min(1.0, (epoch + 1) / config.ramp_epochs) if config.ramp_epochs else config.train_budget
+        rho = config.train_budget
+        if config.ramp_epochs:
+            rho = rho * min(1.0, (epoch + 1) / config.ramp_epochs)
         perm = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         for s in range(0, n, config.batch_size):

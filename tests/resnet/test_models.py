@@ -1,13 +1,14 @@
-import pickle
+"""The reference architectures: CIFAR ResNets (counts, checkpoints) and the MLP factory and reader."""
 
-import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from setsens.data.cifar import load_cifar10, load_cifar10_folder
+from setsens.data.cifar import load_cifar10
+from setsens.models.mlp import UnsupportedNetworkError, mlp, mlp_layers
 from setsens.models.resnet import cifar_resnet, load_cifar_resnet
 
-from .conftest import CKPT, NPZ
+from problems import CKPT, NPZ
 
 
 @pytest.mark.parametrize("depth,params", [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962)])
@@ -41,31 +42,6 @@ def test_checkpoint_roundtrip_and_errors(tiny_run_files, tmp_path):
         load_cifar_resnet(tmp_path / "nolayer.th")
 
 
-def test_npz_and_folder_loaders(tiny_run_files, tmp_path):
-    _, npz, _ = tiny_run_files
-    x, y = load_cifar10(npz, "train")
-    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    z = np.load(npz)
-    assert torch.allclose(x[1, 2], torch.from_numpy(z["train_x"][1, :, :, 2]).float() / 255)
-    assert load_cifar10(npz, "train", n=5, seed=1)[0].shape[0] == 5
-    # the torchvision folder layout, written from the same images
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    flat = z["train_x"].transpose(0, 3, 1, 2).reshape(12, -1)
-    for i in range(1, 6):
-        sl = slice(0, 12) if i == 1 else slice(0, 0)
-        with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump({b"data": flat[sl], b"labels": z["train_y"][sl].tolist()}, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": []}, fh)
-    xf, yf = load_cifar10_folder(tmp_path, "train")
-    assert torch.equal(xf, x) and torch.equal(yf, y)
-    with pytest.raises(FileNotFoundError):
-        load_cifar10(tmp_path / "missing.npz")
-    with pytest.raises(FileNotFoundError, match="download=True"):
-        load_cifar10_folder(tmp_path / "empty")
-
-
 @pytest.mark.skipif(not (CKPT.exists() and NPZ.exists()), reason="shared ResNet-56 checkpoint / CIFAR subset not found in ../shared/data")
 def test_shared_checkpoint_accuracy():
     torch.set_num_threads(2)
@@ -74,3 +50,16 @@ def test_shared_checkpoint_accuracy():
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).double().mean())
     assert 0.80 <= acc <= 0.85  # README: ≈ 82 % on the shared test subset
+
+
+def test_mlp_seeded_init_named_activation_and_read_back():
+    a = mlp([4, 6, 3], activation="relu6", generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    b = mlp([4, 6, 3], activation="relu6", generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a[0].weight.dtype == torch.float64 and a[0].weight.abs().max() <= 6**0.5 / 2
+    linears, act = mlp_layers(a)
+    assert [m.weight.shape for m in linears] == [(6, 4), (3, 6)] and act == "relu6"
+    with pytest.raises(UnsupportedNetworkError, match="unknown activation"):
+        mlp([4, 3], activation="tanh")
+    with pytest.raises(UnsupportedNetworkError, match="alternates Linear and ReLU"):
+        mlp_layers(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), flatten=False)

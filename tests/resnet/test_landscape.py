@@ -3,28 +3,7 @@ import torch
 
 from setsens.landscape import filter_normalized_direction, landscape, plane_directions
 from setsens.models.mlp import mlp
-from setsens.models.resnet import cifar_resnet
-from setsens.operators import Hessian
 from setsens.problem import Problem, cross_entropy
-
-
-def test_hessian_modes_agree_on_resnet():
-    torch.manual_seed(0)
-    model = cifar_resnet(8).double()
-    for m in model.modules():  # non-trivial BatchNorm statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
-    prob = Problem(model, cross_entropy, (x, y), batch_size=2)
-    v = torch.randn(prob.p, dtype=torch.float64)
-    ref, fast = Hessian(prob)(v), Hessian(prob, mode="auto")
-    assert fast.mode == "double_backward"  # "auto" on the CPU
-    got = fast @ v
-    assert fast.calls == 1
-    assert float((got - ref).norm() / ref.norm()) < 1e-10
-    other = Hessian(prob, mode="rev_over_fwd")  # the GPU choice, same numbers
-    assert float((other(v) - ref).norm() / ref.norm()) < 1e-10
 
 
 def test_landscape_equals_direct_evaluations():

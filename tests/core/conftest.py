@@ -1,1 +1,0 @@
-from core_helpers import problem  # noqa: F401  (fixture)
