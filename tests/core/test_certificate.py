@@ -1,0 +1,79 @@
+"""setsens.certificate: its weight budgets hold every first-order move of K points (dense
+pseudo-inverse), its κ is attained by one point, certified predictions survive the moves."""
+
+import pytest
+import torch
+from problems import dfcnn_problem, small_problem
+
+from setsens.audit import GramFactor, scan
+from setsens.certificate import layer_weights, poisoning_certificate
+from setsens.function_space import output_shift
+from setsens.models.mlp import UnsupportedNetworkError
+from setsens.problem import Perturbation
+from setsens.weights import forward
+
+
+def setup():
+    problem = dfcnn_problem([4, 12, 3], 6, seed=1, interpolating=True)  # p = 84 > n·K = 18
+    x_eval = torch.rand(40, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1
+    return problem, scan(problem, GramFactor(problem)), x_eval
+
+
+def dense_shift(problem, pert):
+    return -torch.linalg.pinv(GramFactor(problem).G) @ output_shift(problem, pert).reshape(-1)
+
+
+def test_budgets_hold_every_move_of_k_points():
+    problem, result, x_eval = setup()
+    delta = 1e-3
+    cert = poisoning_certificate(problem, result, x_eval, [delta], points=2)
+    x, _ = problem.points(torch.arange(problem.n))
+    g = torch.Generator().manual_seed(3)
+    largest = 0.0
+    for _ in range(30):
+        points = torch.randperm(problem.n, generator=g)[:2]
+        d = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        d = d / d.norm(dim=1, keepdim=True) * delta * x[points].norm(dim=1, keepdim=True)
+        v = dense_shift(problem, Perturbation(points, d))
+        assert float(v.norm()) <= cert.kappa * delta * (1 + 1e-9)
+        largest = max(largest, float(v.norm()) / (cert.kappa * delta))
+        moved = layer_weights(problem, problem.params + v)
+        for W0, W1, eps in zip(layer_weights(problem), moved, cert.budgets[0]):
+            assert float((W1 - W0).abs().sum(dim=1).max()) <= float(eps) * (1 + 1e-9)  # ‖ΔWˡ‖_∞ ≤ ε_l
+    assert largest > 0.05  # the bound is not vacuous by orders of magnitude
+
+
+def test_one_point_kappa_is_attained_by_the_worst_direction():
+    problem, result, x_eval = setup()
+    cert = poisoning_certificate(problem, result, x_eval, [1e-3], points=1)
+    x, _ = problem.points(torch.arange(problem.n))
+    k = int((result.kappa * x.norm(dim=1)).argmax())
+    v = dense_shift(problem, Perturbation(torch.tensor([k]), 1e-3 * x[k].norm() * result.direction[k][None]))
+    assert float(v.norm()) == pytest.approx(cert.kappa * 1e-3, rel=1e-8)
+
+
+def test_certified_predictions_survive_and_the_fraction_falls_with_the_budget():
+    problem, result, x_eval = setup()
+    deltas = [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    cert = poisoning_certificate(problem, result, x_eval, deltas, points=2)
+    fraction = cert.fraction
+    assert fraction[0] == 1.0 and fraction[-1] < 1.0
+    assert (fraction[1:] <= fraction[:-1]).all()
+    i = int((fraction > 0).nonzero().max())  # the largest δ still certifying some points
+    x, _ = problem.points(torch.arange(problem.n))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        points = torch.randperm(problem.n, generator=g)[:2]
+        d = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        d = d / d.norm(dim=1, keepdim=True) * deltas[i] * x[points].norm(dim=1, keepdim=True)
+        moved = forward(layer_weights(problem, problem.params + dense_shift(problem, Perturbation(points, d))), x_eval)
+        assert torch.equal(moved.argmax(1)[cert.certified[i]], cert.predictions[cert.certified[i]])
+    assert cert.largest_delta(float(fraction[i])) == deltas[i]
+
+
+def test_outside_the_setting_is_refused():
+    problem = small_problem(loss="se", bias=True)
+    with pytest.raises(UnsupportedNetworkError):
+        layer_weights(problem)
+    with pytest.raises(ValueError, match="ReLU"):
+        layer_weights(small_problem(loss="se", bias=False))

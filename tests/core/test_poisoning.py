@@ -1,0 +1,93 @@
+"""setsens.poisoning: the coderivative gradient against a dense pseudo-inverse and finite differences,
+the attack against its own linearised optimum and the baselines, the staged attack's budget."""
+
+import pytest
+import torch
+from torch import nn
+
+from setsens.audit import GramFactor, input_jacobians
+from setsens.poisoning import AttackOptions, baselines, input_gradient, margin, poison, set_shift
+from setsens.problem import Perturbation, Problem, cross_entropy, squared_error
+from setsens.retrain import levenberg_marquardt
+
+
+def fitted(loss=squared_error, seed=0, n=10, k=3):
+    """An exact fit (squared error, p = 59 > n·K = 30) or a cross-entropy problem at random weights."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if loss is squared_error:
+        y = torch.randn(n, k, generator=g, dtype=torch.float64)
+        w = levenberg_marquardt(Problem(model, loss, (x, y)), gtol=1e-13, max_iter=300).w
+        return Problem(model, loss, (x, y), params=w)
+    return Problem(model, loss, (x, torch.randint(0, k, (n,), generator=g)))
+
+
+def held_out(seed=5):
+    return torch.randn(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", [squared_error, cross_entropy])
+def test_input_gradient_is_the_dense_coderivative(loss):
+    problem = fitted(loss)
+    phi = margin(problem, held_out())
+    G = GramFactor(problem).G  # centred for cross-entropy
+    u = torch.linalg.pinv(G).T @ torch.func.grad(phi)(problem.params)  # (Gᵀ)⁺ ∇φ, by SVD
+    A = input_jacobians(problem)  # (n, K, d)
+    dense = -torch.einsum("nkd,nk->nd", A, u.reshape(problem.n, -1))
+    for solve in ({"factor": GramFactor(problem)}, {"maxiter": 500, "rtol": 1e-13}):
+        g = input_gradient(problem, phi, **solve)
+        assert float((g - dense).norm() / dense.norm()) < 1e-6, solve
+    assert float(dense.norm()) > 0
+
+
+def test_input_gradient_matches_finite_differences_of_the_moved_set():
+    problem = fitted()
+    phi, factor = margin(problem, held_out()), GramFactor(problem)
+    points = torch.tensor([1, 4, 7])
+    base = Perturbation(points, 0.05 * torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    g = input_gradient(problem, phi, base, factor)[points]
+    d = torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    value = lambda t: float(phi(problem.params + set_shift(problem, Perturbation(points, base.delta + t * d), factor)))
+    h = 1e-5
+    assert (value(h) - value(-h)) / (2 * h) == pytest.approx(float((g * d).sum()), rel=1e-5)
+
+
+def test_attack_reaches_the_linearised_optimum_and_beats_the_baselines():
+    problem = fitted()
+    phi = margin(problem, held_out())
+    factor = GramFactor(problem)
+    lin = lambda pert: float(torch.func.grad(phi)(problem.params) @ set_shift(problem, pert, factor))
+    result = poison(problem, phi, AttackOptions(points=3, budget=1e-3, steps=1))
+    x, _ = problem.points(result.perturbation.indices)
+    assert torch.allclose(result.perturbation.delta.norm(dim=1), 1e-3 * x.norm(dim=1), rtol=1e-10)  # on the boundary
+    best = lin(result.perturbation)
+    assert best < 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # no other move of these points at this budget drops the linearised φ further
+        moves = baselines(problem, result.perturbation.indices, 1e-3, g)
+        assert all(lin(q) >= best * (1 + 1e-8) for q in moves.values())
+    assert result.predicted == pytest.approx(float(phi(problem.params + set_shift(problem, result.perturbation, factor))))
+
+
+def test_staged_attack_stays_in_budget_and_retrains_after_each_stage():
+    problem = fitted()
+    phi = margin(problem, held_out())
+    calls = []
+
+    def retrain(pert):
+        calls.append(pert)
+        return levenberg_marquardt(problem, None, pert, gtol=1e-12).w
+
+    options = AttackOptions(points=2, budget=0.05, steps=3, stages=3)
+    result = poison(problem, phi, options, retrain=retrain)
+    assert len(calls) == 3 and len(result.retrained) == 3
+    x, _ = problem.points(result.perturbation.indices)
+    assert (result.perturbation.delta.norm(dim=1) <= 0.05 * x.norm(dim=1) * (1 + 1e-12)).all()
+    assert result.retrained[-1] == pytest.approx(float(phi(result.weights)))
+    assert result.retrained[-1] < result.start  # retraining on the poisoned data lowers the margin
+    with pytest.raises(ValueError, match="retrain"):
+        poison(problem, phi, options)
+    with pytest.raises(ValueError, match="solver"):
+        AttackOptions(solver="lsqr")
