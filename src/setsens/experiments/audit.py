@@ -1,15 +1,19 @@
-"""``setsens audit``: which training points can move the model (the scan) and many perturbation
-queries at once, on a user's model or, by default, the digits demo network.
+"""``setsens audit``: which training points can move the model (the scan), many perturbation queries
+at once, a targeted poisoning attack through the coderivative (``--attack``) and a poisoning
+certificate (``--certify``), on a user's model or, by default, the digits demo network.
 
 With ``--check`` every figure is measured against its reference in the same run: κ_k against the SVD
 pseudo-inverse of G (not the Gram eigendecomposition the scan uses), the queries against
 individually solved estimates, and the ranking against retraining (the 10 top-ranked points moved
-along their worst directions against 10 random points moved the same distance).
+along their worst directions against 10 random points moved the same distance).  The attack and the
+certificate are always judged by retraining on the poisoned data from w̄: Levenberg–Marquardt onto
+the exact fit for a squared error (tolerance-independent), else the same-budget response.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 
@@ -24,44 +28,51 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def _demo_problem(log):
+def _demo_problem(out, log):
     from ..data import load_digits_subset
-    from .demo import DemoConfig, train_stationary
+    from .demo import DemoConfig, demo_problem, train_stationary
+    from .state import RunState
 
     cfg = DemoConfig()
-    log(f"no --model: the digits demo network (n = {cfg.n}, widths {list(cfg.widths)}, seed {cfg.seed}), "
-        "trained to an exact fit first…")
-    problem = train_stationary(cfg)
+    state = RunState(out, {"demo": cfg})
     _, _, x_test, _ = load_digits_subset(cfg.n, seed=cfg.seed, test=True)
-    return problem, x_test[:500]
+    w = state.load("weights")
+    if w is None:
+        log(f"no --model: the digits demo network (n = {cfg.n}, widths {list(cfg.widths)}, seed {cfg.seed}), "
+            "trained to an exact fit first…")
+        problem = train_stationary(cfg)
+        state.save("weights", problem.params)
+        return problem, x_test[:500]
+    log(f"no --model: the digits demo network (n = {cfg.n}, widths {list(cfg.widths)}), weights from {state.dir}")
+    return demo_problem(cfg, w), x_test[:500]
 
 
-def _retrained_move(problem, perturbation, x_eval) -> float:
-    """How far retraining from w̄ on the perturbed data moves the outputs at ``x_eval``: Levenberg–
-    Marquardt onto the exact fit for a squared error, else the same-budget response."""
+def _retrainer(problem):
+    """Retraining on perturbed data from w̄, ``perturbation ↦ weights``: Levenberg–Marquardt onto the
+    exact fit for a squared error, else w̄ plus the same-budget response's shift."""
     from ..retrain import budget_response, levenberg_marquardt
 
-    with torch.no_grad():
-        before = problem.outputs(problem.params, x_eval.to(problem.params))
     if problem.loss_is_squared_error:
-        w = levenberg_marquardt(problem, None, perturbation, gtol=1e-13).w
-        with torch.no_grad():
-            return float((problem.outputs(w, x_eval.to(w)) - before).norm())
-    ref = budget_response(problem, perturbation)
+        return lambda pert: levenberg_marquardt(problem, None, pert, gtol=1e-13).w
+    return lambda pert: problem.params + budget_response(problem, pert).shift
+
+
+def _retrained_move(problem, retrain, perturbation, x_eval) -> float:
+    """How far retraining from w̄ on the perturbed data moves the outputs at ``x_eval``."""
     with torch.no_grad():
-        return float((problem.outputs(ref.perturbed, x_eval.to(ref.perturbed)) -
-                      problem.outputs(ref.clean, x_eval.to(ref.clean))).norm())
+        x_eval = x_eval.to(problem.params)
+        return float((problem.outputs(retrain(perturbation), x_eval) - problem.outputs(problem.params, x_eval)).norm())
 
 
 def _along_worst(problem, result, points, step):
+    from ..perturb import scale_to_relative
     from ..problem import Perturbation
 
     x, _ = problem.points(points)
-    scale = step * x.reshape(len(points), -1).norm(dim=1)
-    return Perturbation(points, result.direction[points] * scale.reshape(-1, *[1] * (x.ndim - 1)))
+    return Perturbation(points, scale_to_relative(x, result.direction[points].to(x), step))
 
 
-def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, seed: int, log) -> dict:
+def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, seed: int, retrain, log) -> dict:
     from ..audit import input_jacobians
 
     log("check: κ_k against the SVD pseudo-inverse of G…")
@@ -70,14 +81,106 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
                          for k in range(problem.n)])
     best = exact.argsort(descending=True)[:20]
     log(f"check: retraining after moving the top {top} points, and 5 draws of {top} random points…")
-    top_move = _retrained_move(problem, _along_worst(problem, result, result.top(top), step), x_eval)
+    move = lambda points: _retrained_move(problem, retrain, _along_worst(problem, result, points, step), x_eval)
+    top_move = move(result.top(top))
     g = torch.Generator().manual_seed(seed)
-    random_moves = [_retrained_move(problem, _along_worst(problem, result, torch.randperm(problem.n, generator=g)[:top],
-                                                          step), x_eval) for _ in range(5)]
+    random_moves = [move(torch.randperm(problem.n, generator=g)[:top]) for _ in range(5)]
     return {"spearman_vs_exact": _spearman(result.kappa, exact),
             "top20_max_relative_error": float(((result.kappa[best] - exact[best]).abs() / exact[best]).max()),
             "retrained_held_out_move": {"top": top_move, "random": random_moves},
             "top_vs_random_ratio": top_move / statistics.median(random_moves)}
+
+
+def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
+    """The staged coderivative attack on the margins of ``targets`` held-out points at each budget,
+    and the two baselines on the same points, all judged by ``retrain``; cached per target."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from ..poisoning import baselines, margin, poison
+
+    chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
+    per_budget = []
+    for budget in budgets:
+        rows = []
+        for t in tqdm(chosen, desc=f"attack (budget {100 * budget:g} %)", leave=False):
+            name = f"attack-{budget:g}-{t}"
+            row = state.load(name)
+            if row is None:
+                phi = margin(problem, x_eval[t])
+                result = poison(problem, phi, replace(options, budget=budget), retrain=retrain)
+                row = {"target": t, "start": result.start, "predicted": result.predicted,
+                       "attack": result.retrained[-1], "points": result.perturbation.indices.tolist()}
+                moves = baselines(problem, result.perturbation.indices, budget, torch.Generator().manual_seed(seed + t))
+                row.update({kind: float(phi(retrain(move))) for kind, move in moves.items()})
+                state.save(name, row)
+            rows.append(row)
+        drop = {kind: [r["start"] - r[kind] for r in rows] for kind in ("attack", "random", "loss-gradient")}
+        mean = {kind: statistics.fmean(d) for kind, d in drop.items()}
+        best = max(mean["random"], mean["loss-gradient"])
+        per_budget.append({
+            "budget": budget, "flip_rate": statistics.fmean(r["attack"] < 0 for r in rows),
+            "baseline_flip_rate": {k: statistics.fmean(r[k] < 0 for r in rows) for k in ("random", "loss-gradient")},
+            "margin_drop": {k: {"mean": mean[k], "median": statistics.median(d), "min": min(d), "max": max(d)}
+                            for k, d in drop.items()},
+            "predicted_drop_mean": statistics.fmean(r["start"] - r["predicted"] for r in rows),
+            "margin_drop_over_best_baseline": mean["attack"] / best if best > 0 else math.inf,
+            "targets": rows})
+        log(f"attack at {100 * budget:g} %: flips {per_budget[-1]['flip_rate']:.0%} of {len(rows)} targets, "
+            f"mean margin drop {mean['attack']:.3f} (random {mean['random']:.3f}, loss gradient "
+            f"{mean['loss-gradient']:.3f})")
+    flipping = [b for b in per_budget if b["flip_rate"] >= 0.5]
+    head = flipping[0] if flipping else per_budget[-1]
+    return {"targets": len(chosen), "points": options.points, "stages": options.stages, "steps": options.steps,
+            "budget": head["budget"], "flip_rate": head["flip_rate"],
+            "margin_drop_over_best_baseline": head["margin_drop_over_best_baseline"],
+            "smallest_budget_flipping_half": flipping[0]["budget"] if flipping else None, "budgets": per_budget}
+
+
+def _certify(problem, result, x_eval, deltas, options, targets, seed, retrain, state, log) -> dict:
+    """The poisoning certificate at each δ, then the attack on certified (and as many uncertified)
+    targets at that δ, judged by retraining: a certified prediction that changes is a violation."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from ..certificate import poisoning_certificate
+    from ..poisoning import margin, poison
+
+    cert = poisoning_certificate(problem, result, x_eval, deltas, options.points)
+    g = torch.Generator().manual_seed(seed + 3)
+    rows = []
+    for i, delta in enumerate(cert.deltas.tolist()):
+        row = {"delta": delta, "certified_fraction": float(cert.fraction[i]), "layer_budgets": cert.budgets[i].tolist()}
+        if delta > 0 and targets:
+            tried = {}
+            for label, pool in (("certified", cert.certified[i]), ("uncertified", ~cert.certified[i])):
+                candidates = pool.nonzero().reshape(-1)
+                tried[label] = candidates[torch.randperm(len(candidates), generator=g)[:targets]].tolist()
+            flips, moved = {"certified": 0, "uncertified": 0}, []
+            for label, chosen in tried.items():
+                for t in tqdm(chosen, desc=f"certificate check (δ = {100 * delta:g} %, {label})", leave=False):
+                    name = f"certify-{delta:g}-{t}"
+                    record = state.load(name)
+                    if record is None:
+                        attack = poison(problem, margin(problem, x_eval[t]), replace(options, budget=delta),
+                                        retrain=retrain)
+                        record = {"flipped": attack.retrained[-1] < 0,
+                                  "moved": float((attack.weights - problem.params).norm())}
+                        state.save(name, record)
+                    flips[label] += record["flipped"]
+                    moved.append(record["moved"] / (delta * cert.kappa))
+            row.update(attacked={k: len(v) for k, v in tried.items()}, violations=flips["certified"],
+                       uncertified_flipped=flips["uncertified"],
+                       retrained_move_over_bound=max(moved) if moved else None)
+        rows.append(row)
+        log(f"certificate at δ = {100 * delta:g} %: {row['certified_fraction']:.0%} certified"
+            + (f", {row['violations']} violations in {row['attacked']['certified']} attacked" if "violations" in row
+               else ""))
+    return {"points": options.points, "kappa": cert.kappa, "deltas": cert.deltas.tolist(),
+            "certified_fraction": cert.fraction.tolist(), "largest_delta_half_certified": cert.largest_delta(0.5),
+            "violations": sum(r.get("violations", 0) for r in rows), "checks": rows}
 
 
 def _queries(problem, count: int, step: float, seed: int, pinv, t_one: float, log) -> dict:
@@ -106,7 +209,7 @@ def _queries(problem, count: int, step: float, seed: int, pinv, t_one: float, lo
     return record
 
 
-def _figures(problem, result, out, top: int) -> list[str]:
+def _figures(problem, result, summary, out, top: int) -> list[str]:
     import matplotlib.pyplot as plt
 
     from ..report import save_figure
@@ -119,7 +222,7 @@ def _figures(problem, result, out, top: int) -> list[str]:
     side = int(round(x[0].numel() ** 0.5))
     if side * side == x[0].numel():  # greyscale square images (digits)
         rows = (("most sensitive", result.top(top)), ("least sensitive", result.ranking.flip(0)[:top]))
-        fig, axes = plt.subplots(2, top, figsize=(1.1 * top, 2.6))
+        fig, axes = plt.subplots(2, top, figsize=(1.1 * top, 2.6), squeeze=False)
         for r, (label, points) in enumerate(rows):
             for c, k in enumerate(points.tolist()):
                 axes[r, c].imshow(x[k].reshape(side, side).cpu().numpy(), cmap="gray_r")
@@ -127,6 +230,30 @@ def _figures(problem, result, out, top: int) -> list[str]:
                 axes[r, c].axis("off")
             axes[r, 0].text(-0.5, 0.5, label, transform=axes[r, 0].transAxes, ha="right", fontsize=7)
         names.append(save_figure(fig, out / "points.png").name)
+    if "attack" in summary:
+        budgets = summary["attack"]["budgets"]
+        pct = [100 * b["budget"] for b in budgets]
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for kind, label in (("attack", "coderivative attack"), ("loss-gradient", "own loss gradient"),
+                            ("random", "random directions")):
+            drop = [b["margin_drop"][kind] for b in budgets]
+            spread = [[d["median"] - d["min"] for d in drop], [d["max"] - d["median"] for d in drop]]
+            ax.errorbar(pct, [d["median"] for d in drop], yerr=spread, marker="o", label=label, capsize=3)
+        ax.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="margin drop after retraining\n(median, min–max)")
+        ax.legend(fontsize=7)
+        ax2.plot(pct, [b["flip_rate"] for b in budgets], marker="o", label="coderivative attack")
+        for kind, label in (("loss-gradient", "own loss gradient"), ("random", "random directions")):
+            ax2.plot(pct, [b["baseline_flip_rate"][kind] for b in budgets], marker="o", label=label)
+        ax2.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="targets flipped after retraining", ylim=(-0.05, 1.05))
+        names.append(save_figure(fig, out / "attack.png").name)
+    if "certificate" in summary:
+        c = summary["certificate"]
+        pairs = [(100 * d, f) for d, f in zip(c["deltas"], c["certified_fraction"]) if d > 0]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(*zip(*pairs), marker="o")
+        ax.set(xscale="log", xlabel=f"δ: budget per point for any {c['points']} points (% of ‖x_k‖)",
+               ylabel="held-out predictions certified", ylim=(-0.05, 1.05))
+        names.append(save_figure(fig, out / "certificate.png").name)
     return names
 
 
@@ -138,34 +265,68 @@ def _figures(problem, result, out, top: int) -> list[str]:
 @click.option("--step", default=1.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
               help="Size of each move in % of the point's norm (queries and --check).")
 @click.option("--check", is_flag=True, help="Measure scan and queries against their references (slow).")
+@click.option("--attack", "targets", default=0, show_default=True, type=click.IntRange(0),
+              help="Attack the margins of this many held-out points through the coderivative, judged by retraining.")
+@click.option("--budget", "budget_text", default="5,10,20", show_default=True,
+              help="Attack budgets per point, in % of the point's norm (comma-separated).")
+@click.option("--points", default=10, show_default=True, type=click.IntRange(1),
+              help="Training points the attacker moves (and the certificate covers).")
+@click.option("--stages", default=4, show_default=True, type=click.IntRange(1),
+              help="The attack spends its budget in this many stages, retraining after each.")
+@click.option("--certify", is_flag=True, help="Certify held-out predictions against any poisoning of --points points "
+              "(bias-free ReLU networks).")
+@click.option("--delta", "delta_text", default="1e-5,1e-4,1e-3,1e-2", show_default=True,
+              help="Certificate budgets δ per point, in % of the point's norm (comma-separated).")
+@click.option("--certify-checks", default=10, show_default=True, type=click.IntRange(0),
+              help="Certified (and as many uncertified) held-out points attacked at each δ.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="setsens-audit", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(n_queries, top, step, check, seed, out, as_json, **inputs):
-    """Rank the training points by how far they can move the solution set (Gauss–Newton form)."""
+def command(n_queries, top, step, check, targets, budget_text, points, stages, certify, delta_text, certify_checks,
+            seed, out, as_json, **inputs):
+    """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
+    --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import GramFactor, scan
     from ..perturb import gradient_perturbation
+    from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import estimate
+    from .options import number_list
+    from .state import RunState
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
+    budgets = tuple(b / 100 for b in number_list(budget_text, "--budget", minimum=0, open_min=True))
+    deltas = tuple(d / 100 for d in number_list(delta_text, "--delta", minimum=0))
+    if max(budgets) > 1:
+        raise click.BadParameter("a budget above 100 % of the point's norm", param_hint="--budget")
     if inputs["weight_decay"]:
         raise click.BadParameter("the audit uses the Gauss–Newton form, which has no weight-decay term",
                                  param_hint="--weight-decay")
     out = prepare_out_dir(out)
     if inputs["model_spec"] is None and inputs["checkpoint"] is None:
-        problem, x_eval = _demo_problem(log)
+        problem, x_eval = _demo_problem(out, log)
     else:
         if inputs["data_spec"] is None:
             raise click.UsageError("give --data with --model")
         problem, data, _ = load_problem(log=log, **inputs)
         x_eval = data.x_test if data.x_test is not None else data.x
-    if top > problem.n:
-        raise click.BadParameter(f"{top} points asked for, but there are {problem.n}", param_hint="--top")
+    for option, value in (("--top", top), ("--points", points)):
+        if value > problem.n:
+            raise click.BadParameter(f"{value} points asked for, but there are {problem.n}", param_hint=option)
+    if certify:
+        from ..certificate import layer_weights
+
+        try:
+            layer_weights(problem)
+        except ValueError as err:
+            raise click.UsageError(f"--certify: {err}") from None
     rows = problem.n * problem.outputs(problem.params, problem.points([0])[0]).numel()
     if rows * problem.p > 2e8:
         raise click.UsageError(f"the scan factorises the {rows} × {problem.p} output Jacobian, too large here; "
                                "use a subset of the training data")
+    state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points, "n": problem.n,
+                           "p": problem.p, "w": float(problem.params.double().norm())})
+    retrain = _retrainer(problem)
     log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
     t0 = time.perf_counter()
     estimate(problem, gradient_perturbation(problem, [0], step / 100))
@@ -183,15 +344,34 @@ def command(n_queries, top, step, check, seed, out, as_json, **inputs):
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
     pinv = torch.linalg.pinv(factor.G) if check else None  # the independent reference of every check
     if check:
-        summary["scan"].update(_check_scan(problem, factor, pinv, result, x_eval, top, step / 100, seed, log))
+        summary["scan"].update(_check_scan(problem, factor, pinv, result, x_eval, top, step / 100, seed, retrain, log))
     if n_queries:
         log(f"queries: {n_queries} one-point perturbations…")
         summary["queries"] = _queries(problem, n_queries, step / 100, seed, pinv, t_one, log)
-    figures = _figures(problem, result, out, top)
+    options = AttackOptions(points=points, stages=stages)
+    if targets:
+        log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, {stages} stages…")
+        summary["attack"] = _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, log)
+    if certify:
+        log(f"certificate: any {points} points, δ = {delta_text} %…")
+        summary["certificate"] = _certify(problem, result, x_eval, deltas, options, certify_checks, seed, retrain,
+                                          state, log)
+    figures = _figures(problem, result, summary, out, top)
     write_json(out / "results.json", summary)
-    s = summary["scan"]
-    lines = ["# setsens audit", "", f"{summary['model']}: p = {problem.p}, n = {problem.n}.", "",
-             f"- scan of all {problem.n} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
+    lines = ["# setsens audit", "", f"{summary['model']}: p = {problem.p}, n = {problem.n}.", ""]
+    lines += _report_lines(summary, top, check, n_queries)
+    lines += [""] + [f"![{f}]({f})" for f in figures]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    if as_json:
+        click.echo(json.dumps(to_jsonable(summary), indent=2))
+    else:
+        click.echo("\n".join(lines[4:-len(figures) - 1]))
+        click.echo(f"report written to {out / 'report.md'}")
+
+
+def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[str]:
+    s, t_one = summary["scan"], summary["one_estimate_seconds"]
+    lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
              f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
              f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"]
     if check:
@@ -203,10 +383,22 @@ def command(n_queries, top, step, check, seed, out, as_json, **inputs):
         error = f"; largest relative error against individual solves {q['max_relative_error_vs_individual']:.1e}"
         lines.append(f"- {n_queries} queries in {q['seconds']:.2f} s = {q[f'time_{n_queries}_over_1']:.2f}× one "
                      f"estimate" + (error if check else ""))
-    lines += [""] + [f"![{f}]({f})" for f in figures]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
-    if as_json:
-        click.echo(json.dumps(to_jsonable(summary), indent=2))
-    else:
-        click.echo("\n".join(lines[4:-len(figures) - 1]))
-        click.echo(f"report written to {out / 'report.md'}")
+    if "attack" in summary:
+        a = summary["attack"]
+        lines.append(f"- attack ({a['points']} points, {a['stages']} stages, judged by retraining) on {a['targets']} "
+                     "held-out targets:")
+        for b in a["budgets"]:
+            d = b["margin_drop"]
+            lines.append(f"  - budget {100 * b['budget']:g} %: flips {b['flip_rate']:.0%} (random "
+                         f"{b['baseline_flip_rate']['random']:.0%}, loss gradient "
+                         f"{b['baseline_flip_rate']['loss-gradient']:.0%}); mean margin drop {d['attack']['mean']:.3f}"
+                         f" = {b['margin_drop_over_best_baseline']:.1f}× the best baseline (random "
+                         f"{d['random']['mean']:.3f}, loss gradient {d['loss-gradient']['mean']:.3f}); first-order "
+                         f"prediction of the last stage {b['predicted_drop_mean']:.3f}")
+    if "certificate" in summary:
+        c = summary["certificate"]
+        lines.append(f"- certificate against any {c['points']} poisoned points (κ_K = {c['kappa']:.3g}): certified "
+                     "fraction " + ", ".join(f"{f:.0%} at δ = {100 * d:g} %" for d, f in
+                                             zip(c["deltas"], c["certified_fraction"]))
+                     + f"; {c['violations']} violations after attacking and retraining")
+    return lines

@@ -55,6 +55,14 @@ class DemoConfig:
     influence_damping: float = 1e-4  # relative to λ_max
 
 
+def demo_problem(cfg: DemoConfig, params=None) -> Problem:
+    """The demo's problem: its digits and its network (seeded initialisation) at ``params`` (default:
+    the initial ones).  Seeds torch's global generator, as training does."""
+    torch.manual_seed(cfg.seed)
+    x, y = load_digits_subset(cfg.n, seed=cfg.seed)
+    return Problem(mlp(list(cfg.widths)).double(), squared_error, (x, y), params=params, batch_size=cfg.n)
+
+
 def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
     """Adam, full-batch L-BFGS in float64, then Levenberg–Marquardt onto an exact interpolating fit.
 
@@ -65,17 +73,14 @@ def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
     """
     from tqdm.auto import tqdm
 
-    torch.manual_seed(cfg.seed)
-    x, y = load_digits_subset(cfg.n, seed=cfg.seed)
-    model = mlp(list(cfg.widths)).double()
-    problem = Problem(model, squared_error, (x, y), batch_size=cfg.n)
+    problem = demo_problem(cfg)
     w = problem.params.clone().requires_grad_(True)
     batch = next(problem.batches())
     adam_steps([w], lambda: problem.batch_risk(w, *batch), cfg.adam_steps,
                progress=lambda it: tqdm(it, desc="train (Adam)", disable=not progress, leave=False))
     fit = retrain(problem, w.detach(), gtol=1e-12, max_iter=cfg.lbfgs_iters)
     fit = levenberg_marquardt(problem, fit.w, gtol=1e-13)
-    return Problem(model, squared_error, (x, y), params=fit.w, batch_size=cfg.n)
+    return Problem(problem.model, squared_error, (problem.inputs, problem.targets), params=fit.w, batch_size=cfg.n)
 
 
 def movable_points(problem: Problem, k: int) -> torch.Tensor:
