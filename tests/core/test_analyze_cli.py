@@ -21,6 +21,10 @@ MODEL = textwrap.dedent("""
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
+    def relu_model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(4, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
+
     def not_a_module():
         return 42
 
@@ -150,3 +154,35 @@ def test_audit_scan_and_queries_against_their_references(user, tmp_path):
     bad = CliRunner().invoke(main, ["audit", "--model", str(user / "net.py:model"), "--checkpoint",
                                     str(user / "ckpt.pt"), "--data", str(user / "data.npz"), "--top", "500"])
     assert bad.exit_code != 0 and "there are 30" in bad.output and "Traceback" not in bad.output
+
+
+def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path):
+    args = ["audit", "--model", user / "net.py:relu_model", "--data", user / "data.npz", "--dtype", "float64",
+            "--queries", "0", "--attack", "2", "--budget", "5,20", "--points", "3", "--stages", "2", "--certify",
+            "--delta", "0,1e-4,1e-2,1", "--certify-checks", "1", "--json", "--out", tmp_path / "a"]
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(main, list(map(str, args)))
+    first = time.perf_counter() - t0
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    attack, cert = summary["attack"], summary["certificate"]
+    assert [b["budget"] for b in attack["budgets"]] == [0.05, 0.2] and attack["targets"] == 2
+    for b in attack["budgets"]:
+        assert 0 <= b["flip_rate"] <= 1 and len(b["targets"]) == 2
+        assert all(len(t["points"]) == 3 for t in b["targets"])
+    assert {"flip_rate", "margin_drop_over_best_baseline", "smallest_budget_flipping_half"} <= set(attack)
+    fraction = cert["certified_fraction"]
+    assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:])) and cert["violations"] == 0
+    for name in ("attack.png", "certificate.png", "report.md", "results.json"):
+        assert (tmp_path / "a" / name).is_file()
+    t0 = time.perf_counter()
+    again = CliRunner().invoke(main, list(map(str, args)))  # every retraining is cached: resumes, same numbers
+    assert again.exit_code == 0 and time.perf_counter() - t0 < first
+    assert json.loads(again.stdout[again.stdout.index("{"):])["attack"] == attack
+    for extra, message in ((["--budget", "0"], "--budget"), (["--budget", "150"], "--budget"),
+                           (["--delta", "x"], "--delta"), (["--points", "99"], "there are 30")):
+        bad = CliRunner().invoke(main, list(map(str, args[:-2] + extra + ["--out", tmp_path / "b"])))
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+    tanh = CliRunner().invoke(main, list(map(str, ["audit", "--model", user / "net.py:model", "--data",
+                                                    user / "data.npz", "--certify", "--out", tmp_path / "c"])))
+    assert tanh.exit_code != 0 and "--certify" in tanh.output and "Traceback" not in tanh.output
