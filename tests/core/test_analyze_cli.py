@@ -146,7 +146,8 @@ def test_audit_scan_and_queries_against_their_references(user, tmp_path):
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     scan = summary["scan"]
     assert scan["spearman_vs_exact"] > 0.99 and scan["top20_max_relative_error"] < 1e-4
-    assert len(scan["retrained_held_out_move"]["random"]) == 5 and scan["top_vs_random_ratio"] > 0
+    assert len(scan["retrained_held_out_move"]["random_directions"]) == 5 and scan["top_vs_random_ratio"] > 0
+    assert scan["top_vs_random_direction_ratio"] > 0
     q = summary["queries"]
     assert q["count"] == 20 and q["max_relative_error_vs_individual"] < 1e-3 and q["max_relative_error_vs_pinv"] < 1e-6
     assert {"seconds_over_one_estimate", "kappa", "ranking"} <= set(scan)

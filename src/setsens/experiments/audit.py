@@ -73,22 +73,30 @@ def _along_worst(problem, result, points, step):
 
 
 def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, seed: int, retrain, log) -> dict:
+    """κ_k against the pseudo-inverse; retraining after moving the top points along their worst
+    directions against random points moved along theirs (the ranking alone) and along random
+    directions (neither ranking nor direction), 5 draws each."""
     from ..audit import input_jacobians
+    from ..perturb import random_perturbation
 
     log("check: κ_k against the SVD pseudo-inverse of G…")
     A = input_jacobians(problem)
     exact = torch.stack([torch.linalg.matrix_norm(pinv[:, k * factor.k:(k + 1) * factor.k] @ A[k], ord=2)
                          for k in range(problem.n)])
     best = exact.argsort(descending=True)[:20]
-    log(f"check: retraining after moving the top {top} points, and 5 draws of {top} random points…")
-    move = lambda points: _retrained_move(problem, retrain, _along_worst(problem, result, points, step), x_eval)
-    top_move = move(result.top(top))
+    log(f"check: retraining after moving the top {top} points, and 2 × 5 draws of {top} random points…")
+    move = lambda pert: _retrained_move(problem, retrain, pert, x_eval)
+    top_move = move(_along_worst(problem, result, result.top(top), step))
     g = torch.Generator().manual_seed(seed)
-    random_moves = [move(torch.randperm(problem.n, generator=g)[:top]) for _ in range(5)]
+    draws = [torch.randperm(problem.n, generator=g)[:top] for _ in range(5)]
+    random_moves = [move(_along_worst(problem, result, points, step)) for points in draws]
+    random_directions = [move(random_perturbation(problem, points, step, g)) for points in draws]
     return {"spearman_vs_exact": _spearman(result.kappa, exact),
             "top20_max_relative_error": float(((result.kappa[best] - exact[best]).abs() / exact[best]).max()),
-            "retrained_held_out_move": {"top": top_move, "random": random_moves},
-            "top_vs_random_ratio": top_move / statistics.median(random_moves)}
+            "retrained_held_out_move": {"top": top_move, "random": random_moves,
+                                        "random_directions": random_directions},
+            "top_vs_random_ratio": top_move / statistics.median(random_moves),
+            "top_vs_random_direction_ratio": top_move / statistics.median(random_directions)}
 
 
 def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
@@ -377,7 +385,8 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
     if check:
         lines.append(f"- against the SVD pseudo-inverse: Spearman {s['spearman_vs_exact']:.4f}, largest relative "
                      f"error on the top 20 {s['top20_max_relative_error']:.1e}; retraining moves held-out outputs "
-                     f"{s['top_vs_random_ratio']:.1f}× more after moving the top {top} than {top} random points")
+                     f"{s['top_vs_random_ratio']:.1f}× more after moving the top {top} than {top} random points along "
+                     f"their worst directions, {s['top_vs_random_direction_ratio']:.1f}× more than along random ones")
     if n_queries:
         q = summary["queries"]
         error = f"; largest relative error against individual solves {q['max_relative_error_vs_individual']:.1e}"
