@@ -14,6 +14,13 @@ within a budget can change (the two halves of setsens joined).
 So a certified prediction is unchanged by every such poisoning up to the first-order step 1 — the
 only approximation, checked by attacking the certified points and retraining
 (``setsens audit --certify``).  Cost: the scan, then one bound evaluation per δ.
+
+:func:`first_order_certificate` is the same question answered to first order throughout, for any
+network: the margin ``m_cj`` of a held-out prediction c over class j changes by at most
+``δ Σ_{K largest} ‖A_kᵀ u_k‖‖x_k‖`` with ``u = (Gᵀ)⁺ ∇_w m_cj`` (the coderivative: the attack's
+linearised optimum attains it), so each point gets a radius — the largest δ no poisoning of K
+points can flip it at, to first order.  Tight where the rigorous bound is loose; its only check is
+the attack followed by retraining.
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .audit import Scan
+from .audit import GramFactor, Scan, input_jacobians
 from .problem import Problem
 from .weights.certify import certified_prediction
 from .weights.network import network_from_model
 
-__all__ = ["Certificate", "poisoning_certificate", "layer_weights"]
+__all__ = ["Certificate", "poisoning_certificate", "first_order_certificate", "layer_weights"]
 
 
 def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
@@ -46,14 +53,16 @@ def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
 class Certificate:
     """``certified[i, j]``: held-out point j's prediction survives every move of ``points`` training
     points with ``‖Δx_k‖ ≤ deltas[i]·‖x_k‖`` (first order in the set, rigorous in the margins);
-    ``budgets[i]`` the per-layer ε_l used; ``kappa`` = κ_K, the bound on ‖v‖ per unit δ."""
+    ``budgets[i]`` the per-layer ε_l used; ``kappa`` = κ_K, the bound on ‖v‖ per unit δ
+    (:func:`poisoning_certificate`); or ``radius`` per point (:func:`first_order_certificate`)."""
 
     deltas: Tensor
     points: int
-    kappa: float
-    budgets: Tensor
     predictions: Tensor
     certified: Tensor
+    kappa: float | None = None
+    budgets: Tensor | None = None
+    radius: Tensor | None = None
 
     @property
     def fraction(self) -> Tensor:
@@ -73,9 +82,7 @@ def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, point
     weights = layer_weights(problem)
     if not 1 <= points <= problem.n:
         raise ValueError(f"points must be in [1, {problem.n}], got {points}")
-    deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
-    if (deltas < 0).any():
-        raise ValueError("the budgets δ must be ≥ 0")
+    deltas = _check_deltas(deltas)
     x_train, _ = problem.points(torch.arange(problem.n))
     reach = scan.kappa * x_train.reshape(problem.n, -1).norm(dim=1).to(scan.kappa)
     kappa = float(reach.topk(points).values.sum())
@@ -86,4 +93,46 @@ def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, point
     for eps in budgets:
         predictions, ok = certified_prediction(weights, x, eps.to(weights[0]))
         certified.append(ok)
-    return Certificate(deltas, points, kappa, budgets, predictions, torch.stack(certified))
+    return Certificate(deltas, points, predictions, torch.stack(certified), kappa=kappa, budgets=budgets)
+
+
+def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, factor: GramFactor | None = None,
+                            chunk: int = 32) -> Certificate:
+    """Each prediction at ``x`` with its first-order radius against any poisoning of ``points``
+    training points (any network, Gauss–Newton form), certified at each δ below it.
+
+    Cost: the factor, then per held-out point K reverse passes (its output Jacobian) and K adjoint
+    products; memory bounded by ``chunk`` held-out points at a time.
+    """
+    if not 1 <= points <= problem.n:
+        raise ValueError(f"points must be in [1, {problem.n}], got {points}")
+    deltas = _check_deltas(deltas)
+    factor = factor or GramFactor(problem)
+    A = input_jacobians(problem)  # (n, K, d), centred as G is
+    x_train, _ = problem.points(torch.arange(problem.n))
+    reach = x_train.reshape(problem.n, -1).norm(dim=1).to(A)
+    one = lambda w, x_: problem.outputs(w, x_[None]).reshape(-1)
+    predictions, radii = [], []
+    for xs in x.to(problem.params).split(chunk):
+        with torch.no_grad():
+            f = problem.outputs(problem.params, xs).reshape(len(xs), -1)
+        c = f.argmax(1)
+        jac = torch.func.vmap(torch.func.jacrev(one), (None, 0))(problem.params, xs)  # (b, K, p)
+        grads = (jac[torch.arange(len(xs)), c][:, None] - jac).reshape(-1, problem.p)  # ∇ m_cj, (b·K, p)
+        u = ((grads.to(factor.G) @ factor.G.T) @ factor.Q * factor.inverse) @ factor.Q.T  # (Gᵀ)⁺ ∇m
+        s = torch.einsum("nkd,mnk->mnd", A, u.reshape(len(grads), problem.n, -1)).norm(dim=2)  # ‖A_kᵀ u_k‖
+        worst = (s * reach).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
+        m = f[torch.arange(len(xs)), c][:, None] - f
+        ratio = torch.where(worst > 0, m / worst, torch.full_like(m, float("inf")))
+        ratio[torch.arange(len(xs)), c] = float("inf")
+        predictions.append(c)
+        radii.append(ratio.amin(1))
+    radius = torch.cat(radii)
+    return Certificate(deltas, points, torch.cat(predictions), radius[None] > deltas[:, None], radius=radius)
+
+
+def _check_deltas(deltas) -> Tensor:
+    deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
+    if (deltas < 0).any():
+        raise ValueError("the budgets δ must be ≥ 0")
+    return deltas

@@ -1,12 +1,13 @@
 """setsens.certificate: its weight budgets hold every first-order move of K points (dense
-pseudo-inverse), its κ is attained by one point, certified predictions survive the moves."""
+pseudo-inverse), its κ is attained by one point, certified predictions survive the moves; the
+first-order radius is attained by the linearised attack."""
 
 import pytest
 import torch
 from problems import dfcnn_problem, small_problem
 
-from setsens.audit import GramFactor, scan
-from setsens.certificate import layer_weights, poisoning_certificate
+from setsens.audit import GramFactor, input_jacobians, scan
+from setsens.certificate import first_order_certificate, layer_weights, poisoning_certificate
 from setsens.function_space import output_shift
 from setsens.models.mlp import UnsupportedNetworkError
 from setsens.problem import Perturbation
@@ -77,3 +78,25 @@ def test_outside_the_setting_is_refused():
         layer_weights(problem)
     with pytest.raises(ValueError, match="ReLU"):
         layer_weights(small_problem(loss="se", bias=False))
+
+
+def test_first_order_radius_is_attained_by_the_linearised_attack():
+    problem, _, x_eval = setup()
+    cert = first_order_certificate(problem, x_eval, [0.0, 1e-2], points=2)
+    assert cert.fraction[0] == 1.0 and 0 < float(cert.radius.median()) < float("inf")
+    x, _ = problem.points(torch.arange(problem.n))
+    A = input_jacobians(problem)
+    pinv = torch.linalg.pinv(GramFactor(problem).G)
+    for t in cert.radius.argsort()[:3].tolist():  # the three least robust held-out points
+        f = lambda w: problem.outputs(w, x_eval[t][None])[0]
+        out, c = f(problem.params), int(cert.predictions[t])
+        jac = torch.func.jacrev(f)(problem.params)
+        worst = float("inf")
+        for j in set(range(3)) - {c}:  # the linearised margin under the best move of the best 2 points
+            u = pinv.T @ (jac[c] - jac[j])
+            steps = torch.einsum("nkd,nk->nd", A, u.reshape(problem.n, -1))
+            points = (steps.norm(dim=1) * x.norm(dim=1)).topk(2).indices
+            delta = steps[points] / steps[points].norm(dim=1, keepdim=True) * x[points].norm(dim=1, keepdim=True)
+            v = dense_shift(problem, Perturbation(points, float(cert.radius[t]) * delta))
+            worst = min(worst, float(out[c] - out[j] + (jac[c] - jac[j]) @ v))
+        assert abs(worst) < 1e-8 * float(out.abs().max())  # at its radius the prediction is on the edge
