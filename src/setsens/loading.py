@@ -116,6 +116,9 @@ def load_checkpoint(model: nn.Module | None, path: str | Path, trust: bool = Fal
         raise ValueError(f"checkpoint {str(path)!r} is a state dict: give --model to build the network")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     own = model.state_dict()
+    for key in set(own) - set(state):  # batch-norm step counters, absent from checkpoints of older torch:
+        if key.endswith("num_batches_tracked"):  # unused in evaluation, so they keep the model's value
+            state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]

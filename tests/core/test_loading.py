@@ -44,6 +44,20 @@ def test_checkpoints_prefixes_and_trusted_modules(tmp_path):
     assert torch.equal(load_checkpoint(None, tmp_path / "whole.pt", trust=True).weight, source.weight)
 
 
+def test_checkpoint_of_an_older_torch_without_batch_norm_counters(tmp_path):
+    (tmp_path / "bn.py").write_text("from torch import nn\ndef net():\n    return nn.Sequential(nn.Linear(3, 2), "
+                                    "nn.BatchNorm1d(2))\n")
+    source = load_model(f"{tmp_path / 'bn.py'}:net")
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    model = load_checkpoint(load_model(f"{tmp_path / 'bn.py'}:net"), tmp_path / "old.pt")
+    assert torch.equal(model[1].running_var, source[1].running_var)
+    del old["1.running_var"]  # anything else missing is still an error
+    torch.save(old, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="missing.*running_var"):
+        load_checkpoint(load_model(f"{tmp_path / 'bn.py'}:net"), tmp_path / "broken.pt")
+
+
 def test_losses_by_name_and_from_a_file(tmp_path):
     assert load_loss("cross_entropy") is cross_entropy
     (tmp_path / "l.py").write_text("def hinge(out, y):\n    return (1 - out[:, 0] * y).clamp(min=0)\n")
