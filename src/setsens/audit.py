@@ -62,6 +62,11 @@ class GramFactor:
         r = r.to(self.G).reshape(-1, self.problem.n, self.k)
         return (center_classes(r) if self.centered else r).reshape(r.shape[0], -1)
 
+    def adjoint(self, g: Tensor) -> Tensor:
+        """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for weight-space rows ``g`` (m, p): (m, n·K), in G's row space —
+        the output vector through which a gradient in w reaches the data (the coderivative)."""
+        return ((g.to(self.G) @ self.G.T) @ self.Q * self.inverse) @ self.Q.T
+
     def shift(self, r: Tensor) -> Tensor:
         """The minimum-norm ``v = −G⁺ r`` for output changes ``r`` of shape (n, K), or (m, n, K) for m
         queries at once (then (m, p))."""

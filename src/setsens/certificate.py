@@ -1,5 +1,6 @@
-"""A poisoning certificate for bias-free ReLU networks: predictions that no move of K training points
-within a budget can change (the two halves of setsens joined).
+"""Poisoning certificates: held-out predictions that no move of K training points within a budget
+can change — with the rigorous margin bounds of :mod:`setsens.weights` for bias-free ReLU networks
+(the two halves of setsens joined), or to first order for any network.
 
 1. **First order (the set).**  Moving points k ∈ K by ``‖Δx_k‖ ≤ δ‖x_k‖`` moves the Gauss–Newton set
    by ``v = Σ_k v_k`` with ``‖v_k‖ ≤ κ_k δ‖x_k‖`` (the scan's local modulus), so
@@ -119,7 +120,7 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
         c = f.argmax(1)
         jac = torch.func.vmap(torch.func.jacrev(one), (None, 0))(problem.params, xs)  # (b, K, p)
         grads = (jac[torch.arange(len(xs)), c][:, None] - jac).reshape(-1, problem.p)  # ∇ m_cj, (b·K, p)
-        u = ((grads.to(factor.G) @ factor.G.T) @ factor.Q * factor.inverse) @ factor.Q.T  # (Gᵀ)⁺ ∇m
+        u = factor.adjoint(grads)  # (Gᵀ)⁺ ∇m
         s = torch.einsum("nkd,mnk->mnd", A, u.reshape(len(grads), problem.n, -1)).norm(dim=2)  # ‖A_kᵀ u_k‖
         worst = (s * reach).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
         m = f[torch.arange(len(xs)), c][:, None] - f

@@ -99,7 +99,7 @@ def set_shift(problem: Problem, perturbation: Perturbation, factor=None, maxiter
 def _adjoint(problem: Problem, g: Tensor, factor, maxiter: int, rtol: float) -> Tensor:
     """``u = (Gᵀ)⁺ g`` of shape (n, K): the least-squares output vector whose ``Gᵀ u`` is nearest g."""
     if factor is not None:
-        return ((factor.G @ g.to(factor.G)) @ factor.Q * factor.inverse) @ factor.Q.T
+        return factor.adjoint(g[None])[0]
     return cgls(_FlatAdjoint(problem), g, maxiter=maxiter, rtol=rtol).x.to(problem.params).reshape(problem.n, -1)
 
 
