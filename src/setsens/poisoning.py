@@ -26,7 +26,7 @@ from torch import Tensor
 from .audit import GramFactor
 from .function_space import OutputJacobian, output_shift
 from .krylov import cgls
-from .perturb import gradient_perturbation, random_perturbation, scale_to_relative
+from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem
 
 __all__ = ["margin", "AttackOptions", "Poisoning", "set_shift", "input_gradient", "poison", "baselines"]
@@ -208,15 +208,9 @@ def _moved(problem: Problem, x: Tensor, y: Tensor, w: Tensor) -> Problem:
                    weight_decay=problem.weight_decay)
 
 
-def baselines(problem: Problem, points, budget: float, generator: torch.Generator,
-              worst_direction: Tensor | None = None) -> dict[str, Perturbation]:
+def baselines(problem: Problem, points, budget: float, generator: torch.Generator) -> dict[str, Perturbation]:
     """Moves of the same points at the full budget that know nothing of the target: ``random``
-    (Gaussian directions), ``loss-gradient`` (each point's own loss ascent) and, with a scan's
-    ``worst_direction`` (n, …), ``worst-direction`` (the largest move of the set, untargeted)."""
+    (Gaussian directions) and ``loss-gradient`` (each point's own loss ascent)."""
     points = problem.check_indices(points)
-    moves = {"random": random_perturbation(problem, points, budget, generator),
-             "loss-gradient": gradient_perturbation(problem, points, budget)}
-    if worst_direction is not None:
-        x, _ = problem.points(points)
-        moves["worst-direction"] = Perturbation(points, scale_to_relative(x, worst_direction[points].to(x), budget))
-    return moves
+    return {"random": random_perturbation(problem, points, budget, generator),
+            "loss-gradient": gradient_perturbation(problem, points, budget)}
