@@ -6,7 +6,7 @@ centred over the classes for a loss that ignores a common shift), and the estima
 the minimum-norm ``v = −G⁺ r = −Gᵀ (GGᵀ)⁺ r``.  Hence ``‖v‖² = (A_k Δx_k)ᵀ B_kk (A_k Δx_k)`` with
 ``B = (GGᵀ)⁺``: the local modulus of point k (the largest first-order move of the set per unit
 ‖Δx_k‖) is ``κ_k = σ_max(B_kk^{1/2} A_k)`` and its worst direction the top right singular vector.
-A group of points uses the block of B on its rows.
+A group of points moved together (:func:`group_modulus`) uses the block of B on its rows.
 
 One factorisation of the (n·K) × (n·K) Gram matrix ``GGᵀ`` answers every point and every query:
 forming G costs n·K per-sample gradients and n·K·p memory, the eigendecomposition O((n·K)³); each
@@ -29,7 +29,7 @@ from .krylov import cgls
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
 
-__all__ = ["GramFactor", "Scan", "scan", "input_jacobians", "exact_modulus", "answer_queries"]
+__all__ = ["GramFactor", "Scan", "scan", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries"]
 
 
 class GramFactor:
@@ -109,13 +109,29 @@ def scan(problem: Problem, factor: GramFactor | None = None) -> Scan:
     A = input_jacobians(problem)
     kappa, directions = torch.empty(problem.n, dtype=A.dtype), torch.empty(problem.n, A.shape[2], dtype=A.dtype)
     for k in range(problem.n):
-        lam, U = torch.linalg.eigh(factor.block(torch.tensor([k])))
-        root = (U * lam.clamp(min=0).sqrt()) @ U.T
-        _, s, Vh = torch.linalg.svd(root @ A[k], full_matrices=False)
-        kappa[k], directions[k] = s[0], Vh[0]
-    x, _ = problem.points(torch.tensor([0]))
-    return Scan(kappa, directions.reshape(problem.n, *x.shape[1:]), kappa.argsort(descending=True),
+        kappa[k], directions[k] = _largest_move(factor, torch.tensor([k]), A[k])
+    return Scan(kappa, directions.reshape(problem.n, *problem.input_shape), kappa.argsort(descending=True),
                 time.perf_counter() - t0, factor.seconds)
+
+
+def group_modulus(problem: Problem, points, factor: GramFactor | None = None) -> tuple[float, Tensor]:
+    """``(κ_G, worst Δx_G)`` for a group of points moved together: the largest first-order move of the
+    set per unit ‖Δx_G‖ (the norm over all the group's moves), and the unit move that makes it
+    ((|G|, …) in the inputs' shape).  Cost: |G|·K input gradients and one (|G|K × |G|d) SVD."""
+    factor = factor or GramFactor(problem)
+    points = problem.check_indices(points)
+    A = input_jacobians(problem, points)
+    kappa, direction = _largest_move(factor, points, torch.block_diag(*A))
+    return float(kappa), direction.reshape(len(points), *problem.input_shape)
+
+
+def _largest_move(factor: GramFactor, points: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """σ_max of ``Δx ↦ G⁺ E A Δx`` on ``points`` (‖v‖² = (AΔx)ᵀ B (AΔx), B their block of (GGᵀ)⁺) and
+    its top right singular vector."""
+    lam, U = torch.linalg.eigh(factor.block(points))
+    root = (U * lam.clamp(min=0).sqrt()) @ U.T
+    _, s, Vh = torch.linalg.svd(root @ A, full_matrices=False)
+    return s[0], Vh[0]
 
 
 def exact_modulus(problem: Problem, point: int, maxiter: int = 500, rtol: float = 1e-12) -> float:

@@ -151,6 +151,7 @@ def test_audit_scan_and_queries_against_their_references(user, tmp_path):
     q = summary["queries"]
     assert q["count"] == 20 and q["max_relative_error_vs_individual"] < 1e-3 and q["max_relative_error_vs_pinv"] < 1e-6
     assert {"seconds_over_one_estimate", "kappa", "ranking"} <= set(scan)
+    assert scan["group"]["kappa_top"] >= max(scan["kappa_top"][:3]) * (1 - 1e-9)
     assert (tmp_path / "a" / "kappa.png").is_file() and (tmp_path / "a" / "report.md").is_file()
     bad = CliRunner().invoke(main, ["audit", "--model", str(user / "net.py:model"), "--checkpoint",
                                     str(user / "ckpt.pt"), "--data", str(user / "data.npz"), "--top", "500"])

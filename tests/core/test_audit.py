@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from setsens.audit import GramFactor, answer_queries, exact_modulus, scan
+from setsens.audit import GramFactor, answer_queries, exact_modulus, group_modulus, input_jacobians, scan
 from setsens.problem import Perturbation, Problem, cross_entropy, squared_error
 from setsens.retrain import levenberg_marquardt
 from setsens.solution_set import SolveOptions, estimate
@@ -51,3 +51,19 @@ def test_many_queries_match_individual_estimates():
     for pert, v in zip(perts, shifts):
         ref = estimate(problem, pert, "gauss-newton", solve=SolveOptions(rule="fixed", rtol=1e-13, maxiter=500)).shift
         assert float((v - ref).norm() / ref.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("loss", [squared_error, cross_entropy])
+def test_group_modulus_against_the_pseudo_inverse_and_its_members(loss):
+    problem = fitted(loss, k=3)
+    factor = GramFactor(problem)
+    points = torch.tensor([1, 4, 6])
+    kappa, direction = group_modulus(problem, points, factor)
+    A = input_jacobians(problem, points)
+    rows = (points[:, None] * 3 + torch.arange(3)).reshape(-1)
+    dense = torch.linalg.pinv(factor.G)[:, rows] @ torch.block_diag(*A)  # Δx_G ↦ G⁺ E A Δx_G, by SVD
+    assert kappa == pytest.approx(float(torch.linalg.matrix_norm(dense, ord=2)), rel=1e-8)
+    v = answer_queries(problem, [Perturbation(points, direction)], factor)[0]
+    assert float(direction.norm()) == pytest.approx(1.0) and float(v.norm()) == pytest.approx(kappa, rel=1e-8)
+    single = scan(problem, factor).kappa[points]
+    assert float(single.max()) <= kappa * (1 + 1e-10) <= float(single.norm()) * (1 + 1e-10)  # Cauchy–Schwarz

@@ -310,7 +310,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
             seed, out, as_json, **inputs):
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
-    from ..audit import GramFactor, scan
+    from ..audit import GramFactor, group_modulus, scan
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -359,6 +359,10 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
                                   "max": float(result.kappa.max())},
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
+    g = torch.Generator().manual_seed(seed + 4)
+    group = lambda points: group_modulus(problem, points, factor)[0]
+    summary["scan"]["group"] = {"size": top, "kappa_top": group(result.top(top)), "kappa_random": statistics.median(
+        group(torch.randperm(problem.n, generator=g)[:top]) for _ in range(5))}
     pinv = torch.linalg.pinv(factor.G) if check else None  # the independent reference of every check
     if check:
         summary["scan"].update(_check_scan(problem, factor, pinv, result, x_eval, top, step / 100, seed, retrain, log))
@@ -390,7 +394,9 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
     s, t_one = summary["scan"], summary["one_estimate_seconds"]
     lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
              f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
-             f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"]
+             f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}",
+             f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
+             f"(group modulus), {top} random points {s['group']['kappa_random']:.3g} (median of 5 draws)"]
     if check:
         lines.append(f"- against the SVD pseudo-inverse: Spearman {s['spearman_vs_exact']:.4f}, largest relative "
                      f"error on the top 20 {s['top20_max_relative_error']:.1e}; retraining moves held-out outputs "
