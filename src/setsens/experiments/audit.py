@@ -54,7 +54,14 @@ def _retrainer(problem):
 
     if problem.loss_is_squared_error:
         return lambda pert: levenberg_marquardt(problem, None, pert, gtol=1e-13).w
-    return lambda pert: problem.params + budget_response(problem, pert).shift
+    lr = []  # 1/λ_max(H), found by the first retraining and reused
+
+    def retrain(pert):
+        ref = budget_response(problem, pert, lr=lr[0] if lr else None)
+        lr[:] = [ref.lr]
+        return problem.params + ref.shift
+
+    return retrain
 
 
 def _retrained_move(problem, retrain, perturbation, x_eval) -> float:
