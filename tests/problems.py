@@ -1,6 +1,8 @@
 """The one registry of small test problems: every test builds its networks and data here.
 
 * :func:`small_problem` — a two-layer classifier or regressor as a :class:`~setsens.problem.Problem`;
+* :func:`fitted_problem` — a small tanh network at an exact fit (squared error, Levenberg–Marquardt)
+  or at random weights (cross-entropy): the audit's and the poisoning attack's problem;
 * :func:`dfcnn_problem` — the paper's bias-free ReLU DFCNN with squared loss, at random weights
   (random targets) or interpolating its targets exactly;
 * :func:`weight_net` — a bias-free network as weight matrices with inputs and labels (``weights``);
@@ -18,6 +20,7 @@ from torch import nn
 
 from setsens.models.mlp import mlp
 from setsens.problem import Problem, cross_entropy, squared_error
+from setsens.retrain import levenberg_marquardt
 from setsens.weights import forward
 
 
@@ -30,6 +33,20 @@ def small_problem(seed=0, n=12, d=3, hidden=4, k=2, act=nn.Tanh, bias=True, loss
     y = torch.randint(0, k, (n,), generator=g)
     fn = cross_entropy if loss == "ce" else squared_error
     return Problem(model, fn, (x, y), batch_size=batch_size)
+
+
+def fitted_problem(loss=squared_error, seed=0, n=10, k=2):
+    """A 3-8-``k`` tanh network on ``n`` Gaussian points: fitted exactly to random targets for
+    ``squared_error`` (p = 32 + 9k > n·k for the defaults), at random weights for cross-entropy."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if loss is squared_error:
+        y = torch.randn(n, k, generator=g, dtype=torch.float64)
+        w = levenberg_marquardt(Problem(model, loss, (x, y)), gtol=1e-13, max_iter=300).w
+        return Problem(model, loss, (x, y), params=w)
+    return Problem(model, loss, (x, torch.randint(0, k, (n,), generator=g)))
 
 
 def dfcnn_problem(widths, n, seed=0, interpolating=False, reduction="mean"):

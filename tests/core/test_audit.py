@@ -3,29 +3,16 @@ independent matrix-free solves."""
 
 import pytest
 import torch
-from torch import nn
+from problems import fitted_problem
 
 from setsens.audit import GramFactor, answer_queries, exact_modulus, group_modulus, input_jacobians, scan
-from setsens.problem import Perturbation, Problem, cross_entropy, squared_error
-from setsens.retrain import levenberg_marquardt
+from setsens.problem import Perturbation, cross_entropy, squared_error
 from setsens.solution_set import SolveOptions, estimate
-
-
-def fitted(loss=squared_error, seed=0, n=10, k=2):
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, k)).double()
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    if loss is squared_error:
-        y = torch.randn(n, k, generator=g, dtype=torch.float64)
-        w = levenberg_marquardt(Problem(model, loss, (x, y)), gtol=1e-13, max_iter=300).w
-        return Problem(model, loss, (x, y), params=w)
-    return Problem(model, loss, (x, torch.randint(0, k, (n,), generator=g)))
 
 
 @pytest.mark.parametrize("loss", [squared_error, cross_entropy])
 def test_scan_matches_per_point_solves_and_its_direction_attains_it(loss):
-    problem = fitted(loss, k=3)
+    problem = fitted_problem(loss, k=3)
     factor = GramFactor(problem)
     result = scan(problem, factor)
     exact = torch.tensor([exact_modulus(problem, k) for k in range(problem.n)], dtype=torch.float64)
@@ -43,7 +30,7 @@ def test_scan_matches_per_point_solves_and_its_direction_attains_it(loss):
 
 
 def test_many_queries_match_individual_estimates():
-    problem = fitted(k=2)
+    problem = fitted_problem(k=2)
     g = torch.Generator().manual_seed(2)
     perts = [Perturbation(torch.tensor([i % problem.n]), 0.01 * torch.randn(1, 3, generator=g, dtype=torch.float64))
              for i in range(6)]
@@ -55,7 +42,7 @@ def test_many_queries_match_individual_estimates():
 
 @pytest.mark.parametrize("loss", [squared_error, cross_entropy])
 def test_group_modulus_against_the_pseudo_inverse_and_its_members(loss):
-    problem = fitted(loss, k=3)
+    problem = fitted_problem(loss, k=3)
     factor = GramFactor(problem)
     points = torch.tensor([1, 4, 6])
     kappa, direction = group_modulus(problem, points, factor)

@@ -3,25 +3,12 @@ the attack against its own linearised optimum and the baselines, the staged atta
 
 import pytest
 import torch
-from torch import nn
+from problems import fitted_problem
 
 from setsens.audit import GramFactor, input_jacobians
 from setsens.poisoning import AttackOptions, baselines, input_gradient, margin, poison, set_shift
-from setsens.problem import Perturbation, Problem, cross_entropy, squared_error
+from setsens.problem import Perturbation, cross_entropy, squared_error
 from setsens.retrain import levenberg_marquardt
-
-
-def fitted(loss=squared_error, seed=0, n=10, k=3):
-    """An exact fit (squared error, p = 59 > n·K = 30) or a cross-entropy problem at random weights."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, k)).double()
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    if loss is squared_error:
-        y = torch.randn(n, k, generator=g, dtype=torch.float64)
-        w = levenberg_marquardt(Problem(model, loss, (x, y)), gtol=1e-13, max_iter=300).w
-        return Problem(model, loss, (x, y), params=w)
-    return Problem(model, loss, (x, torch.randint(0, k, (n,), generator=g)))
 
 
 def held_out(seed=5):
@@ -30,7 +17,7 @@ def held_out(seed=5):
 
 @pytest.mark.parametrize("loss", [squared_error, cross_entropy])
 def test_input_gradient_is_the_dense_coderivative(loss):
-    problem = fitted(loss)
+    problem = fitted_problem(loss, k=3)
     phi = margin(problem, held_out())
     G = GramFactor(problem).G  # centred for cross-entropy
     u = torch.linalg.pinv(G).T @ torch.func.grad(phi)(problem.params)  # (Gᵀ)⁺ ∇φ, by SVD
@@ -43,7 +30,7 @@ def test_input_gradient_is_the_dense_coderivative(loss):
 
 
 def test_input_gradient_matches_finite_differences_of_the_moved_set():
-    problem = fitted()
+    problem = fitted_problem(k=3)
     phi, factor = margin(problem, held_out()), GramFactor(problem)
     points = torch.tensor([1, 4, 7])
     base = Perturbation(points, 0.05 * torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
@@ -55,7 +42,7 @@ def test_input_gradient_matches_finite_differences_of_the_moved_set():
 
 
 def test_attack_reaches_the_linearised_optimum_and_beats_the_baselines():
-    problem = fitted()
+    problem = fitted_problem(k=3)
     phi = margin(problem, held_out())
     factor = GramFactor(problem)
     lin = lambda pert: float(torch.func.grad(phi)(problem.params) @ set_shift(problem, pert, factor))
@@ -72,7 +59,7 @@ def test_attack_reaches_the_linearised_optimum_and_beats_the_baselines():
 
 
 def test_staged_attack_stays_in_budget_and_retrains_after_each_stage():
-    problem = fitted()
+    problem = fitted_problem(k=3)
     phi = margin(problem, held_out())
     calls = []
 
