@@ -81,12 +81,8 @@ def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, point
     ``δ‖x_k‖`` for each δ in ``deltas`` (relative).  Needs the :class:`~setsens.audit.Scan` of
     ``problem`` (its κ_k)."""
     weights = layer_weights(problem)
-    if not 1 <= points <= problem.n:
-        raise ValueError(f"points must be in [1, {problem.n}], got {points}")
-    deltas = _check_deltas(deltas)
-    x_train, _ = problem.points(torch.arange(problem.n))
-    reach = scan.kappa * x_train.reshape(problem.n, -1).norm(dim=1).to(scan.kappa)
-    kappa = float(reach.topk(points).values.sum())
+    deltas, norms = _checked(problem, deltas, points)
+    kappa = float((scan.kappa * norms.to(scan.kappa)).topk(points).values.sum())
     fan_in = torch.tensor([W.shape[1] for W in weights], dtype=torch.float64)
     budgets = deltas[:, None] * kappa * fan_in.sqrt()
     x = x.reshape(len(x), -1).to(weights[0])
@@ -105,13 +101,9 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
     Cost: the factor, then per held-out point K reverse passes (its output Jacobian) and K adjoint
     products; memory bounded by ``chunk`` held-out points at a time.
     """
-    if not 1 <= points <= problem.n:
-        raise ValueError(f"points must be in [1, {problem.n}], got {points}")
-    deltas = _check_deltas(deltas)
+    deltas, norms = _checked(problem, deltas, points)
     factor = factor or GramFactor(problem)
     A = input_jacobians(problem)  # (n, K, d), centred as G is
-    x_train, _ = problem.points(torch.arange(problem.n))
-    reach = x_train.reshape(problem.n, -1).norm(dim=1).to(A)
     one = lambda w, x_: problem.outputs(w, x_[None]).reshape(-1)
     predictions, radii = [], []
     for xs in x.to(problem.params).split(chunk):
@@ -122,7 +114,7 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
         grads = (jac[torch.arange(len(xs)), c][:, None] - jac).reshape(-1, problem.p)  # ∇ m_cj, (b·K, p)
         u = factor.adjoint(grads)  # (Gᵀ)⁺ ∇m
         s = torch.einsum("nkd,mnk->mnd", A, u.reshape(len(grads), problem.n, -1)).norm(dim=2)  # ‖A_kᵀ u_k‖
-        worst = (s * reach).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
+        worst = (s * norms.to(s)).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
         m = f[torch.arange(len(xs)), c][:, None] - f
         ratio = torch.where(worst > 0, m / worst, torch.full_like(m, float("inf")))
         ratio[torch.arange(len(xs)), c] = float("inf")
@@ -132,8 +124,12 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
     return Certificate(deltas, points, torch.cat(predictions), radius[None] > deltas[:, None], radius=radius)
 
 
-def _check_deltas(deltas) -> Tensor:
+def _checked(problem: Problem, deltas, points: int) -> tuple[Tensor, Tensor]:
+    """The budgets δ as a tensor and the training points' norms ‖x_k‖, after checking both arguments."""
+    if not 1 <= points <= problem.n:
+        raise ValueError(f"points must be in [1, {problem.n}], got {points}")
     deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
     if (deltas < 0).any():
         raise ValueError("the budgets δ must be ≥ 0")
-    return deltas
+    x, _ = problem.points(torch.arange(problem.n))
+    return deltas, x.reshape(problem.n, -1).norm(dim=1)
