@@ -15,7 +15,8 @@ Every method takes an operator ``A`` with ``A @ x`` (a tensor, :class:`~setsens.
 
 :func:`minres` (symmetric, singular or indefinite A; one product per iteration; optional
 :class:`Deflation`) and :func:`minres_min_norm` (``A⁺ b`` by two consistent MINRES solves),
-:func:`cgls` (any A; one A and one Aᵀ product per iteration), :func:`lanczos` (Ritz pairs) and
+:func:`cgls` (any A; one A and one Aᵀ product per iteration), :func:`cgne` (the same products, CG on
+``AAᵀ y = b`` with a preconditioner in A's range), :func:`lanczos` (Ritz pairs) and
 :func:`power_iteration` (``max |λ|``).  SciPy's MINRES and LSQR compute the same iterates but offer no
 resumption, deflation or GPU tensors; on the CPU :func:`minres` follows SciPy's to the bit (its
 stopping tests too), and the tests use both as references.
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["KrylovResult", "Deflation", "minres", "minres_min_norm", "cgls", "lanczos", "power_iteration"]
+__all__ = ["KrylovResult", "Deflation", "minres", "minres_min_norm", "cgls", "cgne", "lanczos", "power_iteration"]
 
 #: ``callback(k, relative residual, x_k) -> stop?``
 Callback = Callable[[int, float, Tensor], "bool | None"]
@@ -386,6 +387,67 @@ def cgls(A, b: Tensor, *, maxiter: int = 50, rtol: float = 1e-6, x0: Tensor | No
         if run.notify(itn, residuals[-1], x) and stopped_by is None:
             stopped_by = "callback"
         run.save({"x": x, "r": r, "s": s, "d": d, "gamma": gamma, "itn": itn, "residuals": residuals,
+                  "stopped_by": stopped_by})
+    stopped_by = stopped_by or "maxiter"
+    return KrylovResult(x, itn, residuals, run.products, stopped_by in ("rtol", "rounding"), stopped_by,
+                        run.seconds, resumed)
+
+
+# -- CGNE (Craig) --------------------------------------------------------------------------------------
+def cgne(A, b: Tensor, *, precondition: Callable[[Tensor], Tensor] | None = None, maxiter: int = 50,
+         rtol: float = 1e-6, x0: Tensor | None = None, callback: Callback | None = None,
+         checkpoint: str | None = None, dot: Callable[[Tensor, Tensor], float] | None = None,
+         dtype=torch.float64) -> KrylovResult:
+    """``min ‖x‖ s.t. A x = b`` by preconditioned CG on ``A Aᵀ y = b``, ``x = Aᵀ y`` (Craig's method).
+
+    One ``A @`` and one ``A.T @`` per step, as :func:`cgls`.  The iterates are ``x0 + Aᵀ y_k``, so
+    from ``x0 = 0`` they stay in range(Aᵀ) *whatever the preconditioner*: at convergence
+    ``x = A⁺ b`` for a consistent system (b ∈ range(A)).  CGLS keeps that property only without a
+    preconditioner; this method takes one in A's range, ``precondition(r) ≈ (AAᵀ)⁻¹ r`` (symmetric
+    positive semidefinite, positive on range(A)), which changes the path, not the limit.  Each step
+    minimises the error ``‖x_k − A⁺ b‖`` over its Krylov space (CGLS: the residual).  On an
+    inconsistent system the iterates diverge slowly from the least-squares solution: use
+    :func:`cgls` there.  ``residuals``: ``‖b − A x_k‖/‖b‖`` (by the recurrence).  ``dot``: the
+    inner product of A's range, as in :func:`cgls`.
+    """
+    dot = dot or (lambda a, c: float((a * c).sum()))
+    M = precondition or (lambda r: r)
+    b = b.detach().to(dtype)
+    bnorm = max(dot(b, b) ** 0.5, 1e-300)
+    run = _Run(A, dtype, callback, checkpoint, {"method": "cgne", "shape": tuple(b.shape), "b": bnorm,
+                                                 "x0": _norm(x0), "preconditioned": precondition is not None})
+    st = run.load(b.device)
+    if st is not None:
+        x, r, q = (st[k].to(dtype) for k in ("x", "r", "q"))
+        rz, itn, residuals, stopped_by = st["rz"], st["itn"], list(st["residuals"]), st["stopped_by"]
+        resumed = itn
+    else:
+        x = None if x0 is None else x0.detach().to(b.device, dtype)
+        r = b.clone() if x is None else b - run.matvec(x)
+        z = M(r).to(dtype)
+        q = run.rmatvec(z)  # Aᵀ d for the search direction d in A's range (d itself is not needed)
+        x = torch.zeros_like(q) if x is None else x
+        rz, itn, residuals, resumed = dot(r, z), 0, [], 0
+        stopped_by = "rtol" if rz <= 0.0 else None
+    while stopped_by is None and itn < maxiter:
+        qq = float(q @ q)  # ⟨d, AAᵀ d⟩
+        if qq == 0.0:
+            stopped_by = "rounding"
+            break
+        alpha = rz / qq
+        x = x + alpha * q
+        r = r - alpha * run.matvec(q)
+        z = M(r).to(dtype)
+        rz_new = dot(r, z)
+        q = run.rmatvec(z) + (rz_new / rz) * q  # d ← z + β d
+        rz = rz_new
+        itn += 1
+        residuals.append(dot(r, r) ** 0.5 / bnorm)
+        if residuals[-1] <= rtol or rz <= 0.0:
+            stopped_by = "rtol"
+        if run.notify(itn, residuals[-1], x) and stopped_by is None:
+            stopped_by = "callback"
+        run.save({"x": x, "r": r, "q": q, "rz": rz, "itn": itn, "residuals": residuals,
                   "stopped_by": stopped_by})
     stopped_by = stopped_by or "maxiter"
     return KrylovResult(x, itn, residuals, run.products, stopped_by in ("rtol", "rounding"), stopped_by,

@@ -45,8 +45,9 @@ import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, output_shift
-from .krylov import Callback, Deflation, KrylovResult, cgls, minres, minres_min_norm, power_iteration
+from .krylov import Callback, Deflation, KrylovResult, cgls, cgne, minres, minres_min_norm, power_iteration
 from .operators import HVP_MODES, DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
+from .preconditioners import PRECONDITIONERS, gram_preconditioner
 from .problem import Perturbation, Problem
 from .sets import AffineBall, excess, hausdorff
 from .solvers import Spectrum
@@ -85,6 +86,12 @@ class SolveOptions:
         checkpoint: a file path: the solve's state is saved there after every iteration and a rerun
             resumes it (with ``rule="fixed"`` to the same v₀; a validated rule rescores from there).
         callback: ``callback(k, residual, v_k)`` after every Krylov iteration; returning True stops.
+        preconditioner: matrix-free Gauss–Newton solve — ``"none"`` (CGLS) or CG on ``G Gᵀ u = −r``,
+            ``v = Gᵀ u`` (:func:`setsens.krylov.cgne`, still minimum norm) preconditioned by
+            ``"diagonal"`` or ``"nystrom"`` (:mod:`setsens.preconditioners`; measured in
+            ``benchmarks/preconditioner.py``).
+        sketch: the preconditioner's Hutchinson samples (diagonal: JVP passes) or rank (Nyström:
+            JVP + VJP passes), paid once before the solve.
     """
 
     maxiter: int = 200
@@ -102,6 +109,8 @@ class SolveOptions:
     keep_basis: bool = False
     checkpoint: str | None = None
     callback: Callback | None = None
+    preconditioner: str = "none"
+    sketch: int = 20
 
     def __post_init__(self):
         if self.rule not in ("validated", "fixed"):
@@ -110,6 +119,10 @@ class SolveOptions:
             raise ValueError("maxiter, check_every and patience must be ≥ 1")
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
+        if self.sketch < 1:
+            raise ValueError("sketch must be ≥ 1")
 
 
 @dataclass
@@ -308,6 +321,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
     if method == "gauss-newton" and problem.weight_decay:
         raise ValueError("the Gauss–Newton form keeps the training outputs and has no weight-decay term: "
                          "use method='hessian' on a problem with weight decay")
+    if solve.preconditioner != "none" and (dense or method != "gauss-newton"):
+        raise ValueError("a preconditioner applies to the matrix-free Gauss–Newton solve only")
     if dense and len(problem.rows) != problem.n:
         raise ValueError("the dense path needs all the data in one process (use dense=False on a sharded problem)")
     problem.check_perturbation(perturbation)
@@ -427,10 +442,13 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
     options = dict(maxiter=solve.maxiter, rtol=solve.rtol, x0=solve.x0, callback=on_iterate,
                    checkpoint=solve.checkpoint)
     if method == "gauss-newton":
-        result = cgls(G, -r, dot=G.dot, **options)
+        M = gram_preconditioner(solve.preconditioner, G, solve.sketch)
+        result = (cgls(G, -r, dot=G.dot, **options) if M is None
+                  else cgne(G, -r, precondition=M, dot=G.dot, **options))
 
-        def range_part(z):
-            return cgls(G, G @ z, dot=G.dot, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
+        def range_part(z):  # the preconditioner, paid once, serves every projection
+            options = dict(dot=G.dot, maxiter=radius.projection_maxiter, rtol=1e-10)
+            return (cgls(G, G @ z, **options) if M is None else cgne(G, G @ z, precondition=M, **options)).x.to(z)
     else:
         solver = minres_min_norm if solve.min_norm else minres
         result = solver(H, -b, deflation=solve.deflation, keep_basis=solve.keep_basis, **options)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from problems import graded, singular_symmetric
-from setsens.krylov import Deflation, cgls, lanczos, minres, minres_min_norm, power_iteration
+from setsens.krylov import Deflation, cgls, cgne, lanczos, minres, minres_min_norm, power_iteration
 
 
 def krylov_minimiser(H, b, k):
@@ -106,6 +106,41 @@ def test_cgls_reaches_the_minimum_norm_least_squares_solution(seed, m, p):
     assert np.linalg.norm(sol.x.numpy() - ref) <= 1e-6 * max(np.linalg.norm(ref), 1)
     assert all(a >= c - 1e-12 for a, c in zip(sol.residuals, sol.residuals[1:]))  # monotone
     assert sol.products == 2 * sol.iterations + 1
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(3, 30), extra=st.integers(0, 30))
+def test_cgne_is_minimum_norm_with_any_preconditioner(seed, m, extra):
+    """Craig's method reaches A⁺b on a consistent system with and without a preconditioner in A's range,
+    and a preconditioner that is the exact inverse of AAᵀ on its range takes one step."""
+    g = torch.Generator().manual_seed(seed)
+    p = m + extra
+    A = torch.randn(m, p, generator=g, dtype=torch.float64) * torch.logspace(0, -2, p, dtype=torch.float64)
+    b = A @ torch.randn(p, generator=g, dtype=torch.float64)  # consistent
+    ref = np.linalg.pinv(A.numpy()) @ b.numpy()
+    D = torch.diag(1 / torch.rand(m, generator=g, dtype=torch.float64))  # an SPD preconditioner
+    exact = torch.linalg.pinv(A @ A.T)
+    for M in (None, lambda r: D @ r, lambda r: exact @ r):
+        sol = cgne(A, b, precondition=M, maxiter=20 * m, rtol=1e-13)
+        assert np.linalg.norm(sol.x.numpy() - ref) <= 1e-7 * np.linalg.norm(ref)
+        assert sol.products == 2 * sol.iterations + 1
+    assert cgne(A, b, precondition=lambda r: exact @ r, maxiter=5, rtol=1e-10).iterations == 1
+    # each step minimises the error over its Krylov space: the error falls monotonically
+    errs = []
+    cgne(A, b, maxiter=m, rtol=0, callback=lambda k, res, x: errs.append(np.linalg.norm(x.numpy() - ref)))
+    assert all(a >= c * (1 - 1e-9) for a, c in zip(errs, errs[1:]))
+
+
+def test_cgne_resumes(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(20, 40, generator=g, dtype=torch.float64)
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    M = lambda r: r / (A * A).sum(1)  # noqa: E731  (Jacobi)
+    full = cgne(A, b, precondition=M, maxiter=12, rtol=0)
+    path = str(tmp_path / "cgne.pt")
+    cgne(A, b, precondition=M, maxiter=5, rtol=0, checkpoint=path)
+    resumed = cgne(A, b, precondition=M, maxiter=12, rtol=0, checkpoint=path)
+    assert resumed.resumed_from == 5 and torch.equal(resumed.x, full.x) and resumed.residuals == full.residuals
 
 
 def test_cgls_follows_lsqr_and_resumes(tmp_path):
