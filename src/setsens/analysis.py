@@ -179,6 +179,9 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     reason = "chosen by the caller"
     if method == "auto":
         method, reason = choose_method(problem)
+        if solve is not None and solve.preconditioner != "none" and method != "gauss-newton":
+            raise ValueError(f"the preconditioner applies to Gauss–Newton only, and method 'auto' chose {method} "
+                             f"({reason}): pass method='gauss-newton' or no preconditioner")
     report = progress or (lambda stage, info=None: None)
     report("estimate", method)
     result = estimate(problem, perturbation, method, solve=solve, radius=radius,

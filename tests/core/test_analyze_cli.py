@@ -87,6 +87,11 @@ def test_data_from_a_function_and_select_rules(user, tmp_path):
                    "--select", select, "--method", "gauss-newton", "--members", "0", "--out", tmp_path / select[:3]])
         assert res.exit_code == 0, res.output
         assert "verdict:" in res.output and "report written" in res.output
+    res = run(["--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt", "--data", user / "data.npz",
+               "--points", "2", "--method", "gauss-newton", "--preconditioner", "nystrom", "--sketch", "10",
+               "--members", "2", "--json", "--out", tmp_path / "pre"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.index("{"):])["method"] == "gauss-newton"
 
 
 def _bad_cases(user):
@@ -116,6 +121,10 @@ def _bad_cases(user):
         "missing direction file": (["--model", m, "--checkpoint", c, "--data", d, "--direction", "dx.npy"], "--direction"),
         "unknown loss": (["--model", m, "--checkpoint", c, "--data", d, "--loss", "hinge"], "loss"),
         "no model": (["--data", d], "--model"),
+        "preconditioner for eq. 19": (["--model", m, "--checkpoint", c, "--data", d, "--method", "hessian",
+                                       "--preconditioner", "nystrom"], "--preconditioner"),
+        "preconditioner when auto picks eq. 19": (["--model", m, "--checkpoint", c, "--data", d,
+                                                   "--preconditioner", "diagonal"], "Gauss–Newton only"),
     }
 
 

@@ -153,6 +153,11 @@ def markdown(summary: dict, figures: list[str]) -> str:
               type=click.Choice(["auto", "gauss-newton", "hessian", "influence"]))
 @click.option("--maxiter", default=200, show_default=True, type=click.IntRange(1),
               help="Krylov iterations at most, per solve (the estimate and each null projection).")
+@click.option("--preconditioner", default="none", show_default=True, type=click.Choice(["none", "diagonal", "nystrom"]),
+              help="Gauss–Newton only: precondition the estimate and every null projection (CG on GGᵀ, still "
+                   "minimum norm); nystrom pays when the set must be accurate (benchmarks/preconditioner.py).")
+@click.option("--sketch", default=100, show_default=True, type=click.IntRange(1),
+              help="The preconditioner's rank (nystrom) or samples (diagonal), paid once.")
 @click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
 @click.option("--validate", is_flag=True, help="Retrain (same budget, perturbed and clean) and score the estimate.")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
@@ -161,8 +166,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(points, select, direction, step, method, maxiter, members, validate, steps, test_points, seed, out,
-            as_json, **inputs):
+def command(points, select, direction, step, method, maxiter, preconditioner, sketch, members, validate, steps,
+            test_points, seed, out, as_json, **inputs):
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
     from ..report import atomic_torch_save, prepare_out_dir, to_jsonable, write_json, write_text
@@ -175,6 +180,8 @@ def command(points, select, direction, step, method, maxiter, members, validate,
                                  param_hint="--direction")
     if inputs["data_spec"] is None:
         raise click.UsageError("give --data (and --model, usually --checkpoint)")
+    if preconditioner != "none" and method in ("hessian", "influence"):
+        raise click.BadParameter(f"applies to --method gauss-newton only, not {method}", param_hint="--preconditioner")
     out = prepare_out_dir(out)
     problem, data, polished = load_problem(log=log, **inputs)
     idx = _select(problem, rule, arg, seed)
@@ -212,7 +219,8 @@ def command(points, select, direction, step, method, maxiter, members, validate,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
         analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
-                           solve=SolveOptions(maxiter=maxiter), steps=steps, progress=progress,
+                           solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner, sketch=sketch),
+                           steps=steps, progress=progress,
                            radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
     for bar in bars.values():
         bar.close()
