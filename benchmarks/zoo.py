@@ -30,10 +30,8 @@ ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 TRAINED = {"resnet": Path(__file__).resolve().parents[2] / "shared" / "data" / "resnet56-cifar10.th"}
 #: the verdict's advice, per model: fine-tune to a stationary point of the risk with weight decay (the
 #: MLP was trained with it; without it a cross-entropy fit only saturates — its loss and curvature → 0)
-ADVICE = {"cnn": ["--weight-decay", "1e-4", "--polish", "300", "--dtype", "float64"],
-          "mlp": ["--weight-decay", "1e-4", "--polish", "500", "--dtype", "float64"],
-          "transformer": ["--weight-decay", "1e-4", "--polish", "300", "--dtype", "float64"],
-          "resnet": []}
+ADVICE = {name: ["--weight-decay", "1e-4", "--polish", "3000", "--dtype", "float64", "--maxiter", "1000"]
+          for name in ("cnn", "mlp", "transformer")} | {"resnet": []}
 
 
 def checkpoint(name: str, out: Path) -> Path:

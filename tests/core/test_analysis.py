@@ -47,6 +47,32 @@ def test_on_a_stationary_fit_the_verdict_passes_and_retraining_agrees():
     assert len(s["set"]["member_distances_from_w_bar"]) == 8
 
 
+def test_with_weight_decay_the_converged_reference_validates_a_classifier():
+    """A cross-entropy MLP with weight decay, polished to stationarity: its minimiser is isolated, so
+    the reference is L-BFGS to convergence (tolerance-independent), and eq. 19 — here −H⁻¹JΔx — matches
+    it on held-out outputs to first order (the relative error falls with the step)."""
+    from setsens.retrain import retrain
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(70, 3, generator=g, dtype=torch.float64)
+    y = x.argmax(1)
+    problem = Problem(model, cross_entropy, (x[:30], y[:30]), weight_decay=1e-2)
+    problem.params = retrain(problem, gtol=1e-9, max_iter=5000).w
+    errors = []
+    for step in (0.05, 0.01):
+        pert = gradient_perturbation(problem, [2, 7], step)
+        a = analyze(problem, pert, test=(x[30:], y[30:]), validate=True, steps=3000, members=0)
+        ref = a.validation["reference"]
+        assert ref["kind"] == "converged_response" and ref["stable"] and ref["converged"]
+        assert a.method == "hessian" and a.verdict.status == "pass"
+        errors.append(a.validation["relative_error"])
+    assert a.validation["pearson"] >= 0.999 and errors[1] < 0.05 and errors[1] < errors[0] / 3
+    with pytest.raises(ValueError, match="needs weight decay"):
+        analyze(fitted()[0], pert, reference="converged")
+
+
 def test_the_verdict_fails_where_w_bar_is_far_from_stationary():
     problem, test = fitted()
     moved = Problem(problem.model, squared_error, (problem.inputs, problem.targets),

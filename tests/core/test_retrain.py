@@ -46,3 +46,29 @@ def test_cross_entropy_reference_is_stable_where_plain_retraining_is_not():
     assert ref.stable and ref.change_when_tightened <= 0.05
     first_order = influence_shift(problem, pert, "damped", damping=lam, maxiter=500)
     assert float((ref.shift - first_order).norm()) <= 0.1 * float(ref.shift.norm())
+
+
+def test_converged_response_with_weight_decay_is_the_undamped_influence_and_flags_an_unconverged_run():
+    """With weight decay the minimiser is isolated: λ = 0 gives the converged response, tolerance-
+    independent, and to first order −H⁻¹ J Δx.  A run cut short by max_iter is never called stable."""
+    import pytest
+
+    from problems import small_problem
+    from setsens.influence import influence_shift
+    from setsens.perturb import gradient_perturbation
+    from setsens.retrain import proximal_response
+
+    problem = small_problem(seed=0, n=12, d=3, hidden=8, k=2, loss="ce", batch_size=12)
+    with pytest.raises(ValueError, match="weight decay"):
+        proximal_response(problem, None, 0.0)
+    from setsens.problem import cross_entropy
+
+    problem = Problem(problem.model, cross_entropy, problem.points(torch.arange(12)), weight_decay=1e-2, batch_size=12)
+    problem.params = retrain(problem, gtol=1e-9, max_iter=5000).w  # stationary (to its precision floor)
+    pert = gradient_perturbation(problem, torch.tensor([0, 5]), 1e-3)
+    ref = proximal_response(problem, pert, 0.0)
+    assert ref.stable and ref.perturbed.converged
+    exact = influence_shift(problem, pert, "exact")
+    assert float((ref.shift - exact).norm()) <= 0.05 * float(ref.shift.norm())
+    short = proximal_response(problem, pert, 0.0, gtol=1e-12, max_iter=2)
+    assert not short.stable

@@ -126,11 +126,17 @@ def markdown(summary: dict, figures: list[str]) -> str:
     val = summary.get("validation")
     if val:
         ref = val["reference"]
+        if ref["kind"] == "budget_response":
+            how = (f"gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g})", "budget-stable",
+                   f"change when halved {ref['change_when_halved']:.2f}")
+        else:
+            how = (f"L-BFGS from w̄ to ‖∇L‖ ≤ {ref['gtol']:.2g} (a thousandth of the gradient the move creates; "
+                   f"at most {ref['max_iter']} iterations, converged: {ref['converged']})", "tolerance-independent",
+                   f"change at a 100× tighter tolerance {ref['change_when_tightened']:.2g}")
         lines += ["", "## Validation against retraining", "",
-                  f"Reference: gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g}) on perturbed and "
-                  f"on clean data; their difference changes the held-out outputs by {ref['output_change_norm']:.3g} "
-                  f"(the clean run itself drifts {ref['output_drift_norm']:.3g}); budget-stable: {ref['stable']} "
-                  f"(change when halved {ref['change_when_halved']:.2f}).", "",
+                  f"Reference: {how[0]} on perturbed and on clean data; their difference changes the held-out "
+                  f"outputs by {ref['output_change_norm']:.3g} (the clean run itself drifts "
+                  f"{ref['output_drift_norm']:.3g}); {how[1]}: {ref['stable']} ({how[2]}).", "",
                   "| | Pearson | relative error |", "|---|---|---|",
                   f"| {summary['method']} | {val['pearson']:.3f} | {val['relative_error']:.3f} |",
                   f"| influence (damped) | {val['influence']['pearson']:.3f} | "
@@ -160,14 +166,18 @@ def markdown(summary: dict, figures: list[str]) -> str:
               help="The preconditioner's rank (nystrom) or samples (diagonal), paid once.")
 @click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
 @click.option("--validate", is_flag=True, help="Retrain (same budget, perturbed and clean) and score the estimate.")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(2), help="Retraining budget.")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(2),
+              help="Retraining budget (gradient steps; converged reference: L-BFGS iterations at most).")
+@click.option("--reference", default="auto", show_default=True, type=click.Choice(["auto", "budget", "converged"]),
+              help="What --validate retrains: same-budget gradient descent, or L-BFGS to stationarity (needs "
+                   "--weight-decay: an isolated minimiser); auto: converged with weight decay, else budget.")
 @click.option("--test-points", default=1000, show_default=True, type=click.IntRange(1),
               help="Held-out points used at most.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def command(points, select, direction, step, method, maxiter, preconditioner, sketch, members, validate, steps,
-            test_points, seed, out, as_json, **inputs):
+            reference, test_points, seed, out, as_json, **inputs):
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
     from ..report import atomic_torch_save, prepare_out_dir, to_jsonable, write_json, write_text
@@ -182,6 +192,9 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
         raise click.UsageError("give --data (and --model, usually --checkpoint)")
     if preconditioner != "none" and method in ("hessian", "influence"):
         raise click.BadParameter(f"applies to --method gauss-newton only, not {method}", param_hint="--preconditioner")
+    if reference == "converged" and not inputs.get("weight_decay"):
+        raise click.BadParameter("needs --weight-decay (else the minimiser need not be finite)",
+                                 param_hint="--reference")
     out = prepare_out_dir(out)
     problem, data, polished = load_problem(log=log, **inputs)
     idx = _select(problem, rule, arg, seed)
@@ -220,7 +233,7 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
         analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
                            solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner, sketch=sketch),
-                           steps=steps, progress=progress,
+                           steps=steps, reference=reference, progress=progress,
                            radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
     for bar in bars.values():
         bar.close()
