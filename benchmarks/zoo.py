@@ -2,8 +2,10 @@
 
 Each model of ``examples/zoo`` is trained (seeded; float32, Adam, as its file says), saved, and
 analysed through the command line for several choices of moved points (``random:3`` with seeds
-0, 1, 2), twice: as trained, and after following the verdict's advice (``--polish``: L-BFGS in
-float64 towards a stationary point of the risk with a weight decay of 1e-4, the MLP's own).
+0, 1, 2), twice: as trained, and after following the verdict's advice (``--polish``: up to 3000
+L-BFGS iterations in float64 towards a stationary point of the risk with a weight decay of 1e-4,
+and ``--maxiter 1000`` for the solve).  The reference is same-budget gradient descent as trained
+and, with weight decay (an isolated minimiser), the converged response: L-BFGS to stationarity.
 Printed: per model and step, the verdict (how many seeds pass / warn / fail),
 the Pearson correlation between predicted and retrained change of held-out outputs for the
 estimate and for the damped influence function (median, min, max over seeds), and whether the
