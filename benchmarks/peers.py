@@ -35,7 +35,8 @@ HVP each); Arnoldi takes the top-|λ| ``it/2`` eigenpairs from a Krylov space of
 (ARPACK decides the number of HVPs, which are reported).  That this v is the one behind pyDVL's
 perturbation influence is checked once, at the largest budget (``PYDVL_CHECK``,
 :func:`pydvl_perturbation_check`): its perturbation influence of the perturbed points' moved-input
-loss, contracted with Δx, against ⟨∇_w ℓ, v⟩ for pyDVL's CG v and our MINRES v.
+loss, contracted with Δx, against ⟨∇_w ℓ, v⟩ for pyDVL's CG v (damped like its influence there,
+and undamped) and our MINRES v.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def pydvl_peers(problem: Problem, b, lam_max: float, damping: float, counter: di
             "pydvl_arnoldi": arnoldi}
 
 
-def pydvl_perturbation_check(problem: Problem, idx, pert, it: int, shifts: dict) -> dict:
+def pydvl_perturbation_check(problem: Problem, idx, pert, it: int, damp: float, shifts: dict) -> dict:
     """pyDVL's public perturbation influence against ⟨ḡ, v⟩ for the shifts v of the methods.
 
     ``CgInfluence(...).influences(x_test, y_test, x, y, mode=InfluenceMode.Perturbation)`` gives, for
@@ -152,6 +153,10 @@ def pydvl_perturbation_check(problem: Problem, idx, pert, it: int, shifts: dict)
     the linear part of what ``increase_removed`` measures.  Equal numbers show that the v scored
     above is the shift behind pyDVL's perturbation influence; the two CG runs differ only in their
     right-hand sides (``∇_w ℓ_t`` there, ``−J Δx`` here), so they agree as far as CG has converged.
+    Both are damped by ``damp`` (H + damp·I): ``∇_w ℓ_t`` at the moved inputs has a part outside the
+    range of the singular H, so undamped CG on ``H z = ∇_w ℓ_t`` does not converge (on the digits
+    problem at 320 iterations it gave +8.9e-4 where ⟨∇_w ℓ, v⟩ is −1.14e-3), while −J Δx lies in the
+    range (zero residual) and the undamped v is fine.
     """
     from pydvl.influence import InfluenceMode
     from pydvl.influence.torch import CgInfluence
@@ -159,14 +164,14 @@ def pydvl_perturbation_check(problem: Problem, idx, pert, it: int, shifts: dict)
     model, loss, loader = pydvl_setup(problem)
     xk, yk = problem.points(idx)
     xt = xk + pert.delta.to(xk)
-    infl = CgInfluence(model, loss, regularization=problem.weight_decay or None, rtol=0.0, atol=0.0, maxiter=it,
+    infl = CgInfluence(model, loss, regularization=problem.weight_decay + damp, rtol=0.0, atol=0.0, maxiter=it,
                        warn_on_max_iteration=False).fit(loader)
     t = time.perf_counter()
     infl_values = infl.influences(xt, yk, xk, yk, mode=InfluenceMode.Perturbation)  # (k test, k train, *x)
     secs = time.perf_counter() - t
     pred = -problem.weight * (infl_values * pert.delta.to(infl_values)[None]).flatten(2).sum((1, 2))
     g = torch.func.grad(lambda w: problem.per_sample_loss(w, xt, yk).mean())(problem.params)
-    return {"budget": it, "seconds": secs, "pydvl_perturbation_influence": float(pred.mean()),
+    return {"budget": it, "damping": damp, "seconds": secs, "pydvl_perturbation_influence": float(pred.mean()),
             **{f"<g,v> {name}": float(g @ v.to(g)) for name, v in shifts.items()}}
 
 
@@ -322,8 +327,8 @@ def main(argv=None):
     if "pydvl_cg" in methods:
         it = max(budgets)
         try:
-            check = pydvl_perturbation_check(problem, idx, pert, it, {n: methods[n](it) for n in
-                                                                      ("pydvl_cg", "setsens_minres")})
+            shifts = {n: methods[n](it) for n in ("pydvl_cg_damped", "pydvl_cg", "setsens_minres")}
+            check = pydvl_perturbation_check(problem, idx, pert, it, args.damping * lam_max, shifts)
         except Exception as err:  # a failing check is reported like a failing peer
             check = {"error": f"{type(err).__name__}: {err}"[:200]}
         print("PYDVL_CHECK " + json.dumps(check))
