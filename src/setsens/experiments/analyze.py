@@ -257,5 +257,5 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
         if validate:
             v = analysis.validation
             click.echo(f"validation: Pearson {v['pearson']:.3f} (influence {v['influence_pearson']:.3f}), relative "
-                       f"error {v['relative_error']:.3f}; reference budget-stable: {v['reference']['stable']}")
+                       f"error {v['relative_error']:.3f}; reference stable: {v['reference']['stable']}")
         click.echo(f"report written to {out / 'report.md'}")
