@@ -47,10 +47,8 @@ def test_on_a_stationary_fit_the_verdict_passes_and_retraining_agrees():
     assert len(s["set"]["member_distances_from_w_bar"]) == 8
 
 
-def test_with_weight_decay_the_converged_reference_validates_a_classifier():
-    """A cross-entropy MLP with weight decay, polished to stationarity: its minimiser is isolated, so
-    the reference is L-BFGS to convergence (tolerance-independent), and eq. 19 — here −H⁻¹JΔx — matches
-    it on held-out outputs to first order (the relative error falls with the step)."""
+def decayed_classifier():
+    """A cross-entropy tanh MLP with weight decay, polished to stationarity, and 40 held-out points."""
     from setsens.retrain import retrain
 
     g = torch.Generator().manual_seed(3)
@@ -60,6 +58,14 @@ def test_with_weight_decay_the_converged_reference_validates_a_classifier():
     y = x.argmax(1)
     problem = Problem(model, cross_entropy, (x[:30], y[:30]), weight_decay=1e-2)
     problem.params = retrain(problem, gtol=1e-9, max_iter=5000).w
+    return problem, x, y
+
+
+def test_with_weight_decay_the_converged_reference_validates_a_classifier():
+    """The classifier's minimiser is isolated, so the reference is L-BFGS to convergence (tolerance-
+    independent), and eq. 19 — here −H⁻¹JΔx — matches it on held-out outputs to first order (the
+    relative error falls with the step)."""
+    problem, x, y = decayed_classifier()
     errors = []
     for step in (0.05, 0.01):
         pert = gradient_perturbation(problem, [2, 7], step)
@@ -71,6 +77,26 @@ def test_with_weight_decay_the_converged_reference_validates_a_classifier():
     assert a.validation["pearson"] >= 0.999 and errors[1] < 0.05 and errors[1] < errors[0] / 3
     with pytest.raises(ValueError, match="needs weight decay"):
         analyze(fitted()[0], pert, reference="converged")
+
+
+def test_the_first_order_check_grows_with_the_step_and_flags_a_large_move():
+    """The uncancelled share of the gradient change is O(‖Δx‖) for the exact eq.-19 centre: doubling a
+    small step doubles it; a large move fails the check, which no other check sees."""
+    from setsens.solution_set import RadiusOptions, SolveOptions, estimate
+    from setsens.verdict import LossOnPoints, assess, first_order_residual
+
+    problem, _, _ = decayed_classifier()
+    residual = {}
+    for step in (0.005, 0.01, 1.0):
+        pert = gradient_perturbation(problem, [2, 7], step)
+        est = estimate(problem, pert, "hessian", dense=True, solve=SolveOptions(rule="fixed", tau=1e-12),
+                       radius=RadiusOptions(directions=0))
+        residual[step] = first_order_residual(est)
+        checks = {c.name: c for c in assess(est, LossOnPoints(1.0, 2.0, 1.5), residual[step]).checks}
+        assert checks["first_order"].value == residual[step]
+    assert 1.7 < residual[0.01] / residual[0.005] < 2.3 and residual[0.01] < 0.1
+    assert checks["first_order"].status == "fail" and "--step" in checks["first_order"].advice
+    assert checks["stationarity"].status == "pass" and checks["feasibility_residual"].status == "pass"
 
 
 def test_the_verdict_fails_where_w_bar_is_far_from_stationary():
