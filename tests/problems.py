@@ -112,8 +112,8 @@ CKPT = SHARED / "resnet56-cifar10.th"
 NPZ = SHARED / "cifar10-subset.npz"
 
 
-def resnet_run_files(directory):
-    """A random ResNet-8 checkpoint (DataParallel layout) and a 12+6-image npz in ``directory``.
+def resnet_run_files(directory, n_train=12):
+    """A random ResNet-8 checkpoint (DataParallel layout) and an ``n_train``+6-image npz in ``directory``.
 
     Returns ``(checkpoint path, npz path, model)``.
     """
@@ -124,8 +124,8 @@ def resnet_run_files(directory):
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "best_prec1": 0.0},
                directory / "r8.th")
     rng = np.random.default_rng(0)
-    np.savez(directory / "c.npz", train_x=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
-             train_y=rng.integers(0, 10, 12).astype(np.int64),
+    np.savez(directory / "c.npz", train_x=rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+             train_y=rng.integers(0, 10, n_train).astype(np.int64),
              test_x=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
              test_y=rng.integers(0, 10, 6).astype(np.int64))
     return directory / "r8.th", directory / "c.npz", model

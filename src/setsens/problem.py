@@ -424,17 +424,26 @@ class Problem:
         return self.reduce(g)
 
     def loss_on(self, indices, w: Tensor | None = None, perturbation: Perturbation | None = None) -> float:
-        """Mean per-sample loss on the training points ``indices`` (perturbed if given)."""
+        """Mean per-sample loss on the training points ``indices`` (perturbed if given).
+
+        Each point's loss is computed where the point is held and the losses are summed through
+        :meth:`reduce` (on a sharded problem every process must call this; all get the same value).
+        """
         w = self.params if w is None else w
-        x, y = self.points(indices)
-        if perturbation is not None:
-            where = {int(i): j for j, i in enumerate(perturbation.indices)}
-            x = x.clone()
-            for r, i in enumerate(torch.as_tensor(indices).reshape(-1).tolist()):
-                if i in where:
-                    x[r] += perturbation.delta[where[i]].to(x)
-        with torch.no_grad():
-            return float(self.per_sample_loss(w, x, y).mean())
+        idx = self.check_indices(indices)
+        mine = self.holds(idx)
+        losses = torch.zeros(idx.numel(), dtype=self.dtype, device=self.device)
+        if mine.any():
+            x, y = self.points(idx[mine])
+            if perturbation is not None:
+                where = {int(i): j for j, i in enumerate(perturbation.indices)}
+                x = x.clone()
+                for r, i in enumerate(idx[mine].tolist()):
+                    if i in where:
+                        x[r] += perturbation.delta[where[i]].to(x)
+            with torch.no_grad():
+                losses[mine.to(self.device)] = self.per_sample_loss(w, x, y).to(losses)
+        return float(self.reduce(losses).mean())
 
     def stationarity(self, w: Tensor | None = None, reference: float | None = None, rtol: float = 0.1,
                      warn: bool = True) -> dict:

@@ -29,6 +29,13 @@ def test_npz_and_folder_loaders(tiny_run_files, tmp_path):
         pickle.dump({b"label_names": []}, fh)
     xf, yf = load_cifar10_folder(tmp_path, "train")
     assert torch.equal(xf, x) and torch.equal(yf, y)
+    # a process's share (torchrun): the shares of the (seeded) subset, in order, are the subset
+    for path in (npz, tmp_path):
+        for n, seed in ((None, None), (10, None), (7, 3)):
+            whole = load_cifar10(path, "train", n=n, seed=seed)
+            parts = [load_cifar10(path, "train", n=n, seed=seed, part=(r, 3)) for r in range(3)]
+            assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+            assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
     with pytest.raises(FileNotFoundError):
         load_cifar10(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="download=True"):

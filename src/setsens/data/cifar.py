@@ -33,6 +33,12 @@ def _to_tensor(x: np.ndarray, dtype) -> torch.Tensor:
 
 def load_cifar10_npz(path, split: str = "train", dtype=torch.float32):
     """``(x, y)`` from an npz with ``train_x/train_y/test_x/test_y`` (uint8 NHWC images)."""
+    x, y = _npz_arrays(path, split)
+    return _to_tensor(x, dtype), torch.from_numpy(y)
+
+
+def _npz_arrays(path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 NHWC images and int64 labels of ``split`` in an npz (nothing converted yet)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 npz not found: {path}")
@@ -42,7 +48,7 @@ def load_cifar10_npz(path, split: str = "train", dtype=torch.float32):
         keys = (f"{split}_x", f"{split}_y")
         if not all(k in z for k in keys):
             raise ValueError(f"{path} lacks the arrays {keys} (has {sorted(z.files)})")
-        return _to_tensor(z[keys[0]], dtype), torch.from_numpy(z[keys[1]].astype(np.int64))
+        return z[keys[0]], z[keys[1]].astype(np.int64)
 
 
 def _download(root: Path) -> None:
@@ -63,6 +69,12 @@ def load_cifar10_folder(root, split: str = "train", dtype=torch.float32, downloa
 
     With ``download=True`` the archive is fetched into ``root`` when the folder is missing.
     """
+    x, y = _folder_arrays(root, split, download)
+    return _to_tensor(x, dtype), torch.from_numpy(y)
+
+
+def _folder_arrays(root, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 NHWC images and int64 labels of ``split`` in a torchvision folder (nothing converted yet)."""
     root = Path(root)
     folder = root if (root / "batches.meta").is_file() else root / _FOLDER
     if not folder.is_dir():
@@ -82,27 +94,39 @@ def load_cifar10_folder(root, split: str = "train", dtype=torch.float32, downloa
             d = pickle.load(fh, encoding="bytes")
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-    return _to_tensor(np.concatenate(xs), dtype), torch.from_numpy(np.concatenate(ys))
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def load_cifar10(path, split: str = "train", n: int | None = None, seed: int | None = None,
-                 dtype=torch.float32, download: bool = False):
+                 dtype=torch.float32, download: bool = False, part: tuple[int, int] | None = None):
     """CIFAR-10 from an ``.npz`` file or a torchvision folder; optionally the first ``n`` images
-    (or ``n`` drawn at random with ``seed``)."""
+    (or ``n`` drawn at random with ``seed``).
+
+    ``part=(rank, world)``: only that process's contiguous share of those images
+    (:func:`setsens.distributed.shard`; it starts at ``shard(n, rank, world).start``).  Only the share
+    is converted to floats: a process holds its rows, not the data set.
+    """
     path = Path(os.fspath(path))
     if path.suffix == ".npz":
-        x, y = load_cifar10_npz(path, split, dtype)
+        x, y = _npz_arrays(path, split)
     else:
-        x, y = load_cifar10_folder(path, split, dtype, download)
+        x, y = _folder_arrays(path, split, download)
+    idx = None
     if n is not None:
         if not 0 < n <= len(y):
             raise ValueError(f"n must be in [1, {len(y)}], got {n}")
         if seed is None:
-            idx = torch.arange(n)
+            idx = np.arange(n)
         else:
-            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values.numpy()
+    if part is not None:
+        from ..distributed import shard
+
+        idx = np.arange(len(y)) if idx is None else idx
+        idx = idx[shard(len(idx), *part)]
+    if idx is not None:
         x, y = x[idx], y[idx]
-    return x, y
+    return _to_tensor(x, dtype), torch.from_numpy(y)
 
 
 def load_cifar10_flat(path, dtype=torch.float32):

@@ -21,12 +21,17 @@ the warm-started retrained solution), Table 3 (step sweep; v is linear in Δx fo
 from zero, so the sweep rescales one solve exactly), and ``--seeds`` estimates from different random
 starts (the paper's multi-seed study, ``--seed-points`` points).  Every solve is checkpointed under
 ``OUT/state`` and an interrupted run resumes where it stopped.
+
+Under ``torchrun`` with several processes the run is data-parallel: each rank holds its share of the
+n images in a :class:`~setsens.distributed.DistributedProblem` and Tables 1 and 3 are computed (not
+checkpointed); rank 0 writes and prints (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import click
 import torch
+import torch.distributed as dist
 
 from ..report import atomic_torch_save
 from .options import first_line, npz_lengths, number_list
@@ -92,6 +98,13 @@ QUICK = dict(n=32, points=(1,), scenarios=2, seeds=2, seed_points=4, maxiter=10,
              retrain_iter=3, n_test=100, grid=4, batch_size=32)
 
 
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _pt(t):
     return {"float32": torch.float32, "float64": torch.float64}[t]
 
@@ -105,22 +118,36 @@ class _Run:
         from ..problem import Problem, cross_entropy
 
         self.cfg, self.out, self.progress = cfg, out, progress
-        # cached results are keyed by every setting they depend on
-        self.state = RunState(out, cfg, UNCACHED).dir if out is not None else None
+        self.rank, self.world = world()
+        # cached results are keyed by every setting they depend on; a data-parallel run caches nothing
+        # (the ranks would have to agree on what each of them finds on disk)
+        self.state = RunState(out, cfg, UNCACHED).dir if out is not None and self.world == 1 else None
         dtype = _pt(cfg.dtype)
         self.model = load_cifar_resnet(cfg.checkpoint, cfg.depth).to(cfg.device, dtype)
-        x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
-        self.problem = Problem(self.model, cross_entropy, (x, y), batch_size=cfg.batch_size, dtype=dtype,
-                               device=cfg.device)
+        options = dict(batch_size=cfg.batch_size, dtype=dtype, device=cfg.device)
+        if self.world == 1:
+            x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
+            self.problem = Problem(self.model, cross_entropy, (x, y), **options)
+        else:  # this rank's rows of the subset only; indices stay global
+            from ..distributed import DistributedProblem, shard
+
+            x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype,
+                                part=(self.rank, self.world))
+            self.problem = DistributedProblem(self.model, cross_entropy, (x, y), n_total=cfg.n,
+                                              offset=shard(cfg.n, self.rank, self.world).start, **options)
         self.deflation = None
         self.hvp_count = 0  # Hessian-vector products of this process
         self.solves: list[dict] = []
 
     # -- pieces ---------------------------------------------------------------------------------
     def per_sample_losses(self) -> torch.Tensor:
+        """The unperturbed loss of every training point (n numbers; a data-parallel run sums the ranks' rows)."""
         p = self.problem
         with torch.no_grad():
-            return torch.cat([p.per_sample_loss(p.params, x, y) for x, y in p.batches()]).double().cpu()
+            mine = torch.cat([p.per_sample_loss(p.params, x, y) for x, y in p.batches()]).double()
+        losses = torch.zeros(p.n, dtype=torch.float64, device=mine.device)
+        losses[p.rows.start:p.rows.stop] = mine
+        return p.reduce(losses).cpu()
 
     def direction(self, idx: torch.Tensor):
         from ..perturb import gradient_perturbation
@@ -250,32 +277,71 @@ def _choose(candidates: torch.Tensor, k: int, g: torch.Generator) -> torch.Tenso
     return candidates[torch.randperm(candidates.numel(), generator=g)[:k]].sort().values
 
 
+def distributed_conflicts(cfg) -> list[str]:
+    """What a data-parallel run (several ranks) cannot do with ``cfg`` (a dict or a :class:`ResnetConfig`).
+
+    Such a run computes Table 1 with the Gauss–Newton estimate and Table 3 (a rescaling of it);
+    Table 2's retraining, the multi-start study, the landscape and MINRES's Ritz recycling are not
+    made data-parallel here.
+    """
+    c = asdict(cfg) if not isinstance(cfg, dict) else cfg
+    bad = [f"{flag} {c[key]}" for flag, key in (("--scenarios", "scenarios"), ("--seeds", "seeds")) if c[key]]
+    if c["grid"] > 1:
+        bad.append(f"--grid {c['grid']}")
+    if c["solver"] != "gauss-newton":
+        bad.append(f"--solver {c['solver']}")
+    if str(c["device"]).startswith("cuda:"):
+        bad.append(f"--device {c['device']} (give --device cuda: each rank takes the GPU of its LOCAL_RANK)")
+    return bad
+
+
 def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> dict:
-    """Run the whole protocol; returns the results (also written to ``out`` when given)."""
+    """Run the whole protocol; returns the results (also written to ``out`` when given).
+
+    Under an initialised process group of several ranks (``torchrun``) the run is data-parallel:
+    every rank calls this with the same ``cfg``, holds its share of the n images and computes Tables
+    1 and 3 (see :func:`distributed_conflicts`); all ranks return the same numbers.  Pass ``out`` on
+    one rank only (it writes); nothing is cached for a resume.
+    """
+    from ..distributed import shard
     from ..perturb import gradient_perturbation  # noqa: F401  (import errors early)
     from ..retrain import retrain
 
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    R = _Run(cfg, out, progress)
+    rank, size = world()
+    if size > 1 and distributed_conflicts(cfg):
+        raise ValueError(f"a data-parallel run computes Tables 1 and 3 only: {', '.join(distributed_conflicts(cfg))}")
+    R = _Run(cfg, out, progress and rank == 0)
     p = R.problem
     g = torch.Generator().manual_seed(cfg.seed)
     results: dict = {"config": asdict(cfg), "model": {"depth": cfg.depth, "p": p.p, "n": p.n}}
+    if R.world > 1:
+        results["distributed"] = {"world_size": R.world, "backend": dist.get_backend(),
+                                  "rows_per_rank": [len(range(cfg.n)[shard(cfg.n, r, R.world)])
+                                                    for r in range(R.world)]}
 
     # -- the model and w̄ --------------------------------------------------------------------------
     if cfg.n_test != 0:
         from ..data.cifar import load_cifar10
 
         try:
-            xt, yt = load_cifar10(cfg.data, "test", dtype=_pt(cfg.dtype))
-            if cfg.n_test:
-                xt, yt = xt[: cfg.n_test], yt[: cfg.n_test]
+            try:  # the first n_test test images (all of them if there are fewer), this rank's share
+                xt, yt = load_cifar10(cfg.data, "test", n=cfg.n_test or None, dtype=_pt(cfg.dtype),
+                                      part=(R.rank, R.world))
+            except ValueError:
+                if not cfg.n_test:
+                    raise
+                xt, yt = load_cifar10(cfg.data, "test", dtype=_pt(cfg.dtype), part=(R.rank, R.world))
+            correct = 0
             with torch.no_grad():
-                pred = torch.cat([R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu()
-                                  for s in range(0, len(yt), 250)])
-            results["model"]["test_accuracy"] = float((pred == yt).double().mean())
-            results["model"]["n_test"] = len(yt)
+                for s in range(0, len(yt), 250):
+                    correct += int((R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu() == yt[s:s + 250]).sum())
+            n_test = int(p.reduce(float(len(yt))))
+            results["model"]["test_accuracy"] = p.reduce(float(correct)) / n_test
+            results["model"]["n_test"] = n_test
+            del xt, yt
         except (FileNotFoundError, ValueError) as err:
             results["model"]["test_accuracy_error"] = str(err)
     st = p.stationarity(warn=False)
@@ -320,6 +386,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         if k == cfg.points[0]:
             first_unit, first_sol = unit, sol
         if out is not None:
+            (out / "state").mkdir(exist_ok=True)
             atomic_torch_save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta},
                               out / "state" / f"estimate_table1_{k}.pt")
     results["table1"] = table1
@@ -477,8 +544,12 @@ def render_report(r: dict, command_line: str = "") -> str:
           + (f", test accuracy {100 * m['test_accuracy']:.1f} % on {m['n_test']} test images"
              if "test_accuracy" in m else "")
           + f".  At w̄: risk {st['risk']:.3e}, ‖∇L‖ = {st['grad_norm']:.3e} (relative {st['relative_grad_norm']:.2e}); "
-          f"{r['eligible_points']} points with loss < {cfg['threshold']:g}.", "",
-          _solver_line(cfg), "",
+          f"{r['eligible_points']} points with loss < {cfg['threshold']:g}.", ""]
+    if "distributed" in r:
+        d = r["distributed"]
+        L += [f"Data-parallel: {d['world_size']} processes ({d['backend']}), "
+              f"{min(d['rows_per_rank'])}–{max(d['rows_per_rank'])} images each; Tables 1 and 3 only.", ""]
+    L += [_solver_line(cfg), "",
           "## Table 1 — loss on the perturbed points", "",
           "| points | step (% of ‖x‖) | base loss | at w̄ | at w̄ + v | reduction | increase removed | "
           "iterations to 99 % | "
@@ -499,13 +570,15 @@ def render_report(r: dict, command_line: str = "") -> str:
     L += ["", f"The other J scaling ('{other}') is the same solve rescaled exactly (a Krylov solve from zero is linear "
           "in its right-hand side); 'iterations to 99 %' is the first iterate that removes 99 % of the increase; "
           "'cost in HVPs' is the solve's time over the time of one Hessian-vector product measured in the same run."]
-    L += ["", "## Table 2 — relative differences (‖·‖/‖w̄‖) over perturbation scenarios", "",
+    if not r["table2"]:
+        L += ["", "## Table 2 — not run (" + ("a data-parallel run" if "distributed" in r else "`--scenarios 0`") + ")"]
+    L += (["", "## Table 2 — relative differences (‖·‖/‖w̄‖) over perturbation scenarios", "",
           "Δw_ret = w_ret(xᵖ) − w_ret(x̄): the shift that retraining makes *because of* the perturbation "
           "(both warm-started from w̄ with the same budget; w̄ is only approximately stationary on the subset).", "",
           "| scenario | points | step (%) | orig.–est. | orig.–retrained | est.–retrained | ‖Δw_ret‖ | "
           "‖v − Δw_ret‖/‖Δw_ret‖ | "
           "cos(v, Δw_ret) | loss w̄ / est. / ret. | risk w̄ → est. | iterations, HVPs (deflated k) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"] if r["table2"] else [])
     for t in r["table2"]:
         L.append(f"| {t['scenario']} | {len(t['indices'])} | {t['step_percent']:.3g} | "
                  f"{t['rel_diff_original_estimated']:.2e} | {t['rel_diff_original_retrained']:.2e} | "
@@ -572,7 +645,8 @@ def _check_inputs(cfg: dict) -> None:
 @click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="State dict (akamaster layout).")
 @click.option("--data", default=ResnetConfig.data, show_default=True,
               help="CIFAR-10 .npz subset or torchvision folder.")
-@click.option("--n", type=int, default=None, help="Training subset size [1000; quick 48].")
+@click.option("--n", "--n-train", "n", type=int, default=None,
+              help="Training subset size [1000; quick 32] (--n-train: the same, for torchrun's command line).")
 @click.option("--subset-seed", type=int, default=None, help="Draw the subset at random (default: the first n).")
 @click.option("--points", default=None, help="Comma-separated counts of perturbed points for Table 1 [1,10].")
 @click.option("--threshold", type=float, default=1e-5, show_default=True,
@@ -608,13 +682,19 @@ def _check_inputs(cfg: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and tables as JSON on stdout.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(**kw):
-    """Reproduce the paper's ResNet-56 / CIFAR-10 tables (1–3), multi-start estimates and landscape."""
-    from ..report import prepare_out_dir, to_jsonable, write_json, write_text
+    """Reproduce the paper's ResNet-56 / CIFAR-10 tables (1–3), multi-start estimates and landscape.
+
+    Under torchrun with several processes: Tables 1 and 3, data-parallel (docs/distributed.md).
+    """
+    from ..report import prepare_out_dir, write_json
 
     for path, what in ((kw["checkpoint"], "checkpoint"), (kw["data"], "data")):
         if not Path(path).exists():
             raise click.BadParameter(f"{what} not found: {path}", param_hint=f"--{what}")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; > 1: data-parallel (Tables 1 and 3)
     base = QUICK if kw["quick"] else {}
+    if ranks > 1:  # what a data-parallel run leaves out is off unless asked for (and then refused below)
+        base = base | {"scenarios": 0, "seeds": 0, "grid": 0}
     defaults = ResnetConfig()
     cfg = {}
     for f in ("n", "scenarios", "seeds", "seed_points", "maxiter", "recycle", "retrain_iter", "batch_size", "n_test",
@@ -631,17 +711,60 @@ def command(**kw):
         raise click.BadParameter("--n must be ≥ 2, --points ≥ 1 and --maxiter ≥ 1")
     if cfg["step"] is not None and cfg["step"] <= 0:
         raise click.BadParameter("--step must be positive (percent of the image norm)")
+    if ranks > 1 and distributed_conflicts(cfg):
+        raise click.UsageError(f"under torchrun ({ranks} processes) `setsens resnet` computes Tables 1 and 3 only; "
+                               f"drop {', '.join(distributed_conflicts(cfg))}")
     _check_inputs(cfg)
     config = ResnetConfig(**cfg)
+    if ranks > 1:
+        if not Path(kw["out"]).resolve().parent.is_dir():  # checked by every rank, before any work
+            raise click.BadParameter(f"the parent directory of {kw['out']} does not exist", param_hint="--out")
+        return _distributed(config, kw)
     out = prepare_out_dir(kw["out"])
     write_json(out / "config.json", asdict(config))
     results = run(config, out, progress=kw["progress"])
-    line = "setsens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    _publish(results, out, kw["as_json"], "setsens " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+
+
+def _publish(results: dict, out: Path, as_json: bool, line: str) -> None:
+    """Write ``results.json`` and ``report.md`` into ``out`` (atomically) and print the report or the JSON."""
+    from ..report import to_jsonable, write_json, write_text
+
     write_json(out / "results.json", results)
     write_text(out / "report.md", render_report(results, line))
-    if kw["as_json"]:
+    if as_json:
         slim = {k: v for k, v in results.items() if k != "landscape"}
         click.echo(json.dumps(to_jsonable({**results["summary"], **slim}), allow_nan=False))
     else:
         click.echo(render_report(results, line))
         click.echo(f"\nwritten to {out}/ (results.json, report.md, figures)", err=True)
+
+
+def _distributed(config: ResnetConfig, kw: dict) -> None:
+    """The run under torchrun: every rank computes, rank 0 writes and prints; then the process group
+    is torn down in the order its operators need and the process leaves."""
+    import gc
+
+    from ..distributed import init_from_env
+    from ..report import prepare_out_dir, write_json
+
+    rank, size = init_from_env("nccl" if config.device.startswith("cuda") else "gloo")
+    try:
+        out = prepare_out_dir(kw["out"]) if rank == 0 else None
+        if out is not None:
+            write_json(out / "config.json", asdict(config))
+        results = run(config, out, progress=kw["progress"])
+        if out is not None:
+            line = (f"torchrun --nproc_per_node={size} -m setsens "  # the launcher's own options are not seen here
+                    + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+            _publish(results, out, kw["as_json"], line)
+        del results
+        gc.collect()  # the operators' caches hold autograd graphs: free them before the process group goes
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # leave without the interpreter's teardown, where gloo's and autograd's threads can race at exit
+    # (an abort after a finished run; see tests/resnet/test_distributed.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
