@@ -89,6 +89,11 @@ def spread(values) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+def ratio(change: float, drift: float) -> float:
+    """Retrained change over the clean run's drift (inf: the clean run did not move, w̄ is its minimiser)."""
+    return change / drift if drift > 0 else float("inf")
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | step | verdicts (pass/warn/fail) | Pearson, estimate | Pearson, influence | reference stable |"
              " retrained change / drift | seconds |", "|---|---|---|---|---|---|---|---|"]
@@ -99,7 +104,7 @@ def table(rows: list[dict]) -> str:
         counts = "/".join(str(sum(r["verdict"] == s for r in rs)) for s in ("pass", "warn", "fail"))
         lines.append(f"| {model} | {step:g} % | {counts} | {spread([r['pearson'] for r in rs])} | "
                      f"{spread([r['influence_pearson'] for r in rs])} | {sum(r['reference_stable'] for r in rs)}"
-                     f"/{len(rs)} | {spread([r['reference_change'] / max(r['reference_drift'], 1e-300) for r in rs])}"
+                     f"/{len(rs)} | {spread([ratio(r['reference_change'], r['reference_drift']) for r in rs])}"
                      f" | {statistics.median(r['seconds'] for r in rs):.0f} |")
     return "\n".join(lines)
 
