@@ -15,7 +15,9 @@ Launch with ``torchrun --nproc_per_node=N script.py`` (gloo on CPU, NCCL on GPU;
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from .problem import Problem
 
-__all__ = ["init_from_env", "shard", "DistributedProblem"]
+__all__ = ["init_from_env", "shard", "DistributedProblem", "shutdown"]
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -84,3 +86,21 @@ class DistributedProblem(Problem):
         t = torch.tensor([float(total)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t)
+
+
+def shutdown(exit_process: bool = True) -> None:
+    """End a data-parallel run in the order that avoids an abort at exit.
+
+    Drop your references to every problem, operator and ``SolutionSet`` first (their caches hold
+    autograd graphs).  Then this collects them, waits for every rank, destroys the process group and,
+    with ``exit_process``, leaves by ``os._exit(0)`` after flushing stdout and stderr: at interpreter
+    exit gloo's and autograd's threads can race ("terminate called without an active exception").
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if exit_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,6 +1,5 @@
 """2-process gloo run: the operators and `estimate` on a DistributedProblem equal the single-process ones."""
 
-import gc
 import os
 import socket
 import sys
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from setsens.distributed import DistributedProblem, shard
+from setsens.distributed import DistributedProblem, shard, shutdown
 from setsens.krylov import minres
 from setsens.models.mlp import mlp
 from setsens.operators import DataJacobian, Hessian
@@ -63,15 +62,10 @@ def _worker(rank, world, port, path):
         if rank == 0:
             torch.save(gathered, path)
         del dp  # its operators' caches hold autograd graphs: free them before the process group goes
-        gc.collect()
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    # leave without the interpreter's teardown, where gloo's and autograd's threads race at exit
-    # ("terminate called without an active exception", about 1 run in 6 under a loaded suite)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
+    shutdown()  # barrier, destroy, and leave without the interpreter's teardown (a gloo/autograd race)
 
 
 def _free_port():

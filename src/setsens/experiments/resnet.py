@@ -743,9 +743,7 @@ def _publish(results: dict, out: Path, as_json: bool, line: str) -> None:
 def _distributed(config: ResnetConfig, kw: dict) -> None:
     """The run under torchrun: every rank computes, rank 0 writes and prints; then the process group
     is torn down in the order its operators need and the process leaves."""
-    import gc
-
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, shutdown
     from ..report import prepare_out_dir, write_json
 
     rank, size = init_from_env("nccl" if config.device.startswith("cuda") else "gloo")
@@ -758,13 +756,8 @@ def _distributed(config: ResnetConfig, kw: dict) -> None:
             line = (f"torchrun --nproc_per_node={size} -m setsens "  # the launcher's own options are not seen here
                     + " ".join(shlex.quote(a) for a in sys.argv[1:]))
             _publish(results, out, kw["as_json"], line)
-        del results
-        gc.collect()  # the operators' caches hold autograd graphs: free them before the process group goes
-        dist.barrier()
-    finally:
+        del results  # the operators' caches hold autograd graphs: free them before the process group goes
+    except BaseException:
         dist.destroy_process_group()
-    # leave without the interpreter's teardown, where gloo's and autograd's threads can race at exit
-    # (an abort after a finished run; see tests/resnet/test_distributed.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
+    shutdown()
