@@ -133,6 +133,18 @@ def _score(pred: Tensor, ref: Tensor) -> dict:
     return {"pearson": pearson, "relative_error": float((pred - ref).norm() / max(float(ref.norm()), 1e-300))}
 
 
+def _reference_kind(problem: Problem, reference: str) -> str:
+    """``"budget"`` or ``"converged"`` for :data:`REFERENCES`' ``reference`` on this problem."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "auto":
+        return "converged" if problem.weight_decay else "budget"
+    if reference == "converged" and not problem.weight_decay:
+        raise ValueError("the converged reference needs weight decay (else the minimiser need not be finite): "
+                         "use reference='budget'")
+    return reference
+
+
 def validate_estimate(problem: Problem, perturbation: Perturbation, result: SolutionSet, x_eval: Tensor, *,
                       steps: int = 1000, reference: str = "auto", solve: SolveOptions | None = None,
                       progress=None) -> tuple[dict, dict]:
@@ -143,13 +155,7 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     and clean data to ‖∇L‖ ≤ 1e-3·‖∇L(w̄; xᵖ)‖, and 100× tighter to check; needs weight decay) or ``"auto"``
     (converged when the problem has weight decay).  Returns the output changes (reference,
     estimate, influence) and the scores."""
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    if reference == "auto":
-        reference = "converged" if problem.weight_decay else "budget"
-    if reference == "converged" and not problem.weight_decay:
-        raise ValueError("the converged reference needs weight decay (else the minimiser need not be finite): "
-                         "use reference='budget'")
+    reference = _reference_kind(problem, reference)
     at = lambda w: _comparable(problem, outputs_on(problem, w, x_eval))  # noqa: E731
     if reference == "budget":
         ref = budget_response(problem, perturbation, steps=steps, progress=progress)
@@ -207,8 +213,7 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     if members < 0:
         raise ValueError(f"members must be ≥ 0, got {members}")
-    if reference not in REFERENCES or (reference == "converged" and not problem.weight_decay):
-        raise ValueError(f"reference must be one of {REFERENCES} ('converged' needs weight decay), got {reference!r}")
+    _reference_kind(problem, reference)  # checked before any work
     reason = "chosen by the caller"
     if method == "auto":
         method, reason = choose_method(problem)
