@@ -67,7 +67,7 @@ def resnet_problem(n: int, checkpoint: str, data: str, device: str):
 
     model = load_cifar_resnet(checkpoint).to(device)
     x, y = load_cifar10(data, "train", n=n)
-    return Problem(model, cross_entropy, (x, y), batch_size=250, device=device), 1
+    return Problem(model, cross_entropy, (x, y), batch_size=min(250, n), device=device), 1
 
 
 def pydvl_setup(problem: Problem):
