@@ -165,7 +165,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--sketch", default=100, show_default=True, type=click.IntRange(1),
               help="The preconditioner's rank (nystrom) or samples (diagonal), paid once.")
 @click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
-@click.option("--validate", is_flag=True, help="Retrain on perturbed and on clean data (see --reference) and score the estimate.")
+@click.option("--validate", is_flag=True,
+              help="Retrain on perturbed and on clean data (see --reference) and score the estimate.")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(2),
               help="Retraining budget (gradient steps; converged reference: L-BFGS iterations at most).")
 @click.option("--reference", default="auto", show_default=True, type=click.Choice(["auto", "budget", "converged"]),
