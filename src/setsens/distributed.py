@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .problem import Problem
 
-__all__ = ["init_from_env", "shard", "DistributedProblem", "shutdown"]
+__all__ = ["init_from_env", "world", "shard", "DistributedProblem", "shutdown"]
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -34,15 +34,20 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     ``backend`` defaults to NCCL when CUDA is available, gloo otherwise.  Without torchrun's
     variables (a single process) nothing is initialised and ``(0, 1)`` is returned.
     """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
+    if dist.is_available() and dist.is_initialized() or "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return world()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def shard(n: int, rank: int, world: int) -> slice:

@@ -42,6 +42,7 @@ import click
 import torch
 import torch.distributed as dist
 
+from ..distributed import shard, world
 from ..report import atomic_torch_save
 from .options import first_line, npz_lengths, number_list
 from .state import RunState
@@ -98,13 +99,6 @@ QUICK = dict(n=32, points=(1,), scenarios=2, seeds=2, seed_points=4, maxiter=10,
              retrain_iter=3, n_test=100, grid=4, batch_size=32)
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _pt(t):
     return {"float32": torch.float32, "float64": torch.float64}[t]
 
@@ -129,7 +123,7 @@ class _Run:
             x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype)
             self.problem = Problem(self.model, cross_entropy, (x, y), **options)
         else:  # this rank's rows of the subset only; indices stay global
-            from ..distributed import DistributedProblem, shard
+            from ..distributed import DistributedProblem
 
             x, y = load_cifar10(cfg.data, "train", n=cfg.n, seed=cfg.subset_seed, dtype=dtype,
                                 part=(self.rank, self.world))
@@ -303,7 +297,6 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     1 and 3 (see :func:`distributed_conflicts`); all ranks return the same numbers.  Pass ``out`` on
     one rank only (it writes); nothing is cached for a resume.
     """
-    from ..distributed import shard
     from ..perturb import gradient_perturbation  # noqa: F401  (import errors early)
     from ..retrain import retrain
 
@@ -311,8 +304,9 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, size = world()
-    if size > 1 and distributed_conflicts(cfg):
-        raise ValueError(f"a data-parallel run computes Tables 1 and 3 only: {', '.join(distributed_conflicts(cfg))}")
+    conflicts = distributed_conflicts(cfg) if size > 1 else []
+    if conflicts:
+        raise ValueError(f"a data-parallel run computes Tables 1 and 3 only: {', '.join(conflicts)}")
     R = _Run(cfg, out, progress and rank == 0)
     p = R.problem
     g = torch.Generator().manual_seed(cfg.seed)
@@ -711,9 +705,10 @@ def command(**kw):
         raise click.BadParameter("--n must be ≥ 2, --points ≥ 1 and --maxiter ≥ 1")
     if cfg["step"] is not None and cfg["step"] <= 0:
         raise click.BadParameter("--step must be positive (percent of the image norm)")
-    if ranks > 1 and distributed_conflicts(cfg):
+    conflicts = distributed_conflicts(cfg) if ranks > 1 else []
+    if conflicts:
         raise click.UsageError(f"under torchrun ({ranks} processes) `setsens resnet` computes Tables 1 and 3 only; "
-                               f"drop {', '.join(distributed_conflicts(cfg))}")
+                               f"drop {', '.join(conflicts)}")
     _check_inputs(cfg)
     config = ResnetConfig(**cfg)
     if ranks > 1:
