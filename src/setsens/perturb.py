@@ -20,18 +20,6 @@ def scale_to_relative(x: Tensor, direction: Tensor, relative_step: float) -> Ten
     return (flat_d * (relative_step * xn / dn)[:, None]).reshape(direction.shape)
 
 
-def _held_rows(problem: Problem, idx: Tensor, rows) -> Tensor:
-    """``(|idx|, *point shape)`` with ``rows(x, y, mine)`` filled in for the points held here and summed
-    through :meth:`~setsens.problem.Problem.reduce`: each point's row is computed where the point is
-    held, and every process of a sharded problem gets the same rows."""
-    mine = problem.holds(idx)
-    out = torch.zeros((idx.numel(), *problem.input_shape), dtype=problem.dtype, device=problem.device)
-    if mine.any():
-        x, y = problem.points(idx[mine])
-        out[mine.to(out.device)] = rows(x, y, mine).to(out)
-    return problem.reduce(out)
-
-
 def gradient_perturbation(problem: Problem, indices, relative_step: float, w: Tensor | None = None) -> Perturbation:
     """Move each point along its own input-gradient ``∇_{x_i} ℓ(x_i, y_i, w̄)`` (loss ascent)."""
     idx = problem.check_indices(indices)
@@ -41,7 +29,7 @@ def gradient_perturbation(problem: Problem, indices, relative_step: float, w: Te
         g = torch.func.grad(lambda x: problem.per_sample_loss(w, x, y).sum())(x)
         return scale_to_relative(x, g, relative_step)
 
-    return problem.check_perturbation(Perturbation(idx, _held_rows(problem, idx, rows)))
+    return problem.check_perturbation(Perturbation(idx, problem.per_point(idx, rows, problem.input_shape)))
 
 
 def random_perturbation(problem: Problem, indices, relative_step: float, generator: torch.Generator) -> Perturbation:
@@ -52,4 +40,4 @@ def random_perturbation(problem: Problem, indices, relative_step: float, generat
     def rows(x, y, mine):
         return scale_to_relative(x, d[mine].to(x), relative_step)
 
-    return problem.check_perturbation(Perturbation(idx, _held_rows(problem, idx, rows)))
+    return problem.check_perturbation(Perturbation(idx, problem.per_point(idx, rows, problem.input_shape)))

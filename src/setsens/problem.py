@@ -431,10 +431,8 @@ class Problem:
         """
         w = self.params if w is None else w
         idx = self.check_indices(indices)
-        mine = self.holds(idx)
-        losses = torch.zeros(idx.numel(), dtype=self.dtype, device=self.device)
-        if mine.any():
-            x, y = self.points(idx[mine])
+
+        def losses(x, y, mine):
             if perturbation is not None:
                 where = {int(i): j for j, i in enumerate(perturbation.indices)}
                 x = x.clone()
@@ -442,8 +440,20 @@ class Problem:
                     if i in where:
                         x[r] += perturbation.delta[where[i]].to(x)
             with torch.no_grad():
-                losses[mine.to(self.device)] = self.per_sample_loss(w, x, y).to(losses)
-        return float(self.reduce(losses).mean())
+                return self.per_sample_loss(w, x, y)
+
+        return float(self.per_point(idx, losses).mean())
+
+    def per_point(self, indices: Tensor, rows, shape: tuple = ()) -> Tensor:
+        """``(|indices|, *shape)``: ``rows(x, y, mine)`` for the indexed points held here (``x, y`` their
+        data, ``mine`` the mask of them among ``indices``), zeros for the others, summed through
+        :meth:`reduce`: each point is computed where it is held, and every process gets the same tensor."""
+        mine = self.holds(indices)
+        out = torch.zeros((len(mine), *shape), dtype=self.dtype, device=self.device)
+        if mine.any():
+            x, y = self.points(indices[mine])
+            out[mine.to(out.device)] = rows(x, y, mine).to(out)
+        return self.reduce(out)
 
     def stationarity(self, w: Tensor | None = None, reference: float | None = None, rtol: float = 0.1,
                      warn: bool = True) -> dict:
