@@ -1,6 +1,8 @@
 """The one registry of small test problems: every test builds its networks and data here.
 
 * :func:`small_problem` — a two-layer classifier or regressor as a :class:`~setsens.problem.Problem`;
+* :func:`interpolating_mlp` — a 4-10-3 tanh MLP fitted to 8 points (p > n·K) with 3 points moved 1 %:
+  the estimate's and the preconditioners' problem;
 * :func:`fitted_problem` — a small tanh network at an exact fit (squared error, Levenberg–Marquardt)
   or at random weights (cross-entropy): the audit's and the poisoning attack's problem;
 * :func:`dfcnn_problem` — the paper's bias-free ReLU DFCNN with squared loss, at random weights
@@ -33,6 +35,16 @@ def small_problem(seed=0, n=12, d=3, hidden=4, k=2, act=nn.Tanh, bias=True, loss
     y = torch.randint(0, k, (n,), generator=g)
     fn = cross_entropy if loss == "ce" else squared_error
     return Problem(model, fn, (x, y), batch_size=batch_size)
+
+
+def interpolating_mlp(seed, loss, batch_size=8):
+    """A small interpolating MLP (p > n·K) fitted to its data (``"se"`` or ``"ce"``), and 3 points moved 1 %."""
+    from setsens.perturb import gradient_perturbation
+    from setsens.retrain import retrain
+
+    problem = small_problem(seed=seed, n=8, d=4, hidden=10, k=3, act=nn.Tanh, loss=loss, batch_size=batch_size)
+    problem.params = retrain(problem, gtol=1e-10, max_iter=2000).w
+    return problem, gradient_perturbation(problem, torch.arange(3), 0.01)
 
 
 def fitted_problem(loss=squared_error, seed=0, n=10, k=2):

@@ -3,28 +3,19 @@ preconditioned estimate against the dense pseudo-inverse (the minimum norm is ke
 
 import pytest
 import torch
-from torch import nn
 
-from problems import small_problem
+from problems import interpolating_mlp
 from setsens.function_space import OutputJacobian, output_shift
 from setsens.krylov import cgne
 from setsens.operators import dense_output_jacobian
-from setsens.perturb import gradient_perturbation
 from setsens.preconditioners import gram_diagonal, gram_nystrom, gram_preconditioner
 from setsens.problem import center_classes
-from setsens.retrain import retrain
 from setsens.solution_set import RadiusOptions, SolveOptions, estimate
-
-
-def fitted(seed, loss):
-    problem = small_problem(seed=seed, n=8, d=4, hidden=10, k=3, act=nn.Tanh, loss=loss, batch_size=3)
-    problem.params = retrain(problem, gtol=1e-10, max_iter=2000).w
-    return problem, gradient_perturbation(problem, torch.arange(3), 0.01)
 
 
 @pytest.mark.parametrize("loss", ["se", "ce"])
 def test_diagonal_estimates_the_gram_diagonal(loss):
-    problem, _ = fitted(0, loss)
+    problem, _ = interpolating_mlp(0, loss, batch_size=3)
     G = OutputJacobian(problem, centered=loss == "ce")
     dense = dense_output_jacobian(problem, centered=loss == "ce")
     diag = (dense * dense).sum(1).reshape(problem.n, -1)
@@ -39,7 +30,7 @@ def test_diagonal_estimates_the_gram_diagonal(loss):
 @pytest.mark.parametrize("loss", ["se", "ce"])
 def test_full_rank_nystrom_solves_in_one_step(loss):
     """With the sketch covering range(G Gᵀ), M G Gᵀ = λ_min·I there: CG stops after one step at G⁺r."""
-    problem, pert = fitted(1, loss)
+    problem, pert = interpolating_mlp(1, loss, batch_size=3)
     centered = loss == "ce"
     G = OutputJacobian(problem, centered=centered)
     dense = dense_output_jacobian(problem, centered=centered)
@@ -65,7 +56,7 @@ def test_full_rank_nystrom_solves_in_one_step(loss):
 @pytest.mark.parametrize("kind", ["diagonal", "nystrom"])
 @pytest.mark.parametrize("loss", ["se", "ce"])
 def test_preconditioned_estimate_is_the_minimum_norm_shift(kind, loss):
-    problem, pert = fitted(2, loss)
+    problem, pert = interpolating_mlp(2, loss, batch_size=3)
     dense = estimate(problem, pert, "gauss-newton", dense=True, solve=SolveOptions(rule="fixed", tau=1e-12),
                      radius=RadiusOptions(directions=0))
     free = estimate(problem, pert, "gauss-newton", radius=RadiusOptions(directions=0),
@@ -82,7 +73,7 @@ def test_bad_preconditioner_options():
         SolveOptions(preconditioner="kfac")
     with pytest.raises(ValueError, match="sketch"):
         SolveOptions(preconditioner="diagonal", sketch=0)
-    problem, pert = fitted(0, "se")
+    problem, pert = interpolating_mlp(0, "se", batch_size=3)
     with pytest.raises(ValueError, match="Gauss–Newton solve only"):
         estimate(problem, pert, "hessian", solve=SolveOptions(preconditioner="diagonal"))
     with pytest.raises(ValueError, match="must be one of"):
@@ -95,7 +86,7 @@ def test_float32_products_with_float64_recurrences_keep_the_minimum_norm_shift(k
     float32 rounding (1e-5 relative) of the float64 pseudo-inverse, with and without a preconditioner."""
     from setsens.problem import Problem
 
-    problem, pert = fitted(3, "se")
+    problem, pert = interpolating_mlp(3, "se", batch_size=3)
     single = Problem(problem.model, problem.loss, (problem.inputs, problem.targets), params=problem.params,
                      dtype=torch.float32)
     ref = -torch.linalg.pinv(dense_output_jacobian(problem)) @ output_shift(problem, pert).reshape(-1)

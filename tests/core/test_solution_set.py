@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from problems import small_problem
+from problems import interpolating_mlp, small_problem
 from setsens.experiments.toy import toy_problem, toy_study
 from setsens.influence import influence_shift
 from setsens.operators import dense_hessian, dense_output_jacobian
@@ -84,19 +84,12 @@ def test_estimate_equals_influence_function_when_hessian_nonsingular():
     assert float((moved - exact).norm()) < 0.05 * float(moved.norm())
 
 
-def fitted(seed, loss):
-    """A small interpolating MLP (p > n·K) fitted to its data, and 3 points moved 1 %."""
-    problem = small_problem(seed=seed, n=8, d=4, hidden=10, k=3, act=nn.Tanh, loss=loss, batch_size=8)
-    problem.params = retrain(problem, gtol=1e-10, max_iter=2000).w
-    return problem, gradient_perturbation(problem, torch.arange(3), 0.01)
-
-
 @pytest.mark.parametrize("loss", ["se", "ce"])
 def test_the_set_is_a_set_on_random_small_networks(loss):
     """12 networks per loss: sample(8) gives members pairwise ≥ 0.1·r apart, inside U, on the
     first-order set (dense membership residual ≤ 1e-6) — a collapsed set would fail every line."""
     for seed in range(12):
-        problem, pert = fitted(seed, loss)
+        problem, pert = interpolating_mlp(seed, loss)
         est = estimate(problem, pert, "gauss-newton", dense=True)
         assert est.radius_record["determined"], (seed, est.radius_record)
         members = est.sample(8, torch.Generator().manual_seed(seed))
@@ -111,7 +104,7 @@ def test_the_set_is_a_set_on_random_small_networks(loss):
 
 @pytest.mark.parametrize("loss", ["se", "ce"])
 def test_matrix_free_set_matches_the_dense_set(loss):
-    problem, pert = fitted(3, loss)
+    problem, pert = interpolating_mlp(3, loss)
     dense = estimate(problem, pert, "gauss-newton", dense=True)
     free = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=400, rule="fixed", rtol=1e-12))
     assert torch.allclose(free.shift, dense.shift, atol=1e-6 * float(dense.shift.norm()))
@@ -133,7 +126,7 @@ def test_the_options_of_a_long_run(tmp_path):
     from setsens.krylov import Deflation
     from setsens.solution_set import RadiusOptions
 
-    problem, pert = fitted(3, "ce")
+    problem, pert = interpolating_mlp(3, "ce")
     only_v0 = RadiusOptions(directions=0)
     fixed = dict(rule="fixed", rtol=0.0)
     straight = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=12, **fixed), radius=only_v0)
@@ -161,7 +154,7 @@ def test_the_options_of_a_long_run(tmp_path):
 
 
 def test_gauss_newton_set_is_the_null_space_of_the_output_jacobian():
-    problem, pert = fitted(5, "se")
+    problem, pert = interpolating_mlp(5, "se")
     est = estimate(problem, pert, "gauss-newton", dense=True)
     G = dense_output_jacobian(problem)
     null = est.null_space.basis
@@ -171,7 +164,7 @@ def test_gauss_newton_set_is_the_null_space_of_the_output_jacobian():
 
 
 def test_hausdorff_between_the_set_and_retrained_points_on_both_paths():
-    problem, pert = fitted(1, "se")
+    problem, pert = interpolating_mlp(1, "se")
     dense = estimate(problem, pert, "gauss-newton", dense=True)
     free = estimate(problem, pert, "gauss-newton", solve=SolveOptions(maxiter=400, rule="fixed", rtol=1e-12))
     members = dense.sample(3, torch.Generator().manual_seed(0))
@@ -200,7 +193,7 @@ def test_validated_rule_beats_tiny_cutoff_on_overparameterized_net():
 
 
 def test_influence_method_is_a_point_with_the_same_result_type():
-    problem, pert = fitted(2, "se")
+    problem, pert = interpolating_mlp(2, "se")
     est = estimate(problem, pert, "influence")
     assert est.null_space.dim == 0 and est.null_radius == 0.0
     assert torch.equal(est.sample(3, torch.Generator()), est.centre.expand(3, -1))
