@@ -172,8 +172,8 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
                   "converged": ref.perturbed.converged and ref.clean.converged,
                   "change_when_tightened": ref.change_when_tightened,
                   "weight_drift": float((clean - problem.params).norm())}
-    base = at(problem.params)
-    ref_change = at(perturbed) - at(clean)
+    base, clean_out = at(problem.params), at(clean)
+    ref_change = at(perturbed) - clean_out
     influence = estimate(problem, perturbation, "influence",
                          solve=None if solve is None else replace(solve, preconditioner="none"))
     changes = {"reference": ref_change, "estimate": at(problem.params + result.shift) - base,
@@ -182,7 +182,7 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     idx = perturbation.indices
     return changes, {
         "reference": record | {"output_change_norm": float(ref_change.norm()),
-                               "output_drift_norm": float((at(clean) - base).norm()),
+                               "output_drift_norm": float((clean_out - base).norm()),
                                "loss_on_points": problem.loss_on(idx, perturbed, perturbation),
                                "loss_on_points_clean_run": problem.loss_on(idx, clean, perturbation)},
         "points": int(x_eval.shape[0]),
