@@ -6,7 +6,9 @@
 ``--json`` prints one JSON object: ``gn_iteration_over_gradient`` (one ``G v`` plus one ``Gᵀ u`` of
 :class:`setsens.function_space.OutputJacobian` with its default cache, built beforehand),
 ``gn_iteration_uncached_over_gradient``, ``hvp_over_gradient`` (``Hessian(mode="auto")``, cached only
-with ``--hvp-cache``), ``hvp_uncached_over_gradient``, the one-off cache builds in gradients, the
+with ``--hvp-cache``), ``hvp_uncached_over_gradient``, the one-off cache builds in gradients,
+``floor_over_gradient`` (what a cached iteration cannot go below, below), the per-method seconds and
+ratios (``forward``: the risk without a graph; ``gn_jvp``, ``gn_vjp``: the iteration's two halves), the
 settings (model, batch, threads, dtype, device) and the load average at the start.  Every method
 runs on the same batch as the gradient (one forward and backward pass, the unit) and is checked
 against the reference (forward-over-reverse; the cached G against the uncached one); the times are
@@ -19,6 +21,12 @@ hits all methods alike (each timing repeats a method until it lasts ≥ 50 ms). 
 * ``hvp_default``       — ``Hessian(mode="auto", cache=--hvp-cache)`` over the problem.
 
 :class:`setsens.operators.Hessian` takes the composition as ``mode``; ``"auto"`` picks the fastest per device.
+The floor.  With every primal value cached, ``G v`` still pushes two tangents through every layer
+(``conv(ȧ, W) + conv(a, Ẇ)``: two forward-sized passes) and ``Gᵀ u`` is one backward pass (input and
+weight gradients), against one forward F and one backward B for the gradient: an iteration costs at
+least ``(2F + B)/(F + B)`` gradients, 4/3 when B ≈ 2F (convolutions and large matrix products).  Small
+networks go below it (the digits MLP: 0.71×), where the gradient's fixed overhead dominates.
+
 Recorded runs: docs/runs/hvp-ratio-cpu.json, docs/runs/hvp-ratio-digits-cpu.json; docs/resnet.md
 has the table (older runs: 2 idle CPU cores, batch 250: double backward 3.18× and 3.54×, JVP + VJP
 uncached 2.17×; H100, batch 1000: reverse-over-forward 2.14×, JVP + VJP 1.63×).
@@ -100,9 +108,11 @@ def main(argv=None):
         setup[name] = time.perf_counter() - t
 
     methods = {"grad": lambda: g(w, xb, yb),
+               "forward": lambda: problem.batch_risk(w, xb, yb),
                **{mode: (lambda H=H: H.batch_hvp(w, xb, yb, v)) for mode, H in hessians.items()},
                "hvp_default": lambda: H @ v,
                "gn_iteration": lambda: (G @ v, G.T @ u),
+               "gn_jvp": lambda: G @ v, "gn_vjp": lambda: G.T @ u,
                "gn_iteration_uncached": lambda: (G0 @ v, G0.T @ u)}
     ref = methods["fwd_over_rev"]()
     agreement = {name: float((methods[name]() - ref).norm() / ref.norm()) for name in [*hessians, "hvp_default"]}
@@ -138,6 +148,10 @@ def main(argv=None):
            "cache": args.cache, "hvp_cache": args.hvp_cache,
            "device": str(w.device), "model": model_name, "batch": problem.n, "p": problem.p,
            "dtype": str(w.dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
+           # the floor: a cached iteration still runs two forward-sized tangent passes (activation and
+           # weight tangents of every layer) and one backward pass (input and weight gradients), against
+           # one forward and one backward for the gradient: (2F + B) / (F + B) with the measured F and B
+           "floor_over_gradient": (2 * med["forward"] + (med["grad"] - med["forward"])) / med["grad"],
            "load_average_at_start": load, "torch": torch.__version__, "seconds": med, "ratio_to_grad": ratio,
            "agreement": agreement}
     for k, r in ratio.items():

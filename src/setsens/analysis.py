@@ -21,7 +21,7 @@ from torch import Tensor
 from .problem import Perturbation, Problem, center_classes
 from .retrain import budget_response, proximal_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
-from .verdict import first_order_residual, LossOnPoints, Verdict, assess
+from .verdict import first_order_residual, kink, LossOnPoints, Verdict, assess
 
 __all__ = ["Analysis", "analyze", "choose_method", "outputs_on", "REFERENCES"]
 
@@ -227,7 +227,7 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     idx = perturbation.indices
     loss = LossOnPoints(clean=problem.loss_on(idx), original=problem.loss_on(idx, perturbation=perturbation),
                         estimate=problem.loss_on(idx, result.centre, perturbation))
-    verdict = assess(result, loss, first_order_residual(result))
+    verdict = assess(result, loss, first_order_residual(result), kink(result))
     report("verdict", verdict)
     sampled = result.sample(members, torch.Generator().manual_seed(seed)) if members and method != "influence" \
         else result.shift.new_zeros(0, problem.p)

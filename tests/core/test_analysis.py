@@ -142,3 +142,20 @@ def test_budget_response_cancels_the_common_drift():
     assert float(ref.shift.norm()) > 0 and 0 <= ref.change_when_halved
     with pytest.raises(ValueError, match="at least 2"):
         budget_response(problem, pert, steps=1)
+
+
+@pytest.mark.parametrize("activation, low, high", [(nn.ReLU, 0.5, 2.0), (nn.Tanh, 0.0, 1e-4)])
+def test_the_kink_check_sees_a_relu_at_exactly_zero(activation, low, high):
+    """One hidden unit whose pre-activation on the first point is exactly 0, where a ReLU's loss has a
+    kink (its slope jumps by the point's residual): the gradient misses the risk's slope by most of it.
+    The same network with tanh is smooth there, and the check reads 0."""
+    from types import SimpleNamespace
+
+    from setsens.verdict import kink
+
+    model = nn.Sequential(nn.Linear(1, 1), activation(), nn.Linear(1, 1, bias=False)).double()
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([[0.5], [1.9]], dtype=torch.float64)  # residuals −0.5 (at the kink) and 0.1 (or tanh's)
+    problem = Problem(model, squared_error, (x, y), params=torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    shift = torch.full((3,), 0.01, dtype=torch.float64)
+    assert low <= kink(SimpleNamespace(problem=problem, w_bar=problem.params, shift=shift)) <= high
