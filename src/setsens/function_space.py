@@ -60,8 +60,9 @@ class OutputJacobian:
     rounding.  Batches that do not fit are recomputed each time; a one-off
     product never builds anything.  Memory per cached point: at least twice the activations the
     backward pass keeps, and what the process's memory grew by in a build if more (about 8 MB per
-    CIFAR image for ResNet-56 in float32 by the first, up to 20 MB by the second, so the default
-    budget caches about one batch of 250 on a 24 GB machine); ``cached_bytes`` is the sum.
+    CIFAR image for ResNet-56 in float32 by the first, 27 MB by the second: the default budget then
+    holds about 200 images where 22 GB is free, so a batch of 250 is recomputed there — pass
+    ``cache=`` bytes or a smaller batch size); ``cached_bytes`` is the sum.
     Building costs a trace of the JVP once per batch, a few gradients (plus about 0.4 s the first
     time in a process).
     """
