@@ -114,7 +114,9 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     * ``kink`` (when given, :func:`kink`): warn > 0.1, fail > 0.5 — the gradient does not describe the
       risk at w̄ (chosen on the zoo: 1e-5 on the smooth MLP, 0.8 on the ReLU CNN polished to a kink, where
       converged retraining stalled and neither the estimate nor the influence function matched it).
-      Left out where the gradient is at its rounding (NaN, or stationarity below 1e-6: an exact fit).
+      Left out where it cannot be measured: the risk's change over a step of at most ‖v₀‖ is below its
+      rounding (NaN; float32 with a small shift), or w̄ is stationary to 1e-6 of the move (an exact fit,
+      whose gradient is rounding).
     """
     s, checks = estimate, []
     checks.append(_grade("stationarity", s.stationarity, 0.1, 1.0,
