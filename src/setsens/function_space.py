@@ -27,8 +27,9 @@ Cost: one Jacobian-vector product (forward mode) and one vector-Jacobian product
 over the data per iteration.  G is fixed at w̄ during a solve, so :class:`OutputJacobian` linearises
 each batch once and keeps what the linearisation stores (the JVP's tangent graph with its primal
 values folded in, and the VJP's autograd graph) within a memory budget; an iteration then costs
-the two tangent passes only: 1.35 gradients against 1.98 uncached on ResNet-56 (batch 250, 2 CPU
-cores), 0.71 against 1.80 on the digits MLP (docs/runs/hvp-ratio-*.json).  No p×p or (n·K)×p matrix is formed.
+the two tangent passes only: 1.35–1.48 gradients against 1.98–2.17 uncached on ResNet-56 (batch 250,
+2 CPU cores, two runs; the floor of these two passes is 1.32 there, see benchmarks/hvp_ratio.py), 0.71
+against 1.80 on the digits MLP (docs/runs/hvp-ratio-*.json).  No p×p or (n·K)×p matrix is formed.
 """
 
 from __future__ import annotations
