@@ -21,6 +21,7 @@ hits all methods alike (each timing repeats a method until it lasts ≥ 50 ms). 
 * ``hvp_default``       — ``Hessian(mode="auto", cache=--hvp-cache)`` over the problem.
 
 :class:`setsens.operators.Hessian` takes the composition as ``mode``; ``"auto"`` picks the fastest per device.
+
 The floor.  With every primal value cached, ``G v`` still pushes two tangents through every layer
 (``conv(ȧ, W) + conv(a, Ẇ)``: two forward-sized passes) and ``Gᵀ u`` is one backward pass (input and
 weight gradients), against one forward F and one backward B for the gradient: an iteration costs at

@@ -81,7 +81,8 @@ def kink(estimate: SolutionSet) -> float:
     1e-4·‖v₀‖ (longer if the rounding of the risk needs it, at most ‖v₀‖): 0 where the risk is smooth at w̄,
     of order 1 where w̄ sits on a kink (ReLU or max-pooling units at exactly zero, where fine-tuning to
     stationarity tends to stop), where the gradient, the curvature and every first-order answer are those
-    of one side only.  NaN when the slope is below the rounding of the risk.  Cost: two risk passes."""
+    of one side only.  NaN when the slope is below the rounding of the risk.  Cost: one gradient and three
+    risk passes."""
     problem, w, g = estimate.problem, estimate.w_bar, estimate.problem.gradient(estimate.w_bar)
     gg, risk = float(g @ g), problem.risk(w)
     if gg == 0:
