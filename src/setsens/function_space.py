@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
-from .operators import Adjoint, cache_budget, linearized, memory_in_use
+from .operators import Adjoint, cache_budget, graph_bytes, linearized, memory_in_use
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["OutputJacobian", "output_shift"]
@@ -133,7 +133,9 @@ class OutputJacobian:
         measured), then the most that a build has really taken."""
         if not hasattr(self, "_per_point"):
             x, _ = next(self.problem.batches())
-            self._per_point = _saved_bytes(lambda w: self.problem.outputs(w, x[:2]), self.w)
+            with torch.enable_grad():
+                wr = self.w.detach().requires_grad_(True)
+                self._per_point = graph_bytes(self.problem.outputs(wr, x[:2]), exclude=wr)
         return self._per_point
 
     def dot(self, a: Tensor, b: Tensor) -> float:
@@ -146,22 +148,6 @@ class OutputJacobian:
     @property
     def T(self) -> Adjoint:
         return Adjoint(self)
-
-
-def _saved_bytes(f, w: Tensor) -> int:
-    """Bytes of the tensors autograd saves for the backward pass of ``f(w)``, ``w``'s own storage excluded."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        wr = w.detach().requires_grad_(True)
-        f(wr)
-    storages.pop(wr.untyped_storage().data_ptr(), None)
-    return sum(storages.values())
 
 
 def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None = None,

@@ -19,7 +19,6 @@ the true derivative of ``∇_w L``; ``"paper"`` uses ``1/|K|`` as printed in the
 from __future__ import annotations
 
 import gc
-import math
 import os
 import warnings
 
@@ -32,7 +31,7 @@ from torch.func import grad, jacfwd, jvp, linearize
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
-           "J_SCALES", "HVP_MODES", "cache_budget", "linearized", "memory_in_use"]
+           "J_SCALES", "HVP_MODES", "cache_budget", "graph_bytes", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
 HVP_MODES = ("fwd_over_rev", "rev_over_fwd", "double_backward", "auto")
@@ -42,26 +41,24 @@ class Hessian:
     """``v ↦ H v = ∇²_w L(x, w) v`` at ``w`` (default w̄), on the (optionally perturbed) data.
 
     ``H(v)`` or ``H @ v`` on a tensor of length p; ``calls`` counts products (one pass over the data
-    each).  ``mode`` is the autodiff composition, all equal to rounding: ``"fwd_over_rev"``
-    (``jvp`` of the gradient, the default), ``"rev_over_fwd"`` (``∇_w [jvp_w L · v]``),
-    ``"double_backward"`` (``∇_w ⟨∇_w L, v⟩`` with ``create_graph``) or ``"auto"``: double backward
-    on the CPU, reverse-over-forward on a GPU.  Measured on ResNet-56 (``benchmarks/hvp_ratio.py``),
-    in gradients: 2 CPU cores, batch 250 — double backward 3.2, forward-over-reverse 5.9,
-    reverse-over-forward 6.3; H100, batch 1000 — 6.6, 2.8 and 2.1.
+    each).  ``mode`` is the autodiff composition of an uncached product, all equal to rounding:
+    ``"fwd_over_rev"`` (``jvp`` of the gradient, the default), ``"rev_over_fwd"`` (``∇_w [jvp_w L · v]``),
+    ``"double_backward"`` (``∇_w ⟨∇_w L, v⟩`` with ``create_graph``) or ``"auto"``: double backward on
+    the CPU, reverse-over-forward on a GPU.  Measured on ResNet-56 (``benchmarks/hvp_ratio.py``), in
+    gradients: 2 CPU cores, batch 250 — double backward 3.2–3.8, forward-over-reverse 5.9–7.8,
+    reverse-over-forward 5.8–6.3; H100, batch 1000 — 6.6, 2.8 and 2.1.
 
-    ``cache`` (``"none"``, the default, ``"auto"`` or bytes, :func:`cache_budget`): H is fixed at w, so
-    the second product on a batch linearises its gradient (:func:`linearized`: forward-over-reverse
-    with the forward and backward values folded in) if it fits; later products on it run the tangent
-    pass only (1.15 gradients against 1.63 for double backward on the digits MLP,
-    docs/runs/hvp-ratio-digits-cpu.json).  The first batch linearised is measured and sets the
-    estimate per point for the rest (kept only if it fits itself).  Opt-in because the memory is
-    large and the budget bounds only what is held: about 30 MB per CIFAR image for ResNet-56 in
-    float32, and the build (a trace) peaks higher still — at batch 250 it exhausted a 24 GB machine.
-    Use it on small networks or small batches.  ``cached_bytes`` is what is held.
+    ``cache`` (``"auto"``, the default, ``"none"`` or bytes, :func:`cache_budget`): H is fixed at w, so
+    the first product on a batch keeps the autograd graph of its gradient (``create_graph``) if it
+    fits in what is left of the budget, and every product on that batch is then one backward pass
+    through it, whatever ``mode`` says — about 2 gradients on ResNet-56 (one is what building it
+    costs), 8.6 MB per CIFAR image in float32.  The first batch kept sets the estimate per point for
+    the rest (a build that turns out larger than the budget is used once, not kept); batches that do
+    not fit are recomputed.  ``cached_bytes``: what the kept graphs hold, read off the graphs.
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None,
-                 mode: str = "fwd_over_rev", cache: str | int = "none"):
+                 mode: str = "fwd_over_rev", cache: str | int = "auto"):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
         self.problem = problem
@@ -75,12 +72,12 @@ class Hessian:
         self._grad = grad(problem.batch_risk)
         self.cache, self.cached_bytes = cache, 0
         cache_budget(cache, self.w.device)  # checks it
-        self._linear: dict[int, object] = {}  # batch number → v ↦ H_b v
-        self._seen: set[int] = set()  # batches with one product done
-        self._per_point: float | None = None  # bytes, measured on the first batch linearised
+        self._graphs: dict[int, tuple] = {}  # batch number → (w as a leaf, ∇L_b with its graph)
+        self._per_point: float | None = None  # bytes, measured on the first graph built
+        self._retainable = True  # False once a double backward has failed on the model
 
     def batch_hvp(self, w: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        """One batch's contribution to ``H v``."""
+        """One batch's contribution to ``H v``, recomputed."""
         risk = self.problem.batch_risk
         if self.mode == "fwd_over_rev":
             return jvp(lambda w_: self._grad(w_, x, y), (w,), (v,))[1]
@@ -100,22 +97,25 @@ class Hessian:
         return self.problem.reduce(out)
 
     def _product(self, i: int, x: Tensor, y: Tensor):
-        """``v ↦ H_b v`` on batch ``i``: cached (linearised at its second product if it fits) or recomputed."""
-        if i in self._linear:
-            return self._linear[i]
-        first = i not in self._seen
-        self._seen.add(i)
-        size = None if self._per_point is None else self._per_point * x.shape[0]
-        if not first and self._fits(size or 0):
-            before = memory_in_use(self.w.device)
-            push, size = linearized(lambda w: self._grad(w, x, y), self.w)
-            size = math.inf if size is None else max(size, memory_in_use(self.w.device) - before)
-            if self._per_point is None:
-                self._per_point = size / x.shape[0]
-            if self._fits(size):
-                self._linear[i], self.cached_bytes = push, self.cached_bytes + size
-                return push
-        return lambda v: self.batch_hvp(self.w, x, y, v)
+        """``v ↦ H_b v`` on batch ``i``: through its kept graph (built now if it fits) or recomputed."""
+        if i not in self._graphs:
+            size = 0 if self._per_point is None else self._per_point * x.shape[0]
+            if not (self._retainable and self._fits(size)):
+                return lambda v: self.batch_hvp(self.w, x, y, v)
+            try:
+                with torch.enable_grad():
+                    wr = self.w.detach().requires_grad_(True)
+                    g = torch.autograd.grad(self.problem.batch_risk(wr, x, y), wr, create_graph=True)[0]
+            except RuntimeError:  # an operation without a second derivative in autograd
+                self._retainable = False
+                return lambda v: self.batch_hvp(self.w, x, y, v)
+            size = graph_bytes(g)
+            self._per_point = self._per_point or size / x.shape[0]
+            if not self._fits(size):
+                return lambda v: torch.autograd.grad(g, wr, v)[0]  # used once, not kept
+            self._graphs[i], self.cached_bytes = (wr, g), self.cached_bytes + size
+        wr, g = self._graphs[i]
+        return lambda v: torch.autograd.grad(g, wr, v, retain_graph=True)[0]
 
     def _fits(self, size: float) -> bool:
         return self.cache != "none" and self.cached_bytes + size <= cache_budget(self.cache, self.w.device,
@@ -126,6 +126,29 @@ class Hessian:
     def to_scipy(self) -> spla.LinearOperator:
         """A SciPy ``LinearOperator`` (float64 NumPy in and out) for SciPy's Krylov solvers."""
         return _scipy_operator(self, self.problem.p)
+
+
+def graph_bytes(output: Tensor, exclude: Tensor | None = None) -> int:
+    """Bytes that ``output`` and the tensors its autograd graph saves for the backward pass hold (each
+    storage once; ``exclude``'s own storage left out), read off the graph's nodes — no hooks, which
+    would tie saved outputs to their graph in a cycle that is never freed."""
+    storages = {output.untyped_storage().data_ptr(): output.untyped_storage().nbytes()}
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, Tensor):
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+    if exclude is not None:
+        storages.pop(exclude.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
 
 
 def cache_budget(cache: str | int, device: torch.device, held: int = 0) -> int:

@@ -6,7 +6,7 @@ from torch import nn
 
 from setsens.models.resnet import cifar_resnet
 from setsens.operators import (HVP_MODES, DataJacobian, Hessian, cache_budget, dense_data_jacobian,
-                               dense_hessian, dense_output_jacobian)
+                               dense_hessian, dense_output_jacobian, graph_bytes)
 from setsens.problem import Perturbation, Problem, cross_entropy
 
 from problems import small_problem
@@ -113,24 +113,44 @@ def test_every_hvp_mode_gives_the_dense_product(problem):
         assert torch.allclose(Hessian(problem, mode=mode) @ v, H @ v, atol=1e-10), mode
 
 
-def test_cached_hessian_gives_the_dense_product_and_keeps_to_its_budget(problem, monkeypatch):
-    """Batches of 5, 5, 2 points: a budget of 7.5 points' worth holds the 5-point batch measured first
-    and not the second; "none" holds nothing; every product equals the dense one."""
-    monkeypatch.setattr("setsens.operators.memory_in_use", lambda device: 0)  # sizes by the constants only
+def test_cached_hessian_gives_the_dense_product_and_keeps_to_its_budget(problem):
+    """Batches of 5, 5, 2 points.  By default every batch keeps its gradient's graph at its first
+    product; a budget of 7.5 points' worth keeps the first 5-point batch and not the second, one of
+    a point's worth keeps no 5-point batch (its first build is used once), "none" keeps nothing; every
+    product — building, through a kept graph, recomputed — equals the dense one."""
     H = dense_hessian(problem)
     g = torch.Generator().manual_seed(0)
-    probe = Hessian(problem, cache="auto")
-    probe @ H[0], probe @ H[0]
+    probe = Hessian(problem)
+    assert torch.allclose(probe @ H[0], H @ H[0], atol=1e-10)
     per_point = probe._per_point
-    assert per_point > 0 and sorted(probe._linear) == [0, 1, 2]
+    assert per_point > 0 and sorted(probe._graphs) == [0, 1, 2]
+    assert probe.cached_bytes == sum(graph_bytes(grad) for _, grad in probe._graphs.values())
     for mode in HVP_MODES:
-        for cache in ("none", int(7.5 * per_point)):
+        for cache, kept in (("none", False), (int(7.5 * per_point), True), (int(per_point), False)):
             op = Hessian(problem, mode=mode, cache=cache)
-            for _ in range(3):  # uncached, building, cached
+            for _ in range(3):
                 v = torch.randn(problem.p, dtype=torch.float64, generator=g)
                 assert torch.allclose(op @ v, H @ v, atol=1e-10), (mode, cache)
-            assert (0 in op._linear, 1 in op._linear) == (cache != "none", False)
-            assert cache == "auto" or op.cached_bytes <= cache_budget(cache, problem.device)
+            assert (0 in op._graphs, 1 in op._graphs) == (kept, False)
+            assert op.cached_bytes <= cache_budget(cache, problem.device)
+
+
+def test_graph_bytes_counts_what_autograd_saves():
+    """Against saved-tensor hooks (the reference: every tensor autograd saves passes through them)."""
+    net = nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x).pow(2).sum()
+    storages[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    assert graph_bytes(out) == sum(storages.values()) > 4 * 7 * 8  # the hidden activations at least
+    weight = net[2].weight  # saved for the gradient of the hidden activations
+    assert graph_bytes(out, exclude=weight) == graph_bytes(out) - weight.untyped_storage().nbytes()
 
 
 def test_hessian_modes_agree_on_resnet():
