@@ -29,9 +29,9 @@ weight gradients), against one forward F and one backward B for the gradient: an
 least ``(2F + B)/(F + B)`` gradients, 4/3 when B ≈ 2F (convolutions and large matrix products).  Small
 networks go below it (the digits MLP: 0.71×), where the gradient's fixed overhead dominates.
 
-Recorded runs: docs/runs/hvp-ratio-cpu.json, docs/runs/hvp-ratio-digits-cpu.json; docs/resnet.md
-has the table (older runs: 2 idle CPU cores, batch 250: double backward 3.18× and 3.54×, JVP + VJP
-uncached 2.17×; H100, batch 1000: reverse-over-forward 2.14×, JVP + VJP 1.63×).
+Recorded runs: docs/runs/hvp-ratio-cpu-kept-graph.json (three idle runs), docs/runs/hvp-ratio-digits-cpu.json;
+docs/resnet.md has the table (older runs: 2 idle CPU cores, batch 250: double backward 3.18× and 3.54×,
+JVP + VJP uncached 2.17×; H100, batch 1000: reverse-over-forward 2.14×, JVP + VJP 1.63×).
 """
 
 from __future__ import annotations

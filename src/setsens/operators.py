@@ -1,7 +1,7 @@
 """Matrix-free derivatives of the optimality map ``R(x, w) = ∇_w L(x, w)`` at ``(x̄, w̄)``.
 
-* ``H v``  — Hessian of the risk times a vector, one pass over the data (2–6 gradient costs,
-  depending on the autodiff composition, ``mode``).
+* ``H v``  — Hessian of the risk times a vector, one pass over the data: about 2 gradient costs
+  through each batch's kept gradient graph, 2–8 recomputed (by the autodiff composition, ``mode``).
 * ``J μ``  — ``∇_x R · μ`` for ``μ`` supported on the perturbed points K: one forward-mode
   derivative of ``∇_w ℓ`` along the data, over the |K| points only.
 * ``Jᵀ y`` — the adjoint: for each point in K, ``∇_{x_i} ⟨∇_w ℓ_i, y⟩``.
