@@ -13,7 +13,7 @@ retraining reference was stable and clearly above zero.  The question it answers
 estimate misses retraining, did the verdict say so first?
 
     python benchmarks/zoo.py --out runs/zoo                 # cnn, mlp, transformer at a 1 % step
-    python benchmarks/zoo.py --models resnet --retrain-steps 200   # the shared ResNet-56, 100 images
+    python benchmarks/zoo.py --models resnet --retrain-steps 200 --members 0   # the shared ResNet-56, 50 images
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def label(name: str, advised: bool) -> str:
     return name + (" (" + " ".join(ADVICE[name]) + ")" if advised else " (as trained)")
 
 
-def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, out: Path, advised: bool) -> dict:
+def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, members: int, out: Path,
+            advised: bool) -> dict:
     from click.testing import CliRunner
 
     from setsens.cli import main
@@ -64,7 +65,7 @@ def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, o
     args = ["analyze", *(ADVICE[name] if advised else []), "--model", f"{ZOO / name}.py:model",
             "--checkpoint", str(ckpt), "--data",
             f"{ZOO / name}.py:data", "--select", "random:3", "--seed", str(seed), "--step", str(step),
-            "--validate", "--steps", str(retrain_steps), "--json", "--out", str(run_dir)]
+            "--validate", "--steps", str(retrain_steps), "--members", str(members), "--json", "--out", str(run_dir)]
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, args)
     if res.exit_code != 0:  # recorded, not fatal: the zoo goes on
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--steps", default="1", help="steps in %% of each point's norm")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--retrain-steps", type=int, default=1000)
+    parser.add_argument("--members", type=int, default=8,
+                        help="set members each analysis samples (a null projection each; 0: centre and radius only)")
     parser.add_argument("--out", default="runs/zoo")
     args = parser.parse_args()
     out = Path(args.out)
@@ -130,7 +133,7 @@ def main() -> None:
                 key = (label(name, advised), step, seed)
                 if any((r["model"], r["step_percent"], r["seed"]) == key for r in rows):
                     continue
-                rows.append(analyse(name, ckpt, step, seed, args.retrain_steps, out, advised))
+                rows.append(analyse(name, ckpt, step, seed, args.retrain_steps, args.members, out, advised))
                 r = rows[-1]
                 done.write_text(json.dumps(rows, indent=2) + "\n")
                 if "error" in r:
