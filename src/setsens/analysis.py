@@ -160,7 +160,8 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     if reference == "budget":
         ref = budget_response(problem, perturbation, steps=steps, progress=progress)
         perturbed, clean = ref.perturbed, ref.clean
-        record = {"kind": "budget_response", "steps": ref.steps, "lr": ref.lr, "stable": ref.stable,
+        record = {"kind": "budget_response", "steps": ref.steps, "lr": ref.lr, "lr_halvings": ref.halvings,
+                  "stable": ref.stable,
                   "change_when_halved": ref.change_when_halved, "weight_drift": ref.drift}
     else:
         # the tolerance is relative to the gradient the move creates at w̄: what is left of it at the end

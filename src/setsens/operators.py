@@ -52,9 +52,9 @@ class Hessian:
     the first product on a batch keeps the autograd graph of its gradient (``create_graph``) if it
     fits in what is left of the budget, and every product on that batch is then one backward pass
     through it, whatever ``mode`` says: 2.0–2.4 gradients a product on ResNet-56 on 2 CPU cores (the
-    first, which builds it, 5–8), 8.6 MB per CIFAR image in float32.  The first batch kept sets the estimate per point for
-    the rest (a build that turns out larger than the budget is used once, not kept); batches that do
-    not fit are recomputed.  ``cached_bytes``: what the kept graphs hold, read off the graphs.
+    first, which builds it, 5–8), 8.6 MB per CIFAR image in float32.  The first batch kept sets the
+    estimate per point for the rest (a build that turns out larger than the budget is used once, not
+    kept); batches that do not fit are recomputed.  ``cached_bytes``: what the kept graphs hold, read off the graphs.
     """
 
     def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None,

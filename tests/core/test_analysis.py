@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from setsens.analysis import analyze, choose_method
+from setsens.krylov import power_iteration
+from setsens.operators import Hessian
 from setsens.perturb import gradient_perturbation
 from setsens.problem import NotStationaryWarning, Problem, cross_entropy, squared_error
 from setsens.retrain import budget_response, levenberg_marquardt
@@ -142,6 +144,28 @@ def test_budget_response_cancels_the_common_drift():
     assert float(ref.shift.norm()) > 0 and 0 <= ref.change_when_halved
     with pytest.raises(ValueError, match="at least 2"):
         budget_response(problem, pert, steps=1)
+
+
+def test_budget_response_halves_a_step_that_diverges():
+    """At 64/λ_max the plain run blows up (checked); the guard halves the step until both runs lower
+    their risk, and the result is the run at the step it settled on."""
+    problem, _ = fitted()
+    pert = gradient_perturbation(problem, [1], 0.01)
+    start = torch.randn(problem.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam = float(power_iteration(Hessian(problem), start, 30).values[0])
+    w = problem.params.clone()
+    opt = torch.optim.SGD([w], lr=64 / lam, momentum=0.9, nesterov=True)
+    for _ in range(50):
+        w.grad = problem.gradient(w.detach(), pert)
+        opt.step()
+    assert not problem.risk(w.detach(), pert) <= problem.risk(problem.params, pert)  # diverged (or NaN)
+    ref = budget_response(problem, pert, steps=50, lr=64 / lam)
+    assert ref.halvings >= 1 and ref.lr == 64 / lam / 2**ref.halvings
+    assert problem.risk(ref.perturbed, pert) <= problem.risk(problem.params, pert)
+    again = budget_response(problem, pert, steps=50, lr=ref.lr)
+    assert again.halvings == 0 and torch.equal(again.perturbed, ref.perturbed)
+    with pytest.raises(RuntimeError, match="diverged"):
+        budget_response(problem, pert, steps=50, lr=64 / lam, max_halvings=0)
 
 
 @pytest.mark.parametrize("activation, low, high", [(nn.ReLU, 0.5, 2.0), (nn.Tanh, 0.0, 1e-4)])

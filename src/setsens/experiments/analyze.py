@@ -127,7 +127,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
     if val:
         ref = val["reference"]
         if ref["kind"] == "budget_response":
-            how = (f"gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g})", "budget-stable",
+            halved = f", halved {ref['lr_halvings']}× after a divergence" if ref.get("lr_halvings") else ""
+            how = (f"gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g}{halved})", "budget-stable",
                    f"change when halved {ref['change_when_halved']:.2f}")
         else:
             how = (f"L-BFGS from w̄ to ‖∇L‖ ≤ {ref['gtol']:.2g} (a thousandth of the gradient the move creates; "
