@@ -90,8 +90,11 @@ def spread(values) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
-def ratio(change: float, drift: float) -> float:
-    """Retrained change over the clean run's drift (inf: the clean run did not move, w̄ is its minimiser)."""
+def ratio(change: float | None, drift: float) -> float:
+    """Retrained change over the clean run's drift (inf: the clean run did not move, w̄ is its minimiser;
+    NaN: the reference's change is not finite — JSON's null)."""
+    if change is None:
+        return float("nan")
     return change / drift if drift > 0 else float("inf")
 
 
