@@ -346,7 +346,8 @@ def cgls(A, b: Tensor, *, maxiter: int = 50, rtol: float = 1e-6, x0: Tensor | No
     From ``x0 = 0`` the iterates stay in range(Aᵀ), so at convergence ``x = A⁺ b`` (minimum-norm
     least squares); before it the iteration count regularises.  From ``x0`` the result keeps x0's
     component in ker(A).  ``‖A x − b‖`` decreases monotonically; stops at ``‖A x − b‖ ≤ rtol‖b‖`` or
-    when ``‖Aᵀ r‖`` vanishes.  ``dot``: the inner product of A's range (default: the sum of
+    at ``‖Aᵀ r‖ ≤ rtol‖Aᵀ r₀‖`` (an inconsistent system solved: iterating on would only amplify
+    rounding).  ``dot``: the inner product of A's range (default: the sum of
     elementwise products); a sharded problem passes its all-reduced one.
     """
     dot = dot or (lambda a, c: float((a * c).sum()))
@@ -358,7 +359,7 @@ def cgls(A, b: Tensor, *, maxiter: int = 50, rtol: float = 1e-6, x0: Tensor | No
     if st is not None:
         x, r, s, d = (st[k].to(dtype) for k in ("x", "r", "s", "d"))
         gamma, itn, residuals, stopped_by = st["gamma"], st["itn"], list(st["residuals"]), st["stopped_by"]
-        resumed = itn
+        gamma0, resumed = st.get("gamma0", 0.0), itn
     else:
         x = None if x0 is None else x0.detach().to(b.device, dtype)
         r = b.clone() if x is None else b - run.matvec(x)
@@ -366,6 +367,7 @@ def cgls(A, b: Tensor, *, maxiter: int = 50, rtol: float = 1e-6, x0: Tensor | No
         x = torch.zeros_like(s) if x is None else x
         d = s.clone()
         gamma, itn, residuals, resumed = float(s @ s), 0, [], 0
+        gamma0 = gamma  # ‖Aᵀr₀‖²: the normal equations' residual is measured against it
         stopped_by = "rtol" if gamma == 0.0 else None
     while stopped_by is None and itn < maxiter:
         q = run.matvec(d)
@@ -382,12 +384,12 @@ def cgls(A, b: Tensor, *, maxiter: int = 50, rtol: float = 1e-6, x0: Tensor | No
         gamma = gamma_new
         itn += 1
         residuals.append(dot(r, r) ** 0.5 / bnorm)
-        if residuals[-1] <= rtol or gamma == 0.0:
+        if residuals[-1] <= rtol or gamma <= rtol**2 * gamma0:  # consistent, or least squares solved
             stopped_by = "rtol"
         if run.notify(itn, residuals[-1], x) and stopped_by is None:
             stopped_by = "callback"
-        run.save({"x": x, "r": r, "s": s, "d": d, "gamma": gamma, "itn": itn, "residuals": residuals,
-                  "stopped_by": stopped_by})
+        run.save({"x": x, "r": r, "s": s, "d": d, "gamma": gamma, "gamma0": gamma0, "itn": itn,
+                  "residuals": residuals, "stopped_by": stopped_by})
     stopped_by = stopped_by or "maxiter"
     return KrylovResult(x, itn, residuals, run.products, stopped_by in ("rtol", "rounding"), stopped_by,
                         run.seconds, resumed)
