@@ -73,7 +73,7 @@ def analyse(name: str, ckpt: Path, step: float, seed: int, retrain_steps: int, m
                 "error": res.output.strip().splitlines()[-1]}
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     v = summary["validation"]
-    ref = v["reference"]
+    ref = v["reference_run"]
     return {"model": label(name, advised), "step_percent": step, "seed": seed,
             "verdict": summary["verdict"]["status"],
             "failed_checks": [c["name"] for c in summary["verdict"]["checks"] if c["status"] != "pass"],

@@ -13,17 +13,24 @@ influence function on the same held-out outputs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from .problem import Perturbation, Problem, center_classes
-from .retrain import budget_response, proximal_response
+from .finetune import Training
+from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
+from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
-from .verdict import first_order_residual, kink, LossOnPoints, Verdict, assess
+from .tangent import TrainingTangent, output_derivatives, training_tangent, validity_ratio
+from .verdict import VALIDITY_THRESHOLD, first_order_residual, kink, LossOnPoints, Verdict, assess, assess_tangent
 
-__all__ = ["Analysis", "analyze", "choose_method", "outputs_on", "REFERENCES"]
+__all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "outputs_on", "validity", "relative_step",
+           "REFERENCES", "TANGENT"]
+
+#: the method name of the training tangent (:mod:`setsens.tangent`), beside :data:`setsens.solution_set.METHODS`
+TANGENT = "training-tangent"
 
 #: ``validate_estimate``'s references: same-budget retraining, converged retraining, or by the problem.
 REFERENCES = ("auto", "budget", "converged")
@@ -35,7 +42,7 @@ class Analysis:
 
     method: str
     method_reason: str
-    estimate: SolutionSet
+    estimate: SolutionSet | TrainingTangent
     verdict: Verdict
     loss_on_points: LossOnPoints
     members: Tensor
@@ -43,19 +50,25 @@ class Analysis:
     validation: dict | None = None
     notes: list[str] = field(default_factory=list)
     changes: dict[str, Tensor] = field(default_factory=dict, repr=False)  # validated output changes, for figures
+    validity: dict | None = None
 
     def summary(self) -> dict:
-        lp = self.loss_on_points
-        return {
+        lp, est = self.loss_on_points, self.estimate
+        out = {
             "verdict": self.verdict.to_dict(), "method": self.method, "method_reason": self.method_reason,
             "loss_on_points": {"clean": lp.clean, "original": lp.original, "estimate": lp.estimate,
                                "increase_removed": lp.increase_removed},
-            "set": dict(self.estimate.summary(), members=int(self.members.shape[0]),
-                        member_distances_from_w_bar=[float((m - self.estimate.w_bar).norm()) for m in self.members]),
-            "perturbation": {"indices": self.estimate.perturbation.indices.tolist(),
-                             "norm": self.estimate.perturbation.norm()},
+            "perturbation": {"indices": est.perturbation.indices.tolist(), "norm": est.perturbation.norm(),
+                             "step_percent": relative_step(est.problem, est.perturbation)},
             "predictions": self.predictions, "validation": self.validation, "notes": self.notes,
         }
+        if isinstance(est, TrainingTangent):
+            out["estimate"] = est.summary()
+            out["validity"] = self.validity
+        else:
+            out["set"] = dict(est.summary(), members=int(self.members.shape[0]),
+                              member_distances_from_w_bar=[float((m - est.w_bar).norm()) for m in self.members])
+        return out
 
 
 def choose_method(problem: Problem) -> tuple[str, str]:
@@ -95,10 +108,11 @@ def _margins(out: Tensor, y: Tensor) -> Tensor:
     return true - others.max(dim=1).values
 
 
-def prediction_change(problem: Problem, x: Tensor, y: Tensor | None, w_bar: Tensor, centre: Tensor,
+def prediction_change(problem: Problem, x: Tensor, y: Tensor | None, base: Tensor, centre: Tensor,
                       members: Tensor) -> dict:
-    """How the outputs on ``x`` move from w̄ to the centre, and how far the set's members spread them."""
-    before = outputs_on(problem, w_bar, x)
+    """How the outputs on ``x`` move from ``base`` (w̄, or the clean fine-tuning's end) to the estimate's centre,
+    and how far the set's members spread them."""
+    before = outputs_on(problem, base, x)
     after = outputs_on(problem, centre, x)
     change = (_comparable(problem, after) - _comparable(problem, before)).norm(dim=1)
     record = {"points": int(x.shape[0]), "output_change": {"mean": float(change.mean()), "max": float(change.max())}}
@@ -115,14 +129,14 @@ def prediction_change(problem: Problem, x: Tensor, y: Tensor | None, w_bar: Tens
     preds = [pred1] + [outputs_on(problem, m, x).argmax(1) for m in members]
     undetermined = (torch.stack(preds) != pred0).any(0).nonzero()[:, 0]
     record.update({
-        "accuracy": {"w_bar": float((pred0 == y).double().mean()), "estimate": float((pred1 == y).double().mean())},
+        "accuracy": {"before": float((pred0 == y).double().mean()), "estimate": float((pred1 == y).double().mean())},
         "flips": {"count": int(flips.numel()), "indices": flips[:50].tolist()},
         "margin_change": {"mean": float(dm.mean()), "median": float(dm.median()), "min": float(dm.min()),
                           "max": float(dm.max())},
         "undetermined_by_set": {"count": int(undetermined.numel()), "indices": undetermined[:50].tolist(),
                                 "explanation": "points whose predicted class changes at the centre or at some "
                                                "sampled member of the set"},
-        "margins": {"w_bar": m0.double().tolist(), "estimate": m1.double().tolist()},
+        "margins": {"before": m0.double().tolist(), "estimate": m1.double().tolist()},
     })
     return record
 
@@ -182,10 +196,11 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     influence_score = _score(changes["influence"], ref_change)
     idx = perturbation.indices
     return changes, {
-        "reference": record | {"output_change_norm": float(ref_change.norm()),
-                               "output_drift_norm": float((clean_out - base).norm()),
-                               "loss_on_points": problem.loss_on(idx, perturbed, perturbation),
-                               "loss_on_points_clean_run": problem.loss_on(idx, clean, perturbation)},
+        "reference": record["kind"], "reference_stable": bool(record["stable"]),
+        "reference_run": record | {"output_change_norm": float(ref_change.norm()),
+                                   "output_drift_norm": float((clean_out - base).norm()),
+                                   "loss_on_points": problem.loss_on(idx, perturbed, perturbation),
+                                   "loss_on_points_clean_run": problem.loss_on(idx, clean, perturbation)},
         "points": int(x_eval.shape[0]),
         **_score(changes["estimate"], ref_change),
         "influence": influence_score,
@@ -193,14 +208,36 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     }
 
 
+def _evaluation_points(problem: Problem, perturbation: Perturbation, test: tuple | None):
+    """``(x, y, notes)``: the held-out points, or the unmoved training points standing in for them."""
+    if test is not None:
+        return test[0], test[1], []
+    keep = torch.ones(problem.n, dtype=torch.bool)
+    keep[perturbation.indices] = False
+    x, y = problem.points(keep.nonzero()[:, 0])
+    return x, y, ["no held-out data: the unmoved training points stand in for held-out points"]
+
+
+def _predictions(problem: Problem, perturbation: Perturbation, x_eval: Tensor, y_eval: Tensor | None, held_out: bool,
+                 base: Tensor, centre: Tensor, members: Tensor) -> dict:
+    """:func:`prediction_change` on the evaluation points and on the moved points (at their new place)."""
+    x_moved, y_moved = problem.points(perturbation.indices)
+    x_moved = x_moved + perturbation.delta.to(x_moved)
+    return {"held_out" if held_out else "unmoved_training_points":
+            prediction_change(problem, x_eval, y_eval, base, centre, members),
+            "moved_points": prediction_change(problem, x_moved, y_moved, base, centre, members)}
+
+
 def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", *, test: tuple | None = None,
             members: int = 8, seed: int = 0, solve: SolveOptions | None = None,
             radius: RadiusOptions | None = None, validate: bool = False, steps: int = 1000,
-            reference: str = "auto", progress=None) -> Analysis:
+            reference: str = "auto", progress=None, training: Training | None = None) -> Analysis:
     """Estimate the set after ``perturbation``, grade it, and measure its effect on predictions.
 
     Args:
-        method: ``"auto"`` (:func:`choose_method`) or one of :data:`setsens.solution_set.METHODS`.
+        method: ``"auto"`` (:func:`choose_method`), one of :data:`setsens.solution_set.METHODS`, or
+            :data:`TANGENT` (:func:`analyze_training` with ``training``; ``members``, ``solve``, ``radius``,
+            ``steps`` and ``reference`` do not apply to it and are refused).
         test: held-out ``(x, y)`` (``y`` may be None); without it, the unmoved training points stand in.
         members: members of the set sampled to see how far it spreads the predictions.
         validate: retrain (``steps`` steps on the perturbed and on the clean data: ``2·steps`` gradient
@@ -210,8 +247,19 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
 
     Cost: one :func:`estimate`, ``members`` null projections and forward passes over the held-out points.
     """
+    if method == TANGENT:
+        given = [name for name, value, default in (("solve", solve, None), ("radius", radius, None),
+                                                   ("steps", steps, 1000), ("reference", reference, "auto"),
+                                                   ("members", members, 8))
+                 if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to method {TANGENT!r} (its training is `training`)")
+        return analyze_training(problem, perturbation, training or Training(), test=test, validate=validate,
+                                progress=progress)
+    if training is not None:
+        raise ValueError(f"training applies to method {TANGENT!r} only, not {method!r}")
     if method != "auto" and method not in METHODS:
-        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be 'auto', {TANGENT!r} or one of {METHODS}, got {method!r}")
     if members < 0:
         raise ValueError(f"members must be ≥ 0, got {members}")
     _reference_kind(problem, reference)  # checked before any work
@@ -232,37 +280,119 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
     report("verdict", verdict)
     sampled = result.sample(members, torch.Generator().manual_seed(seed)) if members and method != "influence" \
         else result.shift.new_zeros(0, problem.p)
-    if test is not None:
-        x_eval, y_eval = test
-    else:
-        keep = torch.ones(problem.n, dtype=torch.bool)
-        keep[idx] = False
-        x_eval, y_eval = problem.points(keep.nonzero()[:, 0])
+    x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
     report("predictions")
-    x_moved, y_moved = problem.points(idx)
-    x_moved = x_moved + perturbation.delta.to(x_moved)
-    predictions = {
-        "held_out" if test is not None else "unmoved_training_points":
-            prediction_change(problem, x_eval, y_eval, problem.params, result.centre, sampled),
-        "moved_points": prediction_change(problem, x_moved, y_moved, problem.params, result.centre, sampled),
-    }
-    notes = []
-    if test is None:
-        notes.append("no held-out data: the unmoved training points stand in for held-out points")
+    predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, problem.params, result.centre,
+                               sampled)
     validation, changes = None, {}
     if validate:
         report("validate", steps)
         changes, validation = validate_estimate(problem, perturbation, result, x_eval, steps=steps,
                                                 reference=reference, solve=solve,
                                                 progress=lambda k: report("retrain", k))
-        if validation["reference"]["output_change_norm"] == 0.0:
+        run = validation["reference_run"]
+        if run["output_change_norm"] == 0.0:
             notes.append("retraining did not move the held-out outputs at all: there is nothing to validate against")
-        elif not validation["reference"]["stable"] and "change_when_halved" in validation["reference"]:
-            notes.append("the retraining reference still changes with its budget (change_when_halved "
-                         f"{validation['reference']['change_when_halved']:.2f}): raise --steps")
-        elif not validation["reference"]["stable"]:
-            notes.append("the converged reference still changes when its tolerance is tightened "
-                         f"({validation['reference']['change_when_tightened']:.2f}): raise --steps")
+        elif not run["stable"] and "change_when_halved" in run:
+            notes.append(f"the retraining reference still changes with its budget (change_when_halved "
+                         f"{run['change_when_halved']:.2f}): raise the retraining steps")
+        elif not run["stable"]:
+            notes.append(f"the converged reference still changes when its tolerance is tightened "
+                         f"({run['change_when_tightened']:.2f}): raise the retraining steps")
     if math.isnan(loss.increase_removed):
         notes.append("the move did not raise the loss on its points")
     return Analysis(method, reason, result, verdict, loss, sampled, predictions, validation, notes, changes)
+
+
+def relative_step(problem: Problem, perturbation: Perturbation) -> float:
+    """The perturbation's size in percent: ``100 · max_k ‖Δx_k‖ / ‖x_k‖`` over the moved points."""
+    x, _ = problem.points(perturbation.indices)
+    size = perturbation.delta.to(x).reshape(len(x), -1).norm(dim=1) / x.reshape(len(x), -1).norm(dim=1)
+    return 100 * float(size.max())
+
+
+def validity(tangent: TrainingTangent, x_eval: Tensor, threshold: float = VALIDITY_THRESHOLD) -> dict:
+    """Up to which step the tangent's first-order answer can hold, from its second derivative (no retraining).
+
+    ``ratio``: κ = ‖o″‖/(2‖o′‖) on the outputs at ``x_eval`` (:func:`setsens.tangent.validity_ratio`), which is
+    the second-order term over the first at the differentiated step; the ratio at ``s`` times that step is
+    ``s·κ``, so ``step_max`` (percent) = step · threshold / κ.  Needs a tangent of ``order=2``.  The training
+    map of a ReLU network is only piecewise smooth: κ describes the piece the run is on.
+    Cost: two nested JVPs per batch of ``x_eval``.
+    """
+    if tangent.second is None:
+        raise ValueError("validity needs the second derivative: training_tangent(..., order=2)")
+    first, second = output_derivatives(tangent.problem, tangent.base, tangent.shift, x_eval, tangent.second)
+    kappa = validity_ratio(first, second)
+    step = relative_step(tangent.problem, tangent.perturbation)
+    return {"ratio": kappa, "threshold": threshold, "step_percent": step,
+            "step_max": step * threshold / kappa if kappa > 0 else float("inf"),
+            "first_order_output_norm": float(first.norm()), "second_order_output_norm": float(second.norm()) / 2}
+
+
+def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
+                     test: tuple | None = None, validate: bool = False, tangent: TrainingTangent | None = None,
+                     floor_factor: float = 300.0, progress=None) -> Analysis:
+    """The training tangent (:mod:`setsens.tangent`) of ``training`` along ``perturbation``: its predicted change
+    of the outputs, the range of steps where it holds (:func:`validity`), a verdict, and with ``validate`` its
+    score against the reference it predicts — :func:`setsens.retrain.training_response`, the same training on
+    the perturbed and on the clean data, with its noise floor (the change at a ``floor_factor`` × smaller step).
+
+    ``tangent``: a precomputed ``order=2`` tangent for this perturbation (else one is computed).
+    Cost: one second-order tangent (about 7.5 gradients per training step); ``validate`` adds three fine-tuning
+    runs (one gradient per step each) and one influence solve.
+    """
+    report = progress or (lambda stage, info=None: None)
+    problem.check_perturbation(perturbation)
+    x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
+    if tangent is None:
+        report("estimate", TANGENT)
+        tangent = training_tangent(problem, perturbation, training, order=2,
+                                   progress=lambda t: report("tangent", t))
+    valid = validity(tangent, x_eval)
+    idx, moved = perturbation.indices, perturbation
+    loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base), original=problem.loss_on(idx, tangent.base, moved),
+                        estimate=problem.loss_on(idx, tangent.centre, moved))
+    verdict = assess_tangent(tangent, valid["ratio"])
+    report("verdict", verdict)
+    report("predictions")
+    none = tangent.shift.new_zeros(0, problem.p)
+    predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, tangent.base, tangent.centre,
+                               none)
+    validation, changes = None, {}
+    if validate:
+        report("validate", tangent.training.steps)
+        ref = training_response(problem, perturbation, tangent.training, floor_factor=floor_factor,
+                                progress=lambda k: report("retrain", k))
+        at = lambda w: _comparable(problem, outputs_on(problem, w, x_eval))  # noqa: E731
+        clean_out = at(ref.clean)
+        ref_change, floor_change = at(ref.perturbed) - clean_out, at(ref.floor) - clean_out
+        base = at(problem.params)
+        with warnings.catch_warnings():  # the baseline assumes a stationary w̄; the tangent does not
+            warnings.simplefilter("ignore", NotStationaryWarning)
+            influence = estimate(problem, perturbation, "influence")
+        changes = {"reference": ref_change, "estimate": at(tangent.centre) - at(tangent.base),
+                   "influence": at(problem.params + influence.shift) - base}
+        size, floor = float(ref_change.norm()), float(floor_change.norm())
+        above = size / floor if floor > 0 else float("inf")
+        stable = bool(not ref.diverged and size == size and above >= 10)
+        influence_score = _score(changes["influence"], ref_change)
+        validation = {
+            "reference": "training_response", "reference_stable": stable,
+            "reference_run": {"kind": "training_response", "training": tangent.training.describe(),
+                              "lr": tangent.training.lr, "steps": tangent.training.steps, "diverged": ref.diverged,
+                              "stable": stable, "output_change_norm": size, "noise_floor": floor,
+                              "floor_factor": floor_factor, "change_over_floor": above,
+                              "output_drift_norm": float((clean_out - base).norm()),
+                              "loss_on_points": problem.loss_on(idx, ref.perturbed, moved),
+                              "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, moved)},
+            "points": int(x_eval.shape[0]), **_score(changes["estimate"], ref_change),
+            "influence": influence_score, "influence_pearson": influence_score["pearson"],
+        }
+        if ref.diverged:
+            notes.append("the reference's fine-tuning diverged at this step: it is no truth to score against")
+        elif above < 10:
+            notes.append(f"the reference's change is only {above:.3g}× its noise floor (the change at a "
+                         f"{floor_factor:g}× smaller step): the retrained change is mostly noise, use a larger step")
+    reason = "the tangent of the fine-tuning run: " + tangent.training.describe()
+    return Analysis(TANGENT, reason, tangent, verdict, loss, none, predictions, validation, notes, changes, valid)

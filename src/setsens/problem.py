@@ -290,21 +290,29 @@ class Problem:
     def _first_batch(self):
         return next(iter(self._raw_batches()))
 
-    def batches(self, perturbation: Perturbation | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of the rows held here, ``(x, y)`` in order, on device and in dtype, with
-        ``perturbation`` (globally indexed) applied."""
+    def displaced_batches(self, perturbation: Perturbation | None = None
+                          ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Batches of the rows held here, ``(x, y, D)`` in order, on device and in dtype: clean inputs, targets
+        and Δx placed on the batch's moved rows (``perturbation`` globally indexed; None where none moved)."""
         perturbation = self.localize(perturbation)
         start = 0
         for x, y in self._raw_batches():
             x, y = self._cast(x, y)
+            d = None
             if perturbation is not None:
                 idx = perturbation.indices.to(self.device)
                 inside = (idx >= start) & (idx < start + x.shape[0])
                 if inside.any():
-                    x = x.clone()
-                    x[idx[inside] - start] += perturbation.delta.to(x)[inside]
+                    d = torch.zeros_like(x)
+                    d[idx[inside] - start] = perturbation.delta.to(x)[inside]
             start += x.shape[0]
-            yield x, y
+            yield x, y, d
+
+    def batches(self, perturbation: Perturbation | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of the rows held here, ``(x, y)`` in order, on device and in dtype, with
+        ``perturbation`` (globally indexed) applied."""
+        for x, y, d in self.displaced_batches(perturbation):
+            yield (x if d is None else x + d), y
 
     def points(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """The training points ``indices`` (held here) as ``(x, y)`` on device and in dtype."""

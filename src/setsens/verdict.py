@@ -14,9 +14,14 @@ import torch
 
 from .solution_set import SolutionSet
 
-__all__ = ["Check", "Verdict", "assess", "first_order_residual", "kink", "LossOnPoints"]
+__all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
+           "VALIDITY_THRESHOLD"]
 
 STATUSES = ("pass", "warn", "fail")
+
+#: the largest second-order/first-order ratio of the outputs at which the training tangent is trusted (pass);
+#: warn up to twice it, fail beyond.  Calibrated on the zoo (docs/runs/zoo/tangent.md).
+VALIDITY_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,30 @@ def kink(estimate: SolutionSet) -> float:
         return float("nan")
     h = step / gg ** 0.5
     return abs((problem.risk(w + h * g) - problem.risk(w - h * g)) / (2 * h * gg) - 1)
+
+
+def assess_tangent(tangent, ratio: float) -> Verdict:
+    """Grade a training tangent (:mod:`setsens.tangent`) without retraining.
+
+    * ``replay_converging``: fail when the replayed clean fine-tuning diverged (a non-finite value, or its risk
+      rose): the training itself is unstable at its lr, and so is every answer about it.
+    * ``second_order``: the ratio of the second- to the first-order term of the outputs at this step
+      (:func:`setsens.analysis.validity`): pass ≤ :data:`VALIDITY_THRESHOLD`, warn up to twice it, fail beyond.
+    * ``shift_precision``: ‖w′‖ / (ε‖w_T‖): warn below 1e3 — the predicted change is near the rounding.
+    """
+    diverged = tangent.diverged
+    checks = [Check("replay_converging", "fail" if diverged else "pass", float(not diverged),
+                    "the replayed fine-tuning diverges: lower Training.lr" if diverged else ""),
+              _grade("second_order", ratio, VALIDITY_THRESHOLD, 2 * VALIDITY_THRESHOLD,
+                     "the perturbation is outside the range where the first-order answer holds: use a step at most "
+                     "validity.step_max")]
+    eps = torch.finfo(tangent.shift.dtype).eps
+    precision = float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
+    checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,
+                        "" if precision >= 1e3 else "the predicted change is close to the rounding of the weights: "
+                        "use float64 or a larger step"))
+    status = max((c.status for c in checks), key=STATUSES.index)
+    return Verdict(status, tuple(checks))
 
 
 def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None = None,

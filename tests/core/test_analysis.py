@@ -40,7 +40,8 @@ def test_on_a_stationary_fit_the_verdict_passes_and_retraining_agrees():
     names = {c.name: c for c in a.verdict.checks}
     assert names["stationarity"].status == "pass" and names["output_residual"].status == "pass"
     v = a.validation
-    assert v["reference"]["stable"] and v["reference"]["output_change_norm"] > 1e3 * v["reference"]["output_drift_norm"]
+    ref = v["reference_run"]
+    assert v["reference_stable"] and ref["stable"] and ref["output_change_norm"] > 1e3 * ref["output_drift_norm"]
     assert v["pearson"] >= 0.9 and v["pearson"] >= v["influence_pearson"] - 1e-3
     assert a.loss_on_points.increase_removed > 0.9
     s = a.summary()
@@ -72,7 +73,7 @@ def test_with_weight_decay_the_converged_reference_validates_a_classifier():
     for step in (0.05, 0.01):
         pert = gradient_perturbation(problem, [2, 7], step)
         a = analyze(problem, pert, test=(x[30:], y[30:]), validate=True, steps=3000, members=0)
-        ref = a.validation["reference"]
+        ref = a.validation["reference_run"]
         assert ref["kind"] == "converged_response" and ref["stable"] and ref["converged"]
         assert a.method == "hessian" and a.verdict.status == "pass"
         errors.append(a.validation["relative_error"])

@@ -71,7 +71,7 @@ def _figures(analysis, out: Path) -> list[str]:
     held = next(iter(analysis.predictions.values()))
     if "margins" in held:
         fig, ax = plt.subplots(figsize=(5, 4))
-        m0, m1 = torch.tensor(held["margins"]["w_bar"]), torch.tensor(held["margins"]["estimate"])
+        m0, m1 = torch.tensor(held["margins"]["before"]), torch.tensor(held["margins"]["estimate"])
         ax.scatter(m0, m1 - m0, s=6, alpha=0.6)
         ax.axhline(0, color="k", lw=0.5)
         ax.set(xlabel="margin at w̄", ylabel="predicted margin change",
@@ -119,13 +119,13 @@ def markdown(summary: dict, figures: list[str]) -> str:
         lines.append(f"- **{name.replace('_', ' ')}** ({p['points']} points): output change mean "
                      f"{p['output_change']['mean']:.3g}, max {p['output_change']['max']:.3g}")
         if "flips" in p:
-            lines.append(f"  - accuracy {p['accuracy']['w_bar']:.4f} → {p['accuracy']['estimate']:.4f}; "
+            lines.append(f"  - accuracy {p['accuracy']['before']:.4f} → {p['accuracy']['estimate']:.4f}; "
                          f"{p['flips']['count']} flips; margin change median {p['margin_change']['median']:.3g} "
                          f"[{p['margin_change']['min']:.3g}, {p['margin_change']['max']:.3g}]; "
                          f"{p['undetermined_by_set']['count']} predictions not determined by the set")
     val = summary.get("validation")
     if val:
-        ref = val["reference"]
+        ref = val["reference_run"]
         if ref["kind"] == "budget_response":
             halved = f", halved {ref['lr_halvings']}× after a divergence" if ref.get("lr_halvings") else ""
             how = (f"gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g}{halved})", "budget-stable",

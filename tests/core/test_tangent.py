@@ -1,0 +1,133 @@
+"""The training tangent: its replay is the user's ``torch.optim`` run, it is the derivative of the training map
+(central differences of that run), its second derivative gives the validity range, and its reference measures
+its own noise floor and divergence."""
+
+import pytest
+import torch
+from torch import nn
+
+from setsens.analysis import analyze, analyze_training, validity
+from setsens.finetune import Training, fine_tune
+from setsens.perturb import gradient_perturbation
+from setsens.problem import Problem, cross_entropy, squared_error
+from setsens.retrain import training_response
+from setsens.tangent import output_derivatives, training_tangent
+
+TRAININGS = {
+    "sgd-nesterov": Training(steps=25, lr=0.5),
+    "sgd-heavy-ball-minibatch": Training(steps=25, lr=0.3, momentum=0.5, nesterov=False, batch_size=4,
+                                         weight_decay=0.01),
+    "adam": Training(optimizer="adam", lr=0.02, steps=25, weight_decay=0.01),
+    "adamw": Training(optimizer="adamw", lr=0.02, steps=25, weight_decay=0.1),
+}
+
+
+def smooth(dtype=torch.float64, loss="ce", n=14, seed=0):
+    """A 3-6-3 tanh MLP at random weights on Gaussian data, plus 30 held-out inputs."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    x = torch.randn(n + 30, 3, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n + 30,), generator=g) if loss == "ce" else torch.randn(n + 30, 3, generator=g,
+                                                                                       dtype=dtype)
+    problem = Problem(model, cross_entropy if loss == "ce" else squared_error, (x[:n], y[:n]), batch_size=5)
+    return problem, (x[n:], y[n:])
+
+
+@pytest.mark.parametrize("name", TRAININGS)
+def test_the_replay_is_the_torch_optim_run_in_float32(name):
+    problem, _ = smooth(torch.float32)
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    tangent = training_tangent(problem, pert, TRAININGS[name])
+    clean = fine_tune(problem, None, TRAININGS[name]).w
+    assert float((clean - problem.params).norm()) > 0.1  # the run moves: a replay that stood still would fail
+    assert float((tangent.base - clean).norm() / clean.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", TRAININGS)
+def test_the_tangent_is_the_derivative_of_the_training_map(name):
+    problem, _ = smooth()
+    training = TRAININGS[name]
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    tangent = training_tangent(problem, pert, training, order=2)
+    h = 1e-3
+    plus, minus = (fine_tune(problem, pert.scaled(s), training).w for s in (h, -h))
+    clean = fine_tune(problem, None, training).w
+    fd, fd2 = (plus - minus) / (2 * h), (plus - 2 * clean + minus) / h**2
+    assert float((tangent.shift - fd).norm() / fd.norm()) <= 1e-4
+    assert float((tangent.second - fd2).norm() / fd2.norm()) <= 1e-3
+    # the test can fail: the same derivative through a different optimiser, or a different T, is far from it
+    other = Training(steps=training.steps, lr=training.lr, momentum=0.0) if training.optimizer == "sgd" else \
+        Training(optimizer="adam", steps=training.steps, lr=training.lr, betas=(0.0, 0.999))
+    for wrong in (other, Training(**{**training.__dict__, "steps": training.steps - 5})):
+        assert float((training_tangent(problem, pert, wrong).shift - fd).norm() / fd.norm()) > 0.05
+
+
+def test_a_tangent_taken_off_the_data_differentiates_there():
+    problem, _ = smooth()
+    training = TRAININGS["sgd-nesterov"]
+    pert = gradient_perturbation(problem, [1, 7], 0.05)
+    tangent = training_tangent(problem, pert, training, at=1.0)
+    h = 1e-3
+    plus, minus = (fine_tune(problem, pert.scaled(1 + s), training).w for s in (h, -h))
+    assert torch.allclose(tangent.base, fine_tune(problem, pert, training).w, rtol=0, atol=1e-12)
+    assert float((tangent.shift - (plus - minus) / (2 * h)).norm() / tangent.shift.norm()) <= 1e-4
+
+
+def test_the_validity_ratio_is_the_second_order_term_over_the_first():
+    problem, (x_eval, _) = smooth()
+    training = TRAININGS["sgd-nesterov"]
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    tangent = training_tangent(problem, pert, training, order=2)
+    first, second = output_derivatives(problem, tangent.base, tangent.shift, x_eval, tangent.second)
+    v = validity(tangent, x_eval)
+    at = lambda w: problem.outputs(w, x_eval) - problem.outputs(w, x_eval).mean(1, keepdim=True)  # noqa: E731
+    clean = at(tangent.base)
+    for s in (3.0, 10.0):  # the measured remainder of a first-order answer at s times the step
+        moved = at(fine_tune(problem, pert.scaled(s), training).w)
+        remainder = float((moved - clean - s * first).norm() / (s * first).norm())
+        assert remainder == pytest.approx(s * v["ratio"], rel=0.25)
+    # the range is a property of the direction, not of the step it was measured at
+    v2 = validity(tangent.scaled(4.0), x_eval)
+    assert v2["ratio"] == pytest.approx(4 * v["ratio"], rel=1e-9)
+    assert v2["step_max"] == pytest.approx(v["step_max"], rel=1e-6)
+    assert v["step_max"] == pytest.approx(v["step_percent"] * v["threshold"] / v["ratio"])
+
+
+def test_the_reference_measures_its_floor_and_its_divergence():
+    problem, _ = smooth()
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    ref = training_response(problem, pert, TRAININGS["adam"])
+    assert not ref.diverged
+    ratio = float(ref.shift.norm() / (ref.floor - ref.clean).norm())
+    assert 250 < ratio < 350  # a smooth map: the change at a 300× smaller step is 300× smaller
+    assert training_response(problem, pert, Training(steps=25, lr=500.0), floor_factor=0).diverged
+
+
+@pytest.mark.parametrize("loss", ["ce", "se"])
+def test_analyze_the_training_tangent_against_the_reference_it_predicts(loss):
+    problem, test = smooth(loss=loss)
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    a = analyze(problem, pert, "training-tangent", test=test, validate=True, training=TRAININGS["adam"])
+    v, s = a.validation, a.summary()
+    assert a.verdict.status == "pass" and v["reference"] == "training_response" and v["reference_stable"]
+    assert v["pearson"] > 0.999 and v["relative_error"] < 0.05
+    assert s["validity"]["step_max"] > 1 and s["estimate"]["method"] == "training-tangent"
+    # far outside the range the verdict fails first, and retraining agrees that the answer misses
+    far = analyze_training(problem, pert.scaled(3 * s["validity"]["step_max"] / s["validity"]["step_percent"]),
+                           TRAININGS["adam"], test=test, validate=True)
+    assert {c.name: c.status for c in far.verdict.checks}["second_order"] == "fail"
+    assert far.validation["relative_error"] > 5 * v["relative_error"]
+
+
+def test_options_a_method_does_not_read_are_refused():
+    problem, _ = smooth()
+    pert = gradient_perturbation(problem, [1], 0.01)
+    with pytest.raises(ValueError, match="steps do not apply"):
+        analyze(problem, pert, "training-tangent", steps=50)
+    with pytest.raises(ValueError, match="training applies to method 'training-tangent' only"):
+        analyze(problem, pert, "hessian", training=Training())
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Training(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="batch_size"):
+        Training(batch_size=0)
