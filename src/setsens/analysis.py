@@ -23,7 +23,7 @@ from .finetune import Training
 from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
-from .tangent import TrainingTangent, output_derivatives, training_tangent, validity_ratio
+from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
 from .verdict import VALIDITY_THRESHOLD, first_order_residual, kink, LossOnPoints, Verdict, assess, assess_tangent
 
 __all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "outputs_on", "validity", "relative_step",
@@ -339,7 +339,11 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     the perturbed and on the clean data, with its noise floor (the change at a ``floor_factor`` × smaller step).
 
     ``tangent``: a precomputed ``order=2`` tangent for this perturbation (else one is computed).
-    Cost: one second-order tangent (about 7.5 gradients per training step); ``validate`` adds three fine-tuning
+    ``validation["reference_run"]["self_consistency"]``: the Pearson correlation of the reference's change with 3×
+    its change at a third of the step — the best any first-order prediction of it can do (1 where the training
+    map is smooth; below where it jumps, as a ReLU network's does wherever a unit changes sides).
+    Cost: one second-order tangent (about 7.5 gradients per training step) and its jump probes (about 50
+    gradients); ``validate`` adds four fine-tuning
     runs (one gradient per step each) and one influence solve.
     """
     report = progress or (lambda stage, info=None: None)
@@ -350,10 +354,11 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         tangent = training_tangent(problem, perturbation, training, order=2,
                                    progress=lambda t: report("tangent", t))
     valid = validity(tangent, x_eval)
+    valid["jump_ratio"] = jump_ratio(tangent)
     idx, moved = perturbation.indices, perturbation
     loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base), original=problem.loss_on(idx, tangent.base, moved),
                         estimate=problem.loss_on(idx, tangent.centre, moved))
-    verdict = assess_tangent(tangent, valid["ratio"])
+    verdict = assess_tangent(tangent, valid["ratio"], valid["jump_ratio"]["median"])
     report("verdict", verdict)
     report("predictions")
     none = tangent.shift.new_zeros(0, problem.p)
@@ -377,12 +382,14 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         above = size / floor if floor > 0 else float("inf")
         stable = bool(not ref.diverged and size == size and above >= 10)
         influence_score = _score(changes["influence"], ref_change)
+        consistency = _score(3 * (at(ref.third) - clean_out), ref_change)["pearson"]
         validation = {
             "reference": "training_response", "reference_stable": stable,
             "reference_run": {"kind": "training_response", "training": tangent.training.describe(),
                               "lr": tangent.training.lr, "steps": tangent.training.steps, "diverged": ref.diverged,
                               "stable": stable, "output_change_norm": size, "noise_floor": floor,
                               "floor_factor": floor_factor, "change_over_floor": above,
+                              "self_consistency": consistency,
                               "output_drift_norm": float((clean_out - base).norm()),
                               "loss_on_points": problem.loss_on(idx, ref.perturbed, moved),
                               "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, moved)},

@@ -249,7 +249,10 @@ class TrainingResponse:
 
     ``floor``: the end of the perturbed run at ``perturbation.scaled(1/floor_factor)``, whose change against the
     clean run is the reference's noise floor at this step (for a smooth training map it is ``1/floor_factor`` of
-    the change).  ``diverged``: some run's gradient or risk went non-finite, or its risk rose.
+    the change).  ``third``: the end at a 3× smaller step: where the map is smooth its change is a third of the
+    change, so the two changes' agreement bounds what any smooth prediction can reach (a ReLU network's map
+    jumps wherever a unit changes sides).  ``diverged``: some run's gradient or risk went non-finite, or its risk
+    rose.
     """
 
     perturbed: Tensor
@@ -258,6 +261,7 @@ class TrainingResponse:
     floor_factor: float
     training: object
     diverged: bool
+    third: Tensor | None = None
 
     @property
     def shift(self) -> Tensor:
@@ -268,17 +272,17 @@ def training_response(problem: Problem, perturbation: Perturbation, training=Non
                       progress=None) -> TrainingResponse:
     """The budget response of ``training`` (default :class:`~setsens.finetune.Training()`), with its noise floor.
 
-    Cost: three fine-tuning runs (perturbed, clean, and perturbed at a ``floor_factor`` × smaller step; the last
-    skipped with ``floor_factor=0``).  ``progress(t)`` after each step of each run.
+    Cost: four fine-tuning runs (perturbed, clean, and perturbed at a ``floor_factor`` × and a 3× smaller step;
+    the last two skipped with ``floor_factor=0``).  ``progress(t)`` after each step of each run.
     """
     from .finetune import Training, fine_tune, resolve_lr
 
     training = resolve_lr(problem, training or Training())
     runs = [fine_tune(problem, perturbation, training, progress), fine_tune(problem, None, training, progress)]
     if floor_factor:
-        runs.append(fine_tune(problem, perturbation.scaled(1 / floor_factor), training, progress))
+        runs += [fine_tune(problem, perturbation.scaled(1 / f), training, progress) for f in (floor_factor, 3)]
     return TrainingResponse(runs[0].w, runs[1].w, runs[2].w if floor_factor else None, floor_factor, training,
-                            any(r.diverged for r in runs))
+                            any(r.diverged for r in runs), runs[3].w if floor_factor else None)
 
 
 def _residuals(problem: Problem, w: Tensor, x: Tensor, y: Tensor) -> Tensor:

@@ -15,13 +15,16 @@ import torch
 from .solution_set import SolutionSet
 
 __all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
-           "VALIDITY_THRESHOLD"]
+           "VALIDITY_THRESHOLD", "JUMP_THRESHOLD"]
 
 STATUSES = ("pass", "warn", "fail")
 
 #: the largest second-order/first-order ratio of the outputs at which the training tangent is trusted (pass);
 #: warn up to twice it, fail beyond.  Calibrated on the zoo (docs/runs/zoo/tangent.md).
 VALIDITY_THRESHOLD = 0.5
+#: the largest jump ratio (:func:`setsens.tangent.jump_ratio`, median over the probes) that passes; warn up to
+#: three times it, fail beyond.  Calibrated on the zoo (docs/runs/zoo/tangent.md).
+JUMP_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,16 @@ def kink(estimate: SolutionSet) -> float:
     return abs((problem.risk(w + h * g) - problem.risk(w - h * g)) / (2 * h * gg) - 1)
 
 
-def assess_tangent(tangent, ratio: float) -> Verdict:
+def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
     """Grade a training tangent (:mod:`setsens.tangent`) without retraining.
 
     * ``replay_converging``: fail when the replayed clean fine-tuning diverged (a non-finite value, or its risk
       rose): the training itself is unstable at its lr, and so is every answer about it.
     * ``second_order``: the ratio of the second- to the first-order term of the outputs at this step
       (:func:`setsens.analysis.validity`): pass ≤ :data:`VALIDITY_THRESHOLD`, warn up to twice it, fail beyond.
+    * ``smooth_at_step``: the jump ratio (:func:`setsens.tangent.jump_ratio`): how far a training step's gradient
+      over the perturbation departs from its derivative; pass ≤ :data:`JUMP_THRESHOLD`, warn up to 3× it —
+      large where units change sides within the perturbation, so that the training map jumps.
     * ``shift_precision``: ‖w′‖ / (ε‖w_T‖): warn below 1e3 — the predicted change is near the rounding.
     """
     diverged = tangent.diverged
@@ -114,7 +120,12 @@ def assess_tangent(tangent, ratio: float) -> Verdict:
                     "the replayed fine-tuning diverges: lower Training.lr" if diverged else ""),
               _grade("second_order", ratio, VALIDITY_THRESHOLD, 2 * VALIDITY_THRESHOLD,
                      "the perturbation is outside the range where the first-order answer holds: use a step at most "
-                     "validity.step_max")]
+                     "validity.step_max"),
+              _grade("smooth_at_step", jump, JUMP_THRESHOLD, 3 * JUMP_THRESHOLD,
+                     "a training step is not differentiable at the scale of the perturbation (units change sides "
+                     "within it: ReLU, max-pooling): the fine-tuning jumps where no derivative sees it, and the "
+                     "reference itself is rough (its self_consistency); read the estimate as a trend, or use "
+                     "smooth activations")]
     eps = torch.finfo(tangent.shift.dtype).eps
     precision = float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
     checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,

@@ -17,6 +17,21 @@ from .options import number_list
 from .user_model import load_problem, model_options
 
 SELECT_RULES = ("top-loss", "low-loss", "random")
+#: the steps (%) ``--step auto`` chooses from: the largest inside the validity range
+AUTO_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+
+
+def _parse_step(step: str) -> float | None:
+    """``--step``: a percentage in (0, 100], or ``auto`` (None)."""
+    if step == "auto":
+        return None
+    try:
+        value = float(step)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 100:
+        raise click.BadParameter(f"expected a percentage in (0, 100] or 'auto', got {step!r}", param_hint="--step")
+    return value
 
 
 def _parse_points(points: str | None, select: str | None) -> tuple[str, object]:
@@ -94,7 +109,7 @@ def _figures(analysis, out: Path) -> list[str]:
 
 
 def markdown(summary: dict, figures: list[str]) -> str:
-    v, s, lp = summary["verdict"], summary["set"], summary["loss_on_points"]
+    v, lp = summary["verdict"], summary["loss_on_points"]
     lines = [f"# setsens analyze — verdict: **{v['status'].upper()}**", "",
              "| check | status | value | what to do |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['value']:.3g} | {c['advice']} |" for c in v["checks"]]
@@ -104,17 +119,41 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"{pol['grad_norm_before']:.3g} → {pol['grad_norm_after']:.3g}, risk {pol['risk_before']:.4g} → "
                   f"{pol['risk_after']:.4g}, weights moved "
                   f"{pol['weights_moved']:.3g}; everything below is about the polished weights."]
-    lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", "",
-              "## The estimated set", "",
-              f"- shift ‖v₀‖ = {s['shift_norm']:.4g}, radius r = {s['radius']:.4g} (null reach ρ = "
-              f"{s['null_radius']:.4g}, determined: {s['radius_determined']}), {s['members']} members sampled",
-              f"- residuals: output {s['output_residual']:.3g}, eq. 19 feasibility {s['feasibility_residual']:.3g}; "
-              f"stationarity ‖∇L‖/‖JΔx‖ = {s['stationarity']:.3g}",
-              f"- cost: {s['cost']['hvp']} H v, {s['cost']['jvp_vjp_passes']} JVP+VJP passes, "
-              f"{s['cost']['seconds']:.1f} s",
-              f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
-              f"their loss: clean {lp['clean']:.4g}, moved {lp['original']:.4g}, at the estimate {lp['estimate']:.4g}",
-              "", "## Predictions", ""]
+    lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", ""]
+    if "estimate" in summary:
+        e, va = summary["estimate"], summary["validity"]
+        lines += ["## The estimate", "", f"- predicts: {e['predicts']}",
+                  f"- predicted change of the end weights ‖w′‖ = {e['shift_norm']:.4g}; the replayed clean run moves "
+                  f"{e['replay_weight_drift']:.4g} from w̄ (risk {e['replay_risk']['start']:.4g} → "
+                  f"{e['replay_risk']['end']:.4g}, diverged: {e['diverged']}), lr {e['lr']:.3g}",
+                  f"- validity: the second-order term is {va['ratio']:.3g} of the first at this step "
+                  f"({summary['perturbation']['step_percent']:.3g} %); the first-order answer is trusted up to "
+                  f"**step_max = {va['step_max']:.3g} %** (ratio {va['threshold']:g})",
+                  f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
+                  f"their loss after the clean run {lp['clean']:.4g}, moved {lp['original']:.4g}, after the "
+                  f"predicted perturbed run {lp['estimate']:.4g}", "", "## Predictions", ""]
+    else:
+        lines += _set_lines(summary)
+    lines += _prediction_lines(summary) + [""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _set_lines(summary: dict) -> list[str]:
+    s, lp = summary["set"], summary["loss_on_points"]
+    return ["## The estimated set", "",
+            f"- shift ‖v₀‖ = {s['shift_norm']:.4g}, radius r = {s['radius']:.4g} (null reach ρ = "
+            f"{s['null_radius']:.4g}, determined: {s['radius_determined']}), {s['members']} members sampled",
+            f"- residuals: output {s['output_residual']:.3g}, eq. 19 feasibility {s['feasibility_residual']:.3g}; "
+            f"stationarity ‖∇L‖/‖JΔx‖ = {s['stationarity']:.3g}",
+            f"- cost: {s['cost']['hvp']} H v, {s['cost']['jvp_vjp_passes']} JVP+VJP passes, "
+            f"{s['cost']['seconds']:.1f} s",
+            f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
+            f"their loss: clean {lp['clean']:.4g}, moved {lp['original']:.4g}, at the estimate {lp['estimate']:.4g}",
+            "", "## Predictions", ""]
+
+
+def _prediction_lines(summary: dict) -> list[str]:
+    lines = []
     for name, p in summary["predictions"].items():
         lines.append(f"- **{name.replace('_', ' ')}** ({p['points']} points): output change mean "
                      f"{p['output_change']['mean']:.3g}, max {p['output_change']['max']:.3g}")
@@ -126,7 +165,13 @@ def markdown(summary: dict, figures: list[str]) -> str:
     val = summary.get("validation")
     if val:
         ref = val["reference_run"]
-        if ref["kind"] == "budget_response":
+        if ref["kind"] == "training_response":
+            how = (ref["training"] + f" from w̄ (lr {ref['lr']:.3g}; diverged: {ref['diverged']})",
+                   "above its noise floor",
+                   f"{ref['change_over_floor']:.3g}× the change at a {ref['floor_factor']:g}× smaller step; its "
+                   f"self-consistency, the Pearson correlation with 3× its change at a third of the step, is "
+                   f"{ref['self_consistency']:.3f}: no first-order answer can do much better")
+        elif ref["kind"] == "budget_response":
             halved = f", halved {ref['lr_halvings']}× after a divergence" if ref.get("lr_halvings") else ""
             how = (f"gradient descent from w̄, {ref['steps']} steps (lr {ref['lr']:.3g}{halved})", "budget-stable",
                    f"change when halved {ref['change_when_halved']:.2f}")
@@ -144,8 +189,28 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"{val['influence']['relative_error']:.3f} |"]
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
-    lines += [""] + [f"![{f}]({f})" for f in figures]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _analyze_training(problem, pert, training, step, test, validate, progress, log):
+    """:func:`setsens.analysis.analyze_training`; with ``--step auto`` (``step`` None) the tangent is taken once at
+    ``pert`` (1 %), the step is chosen from :data:`AUTO_STEPS` by its validity range, and the tangent is rescaled
+    (a derivative at the data is linear in Δx)."""
+    from ..analysis import _evaluation_points, analyze_training, validity
+    from ..tangent import training_tangent
+
+    if step is not None:
+        return analyze_training(problem, pert, training, test=test, validate=validate, progress=progress)
+    x_eval = _evaluation_points(problem, pert, test)[0]
+    progress("estimate", "training-tangent")
+    unit = training_tangent(problem, pert, training, order=2, progress=lambda t: progress("tangent", t))
+    step_max = validity(unit, x_eval)["step_max"]
+    inside = [s for s in AUTO_STEPS if s <= step_max]
+    chosen = inside[0] if inside else AUTO_STEPS[-1]
+    log(f"validity: step_max = {step_max:.3g} %; step {chosen:g} %" + ("" if inside else " (the smallest tried: "
+                                                                            "even it is outside the range)"))
+    return analyze_training(problem, pert.scaled(chosen), training, test=test, validate=validate,
+                            tangent=unit.scaled(chosen), progress=progress)
 
 
 @click.command("analyze")
@@ -154,10 +219,24 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--select", help="Or choose them: top-loss:K, low-loss:K or random:K [default: random:3].")
 @click.option("--direction", default="gradient", show_default=True,
               help="gradient (loss ascent), random, or an .npy of Δx (one row per point).")
-@click.option("--step", default=1.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
-              help="Size of each move in % of the point's norm.")
+@click.option("--step", default="1", show_default=True,
+              help="Size of each move in % of the point's norm; auto (training-tangent): the largest of "
+                   "10, 3, 1, 0.3, … % inside the validity range, found without retraining.")
 @click.option("--method", default="auto", show_default=True,
-              type=click.Choice(["auto", "gauss-newton", "hessian", "influence"]))
+              type=click.Choice(["auto", "gauss-newton", "hessian", "influence", "training-tangent"]),
+              help="training-tangent: the derivative of the fine-tuning run (--optimizer, --lr, --steps, …) along "
+                   "Δx, judged against that fine-tuning; the others: the set after retraining to a stationary point.")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam", "adamw"]),
+              help="training-tangent: the fine-tuning it differentiates (and --validate runs).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True),
+              help="training-tangent: its learning rate [default: 1/λ_max(H) for sgd, 1e-3 for adam].")
+@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="training-tangent, sgd: momentum (Nesterov unless --no-nesterov).")
+@click.option("--nesterov/--no-nesterov", default=True, show_default=True)
+@click.option("--train-batch", type=click.IntRange(1),
+              help="training-tangent: minibatch size, in a fixed seeded order [default: full batch].")
+@click.option("--train-weight-decay", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="training-tangent: the optimiser's weight decay (decoupled for adamw).")
 @click.option("--maxiter", default=200, show_default=True, type=click.IntRange(1),
               help="Krylov iterations at most, per solve (the estimate and each null projection).")
 @click.option("--preconditioner", default="none", show_default=True, type=click.Choice(["none", "diagonal", "nystrom"]),
@@ -168,8 +247,10 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--members", default=8, show_default=True, type=click.IntRange(0), help="Set members to sample.")
 @click.option("--validate", is_flag=True,
               help="Retrain on perturbed and on clean data (see --reference) and score the estimate.")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(2),
-              help="Retraining budget (gradient steps; converged reference: L-BFGS iterations at most).")
+@click.option("--steps", type=click.IntRange(2),
+              help="training-tangent: the fine-tuning's steps T [default: 200]; the other methods: the retraining "
+                   "budget of --validate (gradient steps; converged reference: L-BFGS iterations at most) "
+                   "[default: 1000].")
 @click.option("--reference", default="auto", show_default=True, type=click.Choice(["auto", "budget", "converged"]),
               help="What --validate retrains: same-budget gradient descent, or L-BFGS to stationarity (needs "
                    "--weight-decay: an isolated minimiser); auto: converged with weight decay, else budget.")
@@ -178,15 +259,38 @@ def markdown(summary: dict, figures: list[str]) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="setsens-analyze", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(points, select, direction, step, method, maxiter, preconditioner, sketch, members, validate, steps,
-            reference, test_points, seed, out, as_json, **inputs):
+def command(points, select, direction, step, method, optimizer, lr, momentum, nesterov, train_batch,
+            train_weight_decay, maxiter, preconditioner, sketch, members, validate, steps, reference, test_points, seed,
+            out, as_json, **inputs):
     """Estimate how your trained model's solution set moves when some training points move."""
     from ..analysis import analyze
     from ..report import atomic_torch_save, prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import RadiusOptions, SolveOptions
 
+    from ..finetune import Training
+
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
     rule, arg = _parse_points(points, select)
+    step = _parse_step(step)
+    tangent = method == "training-tangent"
+    if step is None and not tangent:
+        raise click.BadParameter("auto needs --method training-tangent (its validity range)", param_hint="--step")
+    if not tangent:
+        for name, value, default in (("--optimizer", optimizer, "sgd"), ("--lr", lr, None),
+                                     ("--momentum", momentum, 0.9), ("--no-nesterov", nesterov, True),
+                                     ("--train-batch", train_batch, None), ("--train-weight-decay", train_weight_decay,
+                                                                            0.0)):
+            if value != default:
+                raise click.BadParameter(f"applies to --method training-tangent only, not {method}", param_hint=name)
+    elif reference != "auto":
+        raise click.BadParameter("training-tangent is judged against the fine-tuning it differentiates",
+                                 param_hint="--reference")
+    try:
+        training = Training(optimizer=optimizer, lr=lr, steps=steps or 200, momentum=momentum, nesterov=nesterov,
+                            weight_decay=train_weight_decay, batch_size=train_batch, seed=seed)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--optimizer") from None
+    steps = steps or 1000
     if direction not in ("gradient", "random") and not Path(direction).is_file():
         raise click.BadParameter(f"expected gradient, random or an existing .npy file, got {direction!r}",
                                  param_hint="--direction")
@@ -200,10 +304,12 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
     out = prepare_out_dir(out)
     problem, data, polished = load_problem(log=log, **inputs)
     idx = _select(problem, rule, arg, seed)
-    pert = _direction(problem, idx, direction, step / 100, seed)
+    pert = _direction(problem, idx, direction, (step or 1.0) / 100, seed)
     test = None if data.test is None else (data.x_test[:test_points], data.y_test[:test_points])
+    along = direction if direction in ('gradient', 'random') else 'the given Δx'
     log(f"model: {type(problem.model).__name__}, p = {problem.p}, n = {problem.n}, {problem.dtype}; moving points "
-        f"{idx.tolist()} by {step:g} % along {direction if direction in ('gradient', 'random') else 'the given Δx'}")
+        f"{idx.tolist()} " + (f"by {step:g} % along {along}" if step else f"along {along}, the step chosen by its "
+                              "validity range"))
 
     from tqdm.auto import tqdm
 
@@ -211,7 +317,11 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
 
     def progress(stage, info=None):
         if stage == "retrain":
-            bars.setdefault("retrain", tqdm(total=2 * steps, desc="retrain (perturbed, clean)",
+            runs = "(perturbed, clean, noise floor)" if tangent else "(perturbed, clean)"
+            bars.setdefault("retrain", tqdm(total=(3 if tangent else 2) * (training.steps if tangent else steps),
+                                            desc=f"retrain {runs}", leave=False, disable=None)).update(1)
+        elif stage == "tangent":
+            bars.setdefault("tangent", tqdm(total=training.steps, desc="tangent of the training run (2nd order)",
                                             leave=False, disable=None)).update(1)
         elif stage == "candidate":
             bars.setdefault("estimate", tqdm(desc="estimate (scored candidates)", unit="check", leave=False,
@@ -233,21 +343,29 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
-        analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
-                           solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner, sketch=sketch),
-                           steps=steps, reference=reference, progress=progress,
-                           radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
+        if tangent:
+            analysis = _analyze_training(problem, pert, training, step, test, validate, progress, log)
+        else:
+                analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
+                               solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner, sketch=sketch),
+                               steps=steps, reference=reference, progress=progress,
+                               radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
     for bar in bars.values():
         bar.close()
     summary = analysis.summary()
     summary["polish"] = polished
     summary["inputs"] = {"model": inputs["model_spec"], "checkpoint": inputs["checkpoint"],
                          "data": inputs["data_spec"], "loss": inputs["loss_spec"], "step_percent": step,
-                         "direction": direction, "seed": seed}
+                         "direction": direction, "seed": seed, "step_auto": step is None}
     figures = _figures(analysis, out)
     est = analysis.estimate
-    atomic_torch_save({"w_bar": est.w_bar, "shift": est.shift, "radius": est.radius, "members": analysis.members,
-                       "indices": est.perturbation.indices, "delta": est.perturbation.delta}, out / "set.pt")
+    moved = {"indices": est.perturbation.indices, "delta": est.perturbation.delta}
+    if tangent:
+        atomic_torch_save({"w_bar": est.w_bar, "base": est.base, "shift": est.shift, "second": est.second} | moved,
+                          out / "tangent.pt")
+    else:
+        atomic_torch_save({"w_bar": est.w_bar, "shift": est.shift, "radius": est.radius, "members": analysis.members}
+                          | moved, out / "set.pt")
     write_json(out / "results.json", summary)
     write_text(out / "report.md", markdown(summary, figures))  # raw floats: NaN prints as nan
     if as_json:
@@ -259,5 +377,5 @@ def command(points, select, direction, step, method, maxiter, preconditioner, sk
         if validate:
             v = analysis.validation
             click.echo(f"validation: Pearson {v['pearson']:.3f} (influence {v['influence_pearson']:.3f}), relative "
-                       f"error {v['relative_error']:.3f}; reference stable: {v['reference']['stable']}")
+                       f"error {v['relative_error']:.3f}; reference {v['reference']} stable: {v['reference_stable']}")
         click.echo(f"report written to {out / 'report.md'}")
