@@ -25,6 +25,7 @@ the outputs changes nothing: cross-entropy) and ``is_squared_error``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from functools import cached_property
 import warnings
@@ -218,6 +219,15 @@ class Problem:
         self._check_model_accepts_data()
         self.loss_ignores_output_shift = self._loss_property("ignores_output_shift", self._detect_shift_invariance)
         self.loss_is_squared_error = self._loss_property("is_squared_error", self._detect_squared_error)
+
+    def with_dtype(self, dtype: torch.dtype) -> "Problem":
+        """The same problem (model, data, w̄, rows) computed in ``dtype`` (a shallow copy; the data are cast batch
+        by batch as always)."""
+        other = copy.copy(self)
+        other.dtype = dtype
+        other.params = self.params.to(dtype)
+        other.buffers = {k: (b.to(dtype) if b.is_floating_point() else b) for k, b in self.buffers.items()}
+        return other
 
     # -- parameters ---------------------------------------------------------------------------
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:

@@ -198,13 +198,15 @@ def jump_ratio(tangent: TrainingTangent, factor: float = 1.0) -> dict:
     ``H w′_t + J Δx`` (one JVP): ``‖difference quotient − derivative‖ / ‖derivative‖``.  O(factor²) where the
     step is smooth; of order one where units change sides within the perturbation (ReLU, max-pooling), where
     the training map jumps and no derivative sees the jumps.  No retraining.  Returns the median and the
-    largest ratio over the probes.  Cost: about 5 gradients per probe."""
-    problem, pert = tangent.problem, tangent.perturbation
+    largest ratio over the probes.  Computed in float64 (in float32 the difference quotient of a small step is
+    rounding).  Cost: about 5 gradients per probe."""
+    problem, pert = tangent.problem.with_dtype(torch.float64), tangent.perturbation
     if not tangent.probes:
         raise ValueError("the tangent kept no probes: training_tangent(..., probes=k) with k ≥ 1")
     eps = torch.tensor(tangent.at, dtype=problem.dtype, device=problem.device)
     ratios = []
     for _, rows, w, dw in tangent.probes:
+        w, dw = w.to(problem.dtype), dw.to(problem.dtype)
         batches = step_batches(problem, rows, pert)
         grad = partial(step_gradient, problem, batches=batches)
         derivative = jvp(grad, (w, eps), (dw * factor, torch.ones_like(eps) * factor))[1]

@@ -1,0 +1,187 @@
+"""The zoo under the training tangent: does the derivative of the fine-tuning run predict that fine-tuning, on
+networks as people train them, and does the verdict say where it does not?
+
+Each model of ``examples/zoo`` (as trained; the shared ResNet-56 from its checkpoint) is analysed for 3 seeds of
+moved points (``random:3``, moved along their loss gradient) by :func:`setsens.analysis.analyze_training`: one
+second-order tangent per seed at a 1 % step (the validity range and ``--step auto``'s choice come from it, no
+retraining), then, at each step of the sweep and at the auto step, the verdict and the validation against the
+reference the tangent predicts (the same fine-tuning on perturbed and clean data, with its noise floor at a 300×
+smaller step and its self-consistency at a 3× smaller one).  The training differentiated is full-batch SGD with
+Nesterov momentum 0.9 at lr 1/λ_max(H) for T steps.  Rows are appended to ``OUT/tangent.json`` (a rerun resumes);
+``OUT/tangent.md`` holds the table, the verdict's confusion table and the per-model figures.
+
+    python benchmarks/zoo_tangent.py --out docs/runs/zoo-tangent                     # digits models, regression
+    python benchmarks/zoo_tangent.py --models resnet --train-steps 100 --sweep "" --out docs/runs/zoo-tangent
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import ZOO, checkpoint  # noqa: E402
+
+LOSSES = {"regression": "squared_error"}
+
+
+def load(name: str, out: Path):
+    from setsens.loading import load_checkpoint, load_loss
+    from setsens.problem import Problem
+
+    sys.path.insert(0, str(ZOO))
+    module = importlib.import_module(name)
+    net = load_checkpoint(module.model(), checkpoint(name, out))
+    x, y, xt, yt = module.data()
+    return Problem(net, load_loss(LOSSES.get(name, "cross_entropy")), (x, y)), (xt, yt)
+
+
+def row(name, seed, step, auto, a, seconds) -> dict:
+    v, va = a.validation, a.validity
+    r = v["reference_run"]
+    return {"model": name, "seed": seed, "step_percent": step, "auto": auto, "verdict": a.verdict.status,
+            "checks": {c.name: [c.status, c.value] for c in a.verdict.checks},
+            "ratio": va["ratio"], "step_max": va["step_max"], "jump_median": va["jump_ratio"]["median"],
+            "pearson": v["pearson"], "relative_error": v["relative_error"], "influence_pearson": v["influence_pearson"],
+            "reference_stable": v["reference_stable"], "diverged": r["diverged"],
+            "change": r["output_change_norm"], "noise_floor": r["noise_floor"],
+            "change_over_floor": r["change_over_floor"], "self_consistency": r["self_consistency"],
+            "lr": r["lr"], "train_steps": r["steps"], "seconds": seconds}
+
+
+def regrade(r: dict) -> str:
+    """The verdict of a stored row under the thresholds in force (they were calibrated on these rows)."""
+    from setsens.verdict import JUMP_THRESHOLD, STATUSES, VALIDITY_THRESHOLD
+
+    def grade(value, limit, factor):
+        return "pass" if value <= limit else "warn" if value <= factor * limit else "fail"
+
+    statuses = [grade(r["ratio"], VALIDITY_THRESHOLD, 2), grade(r["jump_median"], JUMP_THRESHOLD, 3)]
+    statuses += [c[0] for name, c in r["checks"].items() if name not in ("second_order", "smooth_at_step")]
+    return max(statuses, key=STATUSES.index)
+
+
+def spread(values) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and v == v]
+    if not values:
+        return "—"
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def tables(rows: list[dict]) -> str:
+    lines = ["| model | step % | seeds | verdicts (pass/warn/fail) | Pearson, tangent | Pearson, influence | "
+             "reference self-consistency | change / noise floor | ratio (2nd/1st) | jump ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
+    for (model, step), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "auto",
+                                                                      -float(kv[1][0]["step_percent"]))):
+        counts = "/".join(str(sum(r["verdict"] == s for r in rs)) for s in ("pass", "warn", "fail"))
+        label = "auto: " + ", ".join(f"{r['step_percent']:g}" for r in rs) if step == "auto" else step
+        lines.append(f"| {model} | {label} | {len(rs)} | {counts} | {spread([r['pearson'] for r in rs])} | "
+                     f"{spread([r['influence_pearson'] for r in rs])} | {spread([r['self_consistency'] for r in rs])}"
+                     f" | {spread([r['change_over_floor'] for r in rs])} | {spread([r['ratio'] for r in rs])} | "
+                     f"{spread([r['jump_median'] for r in rs])} |")
+    scored = [r for r in rows if r["pearson"] == r["pearson"]]
+    good = [r for r in scored if r["pearson"] >= 0.9]
+    bad = [r for r in scored if r["pearson"] < 0.9]
+    count = lambda rs, s: sum(r["verdict"] == s for r in rs)  # noqa: E731
+    lines += ["", "Verdict against the measured Pearson (every scored run above; a run whose reference diverged has "
+              "no Pearson and is left out):", "", "| | pass | warn | fail |", "|---|---|---|---|",
+              *(f"| Pearson {label} ({len(rs)}) | {count(rs, 'pass')} | {count(rs, 'warn')} | {count(rs, 'fail')} |"
+                for label, rs in (("≥ 0.9", good), ("< 0.9", bad)))]
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a script at the edge: the library itself never sets a backend
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for seed in sorted({r["seed"] for r in rows if r["model"] == model}):
+            rs = sorted((r for r in rows if r["model"] == model and r["seed"] == seed and not r["auto"]),
+                        key=lambda r: r["step_percent"])
+            if not rs:
+                continue
+            line, = ax.semilogx([r["step_percent"] for r in rs], [r["pearson"] for r in rs], "o-",
+                                label=f"seed {seed}")
+            ax.axvline(rs[0]["step_max"], color=line.get_color(), ls="--", lw=0.8)
+        ax.axhline(0.9, color="k", lw=0.5)
+        ax.set(title=model, xlabel="step (% of ‖x_k‖); dashed: step_max", ylabel="Pearson vs the reference",
+               ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tangent.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    from setsens.analysis import analyze_training, validity, _evaluation_points
+    from setsens.experiments.analyze import AUTO_STEPS
+    from setsens.finetune import Training, resolve_lr
+    from setsens.perturb import gradient_perturbation
+    from setsens.tangent import training_tangent
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,regression,cnn,transformer,gn_cnn")
+    parser.add_argument("--sweep", default="3,1,0.3,0.1,0.03", help="steps in %% besides the auto step")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--out", default="runs/zoo-tangent")
+    parser.add_argument("--merge", default="", help="also tabulate the rows of these tangent.json files (a,b,…)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "tangent.json"
+    rows = json.loads(done.read_text()) if done.exists() else []
+    sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
+    for name in args.models.split(","):
+        problem, test = load(name, out)
+        training = resolve_lr(problem, Training(steps=args.train_steps))
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if any(r["model"] == name and r["seed"] == seed and r["auto"] for r in rows):
+                continue
+            rows = [r for r in rows if (r["model"], r["seed"]) != (name, seed)]  # an unfinished seed is redone
+            idx = torch.randperm(problem.n, generator=torch.Generator().manual_seed(seed))[:3]
+            unit = gradient_perturbation(problem, idx, 0.01)
+            t0 = time.perf_counter()
+            tangent = training_tangent(problem, unit, training, order=2)
+            step_max = validity(tangent, _evaluation_points(problem, unit, test)[0])["step_max"]
+            tangent_seconds = time.perf_counter() - t0
+            auto = next((s for s in AUTO_STEPS if s <= step_max), AUTO_STEPS[-1])
+            for step, is_auto in [(s, False) for s in sweep] + [(auto, True)]:
+                t0 = time.perf_counter()
+                a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
+                                     tangent=tangent.scaled(step))
+                rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0))
+                done.write_text(json.dumps(rows, indent=2) + "\n")
+                r = rows[-1]
+                print(f"{name} seed {seed} step {step:g} %{' (auto)' if is_auto else ''}: verdict {r['verdict']}, "
+                      f"Pearson {r['pearson']:.3f} (influence {r['influence_pearson']:.3f}), self-consistency "
+                      f"{r['self_consistency']:.3f}, change/floor {r['change_over_floor']:.3g}, "
+                      f"ratio {r['ratio']:.3g}, jump {r['jump_median']:.3g}, step_max {r['step_max']:.3g} %",
+                      flush=True)
+    for path in filter(None, args.merge.split(",")):
+        rows += [r for r in json.loads(Path(path).read_text()) if r["model"] not in args.models.split(",")]
+    for r in rows:
+        r["verdict"] = regrade(r)
+    text = tables(rows)
+    print(text)
+    (out / "tangent.md").write_text("# The zoo under the training tangent\n\n" + text + "\n\n![](tangent.png)\n")
+    figure(rows, out)
+
+
+if __name__ == "__main__":
+    main()
