@@ -1,6 +1,8 @@
 """The one registry of small test problems: every test builds its networks and data here.
 
 * :func:`small_problem` — a two-layer classifier or regressor as a :class:`~setsens.problem.Problem`;
+* :func:`smooth_mlp` — a 3-6-3 tanh MLP at random weights (cross-entropy or squared error) with held-out
+  inputs: the training tangent's and the filters' problem;
 * :func:`interpolating_mlp` — a 4-10-3 tanh MLP fitted to 8 points (p > n·K) with 3 points moved 1 %:
   the estimate's and the preconditioners' problem;
 * :func:`fitted_problem` — a small tanh network at an exact fit (squared error, Levenberg–Marquardt)
@@ -35,6 +37,18 @@ def small_problem(seed=0, n=12, d=3, hidden=4, k=2, act=nn.Tanh, bias=True, loss
     y = torch.randint(0, k, (n,), generator=g)
     fn = cross_entropy if loss == "ce" else squared_error
     return Problem(model, fn, (x, y), batch_size=batch_size)
+
+
+def smooth_mlp(dtype=torch.float64, loss="ce", n=14, seed=0):
+    """A 3-6-3 tanh MLP at random weights on Gaussian data, plus 30 held-out inputs."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    x = torch.randn(n + 30, 3, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n + 30,), generator=g) if loss == "ce" else torch.randn(n + 30, 3, generator=g,
+                                                                                       dtype=dtype)
+    problem = Problem(model, cross_entropy if loss == "ce" else squared_error, (x[:n], y[:n]), batch_size=5)
+    return problem, (x[n:], y[n:])
 
 
 def interpolating_mlp(seed, loss, batch_size=8):

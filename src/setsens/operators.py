@@ -210,6 +210,50 @@ def linearized(f, w: Tensor) -> tuple:
     return push, sum(held.values())
 
 
+class GaussNewtonMatrix:
+    """The generalised Gauss–Newton matrix ``Σ_i c G_iᵀ Λ_i G_i + λI`` at w (p × p, positive semi-definite),
+    matrix-free: ``G_i`` the output Jacobian, ``Λ_i`` the loss's Hessian in the outputs, λ the risk's weight
+    decay.  The curvature of the linearised network; unlike H it never has negative eigenvalues.
+    Cost per product: one JVP, one VJP and a second derivative of the loss in the outputs per batch."""
+
+    def __init__(self, problem: Problem, w: Tensor | None = None):
+        self.problem = problem
+        self.w = problem.params if w is None else w
+        self.shape = (problem.p, problem.p)
+        self.calls = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        problem, out = self.problem, torch.zeros_like(self.w)
+        v = v.to(self.w)
+        for x, y in problem.batches():
+            f = lambda w: problem.outputs(w, x)  # noqa: E731
+            risk = lambda o: problem.loss(o, y).sum() * problem.weight  # noqa: E731
+            outputs, vjp_fn = torch.func.vjp(f, self.w)
+            jv = torch.func.jvp(f, (self.w,), (v,))[1]
+            out += vjp_fn(torch.func.jvp(grad(risk), (outputs.detach(),), (jv,))[1])[0]
+        self.calls += 1
+        return problem.reduce(out) + problem.weight_decay * v
+
+    __matmul__ = __call__
+
+    def to_scipy(self) -> spla.LinearOperator:
+        return _scipy_operator(self, self.shape[0])
+
+
+def dense_gauss_newton(problem: Problem, w: Tensor | None = None) -> Tensor:
+    """The p × p generalised Gauss–Newton matrix from the dense output Jacobian and each point's loss Hessian in
+    the outputs (``torch.func.hessian``).  Small only: the reference of :class:`GaussNewtonMatrix`."""
+    w = problem.params if w is None else w
+    J = dense_output_jacobian(problem, w)
+    blocks = []
+    for x, y in problem.batches():
+        out = problem.outputs(w, x)
+        for o, t in zip(out, y):
+            blocks.append(torch.func.hessian(lambda z: problem.loss(z[None], t[None]).sum())(o).reshape(o.numel(), -1))
+    L = torch.block_diag(*blocks) * problem.weight
+    return J.T @ L @ J + problem.weight_decay * torch.eye(problem.p, dtype=J.dtype)
+
+
 class Damped:
     """``H + λI`` for any operator with the :class:`Hessian` interface (``calls`` counts H v)."""
 

@@ -9,9 +9,10 @@ from torch import nn
 from setsens.analysis import analyze, analyze_training, validity
 from setsens.finetune import Training, fine_tune
 from setsens.perturb import gradient_perturbation
-from setsens.problem import Problem, cross_entropy, squared_error
+from setsens.problem import Problem, cross_entropy
 from setsens.retrain import training_response
 from setsens.tangent import jump_ratio, output_derivatives, training_tangent
+from problems import smooth_mlp as smooth
 
 TRAININGS = {
     "sgd-nesterov": Training(steps=25, lr=0.5),
@@ -20,18 +21,6 @@ TRAININGS = {
     "adam": Training(optimizer="adam", lr=0.02, steps=25, weight_decay=0.01),
     "adamw": Training(optimizer="adamw", lr=0.02, steps=25, weight_decay=0.1),
 }
-
-
-def smooth(dtype=torch.float64, loss="ce", n=14, seed=0):
-    """A 3-6-3 tanh MLP at random weights on Gaussian data, plus 30 held-out inputs."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
-    x = torch.randn(n + 30, 3, generator=g, dtype=dtype)
-    y = torch.randint(0, 3, (n + 30,), generator=g) if loss == "ce" else torch.randn(n + 30, 3, generator=g,
-                                                                                       dtype=dtype)
-    problem = Problem(model, cross_entropy if loss == "ce" else squared_error, (x[:n], y[:n]), batch_size=5)
-    return problem, (x[n:], y[n:])
 
 
 @pytest.mark.parametrize("name", TRAININGS)
