@@ -49,6 +49,7 @@ def row(name, seed, step, auto, a, seconds) -> dict:
     return {"model": name, "seed": seed, "step_percent": step, "auto": auto, "verdict": a.verdict.status,
             "checks": {c.name: [c.status, c.value] for c in a.verdict.checks},
             "ratio": va["ratio"], "step_max": va["step_max"], "jump_median": va["jump_ratio"]["median"],
+            "curve": va["curve"],
             "pearson": v["pearson"], "relative_error": v["relative_error"], "influence_pearson": v["influence_pearson"],
             "reference_stable": v["reference_stable"], "diverged": r["diverged"],
             "change": r["output_change_norm"], "noise_floor": r["noise_floor"],
@@ -128,8 +129,7 @@ def figure(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    from setsens.analysis import analyze_training, validity, _evaluation_points
-    from setsens.experiments.analyze import AUTO_STEPS
+    from setsens.analysis import analyze_training, choose_step, validity, _evaluation_points
     from setsens.finetune import Training, resolve_lr
     from setsens.perturb import gradient_perturbation
     from setsens.tangent import training_tangent
@@ -158,9 +158,8 @@ def main() -> None:
             unit = gradient_perturbation(problem, idx, 0.01)
             t0 = time.perf_counter()
             tangent = training_tangent(problem, unit, training, order=2)
-            step_max = validity(tangent, _evaluation_points(problem, unit, test)[0])["step_max"]
+            auto, _ = choose_step(validity(tangent, _evaluation_points(problem, unit, test)[0]))
             tangent_seconds = time.perf_counter() - t0
-            auto = next((s for s in AUTO_STEPS if s <= step_max), AUTO_STEPS[-1])
             for step, is_auto in [(s, False) for s in sweep] + [(auto, True)]:
                 t0 = time.perf_counter()
                 a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,

@@ -24,10 +24,11 @@ from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
 from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
-from .verdict import VALIDITY_THRESHOLD, first_order_residual, kink, LossOnPoints, Verdict, assess, assess_tangent
+from .verdict import (JUMP_THRESHOLD, VALIDITY_THRESHOLD, LossOnPoints, Verdict, assess, assess_tangent,
+                      first_order_residual, kink)
 
-__all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "outputs_on", "validity", "relative_step",
-           "REFERENCES", "TANGENT"]
+__all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "choose_step", "outputs_on", "validity",
+           "relative_step", "REFERENCES", "TANGENT", "VALIDITY_STEPS"]
 
 #: the method name of the training tangent (:mod:`setsens.tangent`), beside :data:`setsens.solution_set.METHODS`
 TANGENT = "training-tangent"
@@ -311,23 +312,55 @@ def relative_step(problem: Problem, perturbation: Perturbation) -> float:
     return 100 * float(size.max())
 
 
-def validity(tangent: TrainingTangent, x_eval: Tensor, threshold: float = VALIDITY_THRESHOLD) -> dict:
-    """Up to which step the tangent's first-order answer can hold, from its second derivative (no retraining).
+#: the steps (%) :func:`validity` grades, largest first; ``--step auto`` takes the largest inside the range
+VALIDITY_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
-    ``ratio``: κ = ‖o″‖/(2‖o′‖) on the outputs at ``x_eval`` (:func:`setsens.tangent.validity_ratio`), which is
-    the second-order term over the first at the differentiated step; the ratio at ``s`` times that step is
-    ``s·κ``, so ``step_max`` (percent) = step · threshold / κ.  Needs a tangent of ``order=2``.  The training
-    map of a ReLU network is only piecewise smooth: κ describes the piece the run is on.
-    Cost: two nested JVPs per batch of ``x_eval``.
+
+def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_STEPS) -> dict:
+    """The steps at which the tangent's first-order answer can hold, without retraining.
+
+    Two figures grade a step ``s`` (in %), each against its threshold in :mod:`setsens.verdict`:
+
+    * ``ratio``: the second-order term of the outputs at ``x_eval`` over the first, ``s·κ`` with
+      κ = ‖o″‖/(2‖o′‖) per unit step (:func:`setsens.tangent.validity_ratio`; exact Taylor terms of a smooth
+      map);
+    * ``jump``: :func:`setsens.tangent.jump_ratio` at ``s``: whether one training step is differentiable at
+      that scale (O(s²) where it is smooth; of order one where units change sides, as in ReLU networks, whose
+      training map is only piecewise smooth with jumps — then no step may be inside).
+
+    ``curve`` grades the ``steps`` from the largest down until one is inside both thresholds; ``step_max`` is
+    that step (0 when none is).  ``ratio`` and ``jump_ratio`` are the figures at the tangent's own step.  Needs
+    a tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, and about 5 gradients per probe of
+    the tangent for each step graded.
     """
     if tangent.second is None:
         raise ValueError("validity needs the second derivative: training_tangent(..., order=2)")
     first, second = output_derivatives(tangent.problem, tangent.base, tangent.shift, x_eval, tangent.second)
     kappa = validity_ratio(first, second)
     step = relative_step(tangent.problem, tangent.perturbation)
-    return {"ratio": kappa, "threshold": threshold, "step_percent": step,
-            "step_max": step * threshold / kappa if kappa > 0 else float("inf"),
-            "first_order_output_norm": float(first.norm()), "second_order_output_norm": float(second.norm()) / 2}
+    curve = []
+    for s in sorted(steps, reverse=True):
+        point = {"step": s, "ratio": kappa * s / step, "jump": None}
+        curve.append(point)
+        if point["ratio"] <= VALIDITY_THRESHOLD:
+            point["jump"] = jump_ratio(tangent.scaled(s / step))["median"]
+            if point["jump"] <= JUMP_THRESHOLD:
+                break
+    inside = [p["step"] for p in curve if p["jump"] is not None and p["jump"] <= JUMP_THRESHOLD]
+    return {"ratio": kappa, "jump_ratio": jump_ratio(tangent), "threshold": VALIDITY_THRESHOLD,
+            "jump_threshold": JUMP_THRESHOLD, "step_percent": step, "step_max": inside[0] if inside else 0.0,
+            "curve": curve, "first_order_output_norm": float(first.norm()),
+            "second_order_output_norm": float(second.norm()) / 2}
+
+
+def choose_step(valid: dict) -> tuple[float, bool]:
+    """``(step %, inside)``: :func:`validity`'s ``step_max``, or, when no graded step is inside the range, the one
+    closest to it (the smallest worst ratio-to-threshold)."""
+    if valid["step_max"] > 0:
+        return valid["step_max"], True
+    graded = [p for p in valid["curve"] if p["jump"] is not None] or valid["curve"]
+    worst = lambda p: max(p["ratio"] / valid["threshold"], (p["jump"] or 0) / valid["jump_threshold"])  # noqa: E731
+    return min(graded, key=worst)["step"], False
 
 
 def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
@@ -354,7 +387,6 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         tangent = training_tangent(problem, perturbation, training, order=2,
                                    progress=lambda t: report("tangent", t))
     valid = validity(tangent, x_eval)
-    valid["jump_ratio"] = jump_ratio(tangent)
     idx, moved = perturbation.indices, perturbation
     loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base), original=problem.loss_on(idx, tangent.base, moved),
                         estimate=problem.loss_on(idx, tangent.centre, moved))

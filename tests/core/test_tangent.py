@@ -80,7 +80,12 @@ def test_the_validity_ratio_is_the_second_order_term_over_the_first():
     v2 = validity(tangent.scaled(4.0), x_eval)
     assert v2["ratio"] == pytest.approx(4 * v["ratio"], rel=1e-9)
     assert v2["step_max"] == pytest.approx(v["step_max"], rel=1e-6)
-    assert v["step_max"] == pytest.approx(v["step_percent"] * v["threshold"] / v["ratio"])
+    # step_max: the largest graded step inside both thresholds, every larger one outside
+    assert v["step_max"] > 0 and v["curve"][-1]["step"] == v["step_max"]
+    for p in v["curve"]:
+        assert p["ratio"] == pytest.approx(v["ratio"] * p["step"] / v["step_percent"])
+        inside = p["ratio"] <= v["threshold"] and p["jump"] is not None and p["jump"] <= v["jump_threshold"]
+        assert inside == (p["step"] == v["step_max"])
 
 
 def test_the_reference_measures_its_floor_and_its_divergence():
@@ -103,7 +108,7 @@ def test_analyze_the_training_tangent_against_the_reference_it_predicts(loss):
     assert v["pearson"] > 0.999 and v["relative_error"] < 0.05
     assert s["validity"]["step_max"] > 1 and s["estimate"]["method"] == "training-tangent"
     # far outside the range the verdict fails first, and retraining agrees that the answer misses
-    far = analyze_training(problem, pert.scaled(3 * s["validity"]["step_max"] / s["validity"]["step_percent"]),
+    far = analyze_training(problem, pert.scaled(3 * s["validity"]["threshold"] / s["validity"]["ratio"]),
                            TRAININGS["adam"], test=test, validate=True)
     assert {c.name: c.status for c in far.verdict.checks}["second_order"] == "fail"
     assert far.validation["relative_error"] > 5 * v["relative_error"]

@@ -17,8 +17,6 @@ from .options import number_list
 from .user_model import load_problem, model_options
 
 SELECT_RULES = ("top-loss", "low-loss", "random")
-#: the steps (%) ``--step auto`` chooses from: the largest inside the validity range
-AUTO_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
 def _parse_step(step: str) -> float | None:
@@ -126,9 +124,12 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"- predicted change of the end weights ‖w′‖ = {e['shift_norm']:.4g}; the replayed clean run moves "
                   f"{e['replay_weight_drift']:.4g} from w̄ (risk {e['replay_risk']['start']:.4g} → "
                   f"{e['replay_risk']['end']:.4g}, diverged: {e['diverged']}), lr {e['lr']:.3g}",
-                  f"- validity: the second-order term is {va['ratio']:.3g} of the first at this step "
-                  f"({summary['perturbation']['step_percent']:.3g} %); the first-order answer is trusted up to "
-                  f"**step_max = {va['step_max']:.3g} %** (ratio {va['threshold']:g})",
+                  f"- validity at this step ({summary['perturbation']['step_percent']:.3g} %): second-order term / "
+                  f"first {va['ratio']:.3g} (threshold {va['threshold']:g}), jump ratio "
+                  f"{va['jump_ratio']['median']:.3g} (threshold {va['jump_threshold']:g}); **step_max = "
+                  f"{va['step_max']:.3g} %** (0: no graded step is inside); graded: " + ", ".join(
+                      f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p["jump"] is None else f"{p['jump']:.2g}") + ")"
+                      for p in va["curve"]),
                   f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
                   f"their loss after the clean run {lp['clean']:.4g}, moved {lp['original']:.4g}, after the "
                   f"predicted perturbed run {lp['estimate']:.4g}", "", "## Predictions", ""]
@@ -194,9 +195,9 @@ def _prediction_lines(summary: dict) -> list[str]:
 
 def _analyze_training(problem, pert, training, step, test, validate, progress, log):
     """:func:`setsens.analysis.analyze_training`; with ``--step auto`` (``step`` None) the tangent is taken once at
-    ``pert`` (1 %), the step is chosen from :data:`AUTO_STEPS` by its validity range, and the tangent is rescaled
-    (a derivative at the data is linear in Δx)."""
-    from ..analysis import _evaluation_points, analyze_training, validity
+    ``pert`` (1 %), the step is chosen by its validity range (:func:`setsens.analysis.choose_step`), and the
+    tangent is rescaled (a derivative at the data is linear in Δx)."""
+    from ..analysis import _evaluation_points, analyze_training, choose_step, validity
     from ..tangent import training_tangent
 
     if step is not None:
@@ -204,11 +205,9 @@ def _analyze_training(problem, pert, training, step, test, validate, progress, l
     x_eval = _evaluation_points(problem, pert, test)[0]
     progress("estimate", "training-tangent")
     unit = training_tangent(problem, pert, training, order=2, progress=lambda t: progress("tangent", t))
-    step_max = validity(unit, x_eval)["step_max"]
-    inside = [s for s in AUTO_STEPS if s <= step_max]
-    chosen = inside[0] if inside else AUTO_STEPS[-1]
-    log(f"validity: step_max = {step_max:.3g} %; step {chosen:g} %" + ("" if inside else " (the smallest tried: "
-                                                                            "even it is outside the range)"))
+    chosen, inside = choose_step(validity(unit, x_eval))
+    log(f"validity: step {chosen:g} %" + (" (step_max, the largest step inside the range)" if inside else
+                                           " — no step is inside the range; this one is the closest to it"))
     return analyze_training(problem, pert.scaled(chosen), training, test=test, validate=validate,
                             tangent=unit.scaled(chosen), progress=progress)
 
