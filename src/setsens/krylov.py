@@ -126,7 +126,7 @@ class _Run:
 
     def save(self, state: dict) -> None:
         if self.checkpoint is not None:
-            from .report import atomic_torch_save
+            from .atomic import atomic_torch_save
 
             atomic_torch_save(state | {"key": self.key, "seconds": self.seconds}, self.checkpoint)
 

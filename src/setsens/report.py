@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_torch_save, atomic_write
 
 __all__ = ["prepare_out_dir", "write_text", "write_json", "save_figure", "to_jsonable", "atomic_torch_save"]
 
@@ -28,29 +29,8 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_torch_save(obj, path) -> Path:
-    """``torch.save`` through a temporary sibling and a rename (solver checkpoints, cached results)."""
-    return _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
-
-
 def write_text(path, text: str) -> Path:
-    return _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+    return atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def to_jsonable(obj):
@@ -81,6 +61,6 @@ def save_figure(fig, path, dpi: int = 130) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -132,7 +132,7 @@ def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
     precision = float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
     checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,
                         "" if precision >= 1e3 else "the predicted change is close to the rounding of the weights: "
-                        "use float64 or a larger step"))
+                        "compute in float64 (Problem dtype) or use a larger perturbation (relative_step)"))
     status = max((c.status for c in checks), key=STATUSES.index)
     return Verdict(status, tuple(checks))
 
@@ -164,11 +164,12 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     s, checks = estimate, []
     checks.append(_grade("stationarity", s.stationarity, 0.1, 1.0,
                          "w̄ is not stationary at the scale of the perturbation: train longer or in float64 "
-                         "(L-BFGS fine-tuning), or use a larger --step"))
+                         "(L-BFGS fine-tuning), use a larger perturbation (relative_step), or use method "
+                         "'training-tangent', which predicts fine-tuning from a w̄ that is not stationary"))
     own = ("output_residual", s.output_residual) if s.method == "gauss-newton" else (
         "feasibility_residual", s.feasibility_residual)
-    checks.append(_grade(*own, 0.1, 0.5, "the linear system is not solved: raise --maxiter, use --dtype float64, "
-                                        "or try another --method"))
+    checks.append(_grade(*own, 0.1, 0.5, "the linear system is not solved: raise SolveOptions.maxiter, compute in "
+                                        "float64 (Problem dtype), or try another method"))
     if s.method != "influence":
         determined = bool(s.radius_record.get("determined"))
         checks.append(Check("radius_determined", "pass" if determined else "warn", float(determined),
@@ -178,7 +179,7 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     if stopped is not None:
         hit = stopped == "maxiter"
         checks.append(Check("solver_stopped_by_rule", "warn" if hit else "pass", float(not hit),
-                            "the solve ran out of iterations: raise --maxiter" if hit else ""))
+                            "the solve ran out of iterations: raise SolveOptions.maxiter" if hit else ""))
     if s.problem.loss_ignores_output_shift:
         value = loss.clean
         status = "pass" if value >= 1e-4 else "warn" if value >= 1e-7 else "fail"
@@ -188,11 +189,12 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     eps = torch.finfo(s.shift.dtype).eps
     precision = float(s.shift.norm()) / max(eps * float(s.w_bar.norm()), 1e-300)
     checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,
-                        "" if precision >= 1e3 else "the shift is close to the rounding of w̄: use --dtype float64"))
+                        "" if precision >= 1e3 else
+                        "the shift is close to the rounding of w̄: compute in float64 (Problem dtype)"))
     if first_order is not None:
         checks.append(_grade("first_order", first_order, 0.1, 0.5,
                              "the centre leaves much of the move's gradient change uncancelled: the move is outside "
-                             "the first-order regime, use a smaller --step"))
+                             "the first-order regime, use a smaller perturbation (relative_step)"))
     if kink_size is not None and kink_size == kink_size and s.stationarity >= 1e-6:
         checks.append(_grade("kink", kink_size, 0.1, 0.5,
                              "w̄ sits on a kink of the risk (piecewise-linear units at zero, typical after fine-tuning "

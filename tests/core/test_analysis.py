@@ -98,7 +98,7 @@ def test_the_first_order_check_grows_with_the_step_and_flags_a_large_move():
         checks = {c.name: c for c in assess(est, LossOnPoints(1.0, 2.0, 1.5), residual[step]).checks}
         assert checks["first_order"].value == residual[step]
     assert 1.7 < residual[0.01] / residual[0.005] < 2.3 and residual[0.01] < 0.1
-    assert checks["first_order"].status == "fail" and "--step" in checks["first_order"].advice
+    assert checks["first_order"].status == "fail" and "relative_step" in checks["first_order"].advice
     assert checks["stationarity"].status == "pass" and checks["feasibility_residual"].status == "pass"
 
 

@@ -19,6 +19,19 @@ from .user_model import load_problem, model_options
 SELECT_RULES = ("top-loss", "low-loss", "random")
 
 
+#: the library's advice names parameters; the command line names its flags
+FLAGS = {"SolveOptions.maxiter": "--maxiter", "relative_step": "--step", "float64 (Problem dtype)": "--dtype float64",
+         "method 'training-tangent'": "--method training-tangent", "Training.lr": "--lr",
+         "validity.step_max": "--step auto"}
+
+
+def for_cli(advice: str) -> str:
+    """The verdict's advice in the command line's words (:data:`FLAGS`)."""
+    for name, flag in FLAGS.items():
+        advice = advice.replace(name, flag)
+    return advice
+
+
 def _parse_step(step: str) -> float | None:
     """``--step``: a percentage in (0, 100], or ``auto`` (None)."""
     if step == "auto":
@@ -330,7 +343,7 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
                 bar.close()
             log(f"verdict: {info.status.upper()}")
             for line in info.lines():
-                log("  " + line)
+                log("  " + for_cli(line))
         elif stage in ("predictions", "validate"):
             log(f"{stage}…")
         else:
@@ -352,6 +365,8 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
     for bar in bars.values():
         bar.close()
     summary = analysis.summary()
+    for check in summary["verdict"]["checks"]:
+        check["advice"] = for_cli(check["advice"])
     summary["polish"] = polished
     summary["inputs"] = {"model": inputs["model_spec"], "checkpoint": inputs["checkpoint"],
                          "data": inputs["data_spec"], "loss": inputs["loss_spec"], "step_percent": step,
