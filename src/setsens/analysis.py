@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -191,7 +191,7 @@ def validate_estimate(problem: Problem, perturbation: Perturbation, result: Solu
     base, clean_out = at(problem.params), at(clean)
     ref_change = at(perturbed) - clean_out
     influence = estimate(problem, perturbation, "influence",
-                         solve=None if solve is None else replace(solve, preconditioner="none"))
+                         solve=None if solve is None else SolveOptions(maxiter=solve.maxiter, rtol=solve.rtol))
     changes = {"reference": ref_change, "estimate": at(problem.params + result.shift) - base,
                "influence": at(problem.params + influence.shift) - base}
     influence_score = _score(changes["influence"], ref_change)

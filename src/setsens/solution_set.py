@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import torch
@@ -123,6 +123,29 @@ class SolveOptions:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
         if self.sketch < 1:
             raise ValueError("sketch must be ≥ 1")
+
+    def check_for(self, method: str, dense: bool) -> None:
+        """Refuse (one line, naming the method) a field set away from its default that ``method`` does not read:
+        a setting that would silently do nothing."""
+        reads = _READS["dense" if dense else method]
+        unread = [f.name for f in fields(self) if f.name not in reads and not _same(getattr(self, f.name), f.default)]
+        if unread:
+            raise ValueError(f"SolveOptions.{', SolveOptions.'.join(unread)} not read by method {method!r}"
+                             f"{' (dense)' if dense else ''}: leave {'them' if len(unread) > 1 else 'it'} at the "
+                             "default")
+
+
+def _same(value, default) -> bool:
+    return value is default or (not isinstance(value, Tensor) and value == default)
+
+
+_KRYLOV = {"maxiter", "rtol", "x0", "callback", "checkpoint", "hvp_mode"}
+_VALIDATED = {"rule", "check_every", "patience", "tie"}
+#: the SolveOptions fields each method reads (``hvp_mode``: every method's residuals use H v)
+_READS = {"gauss-newton": _KRYLOV | _VALIDATED | {"preconditioner", "sketch"},
+          "hessian": _KRYLOV | _VALIDATED | {"min_norm", "deflation", "keep_basis"},
+          "influence": _KRYLOV | {"influence_damping"},
+          "dense": _VALIDATED | {"tau", "hvp_mode"}}
 
 
 @dataclass
@@ -323,6 +346,7 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
                          "use method='hessian' on a problem with weight decay")
     if solve.preconditioner != "none" and (dense or method != "gauss-newton"):
         raise ValueError("a preconditioner applies to the matrix-free Gauss–Newton solve only")
+    solve.check_for(method, dense)
     if dense and len(problem.rows) != problem.n:
         raise ValueError("the dense path needs all the data in one process (use dense=False on a sharded problem)")
     problem.check_perturbation(perturbation)

@@ -209,3 +209,14 @@ def test_the_validated_band_is_measured_on_the_reduction_when_unmoved_points_dom
     assert _band(0.999, 1.0, 0.05) < 1.0
     assert _band(0.01, 1.0, 0.05) == pytest.approx(0.0105)  # far below w̄: 5 % of the risk, as before
     assert _band(1.2, 1.0, 0.05) == 1.2  # nothing improves on w̄: exact ties only
+
+
+def test_a_solve_option_the_method_does_not_read_is_refused():
+    problem = small_problem()
+    pert = gradient_perturbation(problem, [0, 1], 0.01)
+    for method, options in (("gauss-newton", dict(min_norm=False)), ("hessian", dict(sketch=5)),
+                            ("influence", dict(rule="fixed")), ("gauss-newton", dict(influence_damping=1e-2))):
+        with pytest.raises(ValueError, match=f"SolveOptions.{next(iter(options))} not read by method '{method}'"):
+            estimate(problem, pert, method, solve=SolveOptions(**options))
+    with pytest.raises(ValueError, match=r"SolveOptions.maxiter not read by method 'hessian' \(dense\)"):
+        estimate(problem, pert, "hessian", dense=True, solve=SolveOptions(maxiter=5))

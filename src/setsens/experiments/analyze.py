@@ -359,7 +359,8 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
             analysis = _analyze_training(problem, pert, training, step, test, validate, progress, log)
         else:
                 analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
-                               solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner, sketch=sketch),
+                               solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner,
+                                                  **({"sketch": sketch} if preconditioner != "none" else {})),
                                steps=steps, reference=reference, progress=progress,
                                radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
     for bar in bars.values():

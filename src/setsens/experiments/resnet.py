@@ -210,8 +210,9 @@ class _Run:
 
         minres = cfg.solver == "minres"
         defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
-        opts = SolveOptions(maxiter=cfg.maxiter, rtol=cfg.rtol, rule="fixed", min_norm=False, hvp_mode="auto", x0=x0,
-                            deflation=defl, keep_basis=minres and cfg.recycle > 0, checkpoint=checkpoint, callback=cb)
+        hessian_only = dict(min_norm=False, deflation=defl, keep_basis=cfg.recycle > 0) if minres else {}
+        opts = SolveOptions(maxiter=cfg.maxiter, rtol=cfg.rtol, rule="fixed", hvp_mode="auto", x0=x0,
+                            checkpoint=checkpoint, callback=cb, **hessian_only)
         with warnings.catch_warnings():  # the run reports stationarity itself
             warnings.simplefilter("ignore", NotStationaryWarning)
             est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
