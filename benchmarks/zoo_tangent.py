@@ -51,6 +51,7 @@ def row(name, seed, step, auto, a, seconds) -> dict:
             "ratio": va["ratio"], "step_max": va["step_max"], "jump_median": va["jump_ratio"]["median"],
             "curve": va["curve"],
             "pearson": v["pearson"], "relative_error": v["relative_error"], "influence_pearson": v["influence_pearson"],
+            "filter_pearson": v.get("filter", {}).get("pearson"),
             "reference_stable": v["reference_stable"], "diverged": r["diverged"],
             "change": r["output_change_norm"], "noise_floor": r["noise_floor"],
             "change_over_floor": r["change_over_floor"], "self_consistency": r["self_consistency"],
@@ -78,8 +79,8 @@ def spread(values) -> str:
 
 def tables(rows: list[dict]) -> str:
     lines = ["| model | step % | seeds | verdicts (pass/warn/fail) | Pearson, tangent | Pearson, influence | "
-             "reference self-consistency | change / noise floor | ratio (2nd/1st) | jump ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Pearson, GGN filter | reference self-consistency | change / noise floor | ratio (2nd/1st) | jump ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
@@ -88,7 +89,8 @@ def tables(rows: list[dict]) -> str:
         counts = "/".join(str(sum(r["verdict"] == s for r in rs)) for s in ("pass", "warn", "fail"))
         label = "auto: " + ", ".join(f"{r['step_percent']:g}" for r in rs) if step == "auto" else step
         lines.append(f"| {model} | {label} | {len(rs)} | {counts} | {spread([r['pearson'] for r in rs])} | "
-                     f"{spread([r['influence_pearson'] for r in rs])} | {spread([r['self_consistency'] for r in rs])}"
+                     f"{spread([r['influence_pearson'] for r in rs])} | "
+                     f"{spread([r.get('filter_pearson') for r in rs])} | {spread([r['self_consistency'] for r in rs])}"
                      f" | {spread([r['change_over_floor'] for r in rs])} | {spread([r['ratio'] for r in rs])} | "
                      f"{spread([r['jump_median'] for r in rs])} |")
     scored = [r for r in rows if r["pearson"] == r["pearson"]]
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--sweep", default="3,1,0.3,0.1,0.03", help="steps in %% besides the auto step")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--filter-rank", type=int, default=40,
+                        help="also score the linearised-training filter (Lanczos rank; 0: not)")
     parser.add_argument("--out", default="runs/zoo-tangent")
     parser.add_argument("--merge", default="", help="also tabulate the rows of these tangent.json files (a,b,…)")
     args = parser.parse_args()
@@ -163,7 +167,7 @@ def main() -> None:
             for step, is_auto in [(s, False) for s in sweep] + [(auto, True)]:
                 t0 = time.perf_counter()
                 a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
-                                     tangent=tangent.scaled(step))
+                                     tangent=tangent.scaled(step), filter_rank=args.filter_rank)
                 rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0))
                 done.write_text(json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .filters import ggn_filter
 from .finetune import Training
 from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
 from .retrain import budget_response, proximal_response, training_response
@@ -365,13 +366,15 @@ def choose_step(valid: dict) -> tuple[float, bool]:
 
 def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                      test: tuple | None = None, validate: bool = False, tangent: TrainingTangent | None = None,
-                     floor_factor: float = 300.0, progress=None) -> Analysis:
+                     floor_factor: float = 300.0, filter_rank: int = 0, progress=None) -> Analysis:
     """The training tangent (:mod:`setsens.tangent`) of ``training`` along ``perturbation``: its predicted change
     of the outputs, the range of steps where it holds (:func:`validity`), a verdict, and with ``validate`` its
     score against the reference it predicts — :func:`setsens.retrain.training_response`, the same training on
     the perturbed and on the clean data, with its noise floor (the change at a ``floor_factor`` × smaller step).
 
     ``tangent``: a precomputed ``order=2`` tangent for this perturbation (else one is computed).
+    ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank
+    (:func:`setsens.filters.ggn_filter`, SGD only), which predicts the same reference.
     ``validation["reference_run"]["self_consistency"]``: the Pearson correlation of the reference's change with 3×
     its change at a third of the step — the best any first-order prediction of it can do (1 where the training
     map is smooth; below where it jumps, as a ReLU network's does wherever a unit changes sides).
@@ -410,6 +413,9 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
             influence = estimate(problem, perturbation, "influence")
         changes = {"reference": ref_change, "estimate": at(tangent.centre) - at(tangent.base),
                    "influence": at(problem.params + influence.shift) - base}
+        if filter_rank and tangent.training.optimizer == "sgd":
+            changes["filter"] = at(problem.params + ggn_filter(problem, perturbation, tangent.training,
+                                                               rank=filter_rank).shift) - base
         size, floor = float(ref_change.norm()), float(floor_change.norm())
         above = size / floor if floor > 0 else float("inf")
         stable = bool(not ref.diverged and size == size and above >= 10)
@@ -428,6 +434,8 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
             "points": int(x_eval.shape[0]), **_score(changes["estimate"], ref_change),
             "influence": influence_score, "influence_pearson": influence_score["pearson"],
         }
+        if "filter" in changes:
+            validation["filter"] = _score(changes["filter"], ref_change)
         if ref.diverged:
             notes.append("the reference's fine-tuning diverged at this step: it is no truth to score against")
         elif above < 10:
