@@ -127,7 +127,7 @@ def test_classifier_predictions_report_flips_margins_and_the_sets_spread():
         a = analyze(problem, pert, test=(x[20:], y[20:]), members=4, method="gauss-newton")
     held = a.predictions["held_out"]
     assert held["points"] == 10 and set(held) >= {"accuracy", "flips", "margin_change", "undetermined_by_set"}
-    m0, m1 = (torch.tensor(held["margins"][k], dtype=torch.float64) for k in ("w_bar", "estimate"))
+    m0, m1 = (torch.tensor(held["margins"][k], dtype=torch.float64) for k in ("before", "estimate"))
     out0 = problem.outputs(problem.params, x[20:])
     assert torch.allclose(m0, out0.gather(1, y[20:, None])[:, 0] - out0.gather(1, 1 - y[20:, None])[:, 0])
     flipped = ((m0 > 0) != (m1 > 0)).sum()  # two classes: a flip is a margin sign change
