@@ -2,14 +2,18 @@
 
 Training data → weights: :func:`setsens.estimate` returns the estimated new solution set after a
 data perturbation (the graphical derivative, in its Hessian or Gauss–Newton form, or the influence
-function as a baseline); :mod:`setsens.lipschitz` its Lipschitz modulus.
+function as a baseline); :func:`setsens.analyze` grades it and its effect on predictions;
+:func:`setsens.scan` audits how far each training point can move it; :mod:`setsens.lipschitz` its Lipschitz modulus.
 Weights → predictions: :mod:`setsens.weights` certifies margins under weight perturbations.
 """
 
+from .analysis import Analysis, analyze
+from .audit import GramFactor, Scan, answer_queries, exact_modulus, group_modulus, input_jacobians, scan
 from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem, cross_entropy, squared_error
 from .solution_set import RadiusOptions, SolutionSet, SolveOptions, estimate
 
 __version__ = "0.1.0"
 __all__ = ["Problem", "Perturbation", "cross_entropy", "squared_error", "estimate", "SolutionSet", "SolveOptions",
-           "RadiusOptions", "gradient_perturbation", "random_perturbation", "__version__"]
+           "RadiusOptions", "gradient_perturbation", "random_perturbation", "analyze", "Analysis", "scan", "Scan",
+           "GramFactor", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries", "__version__"]

@@ -86,7 +86,7 @@ def choose_method(problem: Problem) -> tuple[str, str]:
 
 def outputs_on(problem: Problem, w: Tensor, x: Tensor) -> Tensor:
     """``f(x, w)`` in batches of ``problem.batch_size`` (memory bounded by the batch)."""
-    size = getattr(problem, "batch_size", 256)
+    size = getattr(problem, "batch_size", None) or getattr(getattr(problem, "loader", None), "batch_size", None) or 256
     dtype = problem.dtype if x.is_floating_point() else x.dtype
     with torch.no_grad():
         return torch.cat([problem.outputs(w, x[s:s + size].to(problem.device, dtype))

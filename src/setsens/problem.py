@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Mapping
 from functools import cached_property
 import warnings
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ def center_classes(u: Tensor, dim: int = -1) -> Tensor:
 
 def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
     """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
-    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:  # one-hot, traceable (no value checks)
-        targets = torch.zeros_like(outputs).scatter_(1, targets.long()[:, None], 1.0)
+    if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:  # one-hot out of place: vmaps
+        targets = targets.long()[:, None] == torch.arange(outputs.shape[1], device=outputs.device)
     return targets.to(outputs.dtype)
 
 
@@ -104,6 +105,85 @@ def _differentiable_kernels():
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` as a floating torch dtype (its name as a string accepted); None stays None."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not a dtype setsens computes in: pass one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype.removeprefix("torch.")]
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype or one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (w and the inputs are real), got {dtype}: pass torch.float64")
+    return dtype
+
+
+def _as_device(device) -> torch.device | None:
+    """``device`` as a torch device that is available here; None stays None."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device {str(device)!r} is not available here ({reason}): pass device='cpu' "
+                         "or one torch reports available") from None
+    return device
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of length {len(obj)}"
+    return f"a {type(obj).__name__}"
+
+
+def _as_data_tensor(t, name: str) -> Tensor:
+    """One half of an ``(inputs, targets)`` pair as a tensor with a leading dimension of points."""
+    try:
+        t = torch.as_tensor(t)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"data: {name} is {_describe(t)}: pass (inputs, targets) tensors or a DataLoader") from None
+    if t.ndim == 0:
+        raise ValueError(f"data: {name} is a scalar: pass one row per training point")
+    return t
+
+
+def _data_kind(data) -> str:
+    """``"tensors"`` for an ``(inputs, targets)`` pair, ``"loader"`` for an iterable of batches (a DataLoader, a
+    list of pairs); anything else is refused before any work."""
+    if isinstance(data, torch.utils.data.Dataset):
+        raise TypeError("data is a Dataset: wrap it in DataLoader(dataset, batch_size=…, shuffle=False)")
+    if isinstance(data, (tuple, list)):
+        if len(data) == 2:
+            return "tensors"
+        if data and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in data):
+            return "loader"
+    elif not isinstance(data, (Tensor, Mapping, str, bytes)) and hasattr(data, "__iter__"):
+        return "loader"
+    raise TypeError(f"data is {_describe(data)}: pass (inputs, targets) tensors or a DataLoader yielding them")
+
+
+def _check_batch(batch) -> None:
+    """A loader's batch must be an ``(inputs, targets)`` pair of tensors."""
+    if isinstance(batch, Mapping):
+        raise TypeError(f"data: the DataLoader's batches are dicts (keys {list(batch)[:4]}): make it yield "
+                        "(inputs, targets) tuples, e.g. with a collate_fn")
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise TypeError(f"data: the DataLoader's batches are {_describe(batch)}: make it yield (inputs, targets) "
+                        "tensor pairs")
+
+
+def _check_finite(inputs: Tensor, targets: Tensor, where: str = "") -> None:
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        raise ValueError(f"training inputs contain NaN or Inf{where}")
+    if targets.is_floating_point() and not torch.isfinite(targets).all():
+        raise ValueError(f"training targets contain NaN or Inf{where}: drop or fill those points")
+
+
 class NotStationaryWarning(UserWarning):
     """w̄ is not (close to) a stationary point of the risk: first-order theory may not apply."""
 
@@ -116,7 +196,15 @@ class Perturbation:
     delta: Tensor
 
     def __post_init__(self):
-        idx = torch.as_tensor(self.indices).long().reshape(-1)
+        if not isinstance(self.delta, Tensor):
+            raise TypeError(f"perturbation delta must be a tensor (one row per index), got {_describe(self.delta)}")
+        if self.delta.ndim == 0 or not self.delta.is_floating_point():
+            raise ValueError(f"perturbation delta must be a floating tensor with one row per index, got "
+                             f"{self.delta.dtype} of shape {tuple(self.delta.shape)}")
+        idx = torch.as_tensor(self.indices)
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"perturbation indices must be integers, got {idx.dtype}")
+        idx = idx.long().reshape(-1)
         object.__setattr__(self, "indices", idx)
         if self.delta.shape[0] != idx.numel():
             raise ValueError(
@@ -141,10 +229,12 @@ class Problem:
     Args:
         model: any ``nn.Module``; its current parameters are w̄ unless ``params`` is given.
         loss: per-sample loss ``loss(outputs, targets) -> (b,)``.
-        data: ``(inputs, targets)`` tensors, or a DataLoader yielding them in a fixed order.
+        data: ``(inputs, targets)`` tensors, or a DataLoader yielding them in a fixed order (not a Dataset,
+            not dict batches).  Integer targets shaped as class labels must lie in ``[0, K)``, K the output width.
         params: optional flat w̄ (length ``p``); defaults to the model's parameters.
         batch_size: batch size for tensor data (ignored for a DataLoader).
-        dtype, device: where and in which precision w and the data live (default: the model's).
+        dtype, device: where and in which precision w and the data live (default: the model's); ``dtype`` a
+            floating torch dtype or its name (``"float64"``), ``device`` one available here.
         reduction: ``"mean"`` (``L = (1/n) Σ ℓ_i``) or ``"sum"``.
         weight_decay: λ ≥ 0 of the term ``(λ/2)‖w‖²`` (shared out over the batches of a pass).
     """
@@ -162,16 +252,22 @@ class Problem:
         reduction: str = "mean",
         weight_decay: float = 0.0,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model is {_describe(model)}: pass a torch.nn.Module")
+        if not callable(loss):
+            raise TypeError(f"loss is {_describe(loss)}: pass a per-sample loss(outputs, targets) -> (b,)")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
         self.weight_decay = float(weight_decay)
+        dtype, device = _as_dtype(dtype), _as_device(device)
         first = next(iter(model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
+        kind = _data_kind(data)
         self.dtype = dtype or first.dtype
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = device or first.device
         self.model = model
         self.loss = loss
         self.reduction = reduction
@@ -192,31 +288,36 @@ class Problem:
         if not torch.isfinite(self.params).all():
             raise ValueError("the weights w̄ contain NaN or Inf")
 
-        if isinstance(data, (tuple, list)) and len(data) == 2:
-            inputs, targets = (torch.as_tensor(t) for t in data)
+        if kind == "tensors":
+            inputs, targets = (_as_data_tensor(t, name) for t, name in zip(data, ("inputs", "targets")))
             if inputs.shape[0] != targets.shape[0]:
                 raise ValueError(
                     f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}"
                 )
-            if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-                raise ValueError("training inputs contain NaN or Inf")
+            _check_finite(inputs, targets)
             self.inputs, self.targets, self.loader = inputs, targets, None
             self.n = inputs.shape[0]
             self.batch_size = int(batch_size)
+            if self.n == 0:
+                raise ValueError("the training data are empty")
         else:
             if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
                 raise ValueError("the DataLoader shuffles: pass shuffle=False (risks and J Δx need a fixed order)")
             self.inputs = self.targets = None
             self.loader = data
-            self.n = sum(int(x.shape[0]) for x, _ in data)
             self.batch_size = None
+            batch = next(iter(data), None)
+            if batch is None:
+                raise ValueError("the training data are empty")
+            _check_batch(batch)
+            _check_finite(*batch, " (in the DataLoader's first batch)")
+        self.input_shape = tuple(self._first_batch()[0].shape[1:])
+        self._check_model_accepts_data()  # one forward on the first batch, before any pass over the data
+        if self.loader is not None:
+            self.n = sum(int(x.shape[0]) for x, _ in self.loader)
             if not torch.equal(self._first_batch()[1], self._first_batch()[1]):
                 raise ValueError("the DataLoader yields its data in a different order each time: fix the order")
-        if self.n == 0:
-            raise ValueError("the training data are empty")
         self.rows = range(self.n)  # the global rows held here: all of them
-        self.input_shape = tuple(self._first_batch()[0].shape[1:])
-        self._check_model_accepts_data()
         self.loss_ignores_output_shift = self._loss_property("ignores_output_shift", self._detect_shift_invariance)
         self.loss_is_squared_error = self._loss_property("is_squared_error", self._detect_squared_error)
 
@@ -364,19 +465,44 @@ class Problem:
         return perturbation
 
     def _check_model_accepts_data(self):
-        x, y = self._cast(*self._first_batch())
-        x, y = x[:2], y[:2]
+        """The model on two points of the first batch returns a tensor, the targets' class labels (all of them for
+        tensor data, the first batch's for a loader) lie within its output width, the loss gives one value each."""
+        x, labels = self._cast(*self._first_batch())
+        x, y = x[:2], labels[:2]
         try:
-            out = self.per_sample_loss(self.params, x, y)
+            out = self.outputs(self.params, x)
+            if not isinstance(out, Tensor):
+                kind = (f"dict (keys {list(out)[:4]})" if isinstance(out, Mapping)
+                        else "tuple" if isinstance(out, tuple) else type(out).__name__)
+                raise TypeError(f"the model returned a {kind}: pass a model whose forward returns the output tensor, "
+                                "or wrap it")
+            self._check_labels(labels if self.targets is None else self.targets, out)
+            losses = self.loss(out, y)
         except RuntimeError as err:
             raise ValueError(
                 f"the model cannot be applied to inputs of shape {tuple(x.shape[1:])} "
                 f"with targets of shape {tuple(y.shape[1:])}: {err}"
             ) from err
-        if out.shape != (x.shape[0],):
+        if losses.shape != (x.shape[0],):
             raise ValueError(
-                f"the loss must return one value per sample, shape ({x.shape[0]},), got {tuple(out.shape)}"
+                f"the loss must return one value per sample, shape ({x.shape[0]},), got {tuple(losses.shape)}"
             )
+
+    def _check_labels(self, targets: Tensor, out: Tensor) -> None:
+        """Integer targets shaped as class labels of ``out`` (one fewer dimension) lie in ``[0, K)``, K = ``out``'s
+        dimension 1 (with one output and a loss other than :func:`squared_error` they are not class indices)."""
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            return
+        if out.ndim < 2 or targets.ndim != out.ndim - 1 or (out.shape[1] == 1 and self.loss is not squared_error):
+            return
+        k = out.shape[1]
+        bad = ((targets < 0) | (targets >= k)).reshape(targets.shape[0], -1).any(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            row = targets[i].reshape(-1)
+            raise ValueError(f"targets: class labels must lie in [0, {k}) (the model's output width), point {i} has "
+                             f"{row[(row < 0) | (row >= k)][:3].tolist()}: pass labels 0 … {k - 1} or a model with "
+                             "more outputs")
 
     def _loss_property(self, name: str, detect) -> bool:
         declared = getattr(self.loss, name, None)
