@@ -164,17 +164,6 @@ def test_squared_error_on_integer_labels_vmaps_without_the_fallback():
     assert torch.equal(squared_error(outputs[0], y), 0.5 * ((outputs[0] - one_hot) ** 2).sum(1))
 
 
-def test_gauss_newton_on_integer_labels_has_no_vmap_fallback():
-    problem = small_problem(loss="se")
-    assert not problem.targets.is_floating_point()
-    pert = gradient_perturbation(problem, [1, 4], 0.01)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        setsens.estimate(problem, pert, "gauss-newton")
-    drops = [str(w.message) for w in caught if "performance drop" in str(w.message)]
-    assert not drops, drops[0]
-
-
 def test_the_top_level_exports():
     assert setsens.analyze is analyze and setsens.Analysis.__name__ == "Analysis"
     assert callable(setsens.scan) and setsens.Scan.__name__ == "Scan"
