@@ -202,3 +202,30 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
                                                     "--queries", "0", "--json", "--out", tmp_path / "c"])))
     assert tanh.exit_code == 0 and "rigorous margins skipped" in tanh.output, tanh.output  # first order only
     assert set(json.loads(tanh.stdout[tanh.stdout.index("{"):])["certificate"]["kinds"]) == {"first order"}
+
+
+def test_the_training_tangent_with_an_automatic_step(user, tmp_path):
+    res = run(["--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt", "--data", user / "data.npz",
+               "--points", "1,5", "--method", "training-tangent", "--step", "auto", "--optimizer", "adam",
+               "--lr", "0.01", "--steps", "30", "--validate", "--json", "--out", tmp_path / "t"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout[res.stdout.index("{"):])
+    v, va = s["validation"], s["validity"]
+    assert s["method"] == "training-tangent" and s["verdict"]["status"] == "pass"
+    assert v["reference"] == "training_response" and v["reference_stable"] and v["pearson"] > 0.95  # 0.984
+    assert va["step_max"] > 0 and s["perturbation"]["step_percent"] == pytest.approx(va["step_max"], rel=1e-4)
+    saved = torch.load(tmp_path / "t" / "tangent.pt")
+    assert set(saved) >= {"w_bar", "base", "shift", "second"} and "validity at this step" in \
+        (tmp_path / "t" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--step", "auto"], "--step"),                                   # auto needs the tangent
+    (["--optimizer", "adam"], "--optimizer"),                         # a tangent option on eq. 19
+    (["--method", "training-tangent", "--reference", "converged", "--weight-decay", "1e-3"], "--reference"),
+    (["--step", "0"], "--step"),
+])
+def test_options_of_the_other_method_are_refused_in_one_line(user, tmp_path, args, hint):
+    res = run(["--model", user / "net.py:model", "--checkpoint", user / "ckpt.pt", "--data", user / "data.npz",
+               *args, "--out", tmp_path / "x"])
+    assert res.exit_code != 0 and hint in res.output and "Traceback" not in res.output
