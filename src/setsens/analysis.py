@@ -25,8 +25,8 @@ from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
 from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
-from .verdict import (JUMP_THRESHOLD, VALIDITY_THRESHOLD, LossOnPoints, Verdict, assess, assess_tangent,
-                      first_order_residual, kink)
+from .verdict import (JUMP_THRESHOLD, PRECISION_THRESHOLD, VALIDITY_THRESHOLD, LossOnPoints, Verdict, assess,
+                      assess_tangent, first_order_residual, kink, tangent_precision)
 
 __all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "choose_step", "outputs_on", "validity",
            "relative_step", "REFERENCES", "TANGENT", "VALIDITY_STEPS"]
@@ -329,25 +329,31 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
       that scale (O(s²) where it is smooth; of order one where units change sides, as in ReLU networks, whose
       training map is only piecewise smooth with jumps — then no step may be inside).
 
-    ``curve`` grades the ``steps`` from the largest down until one is inside both thresholds; ``step_max`` is
-    that step (0 when none is).  ``ratio`` and ``jump_ratio`` are the figures at the tangent's own step.  Needs
-    a tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, and about 5 gradients per probe of
-    the tangent for each step graded.
+    A step is inside when both are within their thresholds and the predicted change is above the rounding of the
+    weights (``precision`` ≥ :data:`setsens.verdict.PRECISION_THRESHOLD`, :func:`setsens.verdict.tangent_precision`:
+    below it the tangent and the reference are rounding, in float32 already at 1e-3 % on the zoo's CNN, whose
+    units do not change sides there).  ``curve`` grades the ``steps`` from the largest down until one is inside;
+    ``step_max`` is that step (0 when none is).  ``ratio`` and ``jump_ratio`` are the figures at the tangent's
+    own step.  Needs a tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, and about 5
+    gradients per probe of the tangent for each step graded.
     """
     if tangent.second is None:
         raise ValueError("validity needs the second derivative: training_tangent(..., order=2)")
     first, second = output_derivatives(tangent.problem, tangent.base, tangent.shift, x_eval, tangent.second)
     kappa = validity_ratio(first, second)
-    step = relative_step(tangent.problem, tangent.perturbation)
+    step, precision = relative_step(tangent.problem, tangent.perturbation), tangent_precision(tangent)
     curve = []
     for s in sorted(steps, reverse=True):
-        point = {"step": s, "ratio": kappa * s / step, "jump": None}
+        point = {"step": s, "ratio": kappa * s / step, "jump": None, "precision": precision * s / step}
         curve.append(point)
+        if point["precision"] < PRECISION_THRESHOLD:
+            break  # every smaller step is rounding too
         if point["ratio"] <= VALIDITY_THRESHOLD:
             point["jump"] = jump_ratio(tangent.scaled(s / step))["median"]
             if point["jump"] <= JUMP_THRESHOLD:
                 break
-    inside = [p["step"] for p in curve if p["jump"] is not None and p["jump"] <= JUMP_THRESHOLD]
+    inside = [p["step"] for p in curve if p["jump"] is not None and p["jump"] <= JUMP_THRESHOLD
+              and p["precision"] >= PRECISION_THRESHOLD]
     return {"ratio": kappa, "jump_ratio": jump_ratio(tangent), "threshold": VALIDITY_THRESHOLD,
             "jump_threshold": JUMP_THRESHOLD, "step_percent": step, "step_max": inside[0] if inside else 0.0,
             "curve": curve, "first_order_output_norm": float(first.norm()),
@@ -360,7 +366,8 @@ def choose_step(valid: dict) -> tuple[float, bool]:
     if valid["step_max"] > 0:
         return valid["step_max"], True
     graded = [p for p in valid["curve"] if p["jump"] is not None] or valid["curve"]
-    worst = lambda p: max(p["ratio"] / valid["threshold"], (p["jump"] or 0) / valid["jump_threshold"])  # noqa: E731
+    worst = lambda p: max(p["ratio"] / valid["threshold"], (p["jump"] or 0) / valid["jump_threshold"],  # noqa: E731
+                          PRECISION_THRESHOLD / max(p["precision"], 1e-300))
     return min(graded, key=worst)["step"], False
 
 

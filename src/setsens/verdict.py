@@ -15,7 +15,7 @@ import torch
 from .solution_set import SolutionSet
 
 __all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
-           "VALIDITY_THRESHOLD", "JUMP_THRESHOLD"]
+           "VALIDITY_THRESHOLD", "JUMP_THRESHOLD", "PRECISION_THRESHOLD", "tangent_precision"]
 
 STATUSES = ("pass", "warn", "fail")
 
@@ -25,6 +25,8 @@ VALIDITY_THRESHOLD = 0.3
 #: the largest jump ratio (:func:`setsens.tangent.jump_ratio`, median over the probes) that passes; warn up to
 #: three times it, fail beyond.  Calibrated on the zoo (docs/runs/zoo/tangent.md).
 JUMP_THRESHOLD = 0.5
+#: the smallest predicted change, in units of the rounding of the weights (ε‖w‖), that passes ``shift_precision``
+PRECISION_THRESHOLD = 1e3
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,12 @@ def kink(estimate: SolutionSet) -> float:
     return abs((problem.risk(w + h * g) - problem.risk(w - h * g)) / (2 * h * gg) - 1)
 
 
+def tangent_precision(tangent) -> float:
+    """‖w′‖ / (ε‖w_T‖): the predicted change of the end weights in units of their rounding (ε of their dtype)."""
+    eps = torch.finfo(tangent.shift.dtype).eps
+    return float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
+
+
 def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
     """Grade a training tangent (:mod:`setsens.tangent`) without retraining.
 
@@ -115,7 +123,8 @@ def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
       over the perturbation departs from its derivative; pass ≤ :data:`JUMP_THRESHOLD`, warn up to 3× it —
       large where units change sides within the perturbation, so that the training map jumps (calibrated on the
       zoo: 0.2–0.4 on the smooth networks at Pearson ≥ 0.95, 1.5–7.8 on the ReLU CNN at 0.55–0.93).
-    * ``shift_precision``: ‖w′‖ / (ε‖w_T‖): warn below 1e3 — the predicted change is near the rounding.
+    * ``shift_precision``: :func:`tangent_precision`: warn below :data:`PRECISION_THRESHOLD` — the predicted
+      change is near the rounding of the weights, and so is the reference's (float32 runs part by rounding).
     """
     diverged = tangent.diverged
     checks = [Check("replay_converging", "fail" if diverged else "pass", float(not diverged),
@@ -128,11 +137,11 @@ def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
                      "within it: ReLU, max-pooling): the fine-tuning jumps where no derivative sees it, and the "
                      "reference itself is rough (its self_consistency); read the estimate as a trend, or use "
                      "smooth activations")]
-    eps = torch.finfo(tangent.shift.dtype).eps
-    precision = float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
-    checks.append(Check("shift_precision", "pass" if precision >= 1e3 else "warn", precision,
-                        "" if precision >= 1e3 else "the predicted change is close to the rounding of the weights: "
-                        "compute in float64 (Problem dtype) or use a larger perturbation (relative_step)"))
+    precision = tangent_precision(tangent)
+    ok = precision >= PRECISION_THRESHOLD
+    checks.append(Check("shift_precision", "pass" if ok else "warn", precision, "" if ok else
+                        "the predicted change is close to the rounding of the weights: compute in float64 (Problem "
+                        "dtype) or use a larger perturbation (relative_step)"))
     status = max((c.status for c in checks), key=STATUSES.index)
     return Verdict(status, tuple(checks))
 
