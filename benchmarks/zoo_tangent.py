@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--filter-rank", type=int, default=40,
                         help="also score the linearised-training filter (Lanczos rank; 0: not)")
     parser.add_argument("--out", default="runs/zoo-tangent")
+    parser.add_argument("--auto-only", action="store_true", help="recompute the auto step's row of every seed")
     parser.add_argument("--merge", default="", help="also tabulate the rows of these tangent.json files (a,b,…)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -155,16 +156,19 @@ def main() -> None:
         problem, test = load(name, out)
         training = resolve_lr(problem, Training(steps=args.train_steps))
         for seed in (int(s) for s in args.seeds.split(",")):
-            if any(r["model"] == name and r["seed"] == seed and r["auto"] for r in rows):
+            if args.auto_only:  # redo the auto step only (the validity rule changed): the sweep rows stay
+                rows = [r for r in rows if not (r["model"] == name and r["seed"] == seed and r["auto"])]
+            elif any(r["model"] == name and r["seed"] == seed and r["auto"] for r in rows):
                 continue
-            rows = [r for r in rows if (r["model"], r["seed"]) != (name, seed)]  # an unfinished seed is redone
+            else:
+                rows = [r for r in rows if (r["model"], r["seed"]) != (name, seed)]  # an unfinished seed is redone
             idx = torch.randperm(problem.n, generator=torch.Generator().manual_seed(seed))[:3]
             unit = gradient_perturbation(problem, idx, 0.01)
             t0 = time.perf_counter()
             tangent = training_tangent(problem, unit, training, order=2)
             auto, _ = choose_step(validity(tangent, _evaluation_points(problem, unit, test)[0]))
             tangent_seconds = time.perf_counter() - t0
-            for step, is_auto in [(s, False) for s in sweep] + [(auto, True)]:
+            for step, is_auto in [(s, False) for s in ([] if args.auto_only else sweep)] + [(auto, True)]:
                 t0 = time.perf_counter()
                 a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
                                      tangent=tangent.scaled(step), filter_rank=args.filter_rank)
