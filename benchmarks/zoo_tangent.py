@@ -111,20 +111,29 @@ def figure(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(4 * len(models), 6.4), squeeze=False, sharex="col")
+    for top, bottom, model in zip(axes[0], axes[1], models):
         for seed in sorted({r["seed"] for r in rows if r["model"] == model}):
-            rs = sorted((r for r in rows if r["model"] == model and r["seed"] == seed and not r["auto"]),
-                        key=lambda r: r["step_percent"])
-            if not rs:
-                continue
-            line, = ax.semilogx([r["step_percent"] for r in rs], [r["pearson"] for r in rs], "o-",
-                                label=f"seed {seed}")
-            ax.axvline(rs[0]["step_max"], color=line.get_color(), ls="--", lw=0.8)
-        ax.axhline(0.9, color="k", lw=0.5)
-        ax.set(title=model, xlabel="step (% of ‖x_k‖); dashed: step_max", ylabel="Pearson vs the reference",
-               ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
-        ax.legend(fontsize=7)
+            mine = [r for r in rows if r["model"] == model and r["seed"] == seed]
+            rs = sorted((r for r in mine if not r["auto"]), key=lambda r: r["step_percent"]) or mine
+            line, = top.semilogx([r["step_percent"] for r in rs], [r["pearson"] for r in rs], "o-",
+                                 label=f"seed {seed}")
+            colour = line.get_color()
+            auto = [r for r in mine if r["auto"]]
+            if auto:
+                top.plot([auto[0]["step_percent"]], [auto[0]["pearson"]], "*", ms=12, color=colour)
+            if rs[0]["step_max"] > 0:
+                top.axvline(rs[0]["step_max"], color=colour, ls="--", lw=0.8)
+            bottom.loglog([r["step_percent"] for r in rs], [r["ratio"] for r in rs], "o-", color=colour)
+            bottom.loglog([r["step_percent"] for r in rs], [r["jump_median"] for r in rs], "s:", color=colour)
+        top.axhline(0.9, color="k", lw=0.5)
+        top.set(title=model, ylabel="Pearson vs the reference", ylim=(min(0.0, top.get_ylim()[0]), 1.02))
+        top.legend(fontsize=7, title="★ auto step, dashed step_max", title_fontsize=7)
+        from setsens.verdict import JUMP_THRESHOLD, VALIDITY_THRESHOLD
+
+        bottom.axhline(VALIDITY_THRESHOLD, color="k", lw=0.5)
+        bottom.axhline(JUMP_THRESHOLD, color="k", lw=0.5, ls=":")
+        bottom.set(xlabel="step (% of ‖x_k‖)", ylabel="ratio 2nd/1st (o-), jump ratio (s:)")
     fig.tight_layout()
     fig.savefig(out / "tangent.png", dpi=120)
     plt.close(fig)

@@ -172,9 +172,9 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     """
     s, checks = estimate, []
     checks.append(_grade("stationarity", s.stationarity, 0.1, 1.0,
-                         "w̄ is not stationary at the scale of the perturbation: train longer or in float64 "
-                         "(L-BFGS fine-tuning), use a larger perturbation (relative_step), or use method "
-                         "'training-tangent', which predicts fine-tuning from a w̄ that is not stationary"))
+                         "w̄ is not stationary at the scale of the perturbation: use method 'training-tangent', "
+                         "which predicts fine-tuning from such a w̄ and finds the steps where it holds, or fine-tune "
+                         "w̄ to a stationary point first (L-BFGS, float64)"))
     own = ("output_residual", s.output_residual) if s.method == "gauss-newton" else (
         "feasibility_residual", s.feasibility_residual)
     checks.append(_grade(*own, 0.1, 0.5, "the linear system is not solved: raise SolveOptions.maxiter, compute in "
