@@ -28,8 +28,8 @@ from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_t
 from .verdict import (JUMP_THRESHOLD, PRECISION_THRESHOLD, VALIDITY_THRESHOLD, LossOnPoints, Verdict, assess,
                       assess_tangent, first_order_residual, kink, tangent_precision)
 
-__all__ = ["Analysis", "analyze", "analyze_training", "choose_method", "choose_step", "outputs_on", "validity",
-           "relative_step", "REFERENCES", "TANGENT", "VALIDITY_STEPS"]
+__all__ = ["Analysis", "analyze", "analyze_training", "validate_tangent", "choose_method", "choose_step", "outputs_on",
+           "validity", "relative_step", "REFERENCES", "TANGENT", "VALIDITY_STEPS"]
 
 #: the method name of the training tangent (:mod:`setsens.tangent`), beside :data:`setsens.solution_set.METHODS`
 TANGENT = "training-tangent"
@@ -376,18 +376,12 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
                      floor_factor: float = 300.0, filter_rank: int = 0, progress=None) -> Analysis:
     """The training tangent (:mod:`setsens.tangent`) of ``training`` along ``perturbation``: its predicted change
     of the outputs, the range of steps where it holds (:func:`validity`), a verdict, and with ``validate`` its
-    score against the reference it predicts — :func:`setsens.retrain.training_response`, the same training on
-    the perturbed and on the clean data, with its noise floor (the change at a ``floor_factor`` × smaller step).
+    score against the reference it predicts (:func:`validate_tangent`).
 
     ``tangent``: a precomputed ``order=2`` tangent for this perturbation (else one is computed).
-    ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank
-    (:func:`setsens.filters.ggn_filter`, SGD only), which predicts the same reference.
-    ``validation["reference_run"]["self_consistency"]``: the Pearson correlation of the reference's change with 3×
-    its change at a third of the step — the best any first-order prediction of it can do (1 where the training
-    map is smooth; below where it jumps, as a ReLU network's does wherever a unit changes sides).
-    Cost: one second-order tangent (about 7.5 gradients per training step) and its jump probes (about 50
-    gradients); ``validate`` adds four fine-tuning
-    runs (one gradient per step each) and one influence solve.
+    ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank.
+    Cost: one second-order tangent (about 7.5 gradients per training step) and the jump probes of
+    :func:`validity`; ``validate`` adds :func:`validate_tangent`'s.
     """
     report = progress or (lambda stage, info=None: None)
     problem.check_perturbation(perturbation)
@@ -397,9 +391,10 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         tangent = training_tangent(problem, perturbation, training, order=2,
                                    progress=lambda t: report("tangent", t))
     valid = validity(tangent, x_eval)
-    idx, moved = perturbation.indices, perturbation
-    loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base), original=problem.loss_on(idx, tangent.base, moved),
-                        estimate=problem.loss_on(idx, tangent.centre, moved))
+    idx = perturbation.indices
+    loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base),
+                        original=problem.loss_on(idx, tangent.base, perturbation),
+                        estimate=problem.loss_on(idx, tangent.centre, perturbation))
     verdict = assess_tangent(tangent, valid["ratio"], valid["jump_ratio"]["median"])
     report("verdict", verdict)
     report("predictions")
@@ -409,44 +404,58 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     validation, changes = None, {}
     if validate:
         report("validate", tangent.training.steps)
-        ref = training_response(problem, perturbation, tangent.training, floor_factor=floor_factor,
-                                progress=lambda k: report("retrain", k))
-        at = lambda w: _comparable(problem, outputs_on(problem, w, x_eval))  # noqa: E731
-        clean_out = at(ref.clean)
-        ref_change, floor_change = at(ref.perturbed) - clean_out, at(ref.floor) - clean_out
-        base = at(problem.params)
-        with warnings.catch_warnings():  # the baseline assumes a stationary w̄; the tangent does not
-            warnings.simplefilter("ignore", NotStationaryWarning)
-            influence = estimate(problem, perturbation, "influence")
-        changes = {"reference": ref_change, "estimate": at(tangent.centre) - at(tangent.base),
-                   "influence": at(problem.params + influence.shift) - base}
-        if filter_rank and tangent.training.optimizer == "sgd":
-            changes["filter"] = at(problem.params + ggn_filter(problem, perturbation, tangent.training,
-                                                               rank=filter_rank).shift) - base
-        size, floor = float(ref_change.norm()), float(floor_change.norm())
-        above = size / floor if floor > 0 else float("inf")
-        stable = bool(not ref.diverged and size == size and above >= 10)
-        influence_score = _score(changes["influence"], ref_change)
-        consistency = _score(3 * (at(ref.third) - clean_out), ref_change)["pearson"]
-        validation = {
-            "reference": "training_response", "reference_stable": stable,
-            "reference_run": {"kind": "training_response", "training": tangent.training.describe(),
-                              "lr": tangent.training.lr, "steps": tangent.training.steps, "diverged": ref.diverged,
-                              "stable": stable, "output_change_norm": size, "noise_floor": floor,
-                              "floor_factor": floor_factor, "change_over_floor": above,
-                              "self_consistency": consistency,
-                              "output_drift_norm": float((clean_out - base).norm()),
-                              "loss_on_points": problem.loss_on(idx, ref.perturbed, moved),
-                              "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, moved)},
-            "points": int(x_eval.shape[0]), **_score(changes["estimate"], ref_change),
-            "influence": influence_score, "influence_pearson": influence_score["pearson"],
-        }
-        if "filter" in changes:
-            validation["filter"] = _score(changes["filter"], ref_change)
-        if ref.diverged:
-            notes.append("the reference's fine-tuning diverged at this step: it is no truth to score against")
-        elif above < 10:
-            notes.append(f"the reference's change is only {above:.3g}× its noise floor (the change at a "
-                         f"{floor_factor:g}× smaller step): the retrained change is mostly noise, use a larger step")
+        changes, validation, more = validate_tangent(tangent, x_eval, floor_factor=floor_factor,
+                                                     filter_rank=filter_rank, progress=lambda k: report("retrain", k))
+        notes += more
     reason = "the tangent of the fine-tuning run: " + tangent.training.describe()
     return Analysis(TANGENT, reason, tangent, verdict, loss, none, predictions, validation, notes, changes, valid)
+
+
+def validate_tangent(tangent: TrainingTangent, x_eval: Tensor, *, floor_factor: float = 300.0, filter_rank: int = 0,
+                     progress=None) -> tuple[dict, dict, list[str]]:
+    """Score the tangent against the reference it predicts, :func:`setsens.retrain.training_response` (the same
+    training on the perturbed and on the clean data), on the outputs at ``x_eval``; the damped influence function
+    (and, with ``filter_rank``, :func:`setsens.filters.ggn_filter`) are scored the same way.
+
+    The reference is ``stable`` when it did not diverge and its change is at least 10× its noise floor (the change
+    at a ``floor_factor`` × smaller step); ``self_consistency`` is the Pearson correlation of its change with 3×
+    its change at a third of the step — about the best any first-order prediction of it can reach (1 where the
+    training map is smooth; below where it jumps, as a ReLU network's does wherever a unit changes sides).
+    Returns the output changes, the scores and notes.  Cost: four fine-tuning runs (one gradient per step
+    each), one influence solve, and the filter's Lanczos run.
+    """
+    problem, perturbation, training = tangent.problem, tangent.perturbation, tangent.training
+    ref = training_response(problem, perturbation, training, floor_factor=floor_factor, progress=progress)
+    at = lambda w: _comparable(problem, outputs_on(problem, w, x_eval))  # noqa: E731
+    clean_out, base = at(ref.clean), at(problem.params)
+    ref_change = at(ref.perturbed) - clean_out
+    with warnings.catch_warnings():  # the baseline assumes a stationary w̄; the tangent does not
+        warnings.simplefilter("ignore", NotStationaryWarning)
+        influence = estimate(problem, perturbation, "influence")
+    changes = {"reference": ref_change, "estimate": at(tangent.centre) - at(tangent.base),
+               "influence": at(problem.params + influence.shift) - base}
+    if filter_rank and training.optimizer == "sgd":
+        changes["filter"] = at(problem.params + ggn_filter(problem, perturbation, training, rank=filter_rank).shift) \
+            - base
+    size, floor = float(ref_change.norm()), float((at(ref.floor) - clean_out).norm())
+    above = size / floor if floor > 0 else float("inf")
+    stable = bool(not ref.diverged and size == size and above >= 10)
+    idx = perturbation.indices
+    run = {"kind": "training_response", "training": training.describe(), "lr": training.lr, "steps": training.steps,
+           "diverged": ref.diverged, "stable": stable, "output_change_norm": size, "noise_floor": floor,
+           "floor_factor": floor_factor, "change_over_floor": above,
+           "self_consistency": _score(3 * (at(ref.third) - clean_out), ref_change)["pearson"],
+           "output_drift_norm": float((clean_out - base).norm()),
+           "loss_on_points": problem.loss_on(idx, ref.perturbed, perturbation),
+           "loss_on_points_clean_run": problem.loss_on(idx, ref.clean, perturbation)}
+    scores = {name: _score(change, ref_change) for name, change in changes.items() if name != "reference"}
+    validation = {"reference": "training_response", "reference_stable": stable, "reference_run": run,
+                  "points": int(x_eval.shape[0]), **scores.pop("estimate"), **scores,
+                  "influence_pearson": scores["influence"]["pearson"]}
+    notes = []
+    if ref.diverged:
+        notes.append("the reference's fine-tuning diverged at this step: it is no truth to score against")
+    elif above < 10:
+        notes.append(f"the reference's change is only {above:.3g}× its noise floor (the change at a "
+                     f"{floor_factor:g}× smaller step): the retrained change is mostly noise, use a larger step")
+    return changes, validation, notes
