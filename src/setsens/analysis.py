@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .filters import ggn_filter
 from .finetune import Training
-from .problem import NotStationaryWarning, Perturbation, Problem, center_classes
+from .problem import NotStationaryWarning, Perturbation, Problem
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
 from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
@@ -94,9 +94,8 @@ def outputs_on(problem: Problem, w: Tensor, x: Tensor) -> Tensor:
 
 
 def _comparable(problem: Problem, out: Tensor) -> Tensor:
-    """Outputs as the loss sees them: centred per point when it ignores a common shift (logits)."""
-    out = out.reshape(out.shape[0], -1).double()
-    return center_classes(out) if problem.loss_ignores_output_shift else out
+    """:meth:`Problem.as_loss_sees` in float64 (for scores and norms)."""
+    return problem.as_loss_sees(out).double()
 
 
 def _is_classification(out: Tensor, y: Tensor | None) -> bool:

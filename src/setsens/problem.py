@@ -540,6 +540,12 @@ class Problem:
         with _eval_mode(self.model), _differentiable_kernels():
             return functional_call(self.model, (self.unflatten(w), self.buffers), (x,))
 
+    def as_loss_sees(self, out: Tensor) -> Tensor:
+        """Outputs flat per point, as the loss sees them: centred over the classes when it ignores a common shift
+        (softmax), where a common shift of the logits is no change at all."""
+        out = out.reshape(out.shape[0], -1)
+        return center_classes(out) if self.loss_ignores_output_shift else out
+
     def per_sample_loss(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``ℓ(x_i, y_i, w)`` for a batch, shape (b,): pure in ``w`` and ``x`` (torch.func-safe)."""
         return self.loss(self.outputs(w, x), y)

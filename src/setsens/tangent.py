@@ -17,6 +17,7 @@ gradient.  A nested ``jvp`` carries ``w″`` as well (≈ 2.5× the tangent's co
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -26,8 +27,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
+from .atomic import atomic_torch_save
 from .finetune import Training, initial_state, optimizer_step, resolve_lr, schedule, step_batches, step_gradient
-from .problem import Perturbation, Problem, center_classes
+from .problem import Perturbation, Problem
 
 __all__ = ["TrainingTangent", "training_tangent", "output_derivatives", "validity_ratio", "jump_ratio"]
 
@@ -120,19 +122,17 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     zeros = lambda: tuple(torch.zeros_like(s) for s in initial_state(training, w))  # noqa: E731
     carry = {"w": w, "state": initial_state(training, w), "dw": torch.zeros_like(w), "dstate": zeros(),
              "d2w": torch.zeros_like(w), "d2state": zeros(), "t": 0}
-    key = {"order": order, "at": at, "training": repr(training), "indices": perturbation.indices.tolist(),
-           "delta_norm": perturbation.norm(), "p": problem.p}
+    key = {"order": order, "at": at, "probes": probes, "training": repr(training),
+           "indices": perturbation.indices.tolist(), "delta_norm": perturbation.norm(), "p": problem.p}
+    kept = []
     if checkpoint is not None:
-        import os
-
         if os.path.exists(checkpoint):
             saved = torch.load(checkpoint, weights_only=False)
             if saved.get("key") == key:
-                carry = saved["carry"]
+                carry, kept = saved["carry"], saved["probes"]
     eps = torch.tensor(float(at), dtype=problem.dtype, device=problem.device)
     start_risk = problem.risk(problem.params, perturbation.scaled(at) if at else None)
     probe_at = {round(k * training.steps / probes) + 1 for k in range(probes)} if probes else set()
-    kept = []
     for t, rows in enumerate(schedule(problem, training), 1):
         if t <= carry["t"]:
             continue
@@ -150,9 +150,7 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
             c.update(w=w1, state=s1, dw=dw1, dstate=ds1, d2w=d2w1, d2state=d2s1)
         c["t"] = t
         if checkpoint is not None and (t % 10 == 0 or t == training.steps):
-            from .report import atomic_torch_save
-
-            atomic_torch_save({"key": key, "carry": carry}, checkpoint)
+            atomic_torch_save({"key": key, "carry": carry, "probes": kept}, checkpoint)
         if progress:
             progress(t)
     end_risk = problem.risk(carry["w"], perturbation.scaled(at) if at else None)
@@ -163,20 +161,14 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
                            cost={"steps": training.steps, "gradients_per_step_about": per_step}, probes=kept)
 
 
-def _comparable(problem: Problem, out: Tensor) -> Tensor:
-    """Outputs as the loss sees them, flat per point (centred over the classes for a softmax loss)."""
-    out = out.reshape(out.shape[0], -1)
-    return center_classes(out) if problem.loss_ignores_output_shift else out
-
-
 def output_derivatives(problem: Problem, w: Tensor, dw: Tensor, x: Tensor, d2w: Tensor | None = None,
                        batch_size: int = 256) -> tuple[Tensor, Tensor | None]:
     """``o′ = J_f(w) dw`` and (given ``d2w``) ``o″ = J_f(w) d2w + f″(w)[dw, dw]`` of the outputs on ``x``, as the
-    loss sees them (:func:`_comparable`), batched.  Cost: one JVP (two nested for ``o″``) per batch."""
+    loss sees them (:meth:`Problem.as_loss_sees`), batched.  Cost: one JVP (two nested for ``o″``) per batch."""
     first, second = [], []
     for s in range(0, x.shape[0], batch_size):
         xb = x[s:s + batch_size].to(problem.device, problem.dtype if x.is_floating_point() else x.dtype)
-        f = lambda v: _comparable(problem, problem.outputs(v, xb))  # noqa: E731
+        f = lambda v: problem.as_loss_sees(problem.outputs(v, xb))  # noqa: E731
         if d2w is None:
             first.append(jvp(f, (w,), (dw,))[1].detach())
         else:

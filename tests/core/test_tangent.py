@@ -139,3 +139,23 @@ def test_the_jump_ratio_sees_units_that_change_sides():
         pert = gradient_perturbation(problem, [1, 7, 9], 0.03)
         ratios[act] = jump_ratio(training_tangent(problem, pert, TRAININGS["sgd-nesterov"], probes=5))["median"]
     assert ratios[nn.Tanh] < 0.05 and ratios[nn.ReLU] > 1.0  # measured: 0.005 and 2.7
+
+
+def test_an_interrupted_tangent_resumes_from_its_checkpoint(tmp_path):
+    problem, _ = smooth()
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    training, ck = TRAININGS["adam"], str(tmp_path / "tangent.pt")
+    whole = training_tangent(problem, pert, training, order=2, probes=5)
+
+    def stop(t):
+        if t == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training_tangent(problem, pert, training, order=2, probes=5, checkpoint=ck, progress=stop)
+    steps = []
+    resumed = training_tangent(problem, pert, training, order=2, probes=5, checkpoint=ck, progress=steps.append)
+    assert steps[0] == 11  # saved at step 10, so 11 … 25 are run again
+    for a, b in ((whole.base, resumed.base), (whole.shift, resumed.shift), (whole.second, resumed.second)):
+        assert torch.equal(a, b)
+    assert [p[0] for p in resumed.probes] == [p[0] for p in whole.probes]
