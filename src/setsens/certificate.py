@@ -1,15 +1,17 @@
 """Poisoning certificates: held-out predictions that no move of K training points within a budget
-can change — with the rigorous margin bounds of :mod:`setsens.weights` for bias-free ReLU networks
-(the two halves of setsens joined), or to first order for any network.
+can change — the *margin-bound certificate* (bias-free ReLU networks: the margin bounds of
+:mod:`setsens.weights` applied to the set's first-order move; the two halves of setsens joined) and the
+*first-order certificate* (any network).  Neither is a proof for the retrained model: both assume the set moves
+as its first-order estimate says (step 1 below); only the margin step is proved.
 
 1. **First order (the set).**  Moving points k ∈ K by ``‖Δx_k‖ ≤ δ‖x_k‖`` moves the Gauss–Newton set
    by ``v = Σ_k v_k`` with ``‖v_k‖ ≤ κ_k δ‖x_k‖`` (the scan's local modulus), so
    ``‖v‖ ≤ δ κ_K``, ``κ_K = Σ of the K largest κ_k‖x_k‖`` — for *any* K points.  This holds for
    the linearised set; the member of the new set nearest to w̄ moves by ``δ κ_K + O(δ²)``.
-2. **Norms (rigorous).**  Layer l's block of v is a matrix ΔWˡ with
+2. **Norms (proved, given step 1).**  Layer l's block of v is a matrix ΔWˡ with
    ``‖ΔWˡ‖_∞ ≤ √(fan-in_l)·‖ΔWˡ‖_F ≤ √(fan-in_l)·‖v‖`` (max row ℓ1 norm), so the per-layer budgets
    ``ε_l = √(fan-in_l)·δ κ_K`` hold every layer.
-3. **Margins (rigorous).**  The margin bounds of :mod:`setsens.weights` (Theorems 2–3 of the
+3. **Margins (proved, given step 1).**  The margin bounds of :mod:`setsens.weights` (Theorems 2–3 of the
    weight-perturbation part) certify each prediction that every network within ε keeps.
 
 So a certified prediction is unchanged by every such poisoning up to the first-order step 1 — the
@@ -20,7 +22,7 @@ only approximation, checked by attacking the certified points and retraining
 network: the margin ``m_cj`` of a held-out prediction c over class j changes by at most
 ``δ Σ_{K largest} ‖A_kᵀ u_k‖‖x_k‖`` with ``u = (Gᵀ)⁺ ∇_w m_cj`` (the coderivative: the attack's
 linearised optimum attains it), so each point gets a radius — the largest δ no poisoning of K
-points can flip it at, to first order.  Tight where the rigorous bound is loose; its only check is
+points can flip it at, to first order.  Tight where the margin bounds are loose; its only check is
 the attack followed by retraining.
 """
 
@@ -53,7 +55,7 @@ def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
 @dataclass
 class Certificate:
     """``certified[i, j]``: held-out point j's prediction survives every move of ``points`` training
-    points with ``‖Δx_k‖ ≤ deltas[i]·‖x_k‖`` (first order in the set, rigorous in the margins);
+    points with ``‖Δx_k‖ ≤ deltas[i]·‖x_k‖`` (first order in the set, proved in the margins);
     ``budgets[i]`` the per-layer ε_l used; ``kappa`` = κ_K, the bound on ‖v‖ per unit δ
     (:func:`poisoning_certificate`); or ``radius`` per point (:func:`first_order_certificate`)."""
 

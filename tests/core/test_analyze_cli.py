@@ -182,11 +182,11 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
         assert 0 <= b["flip_rate"] <= 1 and len(b["targets"]) == 2
         assert all(len(t["points"]) == 3 for t in b["targets"])
     assert {"flip_rate", "margin_drop_over_best_baseline", "smallest_budget_flipping_half"} <= set(attack)
-    assert set(cert["kinds"]) == {"first order", "rigorous margins"}
+    assert set(cert["kinds"]) == {"first order", "margin bounds"}
     for kind in cert["kinds"].values():
         fraction = kind["certified_fraction"]
         assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:]))
-    assert cert["violations"] == 0 and cert["certified_fraction"] == cert["kinds"]["rigorous margins"]["certified_fraction"]
+    assert cert["violations"] == 0 and cert["certified_fraction"] == cert["kinds"]["margin bounds"]["certified_fraction"]
     for name in ("attack.png", "certificate.png", "report.md", "results.json"):
         assert (tmp_path / "a" / name).is_file()
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
     tanh = CliRunner().invoke(main, list(map(str, ["audit", "--model", user / "net.py:model", "--data",
                                                     user / "data.npz", "--certify", "--certify-checks", "0",
                                                     "--queries", "0", "--json", "--out", tmp_path / "c"])))
-    assert tanh.exit_code == 0 and "rigorous margins skipped" in tanh.output, tanh.output  # first order only
+    assert tanh.exit_code == 0 and "margin bounds skipped" in tanh.output, tanh.output  # first order only
     assert set(json.loads(tanh.stdout[tanh.stdout.index("{"):])["certificate"]["kinds"]) == {"first order"}
 
 

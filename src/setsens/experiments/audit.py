@@ -154,7 +154,7 @@ def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, lo
 
 
 def _certify(problem, result, factor, x_eval, deltas, options, checks, seed, retrain, state, log) -> dict:
-    """Both certificates at each δ — rigorous margins (bias-free ReLU networks) and first order — then
+    """Both certificates at each δ — margin bounds (bias-free ReLU networks) and first order — then
     the attack on certified (and as many uncertified) targets at that δ, judged by retraining: a
     certified prediction that changes is a violation.  Attacks are cached per (δ, target)."""
     from dataclasses import replace
@@ -166,9 +166,9 @@ def _certify(problem, result, factor, x_eval, deltas, options, checks, seed, ret
 
     certificates = {"first order": first_order_certificate(problem, x_eval, deltas, options.points, factor)}
     try:  # outside bias-free ReLU networks, layer_weights refuses with a one-line reason
-        certificates["rigorous margins"] = poisoning_certificate(problem, result, x_eval, deltas, options.points)
+        certificates["margin bounds"] = poisoning_certificate(problem, result, x_eval, deltas, options.points)
     except ValueError as err:
-        log(f"certificate: rigorous margins skipped ({err})")
+        log(f"certificate: margin bounds skipped ({err})")
 
     def flipped(delta: float, t: int) -> bool:
         name = f"certify-{delta:g}-{t}"
@@ -207,7 +207,7 @@ def _certify(problem, result, factor, x_eval, deltas, options, checks, seed, ret
         if cert.radius is not None:
             r = cert.radius
             kinds[kind]["radius"] = {"median": float(r.median()), "min": float(r.min()), "max": float(r.max())}
-    main = kinds.get("rigorous margins", kinds["first order"])
+    main = kinds.get("margin bounds", kinds["first order"])
     return {"points": options.points, "deltas": list(deltas), "certified_fraction": main["certified_fraction"],
             "violations": sum(k["violations"] for k in kinds.values()), "kinds": kinds}
 
@@ -304,7 +304,8 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
 @click.option("--stages", default=4, show_default=True, type=click.IntRange(1),
               help="The attack spends its budget in this many stages, retraining after each.")
 @click.option("--certify", is_flag=True, help="Certify held-out predictions against any poisoning of --points points "
-              "(first order; with rigorous margin bounds for bias-free ReLU networks).")
+              "(first order; with margin bounds for bias-free ReLU networks — both first order in the set: they "
+              "assume the set moves as its first-order estimate says, and only the margin step is proved).")
 @click.option("--delta", "delta_text", default="1e-4,1e-3,1,3,10", show_default=True,
               help="Certificate budgets δ per point, in % of the point's norm (comma-separated).")
 @click.option("--certify-checks", default=10, show_default=True, type=click.IntRange(0),
