@@ -17,9 +17,9 @@ Every method takes an operator ``A`` with ``A @ x`` (a tensor, :class:`~setsens.
 :class:`Deflation`) and :func:`minres_min_norm` (``A⁺ b`` by two consistent MINRES solves),
 :func:`cgls` (any A; one A and one Aᵀ product per iteration), :func:`cgne` (the same products, CG on
 ``AAᵀ y = b`` with a preconditioner in A's range), :func:`lanczos` (Ritz pairs) and
-:func:`power_iteration` (``max |λ|``).  SciPy's MINRES and LSQR compute the same iterates but offer no
-resumption, deflation or GPU tensors; on the CPU :func:`minres` follows SciPy's to the bit (its
-stopping tests too), and the tests use both as references.
+:func:`power_iteration` (``max |λ|``).  Each keeps its state in tensors, so a run resumes, deflates and runs
+on a GPU; on the CPU :func:`minres` sums its inner products in a fixed order, so that its iterates are
+reproducible to the bit (the tests hold :func:`minres` and :func:`cgls` to SciPy's MINRES and LSQR).
 """
 
 from __future__ import annotations
@@ -145,13 +145,13 @@ def _norm(t: Tensor | None) -> float | None:
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    """``⟨a, b⟩``, on the CPU by NumPy: with SciPy's order of summation MINRES follows SciPy's iterates to
-    the bit (any other order moves a few hundred iterations on a singular H by 1e-4)."""
+    """``⟨a, b⟩``, on the CPU by ``np.dot``: one fixed order of summation, so that MINRES's iterates are
+    reproducible to the bit (another order moves a few hundred iterations on a singular H by 1e-4)."""
     return float(np.dot(a.detach().numpy(), b.detach().numpy())) if a.device.type == "cpu" else float(a @ b)
 
 
 def _hypot(a: float, b: float) -> float:
-    return float(np.linalg.norm([a, b]))  # as SciPy's minres computes it
+    return float(np.linalg.norm([a, b]))  # √(a² + b²) by NumPy, rounded the same way on every run
 
 
 # -- deflation ----------------------------------------------------------------------------------------
@@ -233,8 +233,8 @@ def minres(A, b: Tensor, *, maxiter: int = 200, rtol: float = 1e-10, x0: Tensor 
     """Least squares ``A x = b`` for symmetric (singular, indefinite) A by MINRES (Paige & Saunders 1975).
 
     One product per iteration.  From ``x0 = 0`` the iterates lie in the Krylov space of A, which
-    grows along well-determined directions first: the iteration count is a regulariser.  Stops as
-    SciPy's ``minres`` does: ``‖r‖ ≤ rtol·‖A‖‖x‖`` or ``‖A r‖ ≤ rtol·‖A‖‖r‖`` (least squares),
+    grows along well-determined directions first: the iteration count is a regulariser.  Stops by
+    Paige & Saunders' tests: ``‖r‖ ≤ rtol·‖A‖‖x‖`` or ``‖A r‖ ≤ rtol·‖A‖‖r‖`` (least squares),
     ``"rounding"`` when ill-conditioning stops progress, or ``maxiter``.  ``deflation``: solve on
     ``P A P`` and add the deflated component exactly.  ``keep_basis``: record the Lanczos vectors
     and their products (memory: 2 p-vectors per iteration) for :meth:`Deflation.from_krylov`.
@@ -273,7 +273,7 @@ def minres(A, b: Tensor, *, maxiter: int = 200, rtol: float = 1e-10, x0: Tensor 
         stopped_by = "rtol" if beta1 == 0.0 else None
     while stopped_by is None and itn < maxiter:
         itn += 1
-        v = (1.0 / beta) * y  # the operations of SciPy's minres, in its order
+        v = (1.0 / beta) * y  # Paige & Saunders' recurrence, in a fixed order
         y = op(v)
         if keep_basis:
             basis.append((v, y.clone()))

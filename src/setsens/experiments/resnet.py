@@ -637,7 +637,7 @@ def _check_inputs(cfg: dict) -> None:
 
 @click.command("resnet")
 @click.option("--depth", type=int, default=56, show_default=True, help="CIFAR ResNet depth (6k+2).")
-@click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="State dict (akamaster layout).")
+@click.option("--checkpoint", default=ResnetConfig.checkpoint, show_default=True, help="CIFAR ResNet state dict.")
 @click.option("--data", default=ResnetConfig.data, show_default=True,
               help="CIFAR-10 .npz subset or torchvision folder.")
 @click.option("--n", "--n-train", "n", type=int, default=None,

@@ -3,11 +3,11 @@
 Depth ``6k + 2`` (20, 32, 44, 56, 110, …): a 3×3 stem with 16 channels, three stages of ``k``
 basic blocks with 16/32/64 channels (stride 2 at the start of stages 2 and 3), global average
 pooling and a linear 64→10 head.  Option-A shortcuts subsample by 2 and zero-pad the new channels,
-so they carry no parameters.  The layout and parameter names match github akamaster/
-pytorch_resnet_cifar10, whose checkpoints (saved from ``DataParallel`` with ``module.`` prefixes)
-:func:`load_cifar_resnet` reads; ResNet-56 has 853,018 parameters.
+so they carry no parameters.  Parameters are named ``conv1``, ``bn1``, ``layer{1,2,3}.{block}.conv{1,2}``,
+``layer{1,2,3}.{block}.bn{1,2}`` and ``linear``; :func:`load_cifar_resnet` reads state dicts with these names,
+also when saved from ``DataParallel`` (``module.`` prefixes).  ResNet-56 has 853,018 parameters.
 
-The network takes RGB images in [0, 1]; the per-channel normalisation those checkpoints expect
+The network takes RGB images in [0, 1]; the per-channel normalisation (:data:`CIFAR_MEAN`, :data:`CIFAR_STD`)
 is a fixed (non-persistent) buffer of the model, so data perturbations are measured in pixel space.
 BatchNorm is used in ``eval`` mode with its running statistics: the function of the weights is fixed.
 
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 __all__ = ["cifar_resnet", "load_cifar_resnet", "CifarResNet", "CIFAR_MEAN", "CIFAR_STD", "DEPTHS"]
 
-#: Normalisation used by the akamaster checkpoints (ImageNet statistics).
+#: The per-channel normalisation the model applies to its inputs (ImageNet statistics).
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 #: The depths of the paper (any ``6k + 2`` works).
@@ -128,7 +128,7 @@ def load_cifar_resnet(
     normalize: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> CifarResNet:
-    """Load a CIFAR ResNet checkpoint in the akamaster layout into :func:`cifar_resnet`.
+    """Load a CIFAR ResNet checkpoint with :func:`cifar_resnet`'s parameter names into it.
 
     Accepts a raw state dict or a dict with ``"state_dict"`` (or ``"model"``); strips ``module.``
     prefixes.  ``depth`` defaults to the one implied by the number of blocks in the checkpoint.

@@ -1,9 +1,8 @@
 """Certified bounds on the change of pairwise margins under weight perturbations.
 
-Setting and notation: ``/work/shared/WEIGHT-PERTURBATION.md`` (formalizing Tsai, Hsu, Yu & Chen,
-"Formalizing Generalization and Robustness of Neural Networks to Weight Perturbations",
-NeurIPS 2021).  For f(x|W) = Wᵈ σ(··· σ(W¹x)), a perturbation Ŵ with ‖Ŵˡ − Wˡ‖_∞ ≤ ε_l for the
-perturbed layers l ∈ S, and the pairwise margin m_{yi} = f_y − f_i,
+Setting and notation: Tsai, Hsu, Yu & Chen, "Formalizing Generalization and Robustness of Neural
+Networks to Weight Perturbations", NeurIPS 2021.  For f(x|W) = Wᵈ σ(··· σ(W¹x)), a perturbation Ŵ with
+‖Ŵˡ − Wˡ‖_∞ ≤ ε_l for the perturbed layers l ∈ S, and the pairwise margin m_{yi} = f_y − f_i,
 
     |m̂_{yi} − m_{yi}| ≤ η_{yi} = a_{yi} (P_ε − P) B + 2 ε_d P_ε B          (Theorems 2 and 3)
 
