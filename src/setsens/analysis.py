@@ -254,7 +254,8 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
                                                    ("members", members, 8))
                  if value != default]
         if given:
-            raise ValueError(f"{', '.join(given)} do not apply to method {TANGENT!r} (its training is `training`)")
+            raise ValueError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to method "
+                             f"{TANGENT!r} (its training is `training`)")
         return analyze_training(problem, perturbation, training or Training(), test=test, validate=validate,
                                 progress=progress)
     if training is not None:

@@ -14,7 +14,7 @@ indefinite Hessian the same filter blows up along negative curvature with moment
 
 :func:`proximal_prediction` is the damped Gauss–Newton solve ``−(𝒢 + λI)⁻¹ b``: the first-order proximal Bregman
 response (Bae et al. 2022), the quantity influence functions estimate; its reference is
-:func:`setsens.retrain.proximal_response` with the same λ.
+:func:`setsens.retrain.pbrf_response` with the same λ.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def ggn_filter(problem: Problem, perturbation: Perturbation, training: Training 
 
 def proximal_prediction(problem: Problem, perturbation: Perturbation, damping: float, *, maxiter: int = 200,
                         rtol: float = 1e-8) -> Prediction:
-    """``−(𝒢 + λI)⁻¹ b`` by MINRES; predicts :func:`setsens.retrain.proximal_response` with the same λ.
+    """``−(𝒢 + λI)⁻¹ b`` by MINRES; predicts :func:`setsens.retrain.pbrf_response` with the same λ (not the plain
+    :func:`setsens.retrain.proximal_response`, whose curvature is H).
     Cost: one Gauss–Newton product per iteration."""
     if not damping > 0:
         raise ValueError(f"the proximal response needs a damping λ > 0, got {damping}")
@@ -104,4 +105,4 @@ def proximal_prediction(problem: Problem, perturbation: Perturbation, damping: f
     run = minres(A, -b, maxiter=maxiter, rtol=rtol)
     v = run.x.to(b)
     error = float((A(v) + b).norm() / b.norm())
-    return Prediction("pbrf", v, f"proximal_response (λ = {damping:g})", error, G.calls, time.perf_counter() - t0)
+    return Prediction("pbrf", v, f"pbrf_response (λ = {damping:g})", error, G.calls, time.perf_counter() - t0)

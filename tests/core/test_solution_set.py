@@ -220,3 +220,15 @@ def test_a_solve_option_the_method_does_not_read_is_refused():
             estimate(problem, pert, method, solve=SolveOptions(**options))
     with pytest.raises(ValueError, match=r"SolveOptions.maxiter not read by method 'hessian' \(dense\)"):
         estimate(problem, pert, "hessian", dense=True, solve=SolveOptions(maxiter=5))
+
+
+def test_without_a_null_space_the_matrix_free_set_is_its_centre_as_the_dense_one():
+    """With weight decay H is non-singular: a random direction's null projection is rounding, not a direction
+    (the radius search used to normalise it and report ρ ≈ 0.03, determined)."""
+    base = small_problem()
+    problem = Problem(base.model, cross_entropy, (base.inputs, base.targets), weight_decay=0.1)
+    pert = gradient_perturbation(problem, [0, 1], 0.01)
+    assert float(torch.linalg.eigvalsh(dense_hessian(problem)).abs().min()) > 1e-3
+    for dense in (True, False):
+        est = estimate(problem, pert, "hessian", dense=dense)
+        assert est.radius_record["rho"] == 0.0 and not est.radius_record["determined"]

@@ -118,7 +118,7 @@ def test_analyze_the_training_tangent_against_the_reference_it_predicts(loss):
 def test_options_a_method_does_not_read_are_refused():
     problem, _ = smooth()
     pert = gradient_perturbation(problem, [1], 0.01)
-    with pytest.raises(ValueError, match="steps do not apply"):
+    with pytest.raises(ValueError, match="steps does not apply"):
         analyze(problem, pert, "training-tangent", steps=50)
     with pytest.raises(ValueError, match="training applies to method 'training-tangent' only"):
         analyze(problem, pert, "hessian", training=Training())
