@@ -2,9 +2,9 @@
 pure function of ``(w, state, ε)``.
 
 A budget-limited estimate predicts "fine-tune from w̄ for ``steps`` steps on the perturbed data, compared with
-the same fine-tuning on the clean data" (:mod:`setsens.tangent`; docs/tangent.md).  The training is therefore part of the
-question: :class:`Training` names it (optimiser, lr, steps, momentum, Adam's betas, weight decay, full batch or
-minibatches in a fixed seeded order).  Two implementations run it:
+the same fine-tuning on the clean data" (:mod:`setsens.tangent`; docs/tangent.md).  The training is therefore
+part of the question: :class:`Training` names it (optimiser, lr, steps, momentum, Adam's betas, weight decay,
+full batch or minibatches in a fixed seeded order).  Two implementations run it:
 
 * :func:`fine_tune` — with ``torch.optim`` (what the user runs): the reference's runs
   (:func:`setsens.retrain.training_response`);

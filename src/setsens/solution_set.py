@@ -494,6 +494,8 @@ def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c
     record = {"rule": f"members keep ≥ {opts.keep:g} of the centre's reduction of the perturbed risk",
               "keep": opts.keep, "directions": opts.directions, "risk_w_bar": risk0, "risk_centre": risk_c,
               "rho": 0.0, "determined": False, "evaluations": 0}
+    if null.dim == 0:
+        record["note"] = "the null space is empty: the set is its centre"
     if null.dim == 0 or opts.directions == 0 or not risk_c < risk0:
         return record
     threshold = risk_c + (1 - opts.keep) * (risk0 - risk_c)
@@ -505,7 +507,7 @@ def _validated_null_radius(p, v0, null: NullSpace, perturbed_risk, risk0, risk_c
         if float(n.norm()) > 1e-6 * float(z.norm()):  # below: the projector's rounding, no null direction
             dirs.append(n / n.norm())
     if not dirs:
-        record["note"] = "random directions have no null-space part beyond rounding: the set is its centre"
+        record["note"] = "the null space is empty (random directions project to rounding): the set is its centre"
         return record
 
     def ok(rho: float) -> bool:

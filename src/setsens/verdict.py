@@ -155,7 +155,7 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
     * the method's own residual (``output_residual`` for Gauss–Newton, the eq.-19
       ``feasibility_residual`` otherwise): warn > 0.1, fail > 0.5.
     * ``radius_determined`` (set-valued methods): warn when the radius rule found no valid member
-      beyond the centre.
+      beyond the centre (pass when the null space is empty: the set is then its centre).
     * ``solver_stopped_by_rule``: warn when the Krylov solve stopped at ``maxiter`` rather than by its rule.
     * ``moved_point_loss`` (losses that ignore a common output shift, i.e. cross-entropy): warn
       below 1e-4, fail below 1e-7 — their curvature is of the size of their loss and vanishes.
@@ -181,9 +181,10 @@ def assess(estimate: SolutionSet, loss: LossOnPoints, first_order: float | None 
                                         "float64 (Problem dtype), or try another method"))
     if s.method != "influence":
         determined = bool(s.radius_record.get("determined"))
-        checks.append(Check("radius_determined", "pass" if determined else "warn", float(determined),
-                            "" if determined else "no member beyond the centre was validated: read the set as "
-                            "its centre"))
+        point = "note" in s.radius_record  # no null space: the set is its centre, nothing to determine
+        checks.append(Check("radius_determined", "pass" if determined or point else "warn", float(determined),
+                            "" if determined or point else "no member beyond the centre was validated: read the "
+                            "set as its centre"))
     stopped = s.selected.get("stopped_by")
     if stopped is not None:
         hit = stopped == "maxiter"
