@@ -174,8 +174,9 @@ def _prediction_lines(summary: dict) -> list[str]:
         if "flips" in p:
             lines.append(f"  - accuracy {p['accuracy']['before']:.4f} → {p['accuracy']['estimate']:.4f}; "
                          f"{p['flips']['count']} flips; margin change median {p['margin_change']['median']:.3g} "
-                         f"[{p['margin_change']['min']:.3g}, {p['margin_change']['max']:.3g}]; "
-                         f"{p['undetermined_by_set']['count']} predictions not determined by the set")
+                         f"[{p['margin_change']['min']:.3g}, {p['margin_change']['max']:.3g}]"
+                         + (f"; {p['undetermined_by_set']['count']} predictions not determined by the set"
+                            if "set" in summary else ""))
     val = summary.get("validation")
     if val:
         ref = val["reference_run"]
