@@ -122,8 +122,9 @@ def figure(rows: list[dict], out: Path) -> None:
             auto = [r for r in mine if r["auto"]]
             if auto:
                 top.plot([auto[0]["step_percent"]], [auto[0]["pearson"]], "*", ms=12, color=colour)
-            if rs[0]["step_max"] > 0:
-                top.axvline(rs[0]["step_max"], color=colour, ls="--", lw=0.8)
+            step_max = (auto or rs)[0]["step_max"]  # the auto row's is the latest rule's
+            if step_max > 0:
+                top.axvline(step_max, color=colour, ls="--", lw=0.8)
             bottom.loglog([r["step_percent"] for r in rs], [r["ratio"] for r in rs], "o-", color=colour)
             bottom.loglog([r["step_percent"] for r in rs], [r["jump_median"] for r in rs], "s:", color=colour)
         top.axhline(0.9, color="k", lw=0.5)
