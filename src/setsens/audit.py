@@ -26,15 +26,23 @@ from torch import Tensor
 
 from .function_space import OutputJacobian, output_shift
 from .krylov import cgls
+from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["GramFactor", "Scan", "scan", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries"]
 
 
-class GramFactor:
+class GramFactor(LinearOperator):
     """``GGᵀ = Q Λ Qᵀ`` at w̄, with ``G`` the (centred) output Jacobian: the pseudo-inverse of G in
-    function space.  ``seconds`` is what building it cost."""
+    function space.  ``seconds`` is what building it cost.
+
+    As a :class:`~setsens.linear.LinearOperator` it is ``G⁺ = Gᵀ(GGᵀ)⁺`` (p × n·K): ``factor @ r`` maps
+    output changes r ((n, K), or (m, n, K) for m at once) to ``G⁺ r`` (p, or (m, p)), and
+    ``factor.T @ g`` maps weight-space vectors g (p, or rows (m, p)) to ``(Gᵀ)⁺ g = (GGᵀ)⁺ G g``
+    ((n, K), or (m, n, K)) — the output vector through which a gradient in w reaches the data (the
+    coderivative).  The centring is the factor's (G is centred when ``centered``): ``@`` centres r,
+    ``.T @`` returns vectors in G's (centred) row space.  ``calls`` counts products, a batch of m one."""
 
     def __init__(self, problem: Problem, rcond: float | None = None):
         t0 = time.perf_counter()
@@ -48,7 +56,17 @@ class GramFactor:
         self.inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
         self.rank = int(keep.sum())
         self.G = G
+        self.shape = (problem.p, G.shape[0])
+        self.calls = 0
         self.seconds = time.perf_counter() - t0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.G.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.device
 
     def block(self, points: Tensor) -> Tensor:
         """``B_GG``: the block of ``(GGᵀ)⁺`` on the outputs of ``points`` (|points|·K square)."""
@@ -62,16 +80,23 @@ class GramFactor:
         r = r.to(self.G).reshape(-1, self.problem.n, self.k)
         return (center_classes(r) if self.centered else r).reshape(r.shape[0], -1)
 
-    def adjoint(self, g: Tensor) -> Tensor:
-        """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for weight-space rows ``g`` (m, p): (m, n·K), in G's row space —
-        the output vector through which a gradient in w reaches the data (the coderivative)."""
-        return ((g.to(self.G) @ self.G.T) @ self.Q * self.inverse) @ self.Q.T
+    def matvec(self, r: Tensor) -> Tensor:
+        """``G⁺ r`` for output changes ``r`` of shape (n, K) (or flat), or (m, n, K) for m at once (then (m, p))."""
+        self.calls += 1
+        v = ((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T @ self.G
+        return v if r.ndim == 3 else v[0]
+
+    def rmatvec(self, g: Tensor) -> Tensor:
+        """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for a weight-space vector ``g`` (p; then (n, K)) or rows (m, p)
+        (then (m, n, K)), in G's row space."""
+        self.calls += 1
+        u = ((g.to(self.G) @ self.G.T) @ self.Q * self.inverse) @ self.Q.T
+        return u.reshape(*g.shape[:-1], self.problem.n, self.k)
 
     def shift(self, r: Tensor) -> Tensor:
         """The minimum-norm ``v = −G⁺ r`` for output changes ``r`` of shape (n, K), or (m, n, K) for m
         queries at once (then (m, p))."""
-        v = -((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T @ self.G
-        return v if r.ndim == 3 else v[0]
+        return -self.matvec(r)
 
 
 def input_jacobians(problem: Problem, points: Tensor | None = None) -> Tensor:

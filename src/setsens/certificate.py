@@ -114,7 +114,7 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
         c = f.argmax(1)
         jac = torch.func.vmap(torch.func.jacrev(one), (None, 0))(problem.params, xs)  # (b, K, p)
         grads = (jac[torch.arange(len(xs)), c][:, None] - jac).reshape(-1, problem.p)  # ∇ m_cj, (b·K, p)
-        u = factor.adjoint(grads)  # (Gᵀ)⁺ ∇m
+        u = factor.T @ grads  # (Gᵀ)⁺ ∇m, (b·K, n, K)
         s = torch.einsum("nkd,mnk->mnd", A, u.reshape(len(grads), problem.n, -1)).norm(dim=2)  # ‖A_kᵀ u_k‖
         worst = (s * norms.to(s)).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
         m = f[torch.arange(len(xs)), c][:, None] - f

@@ -34,25 +34,30 @@ against 1.80 on the digits MLP (docs/runs/hvp-ratio-*.json).  No p×p or (n·K)�
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
-from .operators import Adjoint, cache_budget, graph_bytes, linearized, memory_in_use
+from .linear import LinearOperator
+from .operators import cache_budget, graph_bytes, linearized, memory_in_use
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["OutputJacobian", "output_shift"]
 
 
-class OutputJacobian:
+class OutputJacobian(LinearOperator):
     """``G = ∂f(x̄, w)/∂w`` over all training points, (n·K) × p, matrix-free.
 
-    ``G @ v`` returns the (n, K) output change along v (one forward-mode pass over the data);
-    ``G.T @ u`` takes (n, K) and returns a length-p vector (one reverse-mode pass); :meth:`dot` is
-    the inner product of two output vectors.  With ``centered`` the outputs are centred over the
-    classes first (``P = I − 𝟙𝟙ᵀ/K`` on each row): the loss then sees exactly the part of the outputs
-    it depends on.  ``calls`` counts passes.  On a sharded problem the rows are those held here
-    and ``G.T @ u`` and :meth:`dot` are all-reduced.
+    A :class:`~setsens.linear.LinearOperator`: ``G @ v`` returns the (n, K) output change along v (one
+    forward-mode pass over the data); ``G.T @ u`` takes (n, K) (or flat) and returns a length-p vector
+    (one reverse-mode pass); :meth:`dot` is the inner product of two output vectors.  With ``centered``
+    the outputs are centred over the classes first (``P = I − 𝟙𝟙ᵀ/K`` on each row): the loss then sees
+    exactly the part of the outputs it depends on.  The centring is this operator's: G *is* ``P ∂f/∂w``,
+    ``G @ v`` returns centred outputs and ``G.T @ u`` centres ``u`` itself, so ``G.T`` is G's exact
+    adjoint and callers pass uncentred vectors.  ``calls`` counts passes.  On a sharded problem the
+    rows are those held here (``shape`` counts them) and ``G.T @ u`` and :meth:`dot` are all-reduced.
 
     ``cache`` (``"auto"``, ``"none"`` or a number of bytes, see :func:`cache_budget`): the second
     product on a batch linearises it (``torch.func.linearize`` for ``G v``, a retained autograd graph
@@ -80,6 +85,14 @@ class OutputJacobian:
         self._seen: set[int] = set()  # batches with one product done
         self._traceable = True  # False once torch.func.linearize has failed on the model
 
+    @cached_property
+    def shape(self) -> tuple[int, int]:
+        """(rows held here · K, p); K read off one point's outputs on first use."""
+        x, _ = next(self.problem.batches())
+        with torch.no_grad():
+            k = self.problem.outputs(self.w, x[:1]).numel()
+        return len(self.problem.rows) * k, self.problem.p
+
     def matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
         out = [self._products(i, x)[0](v) for i, (x, _) in enumerate(self.problem.batches())]
@@ -88,6 +101,7 @@ class OutputJacobian:
         return center_classes(out) if self.centered else out
 
     def rmatvec(self, u: Tensor) -> Tensor:
+        u = u.reshape(len(self.problem.rows), -1)
         u = center_classes(u.to(self.w)) if self.centered else u.to(self.w)
         out, start = torch.zeros_like(self.w), 0
         for i, (x, _) in enumerate(self.problem.batches()):
@@ -141,13 +155,6 @@ class OutputJacobian:
     def dot(self, a: Tensor, b: Tensor) -> float:
         """``⟨a, b⟩`` of two (n, K) output vectors (the rows held here, all-reduced)."""
         return float(self.problem.reduce((a * b).sum()))
-
-    def __matmul__(self, v: Tensor) -> Tensor:
-        return self.matvec(v)
-
-    @property
-    def T(self) -> Adjoint:
-        return Adjoint(self)
 
 
 def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None = None,

@@ -23,11 +23,11 @@ import os
 import warnings
 
 import numpy as np
-import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp, linearize
 
+from .linear import LinearOperator
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
@@ -37,11 +37,12 @@ J_SCALES = ("exact", "paper")
 HVP_MODES = ("fwd_over_rev", "rev_over_fwd", "double_backward", "auto")
 
 
-class Hessian:
+class Hessian(LinearOperator):
     """``v ↦ H v = ∇²_w L(x, w) v`` at ``w`` (default w̄), on the (optionally perturbed) data.
 
-    ``H(v)`` or ``H @ v`` on a tensor of length p; ``calls`` counts products (one pass over the data
-    each).  ``mode`` is the autodiff composition of an uncached product, all equal to rounding:
+    A symmetric :class:`~setsens.linear.LinearOperator` (``H.T`` is ``H``): ``H(v)`` or ``H @ v`` on a
+    tensor of length p; ``calls`` counts products (one pass over the data each).  ``mode`` is the
+    autodiff composition of an uncached product, all equal to rounding:
     ``"fwd_over_rev"`` (``jvp`` of the gradient, the default), ``"rev_over_fwd"`` (``∇_w [jvp_w L · v]``),
     ``"double_backward"`` (``∇_w ⟨∇_w L, v⟩`` with ``create_graph``) or ``"auto"``: double backward on
     the CPU, reverse-over-forward on a GPU.  Measured on ResNet-56 (``benchmarks/hvp_ratio.py``), in
@@ -56,6 +57,8 @@ class Hessian:
     estimate per point for the rest (a build that turns out larger than the budget is used once, not
     kept); batches that do not fit are recomputed.  ``cached_bytes``: what the kept graphs hold, read off the graphs.
     """
+
+    symmetric = True
 
     def __init__(self, problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None,
                  mode: str = "fwd_over_rev", cache: str | int = "auto"):
@@ -88,7 +91,7 @@ class Hessian:
                 return torch.autograd.grad(g @ v, wr)[0]
         return grad(lambda w_: jvp(lambda u: risk(u, x, y), (w_,), (v,))[1])(w)
 
-    def __call__(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.w)
         out = torch.zeros_like(self.w)
         for i, (x, y) in enumerate(self.problem.batches(self.perturbation)):
@@ -120,12 +123,6 @@ class Hessian:
     def _fits(self, size: float) -> bool:
         return self.cache != "none" and self.cached_bytes + size <= cache_budget(self.cache, self.w.device,
                                                                                    self.cached_bytes)
-
-    __matmul__ = __call__
-
-    def to_scipy(self) -> spla.LinearOperator:
-        """A SciPy ``LinearOperator`` (float64 NumPy in and out) for SciPy's Krylov solvers."""
-        return _scipy_operator(self, self.problem.p)
 
 
 def graph_bytes(output: Tensor, exclude: Tensor | None = None) -> int:
@@ -210,11 +207,14 @@ def linearized(f, w: Tensor) -> tuple:
     return push, sum(held.values())
 
 
-class GaussNewtonMatrix:
+class GaussNewtonMatrix(LinearOperator):
     """The generalised Gauss–Newton matrix ``Σ_i c G_iᵀ Λ_i G_i + λI`` at w (p × p, positive semi-definite),
     matrix-free: ``G_i`` the output Jacobian, ``Λ_i`` the loss's Hessian in the outputs, λ the risk's weight
     decay.  The curvature of the linearised network; unlike H it never has negative eigenvalues.
-    Cost per product: one JVP, one VJP and a second derivative of the loss in the outputs per batch."""
+    Cost per product: one JVP, one VJP and a second derivative of the loss in the outputs per batch.
+    A symmetric :class:`~setsens.linear.LinearOperator` (``G.T`` is ``G``)."""
+
+    symmetric = True
 
     def __init__(self, problem: Problem, w: Tensor | None = None):
         self.problem = problem
@@ -222,7 +222,7 @@ class GaussNewtonMatrix:
         self.shape = (problem.p, problem.p)
         self.calls = 0
 
-    def __call__(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor) -> Tensor:
         problem, out = self.problem, torch.zeros_like(self.w)
         v = v.to(self.w)
         for x, y in problem.batches():
@@ -233,11 +233,6 @@ class GaussNewtonMatrix:
             out += vjp_fn(torch.func.jvp(grad(risk), (outputs.detach(),), (jv,))[1])[0]
         self.calls += 1
         return problem.reduce(out) + problem.weight_decay * v
-
-    __matmul__ = __call__
-
-    def to_scipy(self) -> spla.LinearOperator:
-        return _scipy_operator(self, self.shape[0])
 
 
 def dense_gauss_newton(problem: Problem, w: Tensor | None = None) -> Tensor:
@@ -254,8 +249,10 @@ def dense_gauss_newton(problem: Problem, w: Tensor | None = None) -> Tensor:
     return J.T @ L @ J + problem.weight_decay * torch.eye(problem.p, dtype=J.dtype)
 
 
-class Damped:
-    """``H + λI`` for any operator with the :class:`Hessian` interface (``calls`` counts H v)."""
+class Damped(LinearOperator):
+    """``H + λI`` for any symmetric operator with the :class:`Hessian` interface (``calls`` counts H v)."""
+
+    symmetric = True
 
     def __init__(self, H, damping: float):
         self.H, self.damping, self.shape = H, damping, H.shape
@@ -264,19 +261,19 @@ class Damped:
     def calls(self) -> int:
         return self.H.calls
 
-    def __call__(self, v: Tensor) -> Tensor:
+    @property
+    def w(self) -> Tensor:
+        return self.H.w
+
+    def matvec(self, v: Tensor) -> Tensor:
         return self.H(v) + self.damping * v
 
-    __matmul__ = __call__
 
-    def to_scipy(self) -> spla.LinearOperator:
-        return _scipy_operator(self, self.shape[0])
-
-
-class DataJacobian:
+class DataJacobian(LinearOperator):
     """``J = ∇_x ∇_w L(x̄, w)`` restricted to the points ``indices`` (p × |K|·d), matrix-free.
 
-    ``J @ μ`` takes ``μ`` of shape (|K|, *input_shape); ``J.T @ y`` returns that shape.  On a sharded
+    A :class:`~setsens.linear.LinearOperator`: ``J @ μ`` takes ``μ`` of shape (|K|, *input_shape) (or
+    flat); ``J.T @ y`` returns that shape.  On a sharded
     problem each process differentiates at the points it holds and the sums are all-reduced.
     """
 
@@ -317,34 +314,6 @@ class DataJacobian:
 
             out[self.mine.to(out.device)] = grad(directional)(self.x) * self.factor
         return self.problem.reduce(out)
-
-    def __matmul__(self, mu: Tensor) -> Tensor:
-        return self.matvec(mu)
-
-    @property
-    def T(self) -> "Adjoint":
-        return Adjoint(self)
-
-
-class Adjoint:
-    """``A.T @ y`` for any matrix-free operator ``A`` with an ``rmatvec``."""
-
-    def __init__(self, op):
-        self.op = op
-
-    def __matmul__(self, y: Tensor) -> Tensor:
-        return self.op.rmatvec(y)
-
-    @property
-    def T(self):
-        return self.op
-
-
-def _scipy_operator(fn, p: int) -> spla.LinearOperator:
-    def mv(v: np.ndarray) -> np.ndarray:
-        return fn(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).detach().cpu().double().numpy()
-
-    return spla.LinearOperator((p, p), matvec=mv, rmatvec=mv, dtype=np.float64)
 
 
 def dense_hessian(problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:

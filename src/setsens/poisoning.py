@@ -26,6 +26,7 @@ from torch import Tensor
 from .audit import GramFactor
 from .function_space import OutputJacobian, output_shift
 from .krylov import cgls
+from .linear import LinearOperator
 from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem
 
@@ -99,25 +100,13 @@ def set_shift(problem: Problem, perturbation: Perturbation, factor=None, maxiter
 def _adjoint(problem: Problem, g: Tensor, factor, maxiter: int, rtol: float) -> Tensor:
     """``u = (Gᵀ)⁺ g`` of shape (n, K): the least-squares output vector whose ``Gᵀ u`` is nearest g."""
     if factor is not None:
-        return factor.adjoint(g[None])[0]
-    return cgls(_FlatAdjoint(problem), g, maxiter=maxiter, rtol=rtol).x.to(problem.params).reshape(problem.n, -1)
+        return (factor.T @ g[None])[0]
+    return cgls(_flat_adjoint(problem), g, maxiter=maxiter, rtol=rtol).x.to(problem.params).reshape(problem.n, -1)
 
 
-class _FlatAdjoint:
+def _flat_adjoint(problem: Problem) -> LinearOperator:
     """``Gᵀ`` (``.T``: ``G``) on flattened output vectors, as CGLS iterates vectors."""
-
-    def __init__(self, problem: Problem, G: OutputJacobian | None = None, transposed: bool = True):
-        self.problem, self.transposed = problem, transposed
-        self.G = G or OutputJacobian(problem, centered=problem.loss_ignores_output_shift)
-
-    def __matmul__(self, z: Tensor) -> Tensor:
-        if self.transposed:
-            return self.G.T @ z.reshape(len(self.problem.rows), -1)
-        return (self.G @ z).reshape(-1)
-
-    @property
-    def T(self):
-        return _FlatAdjoint(self.problem, self.G, not self.transposed)
+    return OutputJacobian(problem, centered=problem.loss_ignores_output_shift).T.flattened()
 
 
 def input_gradient(problem: Problem, objective: Objective, perturbation: Perturbation | None = None,
