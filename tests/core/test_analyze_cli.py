@@ -112,7 +112,7 @@ def _bad_cases(user):
         "data not an npz": (["--model", m, "--checkpoint", c, "--data", str(user / "bad.npz")], "not a readable .npz"),
         "data the model rejects": (["--model", m, "--checkpoint", c, "--data", str(user / "shape.npz")],
                                    "cannot be applied"),
-        "labels out of range": (["--model", m, "--checkpoint", c, "--data", str(user / "labels.npz")], "labels span"),
+        "labels out of range": (["--model", m, "--checkpoint", c, "--data", str(user / "labels.npz")], "labels span|class labels must lie in"),
         "indices out of range": (["--model", m, "--checkpoint", c, "--data", d, "--points", "3,99"], "out of range"),
         "zero step": (["--model", m, "--checkpoint", c, "--data", d, "--step", "0"], "--step"),
         "negative step": (["--model", m, "--checkpoint", c, "--data", d, "--step", "-1"], "--step"),
