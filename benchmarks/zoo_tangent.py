@@ -11,7 +11,8 @@ Nesterov momentum 0.9 at lr 1/λ_max(H) for T steps.  Rows are appended to ``OUT
 ``OUT/tangent.md`` holds the table, the verdict's confusion table and the per-model figures.
 
     python benchmarks/zoo_tangent.py --out docs/runs/zoo-tangent                     # digits models, regression
-    python benchmarks/zoo_tangent.py --models resnet --train-steps 100 --sweep "" --out docs/runs/zoo-tangent
+    python benchmarks/zoo_tangent.py --models resnet --train-steps 100 --sweep "" --out docs/runs/zoo-tangent/resnet
+    python benchmarks/zoo_tangent.py --report-only --out docs/runs/zoo-tangent --merge docs/runs/zoo-tangent/resnet/…
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def main() -> None:
                         help="also score the linearised-training filter (Lanczos rank; 0: not)")
     parser.add_argument("--out", default="runs/zoo-tangent")
     parser.add_argument("--auto-only", action="store_true", help="recompute the auto step's row of every seed")
+    parser.add_argument("--report-only", action="store_true", help="no runs: tabulate OUT/tangent.json (and --merge)")
     parser.add_argument("--merge", default="", help="also tabulate the rows of these tangent.json files (a,b,…)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -162,7 +164,7 @@ def main() -> None:
     done = out / "tangent.json"
     rows = json.loads(done.read_text()) if done.exists() else []
     sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
-    for name in args.models.split(","):
+    for name in [] if args.report_only else args.models.split(","):
         problem, test = load(name, out)
         training = resolve_lr(problem, Training(steps=args.train_steps))
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -190,8 +192,9 @@ def main() -> None:
                       f"{r['self_consistency']:.3f}, change/floor {r['change_over_floor']:.3g}, "
                       f"ratio {r['ratio']:.3g}, jump {r['jump_median']:.3g}, step_max {r['step_max']:.3g} %",
                       flush=True)
+    own = {r["model"] for r in rows}
     for path in filter(None, args.merge.split(",")):
-        rows += [r for r in json.loads(Path(path).read_text()) if r["model"] not in args.models.split(",")]
+        rows += [r for r in json.loads(Path(path).read_text()) if r["model"] not in own]
     for r in rows:
         r["verdict"] = regrade(r)
     text = tables(rows)
