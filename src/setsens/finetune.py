@@ -28,7 +28,7 @@ from torch import Tensor
 from .problem import Perturbation, Problem
 
 __all__ = ["Training", "OPTIMIZERS", "schedule", "step_batches", "step_gradient", "initial_state", "optimizer_step",
-           "resolve_lr", "fine_tune", "FineTuned"]
+           "resolve_lr", "fine_tune", "FineTuned", "diverged"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -187,7 +187,7 @@ def torch_optimizer(training: Training, w: Tensor) -> torch.optim.Optimizer:
 @dataclass
 class FineTuned:
     """A run of :func:`fine_tune`: its end ``w``, the risk at its start and end (on the data it trained on), and
-    ``diverged`` (a non-finite gradient, or an end risk above the start)."""
+    ``diverged`` (:func:`diverged`)."""
 
     w: Tensor
     risk_start: float
@@ -213,4 +213,10 @@ def fine_tune(problem: Problem, perturbation: Perturbation | None, training: Tra
         if progress:
             progress(t)
     end = problem.risk(w.detach(), perturbation)
-    return FineTuned(w.detach(), start, end, not (math.isfinite(end) and end <= start))
+    return FineTuned(w.detach(), start, end, diverged(training, start, end))
+
+
+def diverged(training: Training, start: float, end: float) -> bool:
+    """Did a run diverge?  Its end risk is not finite, or above its start — for minibatches above twice its
+    start (a minibatch run's risk is noisy; a diverging one grows without bound)."""
+    return not (math.isfinite(end) and end <= start * (1 if training.batch_size is None else 2))

@@ -29,6 +29,7 @@ from torch.func import jvp
 
 from .atomic import atomic_torch_save
 from .finetune import Training, initial_state, optimizer_step, resolve_lr, schedule, step_batches, step_gradient
+from .finetune import diverged as run_diverged
 from .problem import Perturbation, Problem
 
 __all__ = ["TrainingTangent", "training_tangent", "output_derivatives", "validity_ratio", "jump_ratio"]
@@ -67,7 +68,7 @@ class TrainingTangent:
     @property
     def diverged(self) -> bool:
         finite = all(torch.isfinite(t).all() for t in (self.base, self.shift))
-        return not (finite and self.risk_end == self.risk_end and self.risk_end <= self.risk_start)
+        return not finite or run_diverged(self.training, self.risk_start, self.risk_end)
 
     def scaled(self, factor: float) -> "TrainingTangent":
         """The tangent along ``factor · Δx`` (derivatives at ε₀ = 0 are linear in Δx: w′ scales by ``factor``,
