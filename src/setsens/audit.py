@@ -14,12 +14,16 @@ query then costs one JVP over its points and one product with Gᵀ.  The pseudo-
 eigenvalues below ``rcond·λ_max`` (default NumPy's ``n·K·ε``), as the dense estimate does.
 Sized for networks where n·K·p floats fit in memory (the digits demo: 1000 × 8832); beyond that,
 per-point solves (:func:`exact_modulus`) are the matrix-free route.
+
+:class:`Audit` owns a problem and its factor and offers all of this (and the attack and certificates of
+:mod:`setsens.poisoning` and :mod:`setsens.certificate`) as methods.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +34,12 @@ from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
 
-__all__ = ["GramFactor", "Scan", "scan", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries"]
+if TYPE_CHECKING:
+    from .certificate import Certificate
+    from .poisoning import AttackOptions, Poisoning
+
+__all__ = ["GramFactor", "Scan", "scan", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries",
+           "Audit", "Certificates"]
 
 
 class GramFactor(LinearOperator):
@@ -183,3 +192,96 @@ def answer_queries(problem: Problem, perturbations: list[Perturbation], factor: 
     factor = factor or GramFactor(problem)
     r = torch.stack([output_shift(problem, p) for p in perturbations])
     return factor.shift(r)
+
+
+@dataclass
+class Certificates:
+    """Both poisoning certificates of held-out points: ``first_order`` (any network) and ``margin_bounds``
+    (bias-free ReLU networks; None otherwise, with the one-line reason in ``skipped``)."""
+
+    first_order: Certificate
+    margin_bounds: Certificate | None = None
+    skipped: str | None = None
+
+    def kinds(self) -> dict[str, Certificate]:
+        """The certificates computed, by name (``"first order"``, ``"margin bounds"``)."""
+        kinds = {"first order": self.first_order}
+        if self.margin_bounds is not None:
+            kinds["margin bounds"] = self.margin_bounds
+        return kinds
+
+
+class Audit:
+    """The poisoning audit of one problem: it owns the problem and its :class:`GramFactor` (``factor``,
+    built on first use unless given, then shared by every method) and the :class:`Scan` (computed once).
+
+    Each method is the module function of the same job with the owned problem and factor."""
+
+    def __init__(self, problem: Problem, factor: GramFactor | None = None):
+        if factor is not None and factor.problem is not problem:
+            raise ValueError("factor was built for another problem")
+        self.problem = problem
+        self._factor = factor
+        self._scan: Scan | None = None
+
+    @property
+    def factor(self) -> GramFactor:
+        """The Gram factor of the problem: built on first use (O((n·K)³), n·K·p memory), then reused."""
+        if self._factor is None:
+            self._factor = GramFactor(self.problem)
+        return self._factor
+
+    def scan(self) -> Scan:
+        """Every point's κ_k and worst direction (:func:`scan`); computed once: n·K input gradients and
+        n small SVDs on top of the factor."""
+        if self._scan is None:
+            self._scan = scan(self.problem, self.factor)
+        return self._scan
+
+    def group_modulus(self, points) -> tuple[float, Tensor]:
+        """``(κ_G, worst Δx_G)`` of ``points`` moved together (:func:`group_modulus`): |G|·K input gradients
+        and one SVD."""
+        return group_modulus(self.problem, points, self.factor)
+
+    def queries(self, perturbations: list[Perturbation]) -> Tensor:
+        """The Gauss–Newton shift v₀ of each perturbation, one row each (:func:`answer_queries`): one JVP
+        per query, one product for all."""
+        return answer_queries(self.problem, perturbations, self.factor)
+
+    def shift(self, perturbation: Perturbation) -> Tensor:
+        """``v = −G⁺ r(Δx)`` for one perturbation (:func:`~setsens.poisoning.set_shift`): one JVP and one
+        product."""
+        from .poisoning import set_shift
+
+        return set_shift(self.problem, perturbation, self.factor)
+
+    def input_gradient(self, objective: Callable[[Tensor], Tensor], perturbation: Perturbation | None = None) -> Tensor:
+        """``∂φ(w̄ + v(Δx))/∂x_k`` for every training point (:func:`~setsens.poisoning.input_gradient`):
+        two products with the factor and one reverse pass over the training outputs."""
+        from .poisoning import input_gradient
+
+        return input_gradient(self.problem, objective, perturbation, self.factor)
+
+    def attack(self, objective: Callable[[Tensor], Tensor], options: AttackOptions | None = None, points=None,
+               retrain: Callable[[Perturbation], Tensor] | None = None) -> Poisoning:
+        """The coderivative attack on φ (:func:`~setsens.poisoning.poison`); its first stage uses the owned
+        factor (``solver="factor"``), later stages factor their retrained problems."""
+        from .poisoning import AttackOptions, poison
+
+        options = AttackOptions() if options is None else options
+        factor = self.factor if options.solver == "factor" else None
+        return poison(self.problem, objective, options, points, retrain, factor=factor)
+
+    def certificates(self, x: Tensor, deltas, points: int) -> Certificates:
+        """Both certificates of the predictions at ``x`` against any move of ``points`` training points by
+        ``δ‖x_k‖``, δ in ``deltas``: first order (:func:`~setsens.certificate.first_order_certificate`,
+        per held-out point K reverse passes and K adjoint products) and, for bias-free ReLU networks, the
+        margin bounds (:func:`~setsens.certificate.poisoning_certificate`, the scan and one bound per δ)."""
+        from .certificate import first_order_certificate, poisoning_certificate
+
+        result = Certificates(first_order_certificate(self.problem, x, deltas, points, self.factor))
+        try:  # outside bias-free ReLU networks, layer_weights refuses with a one-line reason
+            result.margin_bounds = poisoning_certificate(self.problem, self.scan(), x, deltas, points)
+        except ValueError as err:
+            result.skipped = str(err)
+        return result

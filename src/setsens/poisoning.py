@@ -133,11 +133,12 @@ def _project(delta: Tensor, radius: Tensor) -> Tensor:
 
 
 def _stage(problem: Problem, objective: Objective, options: AttackOptions, points, radius_all: Tensor,
-           budget: float) -> tuple[Perturbation, float, int]:
+           budget: float, factor: GramFactor | None = None) -> tuple[Perturbation, float, int]:
     """One stage of projected gradient descent on ``φ(w + v(Δx))`` at the problem's w: ``(Δx, φ predicted,
     solves)``.  The first step goes to the linearised optimum ``Δx_k = −ε_k g_k/‖g_k‖``, the next ones
     (ε_k/4, normalised gradient) follow φ's curvature; the best iterate is kept."""
-    factor = GramFactor(problem) if options.solver == "factor" else None
+    if options.solver == "factor" and factor is None:
+        factor = GramFactor(problem)
     solve = dict(factor=factor, maxiter=options.maxiter, rtol=options.rtol)
     g = input_gradient(problem, objective, None, **solve)
     radius_all = radius_all * budget
@@ -158,7 +159,7 @@ def _stage(problem: Problem, objective: Objective, options: AttackOptions, point
 
 
 def poison(problem: Problem, objective: Objective, options: AttackOptions = AttackOptions(), points=None,
-           retrain: Callable[[Perturbation], Tensor] | None = None) -> Poisoning:
+           retrain: Callable[[Perturbation], Tensor] | None = None, factor: GramFactor | None = None) -> Poisoning:
     """Move K training points within the budget so that φ drops the most, through the coderivative.
 
     ``points`` default to the K whose first-order effect at full budget is largest
@@ -166,18 +167,22 @@ def poison(problem: Problem, objective: Objective, options: AttackOptions = Atta
     (valid while ``‖v‖`` stays inside the estimate's radius).  With several, each stage spends its
     share, then ``retrain(Δx so far)`` (the victim's training from w̄ on the moved data) gives the
     weights the next stage linearises at; the stages' moves add up (within the budget by the
-    triangle inequality).  Cost per stage: a factor (``solver="factor"``) and, per step, one forward
-    and one adjoint solve; plus one retraining.
+    triangle inequality).  Cost per stage: a factor (``solver="factor"``; the first stage reuses
+    ``factor``, a :class:`GramFactor` of ``problem``, when given) and, per step, one forward and one
+    adjoint solve; plus one retraining.
     """
     if options.stages > 1 and retrain is None:
         raise ValueError("more than one stage needs retrain(perturbation) -> weights")
+    if factor is not None and (options.solver != "factor" or factor.problem is not problem):
+        raise ValueError("factor is for solver='factor' and must be a GramFactor of problem")
     x, y = problem.points(torch.arange(problem.n))
     radius_all = x.reshape(problem.n, -1).norm(dim=1)
     start = float(objective(problem.params))
     at, total, record = problem, torch.zeros_like(x), Poisoning(None, start, start)
-    for _ in range(options.stages):
+    for stage in range(options.stages):
         share = options.budget / options.stages
-        pert, record.predicted, solves = _stage(at, objective, options, points, radius_all, share)
+        pert, record.predicted, solves = _stage(at, objective, options, points, radius_all, share,
+                                                factor if stage == 0 else None)
         points, record.solves = pert.indices, record.solves + solves
         total[points] += pert.delta
         record.perturbation = Perturbation(points, total[points])

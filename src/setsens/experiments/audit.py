@@ -106,15 +106,16 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
             "top_vs_random_direction_ratio": top_move / statistics.median(random_directions)}
 
 
-def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
+def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
     """The staged coderivative attack on the margins of ``targets`` held-out points at each budget,
     and the two baselines on the same points, all judged by ``retrain``; cached per target."""
     from dataclasses import replace
 
     from tqdm.auto import tqdm
 
-    from ..poisoning import baselines, margin, poison
+    from ..poisoning import baselines, margin
 
+    problem = audit.problem
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
     per_budget = []
     for budget in budgets:
@@ -124,7 +125,7 @@ def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, lo
             row = state.load(name)
             if row is None:
                 phi = margin(problem, x_eval[t])
-                result = poison(problem, phi, replace(options, budget=budget), retrain=retrain)
+                result = audit.attack(phi, replace(options, budget=budget), retrain=retrain)
                 row = {"target": t, "start": result.start, "predicted": result.predicted,
                        "attack": result.retrained[-1], "points": result.perturbation.indices.tolist()}
                 moves = baselines(problem, result.perturbation.indices, budget, torch.Generator().manual_seed(seed + t))
@@ -153,7 +154,7 @@ def _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, lo
             "smallest_budget_flipping_half": flipping[0]["budget"] if flipping else None, "budgets": per_budget}
 
 
-def _certify(problem, result, factor, x_eval, deltas, options, checks, seed, retrain, state, log) -> dict:
+def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) -> dict:
     """Both certificates at each δ — margin bounds (bias-free ReLU networks) and first order — then
     the attack on certified (and as many uncertified) targets at that δ, judged by retraining: a
     certified prediction that changes is a violation.  Attacks are cached per (δ, target)."""
@@ -161,20 +162,19 @@ def _certify(problem, result, factor, x_eval, deltas, options, checks, seed, ret
 
     from tqdm.auto import tqdm
 
-    from ..certificate import first_order_certificate, poisoning_certificate
-    from ..poisoning import margin, poison
+    from ..poisoning import margin
 
-    certificates = {"first order": first_order_certificate(problem, x_eval, deltas, options.points, factor)}
-    try:  # outside bias-free ReLU networks, layer_weights refuses with a one-line reason
-        certificates["margin bounds"] = poisoning_certificate(problem, result, x_eval, deltas, options.points)
-    except ValueError as err:
-        log(f"certificate: margin bounds skipped ({err})")
+    problem = audit.problem
+    computed = audit.certificates(x_eval, deltas, options.points)
+    if computed.skipped is not None:
+        log(f"certificate: margin bounds skipped ({computed.skipped})")
+    certificates = computed.kinds()
 
     def flipped(delta: float, t: int) -> bool:
         name = f"certify-{delta:g}-{t}"
         record = state.load(name)
         if record is None:
-            attack = poison(problem, margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
+            attack = audit.attack(margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
             record = {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
             state.save(name, record)
         return record["flipped"]
@@ -317,7 +317,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
             seed, out, as_json, **inputs):
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
-    from ..audit import GramFactor, group_modulus, scan
+    from ..audit import Audit
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -357,8 +357,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     t_one = time.perf_counter() - t0
     log("scan: factorising G Gᵀ and every point's modulus…")
     t0 = time.perf_counter()
-    factor = GramFactor(problem)
-    result = scan(problem, factor)
+    audit = Audit(problem)
+    factor, result = audit.factor, audit.scan()
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
                "one_estimate_seconds": t_one,
@@ -367,7 +367,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
                                   "max": float(result.kappa.max())},
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
     g = torch.Generator().manual_seed(seed + 4)
-    group = lambda points: group_modulus(problem, points, factor)[0]
+    group = lambda points: audit.group_modulus(points)[0]
     summary["scan"]["group"] = {"size": top, "kappa_top": group(result.top(top)), "kappa_random": statistics.median(
         group(torch.randperm(problem.n, generator=g)[:top]) for _ in range(5))}
     pinv = torch.linalg.pinv(factor.G) if check else None  # the independent reference of every check
@@ -379,11 +379,11 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     options = AttackOptions(points=points, stages=stages)
     if targets:
         log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, {stages} stages…")
-        summary["attack"] = _attack(problem, x_eval, targets, budgets, options, seed, retrain, state, log)
+        summary["attack"] = _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     if certify:
         log(f"certificate: any {points} points, δ = {delta_text} %…")
-        summary["certificate"] = _certify(problem, result, factor, x_eval, deltas, options, certify_checks, seed,
-                                          retrain, state, log)
+        summary["certificate"] = _certify(audit, x_eval, deltas, options, certify_checks, seed, retrain, state,
+                                          log)
     figures = _figures(problem, result, summary, out, top)
     write_json(out / "results.json", summary)
     lines = ["# setsens audit", "", f"{summary['model']}: p = {problem.p}, n = {problem.n}.", ""]
