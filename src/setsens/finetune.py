@@ -116,12 +116,22 @@ def schedule(problem: Problem, training: Training) -> Iterator[Tensor | None]:
         yield order[k * size:(k + 1) * size]
 
 
-def step_batches(problem: Problem, rows: Tensor | None, perturbation: Perturbation | None
-                 ) -> list[tuple[Tensor, Tensor, Tensor | None, float]]:
-    """``(x, y, D, scale)`` for each batch of a step: clean inputs, targets, Δx on the batch's moved rows (None
-    when none moved) and the factor that makes the step's risk an estimate of ``L``."""
+class _FullBatch:
+    """Every batch of the data, read anew at each pass (memory bounded by the batch); re-iterable."""
+
+    def __init__(self, problem: Problem, perturbation: Perturbation | None):
+        self.problem, self.perturbation = problem, perturbation
+
+    def __iter__(self):
+        return ((x, y, d, 1.0) for x, y, d in self.problem.displaced_batches(self.perturbation))
+
+
+def step_batches(problem: Problem, rows: Tensor | None, perturbation: Perturbation | None):
+    """``(x, y, D, scale)`` for each batch of a step, re-iterable: clean inputs, targets, Δx on the batch's moved
+    rows (None when none moved) and the factor that makes the step's risk an estimate of ``L``.  Full batch: the
+    problem's batches, read at each pass; a minibatch: one batch of ``rows``."""
     if rows is None:
-        return [(x, y, d, 1.0) for x, y, d in problem.displaced_batches(perturbation)]
+        return _FullBatch(problem, perturbation)
     x, y = problem.points(rows)
     d = None
     if perturbation is not None:
