@@ -42,7 +42,7 @@ class TrainingTangent:
     ``base`` is the replayed clean run's end ``w_T(x̄ + ε₀Δx)`` (ε₀ = ``at``, 0 by default), ``shift`` = w′ the
     predicted change of the end weights per unit ε (so ``base + shift`` predicts the perturbed run's end),
     ``second`` = w″ (order 2 only).  ``risk_start``/``risk_end``: the replay's risk on its data; ``diverged``:
-    the replay's gradient or risk went non-finite or its risk rose (the training itself is unstable there).
+    the replay went non-finite or diverged by :func:`setsens.finetune.diverged`'s rule.
     """
 
     problem: Problem

@@ -114,8 +114,8 @@ def tangent_precision(tangent) -> float:
 def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
     """Grade a training tangent (:mod:`setsens.tangent`) without retraining.
 
-    * ``replay_converging``: fail when the replayed clean fine-tuning diverged (a non-finite value, or its risk
-      rose): the training itself is unstable at its lr, and so is every answer about it.
+    * ``replay_converging``: fail when the replayed clean fine-tuning diverged (:func:`setsens.finetune.diverged`):
+      the training itself is unstable at its lr, and so is every answer about it.
     * ``second_order``: the ratio of the second- to the first-order term of the outputs at this step
       (:func:`setsens.analysis.validity`): pass ≤ :data:`VALIDITY_THRESHOLD`, warn up to twice it, fail beyond
       (calibrated on the zoo: Pearson 0.95–0.99 at ratios 0.25–0.29, 0.89 at 0.46).
