@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from torch import nn
 
 from setsens.lipschitz import (
@@ -96,6 +96,7 @@ def test_orderings_between_forms(make_random):
     c=st.integers(1, 2),
     seed=st.integers(0, 10_000),
 )
+@example(hidden=[3, 4], c=2, seed=1155)  # residual 1.08e-8 at rounding (√ε-scale), κ equal to 3.6e-16
 def test_R1_equals_block_modulus_of_the_one_point_problem(make_interpolating, hidden, c, seed):
     """(R1) Theorem 2's κ_h,k is the layer-h numerical modulus of the problem {x_k} alone."""
     pb = make_interpolating([4, *hidden, c], n=1, seed=seed)
@@ -106,7 +107,7 @@ def test_R1_equals_block_modulus_of_the_one_point_problem(make_interpolating, hi
         if not np.isfinite(kc) or kc == 0:
             continue  # dead units: Lemma 6's surjectivity fails (reported as inf)
         res = dm.modulus(name, tau=1e-9, stability=False)
-        assert res.aubin_residual < 1e-8
+        assert res.aubin_residual < 1e-7  # a norm of a projection's complement: rounding reaches ~√ε‖J‖
         assert res.kappa == pytest.approx(kc, rel=1e-7)
 
 
