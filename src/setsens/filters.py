@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import jvp
 
-from .finetune import Training, resolve_lr, step_gradient
+from .finetune import Training, resolve_lr
 from .krylov import lanczos, minres
-from .operators import Damped, GaussNewtonMatrix
+from .operators import DataJacobian, Damped, GaussNewtonMatrix
 from .problem import Perturbation, Problem
 
-__all__ = ["Prediction", "gradient_change", "momentum_filter", "ggn_filter", "proximal_prediction"]
+__all__ = ["Prediction", "momentum_filter", "ggn_filter", "proximal_prediction"]
 
 
 @dataclass
@@ -45,14 +44,6 @@ class Prediction:
     error: float
     products: int
     seconds: float
-
-
-def gradient_change(problem: Problem, perturbation: Perturbation) -> Tensor:
-    """``b = J Δx``: the derivative of the full-batch gradient at w̄ along the move (one forward-over-reverse
-    pass over the batches holding moved points)."""
-    batches = [(x, y, d, 1.0) for x, y, d in problem.displaced_batches(perturbation) if d is not None]
-    zero = torch.zeros((), dtype=problem.dtype, device=problem.device)
-    return jvp(lambda e: step_gradient(problem, problem.params, e, batches), (zero,), (torch.ones_like(zero),))[1]
 
 
 def momentum_filter(values: Tensor, training: Training) -> Tensor:
@@ -77,7 +68,7 @@ def ggn_filter(problem: Problem, perturbation: Perturbation, training: Training 
     second, shorter run measures the Lanczos error) and one forward-over-reverse pass."""
     t0 = time.perf_counter()
     training = resolve_lr(problem, training)
-    b = gradient_change(problem, perturbation)
+    b = DataJacobian(problem, perturbation.indices) @ perturbation.delta
     G = GaussNewtonMatrix(problem)
 
     def filtered(k):
@@ -99,7 +90,7 @@ def proximal_prediction(problem: Problem, perturbation: Perturbation, damping: f
     if not damping > 0:
         raise ValueError(f"the proximal response needs a damping λ > 0, got {damping}")
     t0 = time.perf_counter()
-    b = gradient_change(problem, perturbation)
+    b = DataJacobian(problem, perturbation.indices) @ perturbation.delta
     G = GaussNewtonMatrix(problem)
     A = Damped(G, damping)
     run = minres(A, -b, maxiter=maxiter, rtol=rtol)
