@@ -342,19 +342,21 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     first, second = output_derivatives(tangent.problem, tangent.base, tangent.shift, x_eval, tangent.second)
     kappa = validity_ratio(first, second)
     step, precision = relative_step(tangent.problem, tangent.perturbation), tangent_precision(tangent)
+    own = jump_ratio(tangent)
     curve = []
     for s in sorted(steps, reverse=True):
         point = {"step": s, "ratio": kappa * s / step, "jump": None, "precision": precision * s / step}
         curve.append(point)
         if point["precision"] < PRECISION_THRESHOLD:
             break  # every smaller step is rounding too
-        if point["ratio"] <= VALIDITY_THRESHOLD:
-            point["jump"] = jump_ratio(tangent.scaled(s / step))["median"]
+        if point["ratio"] <= VALIDITY_THRESHOLD:  # the tangent's own step (``--step auto``'s) is probed once
+            at_s = own if abs(s / step - 1) < 1e-6 else jump_ratio(tangent.scaled(s / step))
+            point["jump"] = at_s["median"]
             if point["jump"] <= JUMP_THRESHOLD:
                 break
     inside = [p["step"] for p in curve if p["jump"] is not None and p["jump"] <= JUMP_THRESHOLD
               and p["precision"] >= PRECISION_THRESHOLD]
-    return {"ratio": kappa, "jump_ratio": jump_ratio(tangent), "threshold": VALIDITY_THRESHOLD,
+    return {"ratio": kappa, "jump_ratio": own, "threshold": VALIDITY_THRESHOLD,
             "jump_threshold": JUMP_THRESHOLD, "step_percent": step, "step_max": inside[0] if inside else 0.0,
             "curve": curve, "first_order_output_norm": float(first.norm()),
             "second_order_output_norm": float(second.norm()) / 2}
