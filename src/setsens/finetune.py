@@ -196,34 +196,38 @@ def torch_optimizer(training: Training, w: Tensor) -> torch.optim.Optimizer:
 
 @dataclass
 class FineTuned:
-    """A run of :func:`fine_tune`: its end ``w``, the risk at its start and end (on the data it trained on), and
-    ``diverged`` (:func:`diverged`)."""
+    """A run of :func:`fine_tune`: its end ``w``, the risk at its start and end (on the data it trained on),
+    ``diverged`` (:func:`diverged`) and the weights after step ``snapshot`` when one was asked for."""
 
     w: Tensor
     risk_start: float
     risk_end: float
     diverged: bool
+    snapshot: Tensor | None = None
 
 
 def fine_tune(problem: Problem, perturbation: Perturbation | None, training: Training,
-              progress: Callable[[int], None] | None = None) -> FineTuned:
-    """Run ``training`` from w̄ with ``torch.optim`` on the (perturbed) data.  Cost: ``steps`` gradients (of a
-    minibatch, or of the full risk) and two risk passes.  ``progress(t)`` after each step."""
+              progress: Callable[[int], None] | None = None, snapshot: int | None = None) -> FineTuned:
+    """Run ``training`` from w̄ with ``torch.optim`` on the (perturbed) data, keeping the weights after step
+    ``snapshot`` if given.  Cost: ``steps`` gradients (of a minibatch, or of the full risk) and two risk passes.
+    ``progress(t)`` after each step."""
     training = resolve_lr(problem, training)
     w = problem.params.clone().requires_grad_(True)
     opt = torch_optimizer(training, w)
     one = torch.ones((), dtype=problem.dtype, device=problem.device)
-    start = problem.risk(problem.params, perturbation)
+    start, kept = problem.risk(problem.params, perturbation), None
     for t, rows in enumerate(schedule(problem, training), 1):
         g = step_gradient(problem, w.detach(), one, step_batches(problem, rows, perturbation))
         if not torch.isfinite(g).all():
-            return FineTuned(w.detach(), start, float("nan"), True)
+            return FineTuned(w.detach(), start, float("nan"), True, kept)
         w.grad = g
         opt.step()
+        if t == snapshot:
+            kept = w.detach().clone()
         if progress:
             progress(t)
     end = problem.risk(w.detach(), perturbation)
-    return FineTuned(w.detach(), start, end, diverged(training, start, end))
+    return FineTuned(w.detach(), start, end, diverged(training, start, end), kept)
 
 
 def diverged(training: Training, start: float, end: float) -> bool:

@@ -27,9 +27,8 @@
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -267,30 +266,17 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
     200 steps.  Cost: ``2·steps`` gradient passes over the data and two risk passes, per attempt.
     ``progress(k)`` is called after each step of each run.
     """
+    from .finetune import Training, fine_tune, resolve_lr
+
     if steps < 2:
         raise ValueError(f"the retraining budget must be at least 2 steps, got {steps}")
-    if lr is None:
-        from .krylov import power_iteration
-        from .operators import Hessian
-
-        start = torch.randn(problem.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        lr = 1.0 / float(power_iteration(Hessian(problem), start.to(problem.params), 30).values[0])
+    training = resolve_lr(problem, Training(lr=lr, steps=steps, momentum=momentum, nesterov=True))
+    lr = training.lr
 
     def run(pert, lr):
         """(end, halfway), or None when the run diverged."""
-        w, half = problem.params.clone(), None
-        opt = torch.optim.SGD([w], lr=lr, momentum=momentum, nesterov=momentum > 0)
-        for k in range(1, steps + 1):
-            w.grad = problem.gradient(w.detach(), pert)
-            if not torch.isfinite(w.grad).all():
-                return None
-            opt.step()
-            if k == steps // 2:
-                half = w.detach().clone()
-            if progress:
-                progress(k)
-        end = problem.risk(w.detach(), pert)
-        return (w.detach(), half) if math.isfinite(end) and end <= problem.risk(problem.params, pert) else None
+        run = fine_tune(problem, pert, replace(training, lr=lr), progress, snapshot=steps // 2)
+        return None if run.diverged else (run.w, run.snapshot)
 
     for halvings in range(max_halvings + 1):
         perturbed = run(perturbation, lr)
@@ -315,8 +301,7 @@ class TrainingResponse:
     clean run is the reference's noise floor at this step (for a smooth training map it is ``1/floor_factor`` of
     the change).  ``third``: the end at a 3× smaller step: where the map is smooth its change is a third of the
     change, so the two changes' agreement bounds what any smooth prediction can reach (a ReLU network's map
-    jumps wherever a unit changes sides).  ``diverged``: some run's gradient or risk went non-finite, or its risk
-    rose.
+    jumps wherever a unit changes sides).  ``diverged``: some run diverged (:func:`setsens.finetune.diverged`).
     """
 
     perturbed: Tensor
