@@ -159,3 +159,14 @@ def test_an_interrupted_tangent_resumes_from_its_checkpoint(tmp_path):
     for a, b in ((whole.base, resumed.base), (whole.shift, resumed.shift), (whole.second, resumed.second)):
         assert torch.equal(a, b)
     assert [p[0] for p in resumed.probes] == [p[0] for p in whole.probes]
+
+
+def test_a_diverging_training_fails_the_verdict_and_is_no_stable_reference():
+    """The flags come out false where they must: at lr 500 the replay diverges (replay_converging fails) and the
+    reference's runs diverge (reference_stable is False)."""
+    problem, test = smooth()
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    a = analyze_training(problem, pert, Training(steps=10, lr=500.0), test=test, validate=True)
+    checks = {c.name: c.status for c in a.verdict.checks}
+    assert checks["replay_converging"] == "fail" and a.verdict.status == "fail"
+    assert a.validation["reference_run"]["diverged"] and not a.validation["reference_stable"]
