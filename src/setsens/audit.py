@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, output_shift
+from .gram import CHUNK, gram_matrix, jacobian_products, plan
 from .krylov import cgls
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
@@ -53,29 +55,37 @@ class GramFactor(LinearOperator):
     coderivative).  The centring is the factor's (G is centred when ``centered``): ``@`` centres r,
     ``.T @`` returns vectors in G's (centred) row space.  ``calls`` counts products, a batch of m one."""
 
-    def __init__(self, problem: Problem, rcond: float | None = None):
+    def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
+                 progress: Callable[[int, int], None] | None = None, checkpoint: str | None = None):
         t0 = time.perf_counter()
         self.problem = problem
         self.centered = problem.loss_ignores_output_shift
-        G = dense_output_jacobian(problem, centered=self.centered)
-        self.k = G.shape[0] // problem.n
-        lam, self.Q = torch.linalg.eigh(G @ G.T)
-        rcond = G.shape[0] * torch.finfo(lam.dtype).eps if rcond is None else rcond
+        with torch.no_grad():
+            self.k = problem.outputs(problem.params, problem.points([0])[0]).numel()
+        itemsize = torch.finfo(problem.dtype).bits // 8
+        self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path)
+        if self.plan.path == "dense":
+            self.G = dense_output_jacobian(problem, centered=self.centered)
+            lam, self.Q = torch.linalg.eigh(self.G @ self.G.T)
+        else:
+            self.G = None
+            lam, self.Q = torch.linalg.eigh(gram_matrix(problem, self.centered, self.plan.panel, progress, checkpoint))
+        rows = problem.n * self.k
+        rcond = rows * torch.finfo(problem.dtype).eps if rcond is None else rcond  # the Jacobian's rounding
         keep = lam > rcond * float(lam.max())
         self.inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
         self.rank = int(keep.sum())
-        self.G = G
-        self.shape = (problem.p, G.shape[0])
+        self.shape = (problem.p, rows)
         self.calls = 0
         self.seconds = time.perf_counter() - t0
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.G.dtype
+        return self.problem.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.G.device
+        return self.Q.device
 
     def block(self, points: Tensor) -> Tensor:
         """``B_GG``: the block of ``(GGᵀ)⁺`` on the outputs of ``points`` (|points|·K square)."""
@@ -86,21 +96,41 @@ class GramFactor(LinearOperator):
     def rows(self, r: Tensor) -> Tensor:
         """Output changes ``r`` ((n, K), or (m, n, K) for m at once) as rows in G's row space: (m, n·K),
         centred over the classes as G is."""
-        r = r.to(self.G).reshape(-1, self.problem.n, self.k)
+        r = r.to(self.Q).reshape(-1, self.problem.n, self.k)
         return (center_classes(r) if self.centered else r).reshape(r.shape[0], -1)
 
     def matvec(self, r: Tensor) -> Tensor:
         """``G⁺ r`` for output changes ``r`` of shape (n, K) (or flat), or (m, n, K) for m at once (then (m, p))."""
         self.calls += 1
-        v = ((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T @ self.G
+        v = self._pull(((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T)
         return v if r.ndim == 3 else v[0]
 
     def rmatvec(self, g: Tensor) -> Tensor:
         """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for a weight-space vector ``g`` (p; then (n, K)) or rows (m, p)
         (then (m, n, K)), in G's row space."""
         self.calls += 1
-        u = ((g.to(self.G) @ self.G.T) @ self.Q * self.inverse) @ self.Q.T
+        u = (self._push(g.reshape(-1, self.problem.p)) @ self.Q * self.inverse) @ self.Q.T
         return u.reshape(*g.shape[:-1], self.problem.n, self.k)
+
+    def _push(self, g: Tensor) -> Tensor:
+        """``G g`` for weight-space rows g (m, p): (m, n·K) in the factor's dtype."""
+        if self.G is not None:
+            return g.to(self.G) @ self.G.T
+        if g.shape[0] < self.k:  # a few JVP passes cost less than one per-sample Jacobian pass
+            return torch.stack([(self._operator @ row).reshape(-1) for row in g]).to(self.Q)
+        return jacobian_products(self.problem, self.centered, right=g)[0].to(self.Q)
+
+    def _pull(self, u: Tensor) -> Tensor:
+        """``Gᵀ u`` for output rows u (m, n·K): (m, p) in the problem's dtype."""
+        if self.G is not None:
+            return u @ self.G
+        if u.shape[0] < self.k:
+            return torch.stack([self._operator.T @ row.to(self.dtype) for row in u])
+        return jacobian_products(self.problem, self.centered, left=u)[1]
+
+    @cached_property
+    def _operator(self) -> OutputJacobian:
+        return OutputJacobian(self.problem, centered=self.centered)
 
     def shift(self, r: Tensor) -> Tensor:
         """The minimum-norm ``v = −G⁺ r`` for output changes ``r`` of shape (n, K), or (m, n, K) for m
@@ -112,9 +142,8 @@ def input_jacobians(problem: Problem, points: Tensor | None = None) -> Tensor:
     """``A_k = ∂f(x_k)/∂x`` for the given points (default all): (|points|, K, d), centred over the
     classes for a loss that ignores a common shift.  Cost: |points|·K reverse passes of one sample."""
     points = torch.arange(problem.n) if points is None else problem.check_indices(points)
-    x, _ = problem.points(points)
-    one = lambda x_: problem.outputs(problem.params, x_[None]).reshape(-1)
-    A = torch.func.vmap(torch.func.jacrev(one))(x).reshape(len(points), -1, x[0].numel())
+    one = torch.func.vmap(torch.func.jacrev(lambda x_: problem.outputs(problem.params, x_[None]).reshape(-1)))
+    A = torch.cat([one(problem.points(chunk)[0]).flatten(2) for chunk in points.split(CHUNK)])
     return center_classes(A, 1) if problem.loss_ignores_output_shift else A
 
 

@@ -31,7 +31,7 @@ from .linear import LinearOperator
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
-           "J_SCALES", "HVP_MODES", "cache_budget", "graph_bytes", "linearized", "memory_in_use"]
+           "per_sample_jacobian", "J_SCALES", "HVP_MODES", "cache_budget", "graph_bytes", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
 HVP_MODES = ("fwd_over_rev", "rev_over_fwd", "double_backward", "auto")
@@ -338,6 +338,13 @@ def dense_data_jacobian(problem: Problem, indices, w: Tensor | None = None, scal
     return full.reshape(problem.p, -1) * jac.factor
 
 
+def per_sample_jacobian(problem: Problem):
+    """``(w, x) ↦ ∂f(x_i, w)/∂w`` for a batch x: (b, K, p), one sample's reverse passes vmapped over the
+    batch (each point's outputs depend on that point only: models in eval mode)."""
+    one = torch.func.jacrev(lambda w_, x: problem.outputs(w_, x[None]).reshape(-1))
+    return torch.func.vmap(lambda w_, x: one(w_, x).reshape(-1, problem.p), in_dims=(None, 0))
+
+
 def dense_output_jacobian(problem: Problem, w: Tensor | None = None,
                           perturbation: Perturbation | None = None, centered: bool = False) -> Tensor:
     """``∂f(x_i, w)/∂w`` for every training point, stacked: an (n·K) × p matrix.  Small only.
@@ -350,7 +357,6 @@ def dense_output_jacobian(problem: Problem, w: Tensor | None = None,
     Cost: n·K reverse-mode products of one sample each (``vmap`` over ``jacrev``), memory n·K·p.
     """
     w = problem.params if w is None else w
-    per_sample = torch.func.vmap(torch.func.jacrev(lambda w_, x: problem.outputs(w_, x[None]).reshape(-1)),
-                                 in_dims=(None, 0))
-    rows = [per_sample(w, x).reshape(x.shape[0], -1, problem.p) for x, _ in problem.batches(perturbation)]
+    per_sample = per_sample_jacobian(problem)
+    rows = [per_sample(w, x) for x, _ in problem.batches(perturbation)]
     return torch.cat([center_classes(J, 1) if centered else J for J in rows]).reshape(-1, problem.p)

@@ -101,9 +101,9 @@ def output_jacobian_transposed():
     return G.T, u, v
 
 
-def gram_factor(loss=squared_error):
+def gram_factor(loss=squared_error, path="dense"):
     problem = fitted_problem(loss, k=3)
-    return GramFactor(problem), _random(*_outputs(problem), seed=1), _random(problem.p, seed=2)
+    return GramFactor(problem, path=path), _random(*_outputs(problem), seed=1), _random(problem.p, seed=2)
 
 
 def poisoning_adjoint():
@@ -119,7 +119,8 @@ RECTANGULAR = {"data-jacobian": data_jacobian, "data-jacobian-paper": lambda: da
                "output-jacobian-centred": output_jacobian,
                "output-jacobian-se": lambda: output_jacobian(squared_error, centered=False),
                "output-jacobian-transposed": output_jacobian_transposed, "gram-factor-se": gram_factor,
-               "gram-factor-ce": lambda: gram_factor(cross_entropy), "poisoning-adjoint": poisoning_adjoint}
+               "gram-factor-ce": lambda: gram_factor(cross_entropy),
+               "gram-factor-streamed": lambda: gram_factor(cross_entropy, "streamed"), "poisoning-adjoint": poisoning_adjoint}
 
 
 @pytest.mark.parametrize("build", list(SYMMETRIC.values()) + list(RECTANGULAR.values()),

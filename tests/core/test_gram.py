@@ -1,0 +1,92 @@
+"""setsens.gram: the Gram matrix and products with G from per-sample Jacobians in panels, never holding G,
+against the dense Jacobian; the streamed Gram factor against the dense one."""
+
+import pytest
+import torch
+from problems import fitted_problem
+
+from setsens.audit import GramFactor, answer_queries, scan
+from setsens.gram import gram_matrix, jacobian_products, plan
+from setsens.operators import dense_output_jacobian
+from setsens.problem import Perturbation, cross_entropy, squared_error
+
+
+@pytest.mark.parametrize("loss", [squared_error, cross_entropy])
+@pytest.mark.parametrize("panel", [1, 3, 10])
+def test_gram_matrix_is_the_dense_one(loss, panel):
+    problem = fitted_problem(loss, n=10, k=3)
+    problem.batch_size = 4  # panels and chunks straddle the batches
+    centered = loss is cross_entropy
+    G = dense_output_jacobian(problem, centered=centered)
+    M = gram_matrix(problem, centered, panel)
+    assert torch.allclose(M, G @ G.T, rtol=0, atol=1e-12 * float(M.abs().max()))
+    assert float((M - torch.diag(M.diagonal())).abs().max()) > 0.1 * float(M.abs().max())  # off-diagonal blocks
+
+
+def test_float32_jacobians_are_summed_in_float64():
+    problem = fitted_problem(cross_entropy, n=6, k=3).with_dtype(torch.float32)
+    G = dense_output_jacobian(problem, centered=True).double()
+    M = gram_matrix(problem, True, 2)
+    assert M.dtype == torch.float64
+    assert torch.allclose(M, G @ G.T, rtol=0, atol=1e-6 * float(M.abs().max()))
+
+
+def test_jacobian_products_are_the_dense_products():
+    problem = fitted_problem(cross_entropy, n=9, k=3)
+    problem.batch_size = 4
+    G = dense_output_jacobian(problem, centered=True)
+    g = torch.Generator().manual_seed(0)
+    V, U = torch.randn(5, problem.p, generator=g, dtype=torch.float64), torch.randn(4, 27, generator=g,
+                                                                                   dtype=torch.float64)
+    GV, GTU = jacobian_products(problem, True, right=V, left=U)
+    assert torch.allclose(GV, V @ G.T, atol=1e-12)
+    assert torch.allclose(GTU, U @ G, atol=1e-12)  # U is centred by the products, as G's rows are
+
+
+@pytest.mark.parametrize("loss", [squared_error, cross_entropy])
+def test_streamed_factor_equals_the_dense_factor(loss):
+    problem = fitted_problem(loss, n=10, k=3)
+    dense, streamed = GramFactor(problem, path="dense"), GramFactor(problem, path="streamed", memory=10**9)
+    assert (dense.plan.path, streamed.plan.path, streamed.G) == ("dense", "streamed", None)
+    assert dense.rank == streamed.rank
+    a, b = scan(problem, dense), scan(problem, streamed)
+    assert torch.allclose(a.kappa, b.kappa, rtol=1e-10) and torch.equal(a.ranking, b.ranking)
+    assert float(a.kappa.max() / a.kappa.min()) > 1.5
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 4):  # a few rows through JVP/VJP passes, many through one Jacobian pass
+        r = torch.randn(m, problem.n, 3, generator=g, dtype=torch.float64)
+        w = torch.randn(m, problem.p, generator=g, dtype=torch.float64)
+        assert torch.allclose(streamed @ r, dense @ r, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(streamed.T @ w, dense.T @ w, rtol=1e-9, atol=1e-12)
+    k = int(b.ranking[0])
+    worst = answer_queries(problem, [Perturbation(torch.tensor([k]), b.direction[k][None])], streamed)[0]
+    assert float(worst.norm()) == pytest.approx(float(a.kappa[k]), rel=1e-8)
+
+
+def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
+    problem = fitted_problem(cross_entropy, n=10, k=3)
+    whole = gram_matrix(problem, True, 3)
+    seen = []
+
+    def stop_after_two(done, total):
+        seen.append(done)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gram_matrix(problem, True, 3, progress=stop_after_two, checkpoint=tmp_path / "gram.pt")
+    resumed = []
+    again = gram_matrix(problem, True, 3, progress=lambda done, total: resumed.append(done),
+                        checkpoint=tmp_path / "gram.pt")
+    assert seen == [3, 6] and resumed == [9, 10]  # the two saved panels were not recomputed
+    assert torch.equal(again, whole)
+
+
+def test_plan_holds_g_when_it_fits_streams_when_not_and_refuses_what_cannot_fit():
+    assert plan(100, 10, 1000, 8, memory=10**9).path == "dense"
+    streamed = plan(1000, 10, 853_018, 4, memory=12 * 10**9)
+    assert streamed.path == "streamed" and 16 <= streamed.panel < 1000 and streamed.bytes <= 12 * 10**9
+    with pytest.raises(ValueError, match="do not fit"):
+        plan(5000, 10, 853_018, 4, memory=12 * 10**9)
+    with pytest.raises(ValueError, match="path"):
+        plan(10, 2, 10, 8, path="sparse")
