@@ -42,10 +42,16 @@ T = δ‖w_f‖₂, spectral norm for a matrix):
   f(u) = δ|u − y| + ‖x̃‖|u − σ(s)| with u = σ(s + t).  f is convex in u and u ranges over
   [σ(s − T), σ(s + T)], so the sup is attained at an end: b_k = max(f(σ(s_k − T)), f(σ(s_k + T))) —
   exact for this triangle bound.
-* b_k, softmax: ∇ℓ = (p − e_y) x̃ᵀ with p = softmax(W x̃); the difference is (p' − e_y)Δᵀ + (p' − p)x̃ᵀ.
-  The softmax Jacobian diag(p) − ppᵀ has spectral norm ≤ ½ (Gershgorin: 2p_i(1 − p_i)) and probability
-  vectors are √2 apart at most, so with q = min(T/2, √2) ≥ ‖p' − p‖ (the logits move by ‖W_fΔ‖ ≤ T):
-  b_k = δ min(‖p_k − e_y‖ + q, √2) + ‖x̃_k‖ q.
+* b_k, softmax: ∇ℓ = (p − e_y) x̃ᵀ with p = softmax(W x̃); the difference is (p' − e_y)Δᵀ + (p' − p)x̃ᵀ,
+  of norm ≤ δ‖p' − e_y‖ + ‖x̃‖‖p' − p‖.  p depends on the logits only up to a common shift, so the move that
+  counts is u = P W_fΔ (P = I − 11ᵀ/C centres over the classes), ‖u‖ ≤ T := δ‖P W_f‖₂.  Each log p_i moves by
+  |u_i − Σ_j p_j u_j| ≤ max_j |u_i − u_j| ≤ √2‖u‖ ≤ a := √2 T along the segment, so p_i and 1 − p_i = Σ_{j≠i} p_j
+  stay within factors e^{±a}: p'_i ∈ [l_i, h_i] = [max(p_i e^{−a}, 1 − (1 − p_i)e^{a}), min(p_i e^{a},
+  1 − (1 − p_i)e^{−a})].  The softmax Jacobian diag(p) − ppᵀ is PSD, annihilates 1, and has λ_max ≤
+  2 max_i p_i(1 − p_i) ≤ ½ (Gershgorin), so ‖p' − p‖ ≤ q := min(L T, √2) with L = min(½, 2 max_i
+  sup_{[l_i, h_i]} t(1 − t)) (√2: two probability vectors are at most that far apart); and ‖p' − e_y‖ ≤
+  min(‖p − e_y‖ + q, √2(1 − l_y)) (‖p' − e_y‖² = (1 − p'_y)² + Σ_{j≠y} p'_j² ≤ 2(1 − p'_y)²):
+  b_k = δ·that + ‖x̃_k‖ q.
 
 **Certificate.**  A linear model's margin moves at most as far as its weights let it: binary
 (squared: the sign of wᵀx̃, the least-squares classifier with ±1 targets; logistic: the logit's sign)
@@ -265,7 +271,10 @@ def point_bounds(model: ConvexModel, delta, w: Tensor) -> Tensor:
     W = model.weights(w)
     xn = x.norm(dim=1)  # ‖x̃_k‖
     Wf = W[:, :model.d]
-    T = deltas * float(torch.linalg.matrix_norm(Wf, 2) if model.loss == "softmax" else Wf.norm())
+    if model.loss == "softmax":  # the centred logit map: a common shift of the logits leaves p unchanged
+        T = deltas * float(torch.linalg.matrix_norm(Wf - Wf.mean(0), 2))
+    else:
+        T = deltas * float(Wf.norm())
     z = x @ W.T
     y = model.targets
     if model.loss == "squared":
@@ -275,9 +284,16 @@ def point_bounds(model: ConvexModel, delta, w: Tensor) -> Tensor:
         f = lambda u: deltas * (u - y).abs() + xn * (u - torch.sigmoid(s)).abs()
         b = torch.maximum(f(torch.sigmoid(s - T)), f(torch.sigmoid(s + T)))
     else:
-        e = torch.softmax(z, 1) - torch.nn.functional.one_hot(y, model.classes).to(z)
-        q = torch.clamp(T / 2, max=_SQRT2)
-        b = deltas * torch.clamp(e.norm(dim=1) + q, max=_SQRT2) + xn * q
+        logp = torch.log_softmax(z, 1)  # (n, C)
+        e = logp.exp() - torch.nn.functional.one_hot(y, model.classes).to(z)
+        a = (_SQRT2 * T)[..., None]  # (m, 1, 1): the largest move of any log p_i
+        log1mp = torch.log1p(-logp.exp().clamp(max=1.0))  # log(1 − p_i)
+        hi = torch.minimum((logp + a).clamp(max=0.0).exp(), 1 - (log1mp - a).exp())  # (m, n, C): p'_i ≤ hi
+        lo = torch.maximum((logp - a).exp(), 1 - (log1mp + a).exp())  # p'_i ≥ lo
+        h = torch.where(hi < 0.5, hi * (1 - hi), torch.where(lo > 0.5, lo * (1 - lo), torch.full_like(lo, 0.25)))
+        q = torch.clamp(torch.clamp(2 * h.amax(2), max=0.5) * T, max=_SQRT2)  # ≥ ‖p' − p‖, (m, n)
+        ly = lo.gather(2, y[None, :, None].expand(len(lo), -1, 1))[..., 0]
+        b = deltas * torch.minimum(e.norm(dim=1) + q, _SQRT2 * (1 - ly)) + xn * q
     return b[0] if scalar else b
 
 
@@ -382,20 +398,21 @@ def convex_certificate(model: ConvexModel, x: Tensor, deltas, points: int, w: Te
     scale = model.design(x).norm(dim=1) * (_SQRT2 if model.outputs > 1 else 1.0)
     rho = _rho(model, deltas, points, w, g0)
     certified = m[None] > scale[None] * rho[:, None]
-    # radius: ρ is non-decreasing in δ (each b_k is a sup over a growing ball; μ shrinks), so bisect
-    need = m / scale  # certified iff ρ(δ) < need
-    lo = torch.zeros_like(need)
-    ok0 = _rho(model, lo, points, w, g0) < need
-    hi = torch.ones_like(need)
-    for _ in range(200):  # grow hi until ρ(hi) ≥ need
-        grow = ok0 & (_rho(model, hi, points, w, g0) < need)
+    # radius: ρ is non-decreasing in δ (each b_k is a sup over a growing ball; μ shrinks), so bisect on the
+    # test that certifies, margin > scale·ρ(δ)
+    good = lambda d: m > scale * _rho(model, d, points, w, g0)
+    lo = torch.zeros_like(m)
+    ok0 = good(lo)
+    hi = torch.ones_like(m)
+    for _ in range(200):  # grow hi until it fails
+        grow = ok0 & good(hi)
         if not grow.any():
             break
         hi = torch.where(grow, 2 * hi, hi)
     for _ in range(bisections):
         mid = (lo + hi) / 2
-        good = _rho(model, mid, points, w, g0) < need
-        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+        ok = good(mid)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     radius = torch.where(ok0, lo, torch.zeros_like(lo))
     return ConvexCertificate(deltas, points, c, m, scale, rho, certified, radius)
 
