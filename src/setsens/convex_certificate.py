@@ -80,7 +80,7 @@ LOSSES = ("squared", "logistic", "softmax")
 _SQRT2 = 2.0 ** 0.5
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConvexModel:
     """A convex training problem: ``features`` (n, d), ``targets`` (n,), ``loss`` in
     ``"squared"``, ``"logistic"`` (targets in [0, 1]) or ``"softmax"`` (class indices < ``classes``),
@@ -232,10 +232,10 @@ def minimiser(model: ConvexModel, tol: float = 1e-10, maxiter: int = 100) -> Ten
             return w
         step = torch.linalg.solve(hessian(model, w), g)
         t = 1.0
-        while True:  # Armijo backtracking: L convex, Newton direction a descent direction
+        while True:  # backtracking (Armijo, or a smaller gradient: near w̄ rounding hides the decrease of L)
             trial = w - t * step
             ft = objective(model, trial)
-            if ft <= f - 1e-4 * t * (g @ step) or t < 1e-12:
+            if ft <= f - 1e-4 * t * (g @ step) or gradient(model, trial).norm() < g.norm() or t < 1e-12:
                 break
             t *= 0.5
         w, f = trial, ft
