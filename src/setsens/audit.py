@@ -193,7 +193,7 @@ def _largest_move(factor: GramFactor, points: Tensor, A: Tensor) -> tuple[Tensor
     its top right singular vector."""
     lam, U = torch.linalg.eigh(factor.block(points))
     root = (U * lam.clamp(min=0).sqrt()) @ U.T
-    _, s, Vh = torch.linalg.svd(root @ A, full_matrices=False)
+    _, s, Vh = torch.linalg.svd(root @ A.to(root), full_matrices=False)
     return s[0], Vh[0]
 
 
