@@ -317,7 +317,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
             seed, out, as_json, **inputs):
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
-    from ..audit import Audit
+    from ..audit import Audit, GramFactor
+    from ..gram import plan as gram_plan
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -344,10 +345,15 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     for option, value in (("--top", top), ("--points", points)):
         if value > problem.n:
             raise click.BadParameter(f"{value} points asked for, but there are {problem.n}", param_hint=option)
-    rows = problem.n * problem.outputs(problem.params, problem.points([0])[0]).numel()
-    if rows * problem.p > 2e8:
-        raise click.UsageError(f"the scan factorises the {rows} × {problem.p} output Jacobian, too large here; "
-                               "use a subset of the training data")
+    k = problem.outputs(problem.params, problem.points([0])[0]).numel()
+    try:
+        plan = gram_plan(problem.n, k, problem.p, torch.finfo(problem.dtype).bits // 8)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    if check and plan.path != "dense":
+        raise click.UsageError(f"--check compares with the pseudo-inverse of G, {problem.n * k} × {problem.p}, which "
+                               "does not fit here (the streamed factor is exact: tests/core/test_gram.py); "
+                               "check on a subset of the training data")
     state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points, "n": problem.n,
                            "p": problem.p, "w": float(problem.params.double().norm())})
     retrain = _retrainer(problem)
@@ -355,14 +361,17 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     t0 = time.perf_counter()
     estimate(problem, gradient_perturbation(problem, [0], step / 100))
     t_one = time.perf_counter() - t0
-    log("scan: factorising G Gᵀ and every point's modulus…")
+    log(f"scan: factorising G Gᵀ ({plan.path}: " + ("G held" if plan.path == "dense" else
+        f"Jacobians in panels of {plan.panel} points, G never held") + f", about {plan.bytes / 1e9:.1f} GB) "
+        "and every point's modulus…")
     t0 = time.perf_counter()
-    audit = Audit(problem)
+    audit = Audit(problem, GramFactor(problem, progress=lambda done, n: log(f"  Gram matrix: {done}/{n} points")))
     factor, result = audit.factor, audit.scan()
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
                "one_estimate_seconds": t_one,
                "scan": {"seconds": t_scan, "seconds_over_one_estimate": t_scan / t_one, "factor_rank": factor.rank,
+                        "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes},
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
                                   "max": float(result.kappa.max())},
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
