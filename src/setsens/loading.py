@@ -207,6 +207,10 @@ def load_data(spec: str) -> Data:
             raise ValueError(f"{part} data: {x.shape[0]} inputs but {y.shape[0]} targets")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"{part} inputs contain NaN or Inf")
+    if data.y_test is not None and (data.y_test.shape[1:] != data.y.shape[1:]
+                                    or data.y_test.is_floating_point() != data.y.is_floating_point()):
+        raise ValueError(f"held-out targets are {data.y_test.dtype} of shape {tuple(data.y_test.shape[1:])} per point, "
+                         f"training targets {data.y.dtype} of shape {tuple(data.y.shape[1:])}: give both in one form")
     return data
 
 

@@ -11,6 +11,7 @@ import click
 import torch
 
 from ..loading import load_checkpoint, load_data, load_loss, load_model
+from ..problem import cross_entropy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -82,6 +83,10 @@ def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec,
         model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
     loss = load_loss(loss_spec)
     data = load_data(data_spec)
+    if loss is cross_entropy and data.y.is_floating_point() and data.y.ndim == 1:
+        raise click.BadParameter(f"the targets are real numbers ({data.y.dtype}) but the loss is cross_entropy "
+                                 "(integer class labels): pass --loss squared_error",
+                                 param_hint="--loss")
 
     def problem_at(params=None):
         return Problem(model, loss, (data.x, data.y), params, batch_size=batch_size, device=device,
