@@ -3,6 +3,7 @@ warnings and ``--debug`` at the command line's edge, and every bad option refuse
 
 import json
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -57,8 +58,10 @@ def _args(user, *extra):
 def test_default_options_on_a_model_file(user, tmp_path):
     """Once a KeyError ('max_relative_error_vs_individual'): the report read a --check figure that the default
     queries (100) do not measure.  The NotStationaryWarning reaches the user once, as one line."""
+    before = warnings.showwarning, list(warnings.filters)
     res = CliRunner().invoke(main, _args(user, "--out", tmp_path / "a"))
     assert res.exit_code == 0, res.output
+    assert (warnings.showwarning, list(warnings.filters)) == before  # the command line's edge only
     assert "100 queries in" in res.output and "individual solves" not in res.output
     warned = [line for line in res.stderr.splitlines() if "NotStationaryWarning" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: NotStationaryWarning: w̄ is not a stationary point")
@@ -80,6 +83,23 @@ def test_the_polish_reports_how_far_it_moved_the_model(user, tmp_path):
     warned = "warning: the polish moved w̄ by" in res.stderr
     assert warned == (polish["relative_move"] > 0.1), (polish, res.stderr)
     assert "of ‖w̄‖" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_analyze_reports_the_polish_too(user, tmp_path):
+    res = CliRunner().invoke(main, ["analyze", *_args(user)[1:], "--polish", "50", "--method", "gauss-newton",
+                                    "--members", "0", "--json", "--out", str(tmp_path / "an")])
+    assert res.exit_code == 0, res.output
+    polish = json.loads(res.stdout[res.stdout.index("{"):])["polish"]
+    assert {"relative_move", "weights_norm", "risk_before", "risk_after", "held_out"} <= set(polish)
+    assert "of ‖w̄‖" in (tmp_path / "an" / "report.md").read_text()
+
+
+def test_every_subcommand_takes_debug():
+    from setsens.experiments import NAMES
+
+    for name in NAMES:
+        res = CliRunner().invoke(main, [name, "--debug", "--help"])
+        assert res.exit_code == 0 and "--debug" in res.output, (name, res.output)
 
 
 def test_debug_is_accepted_after_the_subcommand(user, tmp_path):
