@@ -94,7 +94,7 @@ def _polish(problem, iterations: int, test, log):
     if record["relative_move"] > POLISH_MOVE_WARNING:
         log(f"warning: the polish moved w̄ by {record['relative_move']:.0%} of ‖w̄‖ (over "
             f"{POLISH_MOVE_WARNING:.0%}): the analysis is of a different model than the one trained; polish less, or "
-            "give the --weight-decay it was trained with")
+            "give the --weight-decay that matches the training (README: Which --weight-decay)")
     return fit.w, record
 
 
