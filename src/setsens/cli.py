@@ -6,6 +6,8 @@ and errors, which reach the user as one line (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from . import __version__
@@ -23,29 +25,59 @@ class _Group(click.Group):
     def get_command(self, ctx, name):
         from .experiments import command
 
-        return command(name)
+        cmd = command(name)
+        if cmd is not None and not any(p.name == "debug" for p in cmd.params):
+            cmd.params.append(_debug_option())  # also after the subcommand: ``setsens audit --debug``
+        return cmd
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except Exception as err:
-            if ctx.meta.get("setsens.debug"):
+        with warnings.catch_warnings():  # the caller's warning state comes back when the command ends
+            warnings.showwarning = _one_line_warnings()
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            from .experiments.options import first_line
+            except Exception as err:
+                if ctx.meta.get("setsens.debug"):
+                    raise
+                from .experiments.options import first_line
 
-            message = f"{type(err).__name__}: {first_line(err)} (--debug shows the traceback)"
-            raise click.ClickException(message) from None
+                message = f"{type(err).__name__}: {first_line(err)} (--debug shows the traceback)"
+                raise click.ClickException(message) from None
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        ctx.meta["setsens.debug"] = True  # ``meta`` is shared by the group's and the subcommand's contexts
+
+
+def _debug_option() -> click.Option:
+    return click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_debug,
+                        help="Show the full traceback of an error (also accepted before the subcommand).")
+
+
+def _one_line_warnings():
+    """``warnings.showwarning`` for a command: each warning class once, as one line on stderr (its first line,
+    without the source line that Python prints under it)."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category in seen:
+            return
+        seen.add(category)
+        from .experiments.options import first_line
+
+        click.echo(f"warning: {category.__name__}: {first_line(message)}", err=True)
+
+    return show
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="setsens")
-@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-@click.pass_context
-def main(ctx, debug):
+@click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
+              help="Show the full traceback of an error (also accepted after the subcommand).")
+def main():
     """Set-valued sensitivity analysis of neural networks."""
     import matplotlib
 
     matplotlib.use("Agg")
-    ctx.meta["setsens.debug"] = debug

@@ -2,8 +2,9 @@
 
 * model: ``FILE.py:FUNCTION`` or ``package.module:FUNCTION``, a factory returning an ``nn.Module``.
 * checkpoint: a state dict (``module.`` prefixes of DataParallel/DDP removed; a ``state_dict`` or
-  ``model`` entry of a training checkpoint used), or — only with ``trust=True``, since unpickling
-  runs code — a whole pickled module.
+  ``model`` entry of a training checkpoint used, and within it the entries of one sub-module when exactly those fit
+  the model: ``model.`` of a Lightning module, ``_orig_mod.`` of ``torch.compile``), or — only with
+  ``trust=True``, since unpickling runs code — a whole pickled module.
 * data: an ``.npz`` with arrays ``x``, ``y`` and optionally ``x_test``, ``y_test``; a folder in the
   ImageFolder layout (one sub-folder per class, read with Pillow; an optional ``test/`` beside
   ``train/``); or ``FILE.py:FUNCTION`` returning ``(x, y)``, ``(x, y, x_test, y_test)`` or a
@@ -114,8 +115,8 @@ def load_checkpoint(model: nn.Module | None, path: str | Path, trust: bool = Fal
         raise ValueError(f"checkpoint {str(path)!r} holds no state dict of tensors")
     if model is None:
         raise ValueError(f"checkpoint {str(path)!r} is a state dict: give --model to build the network")
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
     own = model.state_dict()
+    state = _submodule_entries({k.removeprefix("module."): v for k, v in obj.items()}, own)
     for key in set(own) - set(state):  # batch-norm step counters, absent from checkpoints of older torch:
         if key.endswith("num_batches_tracked"):  # unused in evaluation, so they keep the model's value
             state[key] = own[key]
@@ -125,9 +126,32 @@ def load_checkpoint(model: nn.Module | None, path: str | Path, trust: bool = Fal
     if missing or unexpected or wrong:
         parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
                  f"shape mismatch at {wrong[:3]}" if wrong else ""]
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(p for p in parts if p))
+        prefixed = next((k[: -len(o)] for k in unexpected for o in missing if k.endswith("." + o)), None)
+        hint = (f"; its keys are the model's under {prefixed!r}: save that sub-module's state_dict(), or build the "
+                "model that holds it" if prefixed else "")
+        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(p for p in parts if p)
+                         + hint)
     model.load_state_dict(state)
     return model
+
+
+def _fits(state: dict, own: dict) -> bool:
+    needed = {k for k in own if not k.endswith("num_batches_tracked")}
+    return needed <= set(state) <= set(own)
+
+
+def _submodule_entries(state: dict, own: dict, depth: int = 3) -> dict:
+    """``state`` itself if it fits the model's keys ``own``; else the entries under one prefix (``model.`` of a
+    Lightning module, ``_orig_mod.`` of ``torch.compile``, nested up to ``depth`` levels) with the prefix removed,
+    when exactly those fit; else ``state`` unchanged (the caller names what is missing)."""
+    if _fits(state, own) or depth == 0:
+        return state
+    for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
+        inner = {k[len(head) + 1:]: v for k, v in state.items() if k.startswith(head + ".")}
+        found = _submodule_entries(inner, own, depth - 1)
+        if _fits(found, own):
+            return found
+    return state
 
 
 def _tensor(a) -> Tensor:
@@ -207,6 +231,10 @@ def load_data(spec: str) -> Data:
             raise ValueError(f"{part} data: {x.shape[0]} inputs but {y.shape[0]} targets")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"{part} inputs contain NaN or Inf")
+    if data.y_test is not None and (data.y_test.shape[1:] != data.y.shape[1:]
+                                    or data.y_test.is_floating_point() != data.y.is_floating_point()):
+        raise ValueError(f"held-out targets are {data.y_test.dtype} of shape {tuple(data.y_test.shape[1:])} per point, "
+                         f"training targets {data.y.dtype} of shape {tuple(data.y.shape[1:])}: give both in one form")
     return data
 
 

@@ -63,10 +63,21 @@ def center_classes(u: Tensor, dim: int = -1) -> Tensor:
     return u - u.mean(dim=dim, keepdim=True)
 
 
+def _without_ones(shape) -> list[int]:
+    return [d for d in shape[1:] if d != 1]
+
+
 def regression_targets(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Targets as real values in ``outputs``' dtype; integer class labels become one-hot rows."""
+    """Targets as real values in ``outputs``' dtype and shape; integer class labels become one-hot rows, a target
+    shape that differs from the outputs' only by dimensions of size 1 (``(n,)`` against ``(n, 1)``) is reshaped, and
+    any other mismatch is refused: it would broadcast every point's output against every point's target."""
     if targets.dtype in (torch.int64, torch.int32) and outputs.ndim == 2:  # one-hot out of place: vmaps
         targets = targets.long()[:, None] == torch.arange(outputs.shape[1], device=outputs.device)
+    if targets.shape != outputs.shape:
+        if targets.shape[:1] != outputs.shape[:1] or _without_ones(targets.shape) != _without_ones(outputs.shape):
+            raise ValueError(f"targets of shape {tuple(targets.shape[1:])} per point do not match outputs of shape "
+                             f"{tuple(outputs.shape[1:])}: pass one target of the outputs' shape per point")
+        targets = targets.reshape(outputs.shape)
     return targets.to(outputs.dtype)
 
 
@@ -312,6 +323,7 @@ class Problem:
             _check_batch(batch)
             _check_finite(*batch, " (in the DataLoader's first batch)")
         self.input_shape = tuple(self._first_batch()[0].shape[1:])
+        self.column_targets = False  # set by the check below: real targets (n,) of a one-output model read as (n, 1)
         self._check_model_accepts_data()  # one forward on the first batch, before any pass over the data
         if self.loader is not None:
             self.n = sum(int(x.shape[0]) for x, _ in self.loader)
@@ -388,6 +400,8 @@ class Problem:
         y = y.to(self.device)
         if y.is_floating_point():
             y = y.to(self.dtype)
+        if self.column_targets:
+            y = y.reshape(-1, 1)
         return x, y
 
     def _raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -466,7 +480,10 @@ class Problem:
 
     def _check_model_accepts_data(self):
         """The model on two points of the first batch returns a tensor, the targets' class labels (all of them for
-        tensor data, the first batch's for a loader) lie within its output width, the loss gives one value each."""
+        tensor data, the first batch's for a loader) lie within its output width, the loss gives one value each, and
+        each point's loss is its own: targets that broadcast against the outputs would mix the points.  Real targets
+        of shape (n,) that mix the points of a one-output model are read as (n, 1) when that cures it
+        (:attr:`column_targets`); anything else that mixes them is refused."""
         x, labels = self._cast(*self._first_batch())
         x, y = x[:2], labels[:2]
         try:
@@ -477,7 +494,15 @@ class Problem:
                 raise TypeError(f"the model returned a {kind}: pass a model whose forward returns the output tensor, "
                                 "or wrap it")
             self._check_labels(labels if self.targets is None else self.targets, out)
-            losses = self.loss(out, y)
+            if y.is_floating_point() and self.loss is cross_entropy and y.ndim == out.ndim - 1:
+                raise ValueError(f"the targets are real numbers ({y.dtype}) but cross_entropy takes integer class "
+                                 "labels: for regression targets use the loss squared_error")
+            with torch.no_grad():
+                losses, mixed = self._point_losses(out, y)
+                if mixed and y.is_floating_point() and y.ndim == 1 and out.shape[1:] == (1,):
+                    column = self._point_losses(out, y[:, None])
+                    if column[0].shape == losses.shape and not column[1]:
+                        self.column_targets, y, (losses, mixed) = True, y[:, None], column
         except RuntimeError as err:
             raise ValueError(
                 f"the model cannot be applied to inputs of shape {tuple(x.shape[1:])} "
@@ -487,6 +512,18 @@ class Problem:
             raise ValueError(
                 f"the loss must return one value per sample, shape ({x.shape[0]},), got {tuple(losses.shape)}"
             )
+        if mixed:
+            raise ValueError(f"a point's loss depends on the other points of its batch: targets of shape "
+                             f"{tuple(y.shape[1:])} per point broadcast against outputs of shape "
+                             f"{tuple(out.shape[1:])}; pass one target of the outputs' shape per point")
+
+    def _point_losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, bool]:
+        """The loss of each point of a batch, and whether it differs from the point's loss alone."""
+        losses = self.loss(out, y)
+        if losses.shape != (out.shape[0],):
+            return losses, False
+        alone = torch.cat([self.loss(out[i : i + 1], y[i : i + 1]).reshape(-1) for i in range(out.shape[0])])
+        return losses, not torch.allclose(alone, losses, rtol=1e-4, atol=1e-6 * float(losses.abs().max()))
 
     def _check_labels(self, targets: Tensor, out: Tensor) -> None:
         """Integer targets shaped as class labels of ``out`` (one fewer dimension) lie in ``[0, K)``, K = ``out``'s

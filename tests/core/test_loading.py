@@ -72,3 +72,40 @@ def test_data_function_returning_a_dataset(tmp_path):
         "def train():\n    return TensorDataset(torch.arange(12.).reshape(4, 3), torch.tensor([0, 1, 1, 0]))\n")
     data = load_data(f"{tmp_path / 'ds.py'}:train")
     assert data.x.shape == (4, 3) and data.y.tolist() == [0, 1, 1, 0] and data.test is None
+
+
+@pytest.mark.parametrize("layout", ["lightning", "lightning+ddp", "compiled", "lightning, loss buffers beside"])
+def test_checkpoints_of_common_trainers_load(tmp_path, layout):
+    """Lightning keeps ``{"state_dict": {"model.0.weight": …}, "epoch": …}``, DataParallel adds ``module.``,
+    torch.compile ``_orig_mod.``; a LightningModule may hold more than the network (a loss with a buffer)."""
+    (tmp_path / "m.py").write_text("from torch import nn\ndef net():\n    return nn.Sequential(nn.Linear(3, 4), "
+                                   "nn.BatchNorm1d(4), nn.Linear(4, 2))\n")
+    source = load_model(f"{tmp_path / 'm.py'}:net")
+    with torch.no_grad():
+        source[1].running_mean.add_(1.5)
+    prefix = {"lightning": "model.", "lightning+ddp": "module.model.", "compiled": "_orig_mod.",
+              "lightning, loss buffers beside": "model."}[layout]
+    state = {prefix + k: v for k, v in source.state_dict().items()}
+    if layout.endswith("beside"):
+        state["criterion.weight"] = torch.ones(2)
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0"},
+               tmp_path / "trainer.ckpt")
+    model = load_checkpoint(load_model(f"{tmp_path / 'm.py'}:net"), tmp_path / "trainer.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_a_prefix_that_fits_nothing_is_named_in_one_line(tmp_path):
+    (tmp_path / "m.py").write_text("from torch import nn\ndef net():\n    return nn.Linear(3, 2)\n")
+    source = nn.Linear(3, 2)
+    state = {f"model.{k}": v for k, v in source.state_dict().items()} | {"model.extra": torch.zeros(1)}
+    torch.save({"state_dict": state}, tmp_path / "odd.ckpt")
+    with pytest.raises(ValueError, match=r"under 'model\.': save that sub-module's state_dict\(\)") as err:
+        load_checkpoint(load_model(f"{tmp_path / 'm.py'}:net"), tmp_path / "odd.ckpt")
+    assert "\n" not in str(err.value)
+
+
+def test_held_out_targets_in_another_form_than_the_training_targets(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3), np.float32), y=np.zeros(4, np.float32),
+             x_test=np.zeros((2, 3), np.float32), y_test=np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"held-out targets are torch.float32 of shape \(2,\) per point, training"):
+        load_data(str(tmp_path / "d.npz"))

@@ -102,3 +102,52 @@ def test_attention_models_get_forward_mode_derivatives():
         f = lambda t: single.outputs(single.params, x[:2].float() + t * dx)
         assert torch.allclose(r, (f(1e-3) - f(-1e-3)) / 2e-3, rtol=1e-2, atol=1e-4)
     assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting is back
+
+
+def _regression(n=12):
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return model, x, torch.sin(x.sum(1))
+
+
+def _my_mse(out, t):  # a user's own squared error, written for targets of the outputs' shape
+    return 0.5 * ((out - t) ** 2).sum(dim=1)
+
+
+@pytest.mark.parametrize("loss", [squared_error, _my_mse])
+def test_a_one_dimensional_regression_target_is_the_column_it_stands_for(loss):
+    """Targets (n,) against outputs (n, 1) once broadcast to n × n inside the loss (each point's error summed over
+    every target): now every path — risk, estimate, Levenberg–Marquardt, a DataLoader — matches (n, 1) targets."""
+    from setsens import estimate, gradient_perturbation
+    from setsens.retrain import levenberg_marquardt
+
+    model, x, y = _regression()
+    flat, column = Problem(model, loss, (x, y), batch_size=5), Problem(model, loss, (x, y[:, None]), batch_size=5)
+    loader = Problem(model, loss, DataLoader(TensorDataset(x, y), batch_size=5))
+    with torch.no_grad():
+        expected = 0.5 * float(((model(x)[:, 0] - y) ** 2).mean())
+    for p in (flat, column, loader):
+        assert p.risk() == pytest.approx(expected, rel=1e-12)
+    pert = gradient_perturbation(column, [1, 4], 0.01)
+    shifts = [estimate(p, pert, "gauss-newton").shift for p in (flat, column, loader)]
+    assert all(float((s - shifts[1]).norm()) <= 1e-10 * float(shifts[1].norm()) for s in shifts)
+    assert torch.allclose(estimate(flat, pert, "hessian").shift, estimate(column, pert, "hessian").shift,
+                          rtol=0, atol=1e-10 * float(shifts[1].norm()))
+    if loss is squared_error:
+        fits = [levenberg_marquardt(p, None, pert, max_iter=5).w for p in (flat, column)]
+        assert float((fits[0] - fits[1]).norm()) <= 1e-10 * float(fits[1].norm())
+
+
+@pytest.mark.parametrize("targets, loss, message", [
+    (lambda y: torch.stack([y, y], 1), squared_error, r"targets of shape \(2,\) per point do not match outputs"),
+    (lambda y: y[:, None, None].expand(-1, 1, 3), squared_error, r"\(1, 3\) per point do not match"),
+    (lambda y: y, lambda out, t: 0.5 * ((out - t[:, None, None]) ** 2).sum(dim=(1, 2)), "depends on the other points"),
+    (lambda y: y, cross_entropy, "use the loss squared_error"),
+])
+def test_targets_that_do_not_match_the_outputs_are_refused_in_one_line(targets, loss, message):
+    model, x, y = _regression()
+    with pytest.raises(ValueError, match=message) as err:
+        Problem(model, loss, (x, targets(y)))
+    assert "\n" not in str(err.value)

@@ -14,7 +14,7 @@ import click
 import torch
 
 from .options import number_list
-from .user_model import load_problem, model_options
+from .user_model import load_problem, model_options, polish_summary
 
 SELECT_RULES = ("top-loss", "low-loss", "random")
 
@@ -125,11 +125,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
              "| check | status | value | what to do |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['value']:.3g} | {c['advice']} |" for c in v["checks"]]
     if summary.get("polish"):
-        pol = summary["polish"]
-        lines += ["", f"w̄ was first polished: {pol['iterations']} L-BFGS iterations, ‖∇L‖ "
-                  f"{pol['grad_norm_before']:.3g} → {pol['grad_norm_after']:.3g}, risk {pol['risk_before']:.4g} → "
-                  f"{pol['risk_after']:.4g}, weights moved "
-                  f"{pol['weights_moved']:.3g}; everything below is about the polished weights."]
+        lines += ["", f"w̄ was first polished: {polish_summary(summary['polish'])}; everything below is about the "
+                  "polished weights."]
     lines += ["", f"Method: **{summary['method']}** ({summary['method_reason']}).", ""]
     if "estimate" in summary:
         e, va = summary["estimate"], summary["validity"]

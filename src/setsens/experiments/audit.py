@@ -20,7 +20,7 @@ import time
 import click
 import torch
 
-from .user_model import load_problem, model_options
+from .user_model import load_problem, model_options, polish_summary
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -310,7 +310,7 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
               help="Certificate budgets δ per point, in % of the point's norm (comma-separated).")
 @click.option("--certify-checks", default=10, show_default=True, type=click.IntRange(0),
               help="Certified (and as many uncertified) held-out points attacked at each δ.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--out", default="setsens-audit", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def command(n_queries, top, step, check, targets, budget_text, points, stages, certify, delta_text, certify_checks,
@@ -318,42 +318,30 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
-    from ..gram import plan as gram_plan
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import estimate
-    from .options import number_list
     from .state import RunState
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
-    budgets = tuple(b / 100 for b in number_list(budget_text, "--budget", minimum=0, open_min=True))
-    deltas = tuple(d / 100 for d in number_list(delta_text, "--delta", minimum=0))
-    if max(budgets) > 1:
-        raise click.BadParameter("a budget above 100 % of the point's norm", param_hint="--budget")
-    if inputs["weight_decay"]:
-        raise click.BadParameter("the audit uses the Gauss–Newton form, which has no weight-decay term",
-                                 param_hint="--weight-decay")
-    out = prepare_out_dir(out)
+    budgets, deltas = _check_options(inputs, targets, certify, budget_text, delta_text)
+    polished = None
     if inputs["model_spec"] is None and inputs["checkpoint"] is None:
+        from .demo import DemoConfig
+
+        _check_counts(DemoConfig().n, top, points if targets or certify else None)
+        out = prepare_out_dir(out)
         problem, x_eval = _demo_problem(out, log)
     else:
-        if inputs["data_spec"] is None:
-            raise click.UsageError("give --data with --model")
-        problem, data, _ = load_problem(log=log, **inputs)
-        x_eval = data.x_test if data.x_test is not None else data.x
-    for option, value in (("--top", top), ("--points", points)):
-        if value > problem.n:
-            raise click.BadParameter(f"{value} points asked for, but there are {problem.n}", param_hint=option)
-    k = problem.outputs(problem.params, problem.points([0])[0]).numel()
-    try:
-        plan = gram_plan(problem.n, k, problem.p, torch.finfo(problem.dtype).bits // 8)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    if check and plan.path != "dense":
-        raise click.UsageError(f"--check compares with the pseudo-inverse of G, {problem.n * k} × {problem.p}, which "
-                               "does not fit here (the streamed factor is exact: tests/core/test_gram.py); "
-                               "check on a subset of the training data")
+        def before_work(problem, data):
+            _check_counts(problem.n, top, points if targets or certify else None)
+            _check_problem(problem, held_out(data), targets, certify, check)
+            prepare_out_dir(out)
+
+        held_out = lambda data: data.x_test if data.x_test is not None else data.x  # noqa: E731
+        problem, data, polished = load_problem(log=log, check=before_work, **inputs)
+        x_eval, out = held_out(data), prepare_out_dir(out)
     state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points, "n": problem.n,
                            "p": problem.p, "w": float(problem.params.double().norm())})
     retrain = _retrainer(problem)
@@ -361,6 +349,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     t0 = time.perf_counter()
     estimate(problem, gradient_perturbation(problem, [0], step / 100))
     t_one = time.perf_counter() - t0
+    plan = _gram_plan(problem, check)
     log(f"scan: factorising G Gᵀ ({plan.path}: " + ("G held" if plan.path == "dense" else
         f"Jacobians in panels of {plan.panel} points, G never held") + f", about {plan.bytes / 1e9:.1f} GB) "
         "and every point's modulus…")
@@ -369,7 +358,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     factor, result = audit.factor, audit.scan()
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
-               "one_estimate_seconds": t_one,
+               "polish": polished, "one_estimate_seconds": t_one,
                "scan": {"seconds": t_scan, "seconds_over_one_estimate": t_scan / t_one, "factor_rank": factor.rank,
                         "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes},
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
@@ -396,14 +385,90 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     figures = _figures(problem, result, summary, out, top)
     write_json(out / "results.json", summary)
     lines = ["# setsens audit", "", f"{summary['model']}: p = {problem.p}, n = {problem.n}.", ""]
+    if polished:
+        lines += [f"w̄ was first polished: {polish_summary(polished)}; everything below is about the polished weights.",
+                  ""]
+    body = len(lines)
     lines += _report_lines(summary, top, check, n_queries)
     lines += [""] + [f"![{f}]({f})" for f in figures]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     if as_json:
         click.echo(json.dumps(to_jsonable(summary), indent=2))
     else:
-        click.echo("\n".join(lines[4:-len(figures) - 1]))
+        click.echo("\n".join(lines[body:-len(figures) - 1]))
         click.echo(f"report written to {out / 'report.md'}")
+
+
+def _given(*names: str) -> list[str]:
+    """The flags of those parameters of the running command that the user set (not left at their default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+
+
+def _check_options(inputs: dict, targets: int, certify: bool, budget_text: str, delta_text: str) -> tuple:
+    """Every option that can be checked before anything is loaded: the budgets and δ (as fractions), the options of
+    a user's model only with ``--model``, those of the attack and of the certificate only with them."""
+    from .options import number_list
+
+    budgets = tuple(b / 100 for b in number_list(budget_text, "--budget", minimum=0, open_min=True))
+    deltas = tuple(d / 100 for d in number_list(delta_text, "--delta", minimum=0))
+    for hint, values in (("--budget", budgets), ("--delta", deltas)):
+        if max(values) > 1:
+            raise click.BadParameter("a budget above 100 % of the point's norm", param_hint=hint)
+    if inputs["weight_decay"]:
+        raise click.BadParameter("the audit uses the Gauss–Newton form, which has no weight-decay term",
+                                 param_hint="--weight-decay")
+    if inputs["model_spec"] is None and inputs["checkpoint"] is None:
+        for flag in _given(*inputs)[:1]:
+            raise click.BadParameter("describes your model: give --model too (without it the audit runs on the "
+                                     "digits demo network)", param_hint=flag)
+    elif inputs["data_spec"] is None:
+        raise click.UsageError("give --data with --model")
+    for names, needs, what in ((("budget_text",), targets, "--attack"),
+                               (("delta_text", "certify_checks"), certify, "--certify"),
+                               (("points", "stages"), targets or certify, "--attack or --certify")):
+        for flag in [] if needs else _given(*names)[:1]:
+            raise click.BadParameter(f"applies with {what} only", param_hint=flag)
+    return budgets, deltas
+
+
+def _check_counts(n: int, top: int, points: int | None) -> None:
+    for option, value in (("--top", top), ("--points", points)):
+        if value is not None and value > n:
+            raise click.BadParameter(f"{value} points asked for, but there are {n}", param_hint=option)
+
+
+def _check_problem(problem, x_eval, targets: int, certify: bool, check: bool) -> None:
+    """What the loaded model must allow: margins (a classifier) for the attack and the certificate, as many
+    held-out targets as asked for, and an output Jacobian that fits in memory."""
+    out = problem.outputs(problem.params, problem.points([0])[0])
+    if (targets or certify) and (out.ndim != 2 or out.shape[1] < 2):
+        raise click.BadParameter(f"needs a classifier (margins between ≥ 2 outputs); the model's outputs have shape "
+                                 f"{tuple(out.shape[1:])}", param_hint="--attack" if targets else "--certify")
+    if targets > len(x_eval):
+        raise click.BadParameter(f"{targets} held-out targets asked for, but there are {len(x_eval)} held-out points",
+                                 param_hint="--attack")
+    _gram_plan(problem, check)
+
+
+def _gram_plan(problem, check: bool):
+    """How the scan will factorise GGᵀ (:func:`setsens.gram.plan`); refused when it cannot fit, and with
+    ``--check`` when G cannot be held for the SVD reference."""
+    from ..gram import plan
+
+    k = problem.outputs(problem.params, problem.points([0])[0]).numel()
+    try:
+        chosen = plan(problem.n, k, problem.p, torch.finfo(problem.dtype).bits // 8)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    if check and chosen.path != "dense":
+        raise click.UsageError(f"--check compares with the pseudo-inverse of G, {problem.n * k} × {problem.p}, which "
+                               "does not fit here (the streamed factor is exact: tests/core/test_gram.py); "
+                               "check on a subset of the training data")
+    return chosen
 
 
 def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[str]:
@@ -420,9 +485,10 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
                      f"their worst directions, {s['top_vs_random_direction_ratio']:.1f}× more than along random ones")
     if n_queries:
         q = summary["queries"]
-        error = f"; largest relative error against individual solves {q['max_relative_error_vs_individual']:.1e}"
+        error = q.get("max_relative_error_vs_individual")  # measured with --check only
         lines.append(f"- {n_queries} queries in {q['seconds']:.2f} s = {q[f'time_{n_queries}_over_1']:.2f}× one "
-                     f"estimate" + (error if check else ""))
+                     f"estimate" + ("" if error is None else
+                                    f"; largest relative error against individual solves {error:.1e}"))
     if "attack" in summary:
         a = summary["attack"]
         lines.append(f"- attack ({a['points']} points, {a['stages']} stages, judged by retraining) on {a['targets']} "

@@ -11,6 +11,7 @@ import click
 import torch
 
 from ..loading import load_checkpoint, load_data, load_loss, load_model
+from ..problem import cross_entropy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -53,22 +54,68 @@ def _check_labels(problem, data) -> None:
                                      "outputs", param_hint="--data")
 
 
-def _polish(problem, iterations: int, log):
-    """w̄ fine-tuned by L-BFGS on the training risk, and what it took (the analysis is then of it)."""
+#: a polish that moves w̄ by more than this fraction of ‖w̄‖ is reported as a warning line
+POLISH_MOVE_WARNING = 0.1
+
+
+def _held_out(problem, test, weights: dict) -> dict:
+    """Mean loss on the held-out ``test = (x, y)`` at each of ``weights`` (and accuracy when ``y`` are class labels
+    of a classifier): ``{"loss_<name>": …, "accuracy_<name>": …}``."""
+    from ..analysis import outputs_on
+    from ..problem import Problem
+
+    held = Problem(problem.model, problem.loss, test, problem.params, batch_size=problem.batch_size or 256,
+                   device=problem.device, dtype=problem.dtype)
+    record = {}
+    for name, w in weights.items():
+        record[f"loss_{name}"] = held.risk(w)
+        out = outputs_on(problem, w, test[0])
+        if out.ndim == 2 and out.shape[1] > 1 and not test[1].is_floating_point():
+            record[f"accuracy_{name}"] = float((out.argmax(1).cpu() == test[1]).double().mean())
+    return record
+
+
+def _polish(problem, iterations: int, test, log):
+    """w̄ fine-tuned by L-BFGS on the training risk, and what it took and changed: the move against ‖w̄‖, the
+    training risk, and the held-out loss and accuracy (``test``, or None).  The analysis is then of the polished
+    weights, so a large move (over :data:`POLISH_MOVE_WARNING` of ‖w̄‖) is a warning line."""
     from ..retrain import retrain
 
     before = float(problem.gradient().norm())
     log(f"polish: L-BFGS, at most {iterations} iterations from ‖∇L‖ = {before:.3g}…")
     fit = retrain(problem, gtol=0.0, max_iter=iterations)
+    norm = float(problem.params.norm())
     record = {"iterations": fit.iterations, "grad_norm_before": before, "grad_norm_after": fit.grad_norm,
-              "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance}
-    log(f"polish: ‖∇L‖ {before:.3g} → {fit.grad_norm:.3g}, w̄ moved {fit.distance:.3g}")
+              "risk_before": problem.risk(), "risk_after": fit.risk, "weights_moved": fit.distance,
+              "weights_norm": norm, "relative_move": fit.distance / max(norm, 1e-30)}
+    if test is not None:
+        record["held_out"] = _held_out(problem, test, {"before": problem.params, "after": fit.w})
+    log("polish: " + polish_summary(record))
+    if record["relative_move"] > POLISH_MOVE_WARNING:
+        log(f"warning: the polish moved w̄ by {record['relative_move']:.0%} of ‖w̄‖ (over "
+            f"{POLISH_MOVE_WARNING:.0%}): the analysis is of a different model than the one trained; polish less, or "
+            "give the --weight-decay that matches the training (README: Which --weight-decay)")
     return fit.w, record
 
 
+def polish_summary(record: dict) -> str:
+    """One line: what the polish did to w̄ (for the log and the reports of ``analyze`` and ``audit``)."""
+    line = (f"{record['iterations']} L-BFGS iterations, ‖∇L‖ {record['grad_norm_before']:.3g} → "
+            f"{record['grad_norm_after']:.3g}; w̄ moved {record['weights_moved']:.3g} = "
+            f"{record['relative_move']:.2%} of ‖w̄‖ = {record['weights_norm']:.3g}; training risk "
+            f"{record['risk_before']:.4g} → {record['risk_after']:.4g}")
+    held = record.get("held_out")
+    if held:
+        line += f"; held-out loss {held['loss_before']:.4g} → {held['loss_after']:.4g}"
+        if "accuracy_before" in held:
+            line += f", accuracy {held['accuracy_before']:.4f} → {held['accuracy_after']:.4f}"
+    return line
+
+
 def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec, weight_decay, polish, device,
-                 dtype, batch_size, log=click.echo):
-    """The checked problem, the data (with any held-out part) and the polish record (or None)."""
+                 dtype, batch_size, log=click.echo, check=None):
+    """The checked problem, the data (with any held-out part) and the polish record (or None); ``check(problem,
+    data)``, the caller's own checks, runs before the polish (the first work)."""
     from ..problem import Problem
 
     if model_spec is None and checkpoint is None:
@@ -82,6 +129,10 @@ def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec,
         model = load_checkpoint(model, checkpoint, trust=trust_checkpoint)
     loss = load_loss(loss_spec)
     data = load_data(data_spec)
+    if loss is cross_entropy and data.y.is_floating_point() and data.y.ndim == 1:
+        raise click.BadParameter(f"the targets are real numbers ({data.y.dtype}) but the loss is cross_entropy "
+                                 "(integer class labels): pass --loss squared_error",
+                                 param_hint="--loss")
 
     def problem_at(params=None):
         return Problem(model, loss, (data.x, data.y), params, batch_size=batch_size, device=device,
@@ -89,8 +140,10 @@ def load_problem(model_spec, checkpoint, trust_checkpoint, data_spec, loss_spec,
 
     problem = problem_at()
     _check_labels(problem, data)
+    if check is not None:
+        check(problem, data)
     polished = None
     if polish:
-        w, polished = _polish(problem, polish, log)
+        w, polished = _polish(problem, polish, data.test, log)
         problem = problem_at(w)
     return problem, data, polished

@@ -1,0 +1,170 @@
+"""`setsens audit` on a user's model file (not the demo network): default options end to end, the polish report,
+warnings and ``--debug`` at the command line's edge, and every bad option refused in one line before any work."""
+
+import json
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import rejected
+from click.testing import CliRunner
+
+from setsens.cli import main
+
+MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
+
+    def regression():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 1))
+""")
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A LayerNorm/GELU classifier trained by AdamW (float32, not stationary), its data as an .npz (24 training and
+    12 held-out points), and a regression model with real targets."""
+    root = tmp_path_factory.mktemp("audit_user")
+    (root / "net.py").write_text(MODEL)
+    namespace = {}
+    exec(MODEL, namespace)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(36, 5, generator=g)
+    y = (x[:, :3] + 0.3 * torch.randn(36, 3, generator=g)).argmax(1)
+    net = namespace["model"]()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[:24]), y[:24]).backward()
+        opt.step()
+    torch.save(net.state_dict(), root / "net.pt")
+    np.savez(root / "data.npz", x=x[:24].numpy(), y=y[:24].numpy(), x_test=x[24:].numpy(), y_test=y[24:].numpy())
+    np.savez(root / "real.npz", x=x[:24].numpy(), y=x[:24, 0].numpy(), x_test=x[24:].numpy(), y_test=x[24:, 0].numpy())
+    return root
+
+
+def _args(user, *extra):
+    return ["audit", "--model", str(user / "net.py:model"), "--checkpoint", str(user / "net.pt"), "--data",
+            str(user / "data.npz"), *map(str, extra)]
+
+
+def test_default_options_on_a_model_file(user, tmp_path):
+    """Once a KeyError ('max_relative_error_vs_individual'): the report read a --check figure that the default
+    queries (100) do not measure.  The NotStationaryWarning reaches the user once, as one line."""
+    before = warnings.showwarning, list(warnings.filters)
+    res = CliRunner().invoke(main, _args(user, "--out", tmp_path / "a"))
+    assert res.exit_code == 0, res.output
+    assert (warnings.showwarning, list(warnings.filters)) == before  # the command line's edge only
+    assert "100 queries in" in res.output and "individual solves" not in res.output
+    warned = [line for line in res.stderr.splitlines() if "NotStationaryWarning" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: NotStationaryWarning: w̄ is not a stationary point")
+    assert "stationarity = problem" not in res.stderr  # no source line
+    summary = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert summary["queries"]["count"] == 100 and "max_relative_error_vs_individual" not in summary["queries"]
+    assert summary["polish"] is None and len(summary["scan"]["ranking"]) == 20
+
+
+def test_the_polish_reports_how_far_it_moved_the_model(user, tmp_path):
+    res = CliRunner().invoke(main, _args(user, "--polish", "200", "--queries", "0", "--json", "--out", tmp_path / "p"))
+    assert res.exit_code == 0, res.output
+    polish = json.loads(res.stdout)["polish"]
+    assert polish["relative_move"] == pytest.approx(polish["weights_moved"] / polish["weights_norm"])
+    assert polish["risk_after"] < polish["risk_before"] and polish["grad_norm_after"] < polish["grad_norm_before"]
+    held = polish["held_out"]
+    assert set(held) == {"loss_before", "loss_after", "accuracy_before", "accuracy_after"}
+    assert 0 <= held["accuracy_after"] <= 1
+    warned = "warning: the polish moved w̄ by" in res.stderr
+    assert warned == (polish["relative_move"] > 0.1), (polish, res.stderr)
+    assert "of ‖w̄‖" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_analyze_reports_the_polish_too(user, tmp_path):
+    res = CliRunner().invoke(main, ["analyze", *_args(user)[1:], "--polish", "50", "--method", "gauss-newton",
+                                    "--members", "0", "--json", "--out", str(tmp_path / "an")])
+    assert res.exit_code == 0, res.output
+    polish = json.loads(res.stdout[res.stdout.index("{"):])["polish"]
+    assert {"relative_move", "weights_norm", "risk_before", "risk_after", "held_out"} <= set(polish)
+    assert "of ‖w̄‖" in (tmp_path / "an" / "report.md").read_text()
+
+
+def test_every_subcommand_takes_debug():
+    from setsens.experiments import NAMES
+
+    for name in NAMES:
+        res = CliRunner().invoke(main, [name, "--debug", "--help"])
+        assert res.exit_code == 0 and "--debug" in res.output, (name, res.output)
+
+
+def test_debug_is_accepted_after_the_subcommand(user, tmp_path):
+    bad = ["--points", "99", "--attack", "1", "--out", tmp_path / "d"]
+    one_line = CliRunner().invoke(main, _args(user, *bad))
+    assert one_line.exit_code == 2 and "there are 24" in one_line.output
+    missing = tmp_path / "missing" / "out"
+    for args in (["--debug", "toy", "--out", missing], ["toy", "--out", missing, "--debug"]):
+        res = CliRunner().invoke(main, list(map(str, args)))
+        assert isinstance(res.exception, FileNotFoundError), (args, res.output)
+
+
+def _bad(user):
+    m, c, d, real = str(user / "net.py:model"), str(user / "net.pt"), str(user / "data.npz"), str(user / "real.npz")
+    model = ["--model", m, "--checkpoint", c, "--data", d]
+    return [
+        (["--queries", "-1"], "--queries"),
+        (["--top", "0"], "--top"),
+        (["--step", "0"], "--step"),
+        (["--step", "101"], "--step"),
+        (["--attack", "-1"], "--attack"),
+        (["--attack", "1", "--budget", "0"], "--budget"),
+        (["--attack", "1", "--budget", "150"], "--budget"),
+        (["--attack", "1", "--budget", "x"], "--budget"),
+        (["--attack", "1", "--budget", ""], "--budget"),
+        (["--attack", "1", "--points", "0"], "--points"),
+        (["--attack", "1", "--stages", "0"], "--stages"),
+        (["--certify", "--delta", "x"], "--delta"),
+        (["--certify", "--delta", "-1"], "--delta"),
+        (["--certify", "--delta", "nan"], "--delta"),
+        (["--certify", "--delta", "200"], "--delta"),
+        (["--certify", "--certify-checks", "-1"], "--certify-checks"),
+        (["--seed", "-1"], "--seed"),
+        (["--budget", "5"], "--budget"),                     # attack options without --attack
+        (["--stages", "2"], "--stages"),
+        (["--points", "3"], "--points"),
+        (["--delta", "1"], "--delta"),                       # certificate options without --certify
+        (["--certify-checks", "2"], "--certify-checks"),
+        (["--weight-decay", "1e-3"], "--weight-decay"),
+        (["--data", d], "--data"),                           # a user's model options without --model: the demo
+        (["--loss", "squared_error"], "--loss"),
+        (["--polish", "10"], "--polish"),
+        (["--dtype", "float64"], "--dtype"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--top", "101"], "--top"),                         # the demo network has 100 points
+        (["--model", m], "--data"),
+        ([*model, "--top", "25"], "--top"),
+        ([*model, "--attack", "1", "--points", "25"], "--points"),
+        ([*model, "--attack", "13"], "--attack"),            # 12 held-out points
+        ([*model, "--device", "nowhere"], "--device"),
+        ([*model, "--batch-size", "0"], "--batch-size"),
+        ([*model, "--polish", "-1"], "--polish"),
+        (["--model", "nowhere.py:model", "--data", d], "does not exist"),
+        (["--model", m, "--checkpoint", str(user / "none.pt"), "--data", d], "does not exist"),
+        (["--model", m, "--data", str(user / "none.npz")], "does not exist"),
+        (["--model", m, "--data", real], "--loss squared_error"),
+        (["--model", str(user / "net.py:regression"), "--data", real, "--loss", "squared_error", "--attack", "1"],
+         "needs a classifier"),
+        (["--model", str(user / "net.py:regression"), "--data", real, "--loss", "squared_error", "--certify"],
+         "needs a classifier"),
+    ]
+
+
+def test_bad_options_are_refused_in_one_line_before_any_work(user, tmp_path):
+    for i, (args, hint) in enumerate(_bad(user)):
+        out = tmp_path / f"r{i}"
+        rejected(["audit", *args, "--out", str(out)], hint, out=out)
+    rejected(["audit", "--out", str(tmp_path / "missing" / "out")], "parent directory")
