@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, output_shift
-from .gram import CHUNK, gram_matrix, jacobian_products, plan
+from .gram import CHUNK, float64_product, gram_matrix, jacobian_products, plan
 from .krylov import cgls
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
@@ -53,7 +53,14 @@ class GramFactor(LinearOperator):
     ``factor.T @ g`` maps weight-space vectors g (p, or rows (m, p)) to ``(Gᵀ)⁺ g = (GGᵀ)⁺ G g``
     ((n, K), or (m, n, K)) — the output vector through which a gradient in w reaches the data (the
     coderivative).  The centring is the factor's (G is centred when ``centered``): ``@`` centres r,
-    ``.T @`` returns vectors in G's (centred) row space.  ``calls`` counts products, a batch of m one."""
+    ``.T @`` returns vectors in G's (centred) row space.  ``calls`` counts products, a batch of m one.
+
+    ``path`` (:func:`setsens.gram.plan`, within ``memory`` bytes): ``"dense"`` holds G (n·K·p entries),
+    ``"streamed"`` builds GGᵀ from per-sample Jacobians in panels and never holds G (its products are then
+    JVP/VJP passes, or one Jacobian pass for K or more at once); both are exact and sum GGᵀ in float64.
+    ``rcond``: eigenvalues below ``rcond·λ_max`` are dropped — by default those below the float64 sums'
+    rounding (n·K·ε₆₄) and those whose singular value of G is below n·K·ε of the Jacobian's dtype (NumPy's
+    pseudo-inverse rule)."""
 
     def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
                  progress: Callable[[int, int], None] | None = None, checkpoint: str | None = None):
@@ -66,12 +73,19 @@ class GramFactor(LinearOperator):
         self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path)
         if self.plan.path == "dense":
             self.G = dense_output_jacobian(problem, centered=self.centered)
-            lam, self.Q = torch.linalg.eigh(self.G @ self.G.T)
+            gram = float64_product(self.G, self.G)
         else:
             self.G = None
-            lam, self.Q = torch.linalg.eigh(gram_matrix(problem, self.centered, self.plan.panel, progress, checkpoint))
+            gram = gram_matrix(problem, self.centered, self.plan.panel, progress, checkpoint)
+        if self.centered:  # both sides projected in float64: the centring's null space exact, whatever G's dtype
+            N = gram.shape[0]
+            gram = center_classes(center_classes(gram.reshape(N, problem.n, self.k)).reshape(N, N).T
+                                  .reshape(N, problem.n, self.k)).reshape(N, N)
+        lam, self.Q = torch.linalg.eigh(gram)
         rows = problem.n * self.k
-        rcond = rows * torch.finfo(problem.dtype).eps if rcond is None else rcond  # the Jacobian's rounding
+        if rcond is None:  # above the float64 sums' rounding, and σ above rows·ε of the Jacobian's dtype (NumPy's pinv)
+            rcond = max(rows * torch.finfo(torch.float64).eps, (rows * torch.finfo(problem.dtype).eps) ** 2)
+        self.rcond = rcond
         keep = lam > rcond * float(lam.max())
         self.inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
         self.rank = int(keep.sum())
@@ -115,7 +129,7 @@ class GramFactor(LinearOperator):
     def _push(self, g: Tensor) -> Tensor:
         """``G g`` for weight-space rows g (m, p): (m, n·K) in the factor's dtype."""
         if self.G is not None:
-            return g.to(self.G) @ self.G.T
+            return (g.to(self.G) @ self.G.T).to(self.Q)
         if g.shape[0] < self.k:  # a few JVP passes cost less than one per-sample Jacobian pass
             return torch.stack([(self._operator @ row).reshape(-1) for row in g]).to(self.Q)
         return jacobian_products(self.problem, self.centered, right=g)[0].to(self.Q)
@@ -123,7 +137,7 @@ class GramFactor(LinearOperator):
     def _pull(self, u: Tensor) -> Tensor:
         """``Gᵀ u`` for output rows u (m, n·K): (m, p) in the problem's dtype."""
         if self.G is not None:
-            return u @ self.G
+            return u.to(self.G) @ self.G
         if u.shape[0] < self.k:
             return torch.stack([self._operator.T @ row.to(self.dtype) for row in u])
         return jacobian_products(self.problem, self.centered, left=u)[1]

@@ -6,9 +6,9 @@ CIFAR images it has 8.5e9 entries (34 GB in float32); its Gram matrix has 1e8 (0
 :func:`gram_matrix` holds one *panel* of P points (P·K·p entries) and one *block* of b points at a time:
 the panel's rows against themselves and against every later block, so a point's Jacobian is computed
 1 + (points before it)/P times — n + n²/(2P) per-sample Jacobians in all — and the products cost
-n²K²p/2 multiply–adds (the Gram's own cost).  Each product is summed over chunks of parameters in
-float64 (the Jacobians stay in the problem's dtype), so the result equals ``G @ G.T`` of
-:func:`~setsens.operators.dense_output_jacobian` to the rounding of a chunk.  Resumable per panel.
+n²K²p/2 multiply–adds (the Gram's own cost), in float64 (the Jacobians stay in the problem's dtype and are
+converted a chunk of parameters at a time), so the result equals ``G @ G.T`` of
+:func:`~setsens.operators.dense_output_jacobian` in float64 to rounding.  Resumable per panel.
 
 :func:`jacobian_products` applies G and Gᵀ to m vectors in one pass (per-sample Jacobians in blocks, one
 matrix product each): m products for the price of one Jacobian pass (n·K reverse passes of one sample),
@@ -31,12 +31,12 @@ from .atomic import atomic_torch_save
 from .operators import cache_budget, per_sample_jacobian
 from .problem import Problem, center_classes
 
-__all__ = ["GramPlan", "plan", "jacobian_chunks", "gram_matrix", "jacobian_products"]
+__all__ = ["GramPlan", "plan", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
 CHUNK = 16
-_PARAMETER_CHUNK = 1 << 16  # columns summed per float32 product before the float64 accumulation
+_PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,14 @@ def jacobian_chunks(problem: Problem, centered: bool, start: int = 0, stop: int 
             return
 
 
-def _product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b.T`` in float64: exact for float64 inputs, else summed over chunks of columns."""
+def float64_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` in float64, a chunk of columns converted at a time (a float32 product would put rounding of
+    ε₃₂·λ_max into every entry: the Gram's small eigenvalues, those κ depends on, would be lost)."""
     if a.dtype == torch.float64:
         return a @ b.T
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for j in range(0, a.shape[1], _PARAMETER_CHUNK):
-        out += (a[:, j:j + _PARAMETER_CHUNK] @ b[:, j:j + _PARAMETER_CHUNK].T).double()
+        out += a[:, j:j + _PARAMETER_CHUNK].double() @ b[:, j:j + _PARAMETER_CHUNK].double().T
     return out
 
 
@@ -118,9 +119,9 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Callable
     for s in range(done, n, panel):
         e = min(s + panel, n)
         JP = torch.cat([J.reshape(-1, p) for _, J in jacobian_chunks(problem, centered, s, e)])
-        M[s * k:e * k, s * k:e * k] = _product(JP, JP)
+        M[s * k:e * k, s * k:e * k] = float64_product(JP, JP)
         for t, JB in jacobian_chunks(problem, centered, e, n):
-            block = _product(JP, JB.reshape(-1, p))
+            block = float64_product(JP, JB.reshape(-1, p))
             M[s * k:e * k, t * k:t * k + block.shape[1]] = block
             M[t * k:t * k + block.shape[1], s * k:e * k] = block.T
         del JP

@@ -88,7 +88,7 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
 
     log("check: κ_k against the SVD pseudo-inverse of G…")
     A = input_jacobians(problem)
-    exact = torch.stack([torch.linalg.matrix_norm(pinv[:, k * factor.k:(k + 1) * factor.k] @ A[k], ord=2)
+    exact = torch.stack([torch.linalg.matrix_norm(pinv[:, k * factor.k:(k + 1) * factor.k] @ A[k].to(pinv), ord=2)
                          for k in range(problem.n)])
     best = exact.argsort(descending=True)[:20]
     log(f"check: retraining after moving the top {top} points, and 2 × 5 draws of {top} random points…")
@@ -368,7 +368,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     group = lambda points: audit.group_modulus(points)[0]
     summary["scan"]["group"] = {"size": top, "kappa_top": group(result.top(top)), "kappa_random": statistics.median(
         group(torch.randperm(problem.n, generator=g)[:top]) for _ in range(5))}
-    pinv = torch.linalg.pinv(factor.G) if check else None  # the independent reference of every check
+    # the independent reference of every check: an SVD of G in float64, dropping what the factor drops
+    pinv = torch.linalg.pinv(factor.G.double(), rtol=factor.rcond ** 0.5) if check else None
     if check:
         summary["scan"].update(_check_scan(problem, factor, pinv, result, x_eval, top, step / 100, seed, retrain, log))
     if n_queries:
