@@ -50,7 +50,7 @@ def one(n: int, path: str, memory: int, out: str) -> None:
     from setsens.problem import Problem, cross_entropy
 
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
-    problem = Problem(model, cross_entropy, images(n), batch_size=100)
+    problem = Problem(model, cross_entropy, images(n), batch_size=20)
     t0 = time.perf_counter()
     factor = GramFactor(problem, path=path, memory=memory,
                         progress=lambda done, total: print(f"  n={n}: Gram panels {done}/{total} points, "
