@@ -61,14 +61,9 @@ def row(name, seed, step, auto, a, seconds) -> dict:
 
 def regrade(r: dict) -> str:
     """The verdict of a stored row under the thresholds in force (they were calibrated on these rows)."""
-    from setsens.verdict import JUMP_THRESHOLD, STATUSES, VALIDITY_THRESHOLD
+    from setsens.verdict import tangent_verdict
 
-    def grade(value, limit, factor):
-        return "pass" if value <= limit else "warn" if value <= factor * limit else "fail"
-
-    statuses = [grade(r["ratio"], VALIDITY_THRESHOLD, 2), grade(r["jump_median"], JUMP_THRESHOLD, 3)]
-    statuses += [c[0] for name, c in r["checks"].items() if name not in ("second_order", "smooth_at_step")]
-    return max(statuses, key=STATUSES.index)
+    return tangent_verdict(r["diverged"], r["ratio"], r["jump_median"], r["checks"]["shift_precision"][1]).status
 
 
 def spread(values) -> str:
