@@ -357,6 +357,11 @@ def dense_output_jacobian(problem: Problem, w: Tensor | None = None,
     Cost: n·K reverse-mode products of one sample each (``vmap`` over ``jacrev``), memory n·K·p.
     """
     w = problem.params if w is None else w
-    per_sample = per_sample_jacobian(problem)
-    rows = [per_sample(w, x) for x, _ in problem.batches(perturbation)]
-    return torch.cat([center_classes(J, 1) if centered else J for J in rows]).reshape(-1, problem.p)
+    per_sample, out, start = per_sample_jacobian(problem), None, 0
+    for x, _ in problem.batches(perturbation):  # filled in place: the peak is G and one batch's Jacobian
+        J = per_sample(w, x)
+        if out is None:
+            out = torch.empty(len(problem.rows), J.shape[1], problem.p, dtype=J.dtype, device=J.device)
+        out[start:start + x.shape[0]] = center_classes(J, 1) if centered else J
+        start += x.shape[0]
+    return out.reshape(-1, problem.p)
