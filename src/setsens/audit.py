@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, output_shift
-from .gram import CHUNK, float64_product, gram_matrix, jacobian_products, plan
+from .gram import (CHUNK, EigenInverse, center_gram, float64_product, gram_matrix, jacobian_products, nystrom_inverse,
+                   plan)
 from .krylov import cgls
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
@@ -63,32 +64,29 @@ class GramFactor(LinearOperator):
     pseudo-inverse rule)."""
 
     def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
-                 progress: Callable[[int, int], None] | None = None, checkpoint: str | None = None):
+                 progress: Callable[[int, int], None] | None = None, checkpoint: str | None = None,
+                 rank: int = 1000, power: int = 1, seed: int = 0):
         t0 = time.perf_counter()
         self.problem = problem
         self.centered = problem.loss_ignores_output_shift
         with torch.no_grad():
             self.k = problem.outputs(problem.params, problem.points([0])[0]).numel()
-        itemsize = torch.finfo(problem.dtype).bits // 8
-        self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path)
-        if self.plan.path == "dense":
-            self.G = dense_output_jacobian(problem, centered=self.centered)
-            gram = float64_product(self.G, self.G)
-        else:
-            self.G = None
-            gram = gram_matrix(problem, self.centered, self.plan.panel, progress, checkpoint)
-        if self.centered:  # both sides projected in float64: the centring's null space exact, whatever G's dtype
-            N = gram.shape[0]
-            gram = center_classes(center_classes(gram.reshape(N, problem.n, self.k)).reshape(N, N).T
-                                  .reshape(N, problem.n, self.k)).reshape(N, N)
-        lam, self.Q = torch.linalg.eigh(gram)
         rows = problem.n * self.k
+        itemsize = torch.finfo(problem.dtype).bits // 8
+        self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path, rank)
         if rcond is None:  # above the float64 sums' rounding, and σ above rows·ε of the Jacobian's dtype (NumPy's pinv)
             rcond = max(rows * torch.finfo(torch.float64).eps, (rows * torch.finfo(problem.dtype).eps) ** 2)
-        self.rcond = rcond
-        keep = lam > rcond * float(lam.max())
-        self.inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-        self.rank = int(keep.sum())
+        self.rcond, self.G = rcond, None
+        if self.plan.path == "nystrom":
+            self.gram_inverse = nystrom_inverse(problem, self.centered, self.plan.rank, rcond, power, seed, progress)
+        else:
+            if self.plan.path == "dense":
+                self.G = dense_output_jacobian(problem, centered=self.centered)
+                gram = float64_product(self.G, self.G)
+            else:
+                gram = gram_matrix(problem, self.centered, self.plan.panel, progress, checkpoint)
+            self.gram_inverse = EigenInverse(center_gram(gram, problem.n) if self.centered else gram, rcond)
+        self.rank = self.gram_inverse.rank
         self.shape = (problem.p, rows)
         self.calls = 0
         self.seconds = time.perf_counter() - t0
@@ -99,40 +97,38 @@ class GramFactor(LinearOperator):
 
     @property
     def device(self) -> torch.device:
-        return self.Q.device
+        return self.problem.params.device
 
     def block(self, points: Tensor) -> Tensor:
         """``B_GG``: the block of ``(GGᵀ)⁺`` on the outputs of ``points`` (|points|·K square)."""
-        rows = (points[:, None] * self.k + torch.arange(self.k)).reshape(-1)
-        Qr = self.Q[rows]
-        return (Qr * self.inverse) @ Qr.T
+        return self.gram_inverse.block((points[:, None] * self.k + torch.arange(self.k)).reshape(-1))
 
     def rows(self, r: Tensor) -> Tensor:
         """Output changes ``r`` ((n, K), or (m, n, K) for m at once) as rows in G's row space: (m, n·K),
-        centred over the classes as G is."""
-        r = r.to(self.Q).reshape(-1, self.problem.n, self.k)
+        centred over the classes as G is, in float64."""
+        r = r.to(torch.float64).reshape(-1, self.problem.n, self.k)
         return (center_classes(r) if self.centered else r).reshape(r.shape[0], -1)
 
     def matvec(self, r: Tensor) -> Tensor:
         """``G⁺ r`` for output changes ``r`` of shape (n, K) (or flat), or (m, n, K) for m at once (then (m, p))."""
         self.calls += 1
-        v = self._pull(((self.rows(r) @ self.Q) * self.inverse) @ self.Q.T)
+        v = self._pull(self.gram_inverse.apply(self.rows(r)))
         return v if r.ndim == 3 else v[0]
 
     def rmatvec(self, g: Tensor) -> Tensor:
         """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for a weight-space vector ``g`` (p; then (n, K)) or rows (m, p)
         (then (m, n, K)), in G's row space."""
         self.calls += 1
-        u = (self._push(g.reshape(-1, self.problem.p)) @ self.Q * self.inverse) @ self.Q.T
+        u = self.gram_inverse.apply(self._push(g.reshape(-1, self.problem.p)))
         return u.reshape(*g.shape[:-1], self.problem.n, self.k)
 
     def _push(self, g: Tensor) -> Tensor:
         """``G g`` for weight-space rows g (m, p): (m, n·K) in the factor's dtype."""
         if self.G is not None:
-            return (g.to(self.G) @ self.G.T).to(self.Q)
+            return (g.to(self.G) @ self.G.T).double()
         if g.shape[0] < self.k:  # a few JVP passes cost less than one per-sample Jacobian pass
-            return torch.stack([(self._operator @ row).reshape(-1) for row in g]).to(self.Q)
-        return jacobian_products(self.problem, self.centered, right=g)[0].to(self.Q)
+            return torch.stack([(self._operator @ row).reshape(-1) for row in g]).double()
+        return jacobian_products(self.problem, self.centered, right=g)[0].double()
 
     def _pull(self, u: Tensor) -> Tensor:
         """``Gᵀ u`` for output rows u (m, n·K): (m, p) in the problem's dtype."""
@@ -177,7 +173,8 @@ class Scan:
 
 
 def scan(problem: Problem, factor: GramFactor | None = None) -> Scan:
-    """κ_k and the worst Δx_k for every training point from one :class:`GramFactor`.
+    """κ_k and the worst Δx_k for every training point from one :class:`GramFactor` (approximate if the factor
+    is: ``factor.gram_inverse.approximate``).
 
     Cost: the factor, n·K per-sample input gradients, and n small (K × d) SVDs.
     """

@@ -31,7 +31,8 @@ from .atomic import atomic_torch_save
 from .operators import cache_budget, per_sample_jacobian
 from .problem import Problem, center_classes
 
-__all__ = ["GramPlan", "plan", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products"]
+__all__ = ["GramPlan", "plan", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products", "center_gram",
+           "EigenInverse", "NystromInverse", "nystrom_inverse"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
@@ -41,36 +42,50 @@ _PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
 
 @dataclass(frozen=True)
 class GramPlan:
-    """How the Gram factor is built: ``path`` ``"dense"`` (G held: n·K·p entries) or ``"streamed"``
-    (:func:`gram_matrix`, a panel of ``panel`` points); ``bytes`` what the chosen path holds at its peak
-    (estimated), ``budget`` the bytes it was allowed."""
+    """How the Gram factor is built: ``path`` ``"dense"`` (G held: n·K·p entries), ``"streamed"``
+    (:func:`gram_matrix`, a panel of ``panel`` points) or ``"nystrom"`` (:func:`nystrom_inverse` of rank
+    ``rank``: approximate, for when the (n·K)² Gram matrix does not fit); ``bytes`` what the chosen path holds
+    at its peak (estimated), ``budget`` the bytes it was allowed."""
 
     path: str
     panel: int
     bytes: int
     budget: int
+    rank: int = 0
 
 
-def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path: str = "auto") -> GramPlan:
-    """The path and panel size for an (n·K) × p Jacobian of ``itemsize``-byte entries within ``memory``
-    bytes (``"auto"``: half the memory available now).  ``path="auto"`` holds G when G and its Gram fit
-    in a quarter of the budget (the exact reference, fastest for small problems), streams otherwise.
-    Raises ``ValueError`` when even the Gram matrix and one panel of a few points do not fit."""
-    if path not in ("auto", "dense", "streamed"):
-        raise ValueError(f"path must be 'auto', 'dense' or 'streamed', got {path!r}")
+PATHS = ("auto", "dense", "streamed", "nystrom")
+
+
+def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path: str = "auto",
+         rank: int = 1000) -> GramPlan:
+    """The path for an (n·K) × p Jacobian of ``itemsize``-byte entries within ``memory`` bytes (``"auto"``: half
+    the memory available now).  ``path="auto"`` holds G when G and its Gram fit in a quarter of the budget (the
+    exact reference, fastest for small problems) and streams the exact Gram otherwise; the Nyström
+    approximation of rank ``rank`` (fewer if memory asks) is taken only when asked for (``path="nystrom"``: its
+    error depends on the network, see :class:`NystromInverse`).  Raises ``ValueError`` when the path cannot fit."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     budget = 2 * cache_budget("auto", torch.device("cpu")) if memory == "auto" else cache_budget(memory, None)
-    rows, per_point = n * k, k * p * itemsize
+    rows, per_point, block = n * k, k * p * itemsize, min(CHUNK, n)
     gram = 3 * rows * rows * 8  # the matrix, its eigenvectors, the solver's workspace
     dense = rows * p * itemsize + gram
     if path == "dense" or (path == "auto" and dense <= budget // 4):
         return GramPlan("dense", n, dense, budget)
-    block = min(CHUNK, n)
     panel = min(n, (budget - gram) // per_point - 2 * block)
-    if panel < block:
-        raise ValueError(f"the Gram matrix of {n} points × {k} outputs ({gram / 1e9:.1f} GB with its "
-                         f"eigendecomposition) and one panel of Jacobians do not fit in {budget / 1e9:.1f} GB: "
-                         "use fewer training points or allow more memory")
-    return GramPlan("streamed", int(panel), gram + (panel + 2 * block) * per_point, budget)
+    if path != "nystrom":
+        if panel < block:
+            raise ValueError(f"the Gram matrix of {n} points × {k} outputs ({gram / 1e9:.1f} GB with its "
+                             f"eigendecomposition) and one panel of Jacobians do not fit in {budget / 1e9:.1f} GB: "
+                             "use fewer training points, allow more memory, or path='nystrom' (approximate)")
+        return GramPlan("streamed", int(panel), gram + (panel + 2 * block) * per_point, budget)
+    per_rank = 2 * p * itemsize + 4 * rows * 8  # the sketch in weight space (and its float64 chunk), in outputs
+    fixed = 2 * block * per_point + rows * k * 8 * 3
+    rank = min(rank, rows // 2, max(0, (budget - fixed) // per_rank))
+    if rank < 1:
+        raise ValueError(f"not even a rank-1 Nyström sketch of {n} points × {k} outputs fits in "
+                         f"{budget / 1e9:.1f} GB")
+    return GramPlan("nystrom", block, fixed + rank * per_rank, budget, int(rank))
 
 
 def jacobian_chunks(problem: Problem, centered: bool, start: int = 0, stop: int | None = None,
@@ -132,21 +147,143 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Callable
     return M
 
 
-def jacobian_products(problem: Problem, centered: bool, right: Tensor | None = None, left: Tensor | None = None
-                      ) -> tuple[Tensor | None, Tensor | None]:
-    """``(right @ Gᵀ, left @ G)`` in one pass over the points: ``right`` (m, p) weight-space rows give
+def jacobian_products(problem: Problem, centered: bool, right: Tensor | None = None, left: Tensor | None = None,
+                      diagonal: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(right @ Gᵀ, left @ G, blocks)`` in one pass over the points: ``right`` (m, p) weight-space rows give
     (m, n·K) output rows (G v for each), ``left`` (m, n·K) output rows give (m, p) weight-space rows
-    (Gᵀ u for each; ``left`` is centred first when G is).  Either may be None.  Cost: one per-sample
-    Jacobian pass (n·K reverse passes of one sample) and 2·m·n·K·p multiply–adds."""
+    (Gᵀ u for each; ``left`` is centred first when G is), ``diagonal`` the (n, K, K) blocks ``G_k G_kᵀ`` of
+    GGᵀ (float64).  Unasked ones are None.  Cost: one per-sample Jacobian pass (n·K reverse passes of one
+    sample) and 2·m·n·K·p multiply–adds."""
     if left is not None and centered:
         left = center_classes(left.reshape(left.shape[0], problem.n, -1)).reshape(left.shape[0], -1)
-    outs, back = [], None
+    outs, back, blocks = [], None, []
     for s, J in jacobian_chunks(problem, centered):
-        J = J.reshape(-1, problem.p)
+        if diagonal:
+            Jd = J.double()
+            blocks.append(Jd @ Jd.transpose(1, 2))
+        k, J = J.shape[1], J.reshape(-1, problem.p)
         if right is not None:
             outs.append(right.to(J) @ J.T)
         if left is not None:
-            k = left.shape[1] // problem.n
             part = left[:, s * k:s * k + J.shape[0]].to(J) @ J
             back = part if back is None else back + part
-    return (torch.cat(outs, 1) if right is not None else None), back
+    return (torch.cat(outs, 1) if right is not None else None), back, (torch.cat(blocks) if diagonal else None)
+
+
+def center_gram(M: Tensor, n: int) -> Tensor:
+    """``P M P`` for a Gram matrix of n points' outputs (N = n·K square), P the class centring of every point:
+    the centring's null space exact in float64, whatever G's dtype."""
+    N = M.shape[0]
+    once = center_classes(M.reshape(N, n, -1)).reshape(N, N)
+    return center_classes(once.T.reshape(N, n, -1)).reshape(N, N)
+
+
+def _pinv_psd(M: Tensor, rcond: float, scale: float | None = None) -> tuple[Tensor, Tensor, int]:
+    """``(Q, 1/λ or 0, rank)`` of a symmetric PSD matrix (or a batch), eigenvalues below ``rcond·scale`` dropped
+    (``scale``: by default each matrix's λ_max)."""
+    lam, Q = torch.linalg.eigh(M)
+    keep = lam > rcond * (lam.amax(-1, keepdim=True) if scale is None else scale)
+    inverse = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    return Q, inverse, int(keep.sum())
+
+
+class EigenInverse:
+    """``(GGᵀ)⁺`` exactly, from ``GGᵀ = QΛQᵀ`` (eigenvalues below ``rcond·λ_max`` dropped)."""
+
+    approximate = False
+
+    def __init__(self, gram: Tensor, rcond: float):
+        self.Q, self.inverse, self.rank = _pinv_psd(gram, rcond)
+
+    def block(self, rows: Tensor) -> Tensor:
+        """The block of ``(GGᵀ)⁺`` on ``rows`` (indices into the n·K outputs)."""
+        Qr = self.Q[rows]
+        return (Qr * self.inverse) @ Qr.T
+
+    def apply(self, U: Tensor) -> Tensor:
+        """``U (GGᵀ)⁺`` for output rows U (m, n·K)."""
+        return ((U.to(self.Q) @ self.Q) * self.inverse) @ self.Q.T
+
+
+class NystromInverse:
+    """``(GGᵀ)⁺ ≈ (E + LLᵀ)⁺``: ``LLᵀ`` the randomised Nyström approximation of GGᵀ of rank r
+    (``M Ω (ΩᵀMΩ)⁺ ΩᵀM``, Ω Gaussian n·K × r, power iterations sharpening its range), ``E`` the exact
+    per-point K × K diagonal blocks of what it leaves (``G_kG_kᵀ − L_kL_kᵀ``), inverted by the Woodbury
+    identity.  Exact when GGᵀ minus its Nyström part is block diagonal — points coupled only through the r
+    directions the sketch captures; the coupling it leaves off the diagonal blocks is the error, and it is
+    not small in general: κ's ranking within Spearman 0.96–0.98 of the exact one on ResNet-56 (100 CIFAR
+    images, r = 100–200), but up to 17–26 % off on the top 20 (a prototype; ``benchmarks/audit_scale.py``
+    measures the implementation), and far worse on networks whose points' gradients are nearly dependent
+    (small tanh networks on low-dimensional inputs: 50–99 %, tests/core/test_gram.py).  Use it where the exact
+    (n·K)² Gram matrix cannot be held, and check it against :func:`setsens.audit.exact_modulus` on a few
+    points.  Memory n·K·r and n·K²; cost 2 + 2·power Jacobian passes."""
+
+    approximate = True
+
+    def __init__(self, blocks: Tensor, L: Tensor, rcond: float, centered: bool = False):
+        n, k = blocks.shape[0], blocks.shape[1]
+        Lb = L.reshape(n, k, -1)
+        residual = blocks - Lb @ Lb.transpose(1, 2)
+        if centered:  # the centring's null direction exact: a small residual would otherwise keep its rounding
+            residual = center_gram_blocks(residual)
+        # dropped below rcond of the largest diagonal block (a well-captured block's residual is small, not noise)
+        Q, inv, self.rank = _pinv_psd(residual, rcond, float(torch.linalg.eigvalsh(blocks).max()))
+        self.E_inv = (Q * inv[:, None, :]) @ Q.transpose(1, 2)  # (n, K, K)
+        self.EiL = (self.E_inv @ Lb).reshape(n * k, -1)  # E⁺L, (n·K, r)
+        self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype) + L.T @ self.EiL)
+        self.k = k
+
+    def block(self, rows: Tensor) -> Tensor:
+        """The block of the approximate ``(GGᵀ)⁺`` on ``rows`` (whole points' outputs, as :class:`EigenInverse`)."""
+        points = rows.reshape(-1, self.k)[:, 0] // self.k
+        Ei = torch.block_diag(*self.E_inv[points])
+        A = self.EiL[rows]
+        return Ei - A @ self.S @ A.T
+
+    def apply(self, U: Tensor) -> Tensor:
+        U = U.to(self.EiL)
+        n = self.E_inv.shape[0]
+        direct = (U.reshape(-1, n, 1, self.k) @ self.E_inv).reshape(U.shape)
+        return direct - ((U @ self.EiL) @ self.S) @ self.EiL.T
+
+
+def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, power: int = 1, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> NystromInverse:
+    """:class:`NystromInverse` of rank ``rank`` (at most half the n·K outputs: beyond, the residual blocks vanish
+    and the exact paths are the better buy) with ``power`` power iterations, Ω seeded by
+    ``seed``.  ``progress(passes done, passes)`` after each Jacobian pass."""
+    n = problem.n
+    k = next(jacobian_chunks(problem, centered, 0, 1))[1].shape[1]
+    N, rank = n * k, min(rank, n * k // 2)
+    passes, done = 2 + 2 * power, 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, passes)
+
+    omega = torch.randn(rank, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if centered:
+        omega = center_classes(omega.reshape(rank, n, k)).reshape(rank, N)
+    Z = jacobian_products(problem, centered, left=omega)[1]  # Ωᵀ G, (r, p)
+    tick()
+    for _ in range(power):
+        Y = jacobian_products(problem, centered, right=Z)[0].double()  # (M Ω)ᵀ
+        tick()
+        omega = torch.linalg.qr(Y.T)[0].T
+        Z = jacobian_products(problem, centered, left=omega)[1]
+        tick()
+    Y, _, blocks = jacobian_products(problem, centered, right=Z, diagonal=True)  # (MΩ)ᵀ and the diagonal blocks
+    tick()
+    C = float64_product(Z, Z)  # ΩᵀMΩ
+    V, inv, _ = _pinv_psd(C, rcond)
+    L = Y.double().T @ (V * inv.sqrt())  # M_nys = L Lᵀ
+    if centered:
+        blocks = center_gram_blocks(blocks)
+    return NystromInverse(blocks, L, rcond, centered)
+
+
+def center_gram_blocks(blocks: Tensor) -> Tensor:
+    """``P B P`` for per-point K × K blocks (n, K, K)."""
+    return center_classes(center_classes(blocks).transpose(1, 2)).transpose(1, 2)

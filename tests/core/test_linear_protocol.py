@@ -120,7 +120,8 @@ RECTANGULAR = {"data-jacobian": data_jacobian, "data-jacobian-paper": lambda: da
                "output-jacobian-se": lambda: output_jacobian(squared_error, centered=False),
                "output-jacobian-transposed": output_jacobian_transposed, "gram-factor-se": gram_factor,
                "gram-factor-ce": lambda: gram_factor(cross_entropy),
-               "gram-factor-streamed": lambda: gram_factor(cross_entropy, "streamed"), "poisoning-adjoint": poisoning_adjoint}
+               "gram-factor-streamed": lambda: gram_factor(cross_entropy, "streamed"),
+               "gram-factor-nystrom": lambda: gram_factor(cross_entropy, "nystrom"), "poisoning-adjoint": poisoning_adjoint}
 
 
 @pytest.mark.parametrize("build", list(SYMMETRIC.values()) + list(RECTANGULAR.values()),
