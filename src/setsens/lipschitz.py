@@ -48,6 +48,7 @@ from torch.func import grad, jacfwd
 from .models.mlp import mlp_layers
 from .operators import J_SCALES, DataJacobian, Hessian, dense_hessian
 from .problem import Perturbation, Problem, squared_error
+from .progress import ProgressFn, report
 
 __all__ = [
     "DEFAULT_TAU",
@@ -667,7 +668,7 @@ def empirical_modulus(
     reference_norm: float,
     distance: Callable | None = None,
     predicted: dict[str, float] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[EmpiricalRecord]:
     """Retrain along each unit direction at each relative step; ratio = shift / ‖Δx‖.
 
@@ -676,6 +677,7 @@ def empirical_modulus(
     norm).  ``distance(problem, w, perturbation)`` defaults to
     :func:`setsens.retrain.distance_to_solution_set` (Levenberg–Marquardt for squared loss,
     L-BFGS otherwise).  ``predicted[name]`` (first-order ``‖H⁺JΔx‖/‖Δx‖``) is stored alongside.
+    ``progress``: ``Progress("retraining", i, total, {direction, step, ratio})`` after each retraining.
     """
     if distance is None:
         from .retrain import distance_to_solution_set as distance
@@ -700,8 +702,8 @@ def empirical_modulus(
                 seconds=time.perf_counter() - t0,
             )
             out.append(rec)
-            if progress is not None:
-                progress(f"{name:>14s} step {step:.0e}: ratio {rec.ratio:.4g}")
+            report(progress, "retraining", len(out), len(directions) * len(steps), direction=name, step=step,
+                   ratio=rec.ratio)
     return out
 
 

@@ -49,6 +49,7 @@ from .krylov import Callback, Deflation, KrylovResult, cgls, cgne, minres, minre
 from .operators import HVP_MODES, DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
 from .preconditioners import PRECONDITIONERS, gram_preconditioner
 from .problem import Perturbation, Problem
+from .progress import ProgressFn, report
 from .sets import AffineBall, excess, hausdorff
 from .solvers import Spectrum
 
@@ -319,7 +320,7 @@ def _inside(v0: Tensor, n: Tensor, r: float, length: float) -> Tensor:
 
 def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-newton", *,
              dense: bool = False, scale: str = "exact", solve: SolveOptions | None = None,
-             radius: RadiusOptions | None = None, progress=None) -> SolutionSet:
+             radius: RadiusOptions | None = None, progress: ProgressFn | None = None) -> SolutionSet:
     """Estimate ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)`` (see the module doc for the rules).
 
     Args:
@@ -327,7 +328,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
             or ``"influence"`` (damped influence function, a single point: the baseline).
         dense: eigen/singular-value decomposition instead of Krylov solves (p up to a few thousand).
         scale: ``"exact"`` (1/n, the true derivative) or ``"paper"`` (1/|K|, eqs. 14/17).
-        progress: optional ``progress(record: dict)`` called for each scored candidate.
+        progress: a :class:`~setsens.progress.Progress` ``("candidate", i, total, record)`` for each scored
+            candidate.
 
     Cost (matrix-free): Gauss–Newton — one JVP and one VJP pass over the data per iteration;
     Hessian — one H v per iteration of two MINRES solves; plus the radius rule and one H v and one
@@ -428,8 +430,7 @@ def _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progre
                "perturbed_risk": perturbed_risk(v) if solve.rule == "validated" else float("nan")}
         path.append(rec)
         solutions.append(v)
-        if progress:
-            progress(rec)
+        report(progress, "candidate", len(path), len(taus), **rec)
     best = min(rec["perturbed_risk"] for rec in path)
     pick = 0 if solve.rule == "fixed" else next(
         i for i, rec in enumerate(path) if rec["perturbed_risk"] <= _band(best, risk0, solve.tie))
@@ -448,8 +449,7 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
             return False
         rec = {"iteration": k, "shift_norm": float(v.norm()), "perturbed_risk": perturbed_risk(v)}
         path.append(rec)
-        if progress:
-            progress(rec)
+        report(progress, "candidate", len(path), None, **rec)
         lowest[0] = min(lowest[0], rec["perturbed_risk"])
         if rec["perturbed_risk"] <= _band(lowest[0], risk0, solve.tie):  # the least regularised tie
             best.clear()

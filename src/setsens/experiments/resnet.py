@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import shard, world
+from ..progress import ProgressFn, report
 from ..report import atomic_torch_save
+from .bars import Bars
 from .options import first_line, npz_lengths, number_list
 from .state import RunState
 
@@ -106,7 +108,7 @@ def _pt(t):
 class _Run:
     """State of one run: the problem, recycled deflation, HVP accounting."""
 
-    def __init__(self, cfg: ResnetConfig, out: Path | None, progress: bool):
+    def __init__(self, cfg: ResnetConfig, out: Path | None, progress: ProgressFn | None):
         from ..data.cifar import load_cifar10
         from ..models.resnet import load_cifar_resnet
         from ..problem import Problem, cross_entropy
@@ -186,13 +188,6 @@ class _Run:
             saved = torch.load(cache, weights_only=False)
             if "v" in saved and saved.get("solver") == cfg.solver:
                 return self._recorded(name, saved)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            unit = "HVP" if cfg.solver == "minres" else "JVP+VJP"
-            bar = tqdm(total=cfg.maxiter, desc=f"{cfg.solver} {name}", unit=unit, file=sys.stderr, leave=False)
-
         checkpoint = str(self.state / f"{name}.solver.pt") if self.state else None
         # the per-iterate path is saved beside the solver's checkpoint, so a resumed solve keeps it
         path_file = Path(f"{checkpoint}.path") if checkpoint else None
@@ -203,10 +198,7 @@ class _Run:
                 path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
                 if path_file:
                     atomic_torch_save(path, path_file)
-            if bar is not None:
-                bar.n = it
-                bar.set_postfix(residual=f"{res:.3e}", refresh=False)
-                bar.refresh()
+            report(self.progress, f"{cfg.solver} {name}", it, cfg.maxiter, residual=res)
 
         minres = cfg.solver == "minres"
         defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
@@ -217,8 +209,6 @@ class _Run:
             warnings.simplefilter("ignore", NotStationaryWarning)
             est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
                            radius=RadiusOptions(directions=0))
-        if bar is not None:
-            bar.close()
         krylov = est.krylov
         if minres and cfg.recycle > 0 and krylov.basis is not None:
             try:
@@ -290,7 +280,7 @@ def distributed_conflicts(cfg) -> list[str]:
     return bad
 
 
-def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> dict:
+def run(cfg: ResnetConfig, out: Path | None = None, progress: ProgressFn | None = None) -> dict:
     """Run the whole protocol; returns the results (also written to ``out`` when given).
 
     Under an initialised process group of several ranks (``torchrun``) the run is data-parallel:
@@ -308,7 +298,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     conflicts = distributed_conflicts(cfg) if size > 1 else []
     if conflicts:
         raise ValueError(f"a data-parallel run computes Tables 1 and 3 only: {', '.join(conflicts)}")
-    R = _Run(cfg, out, progress and rank == 0)
+    R = _Run(cfg, out, progress if rank == 0 else None)
     p = R.problem
     g = torch.Generator().manual_seed(cfg.seed)
     results: dict = {"config": asdict(cfg), "model": {"depth": cfg.depth, "p": p.p, "n": p.n}}
@@ -718,7 +708,8 @@ def command(**kw):
         return _distributed(config, kw)
     out = prepare_out_dir(kw["out"])
     write_json(out / "config.json", asdict(config))
-    results = run(config, out, progress=kw["progress"])
+    with Bars(enabled=kw["progress"]) as bars:
+        results = run(config, out, progress=bars)
     _publish(results, out, kw["as_json"], "setsens " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
@@ -747,7 +738,8 @@ def _distributed(config: ResnetConfig, kw: dict) -> None:
         out = prepare_out_dir(kw["out"]) if rank == 0 else None
         if out is not None:
             write_json(out / "config.json", asdict(config))
-        results = run(config, out, progress=kw["progress"])
+        with Bars(enabled=kw["progress"]) as bars:
+            results = run(config, out, progress=bars)
         if out is not None:
             line = (f"torchrun --nproc_per_node={size} -m setsens "  # the launcher's own options are not seen here
                     + " ".join(shlex.quote(a) for a in sys.argv[1:]))
