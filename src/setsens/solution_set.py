@@ -44,8 +44,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .function_space import OutputJacobian, output_shift
-from .krylov import Callback, Deflation, KrylovResult, cgls, cgne, minres, minres_min_norm, power_iteration
+from .function_space import OutputJacobian, min_norm_solve, output_shift
+from .krylov import Callback, Deflation, KrylovResult, minres, minres_min_norm, power_iteration
 from .operators import HVP_MODES, DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
 from .preconditioners import PRECONDITIONERS, gram_preconditioner
 from .problem import Perturbation, Problem
@@ -467,12 +467,10 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
                    checkpoint=solve.checkpoint)
     if method == "gauss-newton":
         M = gram_preconditioner(solve.preconditioner, G, solve.sketch)
-        result = (cgls(G, -r, dot=G.dot, **options) if M is None
-                  else cgne(G, -r, precondition=M, dot=G.dot, **options))
+        result = min_norm_solve(G, -r, M, **options)  # v₀ = −G⁺ r
 
         def range_part(z):  # the preconditioner, paid once, serves every projection
-            options = dict(dot=G.dot, maxiter=radius.projection_maxiter, rtol=1e-10)
-            return (cgls(G, G @ z, **options) if M is None else cgne(G, G @ z, precondition=M, **options)).x.to(z)
+            return min_norm_solve(G, G @ z, M, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
     else:
         solver = minres_min_norm if solve.min_norm else minres
         result = solver(H, -b, deflation=solve.deflation, keep_basis=solve.keep_basis, **options)
