@@ -34,8 +34,8 @@ from ..lipschitz import (
     matrix_free_modulus,
 )
 from ..problem import Perturbation, Problem, squared_error
-from ..report import prepare_out_dir, save_figure, write_json, write_text
 from ..progress import ProgressFn, report
+from ..report import prepare_out_dir, save_figure, write_json, write_text
 from .bars import Bars
 from .options import number_list
 from .seeds import distribution, parse_seeds
