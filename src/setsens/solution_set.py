@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import torch
@@ -328,8 +328,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
             or ``"influence"`` (damped influence function, a single point: the baseline).
         dense: eigen/singular-value decomposition instead of Krylov solves (p up to a few thousand).
         scale: ``"exact"`` (1/n, the true derivative) or ``"paper"`` (1/|K|, eqs. 14/17).
-        progress: a :class:`~setsens.progress.Progress` ``("candidate", i, total, record)`` for each scored
-            candidate.
+        progress: a :class:`~setsens.progress.Progress` ``("iteration", k, maxiter, {residual})`` after each
+            Krylov iteration, and ``("candidate", i, total, record)`` for each scored candidate.
 
     Cost (matrix-free): Gauss–Newton — one JVP and one VJP pass over the data per iteration;
     Hessian — one H v per iteration of two MINRES solves; plus the radius rule and one H v and one
@@ -369,6 +369,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
         evals[0] += 1
         return problem.risk(w_bar + v, perturbation)
 
+    if progress is not None and not dense:
+        solve = replace(solve, callback=_reporting(solve.callback, progress, solve.maxiter))
     if method == "influence":
         v, null, selected, path, krylov = _influence(H, b, solve)
     elif dense:
@@ -398,6 +400,16 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
                         "null_projections": null.calls, "seconds": time.perf_counter() - t0,
                         "solve_seconds": None if krylov is None else krylov.seconds, "hvp_seconds": hvp_seconds},
     )
+
+
+def _reporting(callback, progress: ProgressFn, maxiter: int):
+    """The solver hook ``callback`` (None: none), reporting each iteration first as
+    ``Progress("iteration", k, maxiter, {"residual": …})``."""
+    def hook(k: int, residual: float, x: Tensor) -> bool:
+        report(progress, "iteration", k, maxiter, residual=residual)
+        return bool(callback(k, residual, x)) if callback else False
+
+    return hook
 
 
 def _influence(H, b, solve):

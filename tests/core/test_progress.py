@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import click
+import torch
 
 from setsens.cli import main
 from setsens.experiments.bars import Bars
@@ -28,6 +29,24 @@ def test_report_counted_and_part_build_one_shape():
     second_run(Progress("fine-tune", 7, 100, {"x": 1}))
     assert seen[-1] == Progress("retrain", 107, 200, {"x": 1})
     assert part(None, "retrain", 0, 1) is None
+
+
+def test_estimate_reports_its_iterations_and_the_solver_hook_still_stops_it(problem):
+    from setsens.perturb import gradient_perturbation
+    from setsens.solution_set import SolveOptions, estimate
+
+    pert = gradient_perturbation(problem, [0, 3], 0.01)
+    fixed = SolveOptions(rule="fixed", maxiter=8)
+    quiet = estimate(problem, pert, "gauss-newton", solve=fixed)
+    seen = []
+    shown = estimate(problem, pert, "gauss-newton", solve=fixed, progress=seen.append)
+    assert torch.equal(quiet.shift, shown.shift)  # reporting changes nothing
+    steps = [e for e in seen if e.stage == "iteration"]
+    assert [e.done for e in steps] == list(range(1, shown.krylov.iterations + 1)) and steps[0].total == 8
+    assert steps[0].info["residual"] == shown.krylov.residuals[0]
+    stopped = estimate(problem, pert, "gauss-newton", progress=seen.append,
+                       solve=SolveOptions(rule="fixed", maxiter=8, callback=lambda k, res, x: k == 2))
+    assert stopped.krylov.iterations == 2 and stopped.krylov.stopped_by == "callback"
 
 
 def test_a_log_gets_a_line_per_stage_start_and_end_and_one_per_interval():

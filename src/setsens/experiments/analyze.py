@@ -328,7 +328,8 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
 
     runs = "(perturbed, clean, noise floor)" if tangent else "(perturbed, clean)"
     bars = Bars({"retrain": f"retrain {runs}", "tangent": "tangent of the training run (2nd order)",
-                 "candidate": "estimate (scored candidates)"}, units={"candidate": "check"})
+                 "iteration": "estimate (Krylov iterations)", "candidate": "estimate (scored candidates)"},
+                units={"candidate": "check"})
 
     def progress(event):
         if event.stage == "verdict":

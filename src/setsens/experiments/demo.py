@@ -42,7 +42,8 @@ from .bars import Bars
 from .seeds import distribution, parse_seeds
 
 #: The demo's progress stages, as its bars name them.
-LABELS = {"adam": "train (Adam)", "candidate": "solve", "reference": "reference", "members": "members"}
+LABELS = {"adam": "train (Adam)", "iteration": "solve", "candidate": "scored candidates", "reference": "reference",
+          "members": "members"}
 
 
 @dataclass

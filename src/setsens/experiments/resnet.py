@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import shard, world
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn, part
 from ..report import atomic_torch_save
 from .bars import Bars
 from .options import first_line, npz_lengths, number_list
@@ -198,7 +198,6 @@ class _Run:
                 path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
                 if path_file:
                     atomic_torch_save(path, path_file)
-            report(self.progress, f"{cfg.solver} {name}", it, cfg.maxiter, residual=res)
 
         minres = cfg.solver == "minres"
         defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
@@ -208,7 +207,8 @@ class _Run:
         with warnings.catch_warnings():  # the run reports stationarity itself
             warnings.simplefilter("ignore", NotStationaryWarning)
             est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
-                           radius=RadiusOptions(directions=0))
+                           radius=RadiusOptions(directions=0),
+                           progress=part(self.progress, f"{cfg.solver} {name}", 0, cfg.maxiter))
         krylov = est.krylov
         if minres and cfg.recycle > 0 and krylov.basis is not None:
             try:
