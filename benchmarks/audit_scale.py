@@ -53,8 +53,8 @@ def one(n: int, path: str, memory: int, out: str) -> None:
     problem = Problem(model, cross_entropy, images(n), batch_size=20)
     t0 = time.perf_counter()
     factor = GramFactor(problem, path=path, memory=memory,
-                        progress=lambda done, total: print(f"  n={n}: Gram panels {done}/{total} points, "
-                                                           f"{time.perf_counter() - t0:.0f} s", flush=True))
+                        progress=lambda e: print(f"  n={n}: {e.stage} {e.done}/{e.total}, "
+                                                 f"{time.perf_counter() - t0:.0f} s", flush=True))
     result = Audit(problem, factor).scan()
     seconds = time.perf_counter() - t0
     torch.save({"n": n, "p": problem.p, "K": factor.k, "path": factor.plan.path, "panel": factor.plan.panel,

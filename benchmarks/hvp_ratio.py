@@ -75,7 +75,7 @@ def main(argv=None):
     if args.problem == "digits":
         from setsens.experiments.demo import DemoConfig, train_stationary
 
-        problem, model_name = train_stationary(DemoConfig(), progress=False), "digits MLP 64-64-64-10"
+        problem, model_name = train_stationary(DemoConfig()), "digits MLP 64-64-64-10"
     else:
         if args.random_weights:
             model = cifar_resnet(args.depth)

@@ -58,7 +58,7 @@ def digits_problem(n: int, seed: int):
     """The demo's problem (``setsens demo``): bias-free ReLU MLP 64-64-64-10 trained to stationarity."""
     from setsens.experiments.demo import DemoConfig, train_stationary
 
-    return train_stationary(DemoConfig(n=n, seed=seed), progress=False), 10
+    return train_stationary(DemoConfig(n=n, seed=seed)), 10
 
 
 def resnet_problem(n: int, checkpoint: str, data: str, device: str):

@@ -43,7 +43,7 @@ def problem_and_points(args):
     if args.problem == "digits":
         from setsens.experiments.demo import DemoConfig, movable_points, train_stationary
 
-        problem = train_stationary(DemoConfig(n=args.n or 100, seed=0), progress=False)
+        problem = train_stationary(DemoConfig(n=args.n or 100, seed=0))
         return problem, movable_points(problem, args.points or 10)
     from setsens.data.cifar import load_cifar10
     from setsens.models.resnet import load_cifar_resnet

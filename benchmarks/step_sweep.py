@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", default="0.01,0.003,0.001")
     a = parser.parse_args()
-    problem = train_stationary(DemoConfig(seed=a.seed), progress=False)
+    problem = train_stationary(DemoConfig(seed=a.seed))
     K = movable_points(problem, 10)
     for step in (float(s) for s in a.steps.split(",")):
         pert = gradient_perturbation(problem, K, step)

@@ -19,6 +19,7 @@ from .convex_certificate import ConvexCertificate, ConvexModel
 from .audit import Audit, GramFactor, Scan, answer_queries, exact_modulus, group_modulus, input_jacobians, scan
 from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem, cross_entropy, squared_error
+from .progress import Progress
 from .solution_set import RadiusOptions, SolutionSet, SolveOptions, estimate
 from .tangent import TrainingTangent, training_tangent
 
@@ -27,4 +28,4 @@ __all__ = ["Problem", "Perturbation", "cross_entropy", "squared_error", "estimat
            "RadiusOptions", "gradient_perturbation", "random_perturbation", "analyze", "Analysis", "scan", "Scan",
            "Audit", "GramFactor", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries", "Training",
            "training_tangent", "TrainingTangent", "analyze_training", "validity", "ggn_filter", "proximal_prediction",
-           "ConvexModel", "ConvexCertificate", "__version__"]
+           "ConvexModel", "ConvexCertificate", "Progress", "__version__"]

@@ -22,6 +22,7 @@ from torch import Tensor
 from .filters import ggn_filter
 from .finetune import Training
 from .problem import NotStationaryWarning, Perturbation, Problem
+from .progress import ProgressFn, report
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
 from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
@@ -162,7 +163,7 @@ def _reference_kind(problem: Problem, reference: str) -> str:
 
 def validate_estimate(problem: Problem, perturbation: Perturbation, result: SolutionSet, x_eval: Tensor, *,
                       steps: int = 1000, reference: str = "auto", solve: SolveOptions | None = None,
-                      progress=None) -> tuple[dict, dict]:
+                      progress: ProgressFn | None = None) -> tuple[dict, dict]:
     """Score the estimate against retraining on the outputs at ``x_eval``: Pearson correlation and
     relative error between the predicted and the retrained change; the damped influence function is
     scored the same way.  ``reference``: ``"budget"`` (:func:`setsens.retrain.budget_response`,
@@ -232,7 +233,7 @@ def _predictions(problem: Problem, perturbation: Perturbation, x_eval: Tensor, y
 def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", *, test: tuple | None = None,
             members: int = 8, seed: int = 0, solve: SolveOptions | None = None,
             radius: RadiusOptions | None = None, validate: bool = False, steps: int = 1000,
-            reference: str = "auto", progress=None, training: Training | None = None) -> Analysis:
+            reference: str = "auto", progress: ProgressFn | None = None, training: Training | None = None) -> Analysis:
     """Estimate the set after ``perturbation``, grade it, and measure its effect on predictions.
 
     Args:
@@ -244,7 +245,9 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
         validate: retrain (``steps`` steps on the perturbed and on the clean data: ``2·steps`` gradient
             passes) and score the estimate and the influence function.
         reference: the retraining to validate against (see :func:`validate_estimate`); checked first.
-        progress: ``progress(stage: str, info=None)`` for long steps.
+        progress: called with a :class:`~setsens.progress.Progress` at each stage (``estimate``, ``verdict``
+            with ``info["verdict"]``, ``predictions``, ``validate``) and for each unit of the long ones
+            (``candidate``, ``tangent``, ``retrain``).
 
     Cost: one :func:`estimate`, ``members`` null projections and forward passes over the held-out points.
     """
@@ -271,27 +274,26 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
         if solve is not None and solve.preconditioner != "none" and method != "gauss-newton":
             raise ValueError(f"the preconditioner applies to Gauss–Newton only, and method 'auto' chose {method} "
                              f"({reason}): pass method='gauss-newton' or no preconditioner")
-    report = progress or (lambda stage, info=None: None)
-    report("estimate", method)
+    report(progress, "estimate", method=method)
     result = estimate(problem, perturbation, method, solve=solve, radius=radius,
-                      progress=lambda rec: report("candidate", rec))
+                      progress=progress)
     idx = perturbation.indices
     loss = LossOnPoints(clean=problem.loss_on(idx), original=problem.loss_on(idx, perturbation=perturbation),
                         estimate=problem.loss_on(idx, result.centre, perturbation))
     verdict = assess(result, loss, first_order_residual(result), kink(result))
-    report("verdict", verdict)
+    report(progress, "verdict", verdict=verdict)
     sampled = result.sample(members, torch.Generator().manual_seed(seed)) if members and method != "influence" \
         else result.shift.new_zeros(0, problem.p)
     x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
-    report("predictions")
+    report(progress, "predictions")
     predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, problem.params, result.centre,
                                sampled)
     validation, changes = None, {}
     if validate:
-        report("validate", steps)
+        report(progress, "validate", steps=steps)
         changes, validation = validate_estimate(problem, perturbation, result, x_eval, steps=steps,
                                                 reference=reference, solve=solve,
-                                                progress=lambda k: report("retrain", k))
+                                                progress=progress)
         run = validation["reference_run"]
         if run["output_change_norm"] == 0.0:
             notes.append("retraining did not move the held-out outputs at all: there is nothing to validate against")
@@ -375,7 +377,7 @@ def choose_step(valid: dict) -> tuple[float, bool]:
 
 def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                      test: tuple | None = None, validate: bool = False, tangent: TrainingTangent | None = None,
-                     floor_factor: float = 300.0, filter_rank: int = 0, progress=None) -> Analysis:
+                     floor_factor: float = 300.0, filter_rank: int = 0, progress: ProgressFn | None = None) -> Analysis:
     """The training tangent (:mod:`setsens.tangent`) of ``training`` along ``perturbation``: its predicted change
     of the outputs, the range of steps where it holds (:func:`validity`), a verdict, and with ``validate`` its
     score against the reference it predicts (:func:`validate_tangent`).
@@ -385,36 +387,35 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     Cost: one second-order tangent (about 7.5 gradients per training step) and the jump probes of
     :func:`validity`; ``validate`` adds :func:`validate_tangent`'s.
     """
-    report = progress or (lambda stage, info=None: None)
     problem.check_perturbation(perturbation)
     x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
     if tangent is None:
-        report("estimate", TANGENT)
+        report(progress, "estimate", method=TANGENT)
         tangent = training_tangent(problem, perturbation, training, order=2,
-                                   progress=lambda t: report("tangent", t))
+                                   progress=progress)
     valid = validity(tangent, x_eval)
     idx = perturbation.indices
     loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base),
                         original=problem.loss_on(idx, tangent.base, perturbation),
                         estimate=problem.loss_on(idx, tangent.centre, perturbation))
     verdict = assess_tangent(tangent, valid["ratio"], valid["jump_ratio"]["median"])
-    report("verdict", verdict)
-    report("predictions")
+    report(progress, "verdict", verdict=verdict)
+    report(progress, "predictions")
     none = tangent.shift.new_zeros(0, problem.p)
     predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, tangent.base, tangent.centre,
                                none)
     validation, changes = None, {}
     if validate:
-        report("validate", tangent.training.steps)
+        report(progress, "validate", steps=tangent.training.steps)
         changes, validation, more = validate_tangent(tangent, x_eval, floor_factor=floor_factor,
-                                                     filter_rank=filter_rank, progress=lambda k: report("retrain", k))
+                                                     filter_rank=filter_rank, progress=progress)
         notes += more
     reason = "the tangent of the fine-tuning run: " + tangent.training.describe()
     return Analysis(TANGENT, reason, tangent, verdict, loss, none, predictions, validation, notes, changes, valid)
 
 
 def validate_tangent(tangent: TrainingTangent, x_eval: Tensor, *, floor_factor: float = 300.0, filter_rank: int = 0,
-                     progress=None) -> tuple[dict, dict, list[str]]:
+                     progress: ProgressFn | None = None) -> tuple[dict, dict, list[str]]:
     """Score the tangent against the reference it predicts, :func:`setsens.retrain.training_response` (the same
     training on the perturbed and on the clean data), on the outputs at ``x_eval``; the damped influence function
     (and, with ``filter_rank``, :func:`setsens.filters.ggn_filter`) are scored the same way.

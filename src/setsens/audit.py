@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from .function_space import OutputJacobian, output_shift
+from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
 from .gram import (CHUNK, EigenInverse, center_gram, float64_product, gram_matrix, jacobian_products, nystrom_inverse,
                    plan)
-from .krylov import cgls
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
+from .progress import ProgressFn
 
 if TYPE_CHECKING:
     from .certificate import Certificate
@@ -64,7 +64,7 @@ class GramFactor(LinearOperator):
     pseudo-inverse rule)."""
 
     def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
-                 progress: Callable[[int, int], None] | None = None, checkpoint: str | None = None,
+                 progress: ProgressFn | None = None, checkpoint: str | None = None,
                  rank: int = 1000, power: int = 1, seed: int = 0):
         t0 = time.perf_counter()
         self.problem = problem
@@ -219,7 +219,7 @@ def exact_modulus(problem: Problem, point: int, maxiter: int = 500, rtol: float 
     for j in range(K):
         e = torch.zeros(problem.n, K, dtype=problem.dtype, device=problem.device)
         e[point, j] = 1.0
-        columns.append(cgls(G, center_classes(e) if centered else e, maxiter=maxiter, rtol=rtol).x.to(e))
+        columns.append(min_norm_solve(G, center_classes(e) if centered else e, maxiter=maxiter, rtol=rtol).x.to(e))
     return float(torch.linalg.matrix_norm(torch.stack(columns, 1) @ A, ord=2))
 
 
@@ -229,9 +229,8 @@ def answer_queries(problem: Problem, perturbations: list[Perturbation], factor: 
     Equals ``estimate(problem, pert, "gauss-newton", solve=SolveOptions(rule="fixed"))``'s shift for
     a converged solve.  Cost: one JVP over each query's points, then one matrix product for all.
     """
-    factor = factor or GramFactor(problem)
     r = torch.stack([output_shift(problem, p) for p in perturbations])
-    return factor.shift(r)
+    return gauss_newton_shift(problem, r, factor or GramFactor(problem))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The ``setsens`` command line: one subcommand per experiment; each lives in its own module.
 
 This is the edge where global state may be set: the plotting backend (Agg, no display needed),
-and errors, which reach the user as one line (``--debug`` shows the traceback).
+errors, which reach the user as one line (``--debug`` shows the traceback), and ``--quiet`` (no progress:
+every subcommand renders the library's progress through :class:`setsens.experiments.bars.Bars`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def _one_line_warnings():
 @click.version_option(__version__, prog_name="setsens")
 @click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
               help="Show the full traceback of an error (also accepted after the subcommand).")
-def main():
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or progress lines (results and reports as usual).")
+@click.pass_context
+def main(ctx, quiet):
     """Set-valued sensitivity analysis of neural networks."""
     import matplotlib
 
     matplotlib.use("Agg")
+    ctx.meta["setsens.quiet"] = quiet

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .problem import Perturbation, Problem
+from .progress import ProgressFn, report
 
 __all__ = ["Training", "OPTIMIZERS", "schedule", "step_batches", "step_gradient", "initial_state", "optimizer_step",
            "resolve_lr", "fine_tune", "FineTuned", "diverged"]
@@ -207,10 +208,10 @@ class FineTuned:
 
 
 def fine_tune(problem: Problem, perturbation: Perturbation | None, training: Training,
-              progress: Callable[[int], None] | None = None, snapshot: int | None = None) -> FineTuned:
+              progress: ProgressFn | None = None, snapshot: int | None = None) -> FineTuned:
     """Run ``training`` from w̄ with ``torch.optim`` on the (perturbed) data, keeping the weights after step
     ``snapshot`` if given.  Cost: ``steps`` gradients (of a minibatch, or of the full risk) and two risk passes.
-    ``progress(t)`` after each step."""
+    ``progress``: a :class:`~setsens.progress.Progress` ``("fine-tune", t, steps)`` after each step."""
     training = resolve_lr(problem, training)
     w = problem.params.clone().requires_grad_(True)
     opt = torch_optimizer(training, w)
@@ -224,8 +225,7 @@ def fine_tune(problem: Problem, perturbation: Perturbation | None, training: Tra
         opt.step()
         if t == snapshot:
             kept = w.detach().clone()
-        if progress:
-            progress(t)
+        report(progress, "fine-tune", t, training.steps)
     end = problem.risk(w.detach(), perturbation)
     return FineTuned(w.detach(), start, end, diverged(training, start, end), kept)
 

@@ -7,8 +7,9 @@ keeps the data fitted when, for every training point i,
     G_i v = −r_i,   G_i = ∂f(x̄_i, w̄)/∂w,   r_i = ∂f(x̄_i, w̄)/∂x · Δx_i  (zero for i ∉ K),
 
 with the outputs centred over the classes when the loss ignores a common shift of the logits
-(cross-entropy).  This module holds G and r; ``setsens.estimate(..., "gauss-newton")`` returns the
-minimum-norm such v, ``v = −G⁺ r``, by CGLS (:func:`setsens.krylov.cgls`), matrix-free.
+(cross-entropy).  This module holds G, r and the one computation of the minimum-norm such v,
+``v = −G⁺ r`` (:func:`gauss_newton_shift`: a product with a dense factor, or :func:`min_norm_solve`, CGLS
+matrix-free), which ``setsens.estimate(..., "gauss-newton")``, the audit and the poisoning attack share.
 
 Relation to eq. 19 (``H v + J Δx = 0``).  Write ``H = Gᵀ Λ G + Σ_i ⟨∂ℓ_i/∂f, ∇²_w f_i⟩`` and
 ``J Δx = Gᵀ Λ r + Σ_i (∂G_i/∂x Δx_i)ᵀ ∂ℓ_i/∂f`` (Λ: the per-sample Hessians of the loss in the
@@ -40,11 +41,12 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from .krylov import KrylovResult, cgls, cgne
 from .linear import LinearOperator
 from .operators import cache_budget, graph_bytes, linearized, memory_in_use
 from .problem import Perturbation, Problem, center_classes
 
-__all__ = ["OutputJacobian", "output_shift"]
+__all__ = ["OutputJacobian", "output_shift", "min_norm_solve", "gauss_newton_shift"]
 
 
 class OutputJacobian(LinearOperator):
@@ -177,3 +179,27 @@ def output_shift(problem: Problem, perturbation: Perturbation, w: Tensor | None 
     r = torch.zeros(len(problem.rows), rK.shape[1], dtype=rK.dtype, device=rK.device)
     r.index_add_(0, local.indices.to(r.device), rK)
     return center_classes(r) if centered else r
+
+
+def min_norm_solve(G: OutputJacobian, y: Tensor, precondition=None, **options) -> KrylovResult:
+    """``G⁺ y``, matrix-free: the minimum-norm least-squares solution of ``G x = y`` in G's output inner
+    product — CGLS, or CG on ``GGᵀ`` preconditioned in G's range (:func:`~setsens.krylov.cgne`) when
+    ``precondition`` (:mod:`setsens.preconditioners`) is given.  ``options``: those of
+    :func:`~setsens.krylov.cgls` (``maxiter``, ``rtol``, ``x0``, ``callback``, ``checkpoint``).  The one
+    Gauss–Newton solve: the shift (``y = −r``), the range projections of the radius rule (``y = G z``)
+    and the audit's per-point modulus (``y = e_k``) all run it."""
+    if precondition is None:
+        return cgls(G, y, dot=G.dot, **options)
+    return cgne(G, y, precondition=precondition, dot=G.dot, **options)
+
+
+def gauss_newton_shift(problem: Problem, r: Tensor, factor=None, *, maxiter: int = 200,
+                       rtol: float = 1e-8) -> Tensor:
+    """The minimum-norm Gauss–Newton shift ``v = −G⁺ r`` for output changes ``r`` (n, K) (with a factor also
+    (m, n, K) for m at once, then (m, p)): one product with ``factor`` (a :class:`setsens.audit.GramFactor`,
+    dense, small networks) or one :func:`min_norm_solve` on the matrix-free G (``maxiter``, ``rtol``).
+    The centring is G's (the problem's loss decides): pass ``r`` uncentred or centred alike."""
+    if factor is not None:
+        return factor.shift(r)
+    G = OutputJacobian(problem, centered=problem.loss_ignores_output_shift)
+    return min_norm_solve(G, -r, maxiter=maxiter, rtol=rtol).x.to(problem.params)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from torch import Tensor
 from .atomic import atomic_torch_save
 from .operators import cache_budget, per_sample_jacobian
 from .problem import Problem, center_classes
+from .progress import ProgressFn, report
 
 __all__ = ["GramPlan", "plan", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products", "center_gram",
            "EigenInverse", "NystromInverse", "nystrom_inverse"]
@@ -117,11 +118,11 @@ def float64_product(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Callable[[int, int], None] | None = None,
+def gram_matrix(problem: Problem, centered: bool, panel: int, progress: ProgressFn | None = None,
                 checkpoint: str | Path | None = None) -> Tensor:
     """``GGᵀ`` ((n·K) × (n·K), float64) from panels of ``panel`` points, G never held (module doc for the
-    cost).  ``progress(points done, n)`` after each panel; ``checkpoint``: the finished panels are saved
-    there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
+    cost).  ``progress``: stage ``"gram"``, points done of n, after each panel.  ``checkpoint``: the finished
+    panels are saved there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
     n, p = problem.n, problem.p
     k = next(jacobian_chunks(problem, centered, 0, 1))[1].shape[1]
     key = (n, p, k, centered, int(panel), float(problem.params.double().norm()),
@@ -142,8 +143,7 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Callable
         del JP
         if checkpoint is not None:
             atomic_torch_save({"key": key, "M": M, "done": e}, checkpoint)
-        if progress is not None:
-            progress(e, n)
+        report(progress, "gram", e, n)
     return M
 
 
@@ -248,10 +248,10 @@ class NystromInverse:
 
 
 def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, power: int = 1, seed: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> NystromInverse:
+                    progress: ProgressFn | None = None) -> NystromInverse:
     """:class:`NystromInverse` of rank ``rank`` (at most half the n·K outputs: beyond, the residual blocks vanish
     and the exact paths are the better buy) with ``power`` power iterations, Ω seeded by
-    ``seed``.  ``progress(passes done, passes)`` after each Jacobian pass."""
+    ``seed``.  ``progress``: stage ``"sketch"``, Jacobian passes done, after each."""
     n = problem.n
     k = next(jacobian_chunks(problem, centered, 0, 1))[1].shape[1]
     N, rank = n * k, min(rank, n * k // 2)
@@ -260,8 +260,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     def tick():
         nonlocal done
         done += 1
-        if progress is not None:
-            progress(done, passes)
+        report(progress, "sketch", done, passes)
 
     omega = torch.randn(rank, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if centered:

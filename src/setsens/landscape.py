@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .problem import Perturbation, Problem
+from .progress import ProgressFn, report
 
 __all__ = ["Landscape", "filter_normalized_direction", "plane_directions", "landscape", "plot_landscape"]
 
@@ -83,10 +84,10 @@ class Landscape:
 
 def landscape(problem: Problem, d1: Tensor, d2: Tensor, alphas, betas, *, center: Tensor | None = None,
               perturbation: Perturbation | None = None, marks: dict[str, Tensor] | None = None,
-              kind: str = "custom", progress=None) -> Landscape:
+              kind: str = "custom", progress: ProgressFn | None = None) -> Landscape:
     """``L(x (+Δx), center + α d₁ + β d₂)`` on the grid; ``marks`` (name → weights) are projected.
 
-    ``progress``: optional callable invoked once per grid point (e.g. a tqdm ``update``).
+    ``progress``: ``Progress("landscape", i, grid points)`` after each grid point.
     """
     center = problem.params if center is None else center
     alphas, betas = np.asarray(alphas, dtype=float), np.asarray(betas, dtype=float)
@@ -94,8 +95,7 @@ def landscape(problem: Problem, d1: Tensor, d2: Tensor, alphas, betas, *, center
     for i, b in enumerate(betas):
         for j, a in enumerate(alphas):
             loss[i, j] = problem.risk(center + float(a) * d1 + float(b) * d2, perturbation)
-            if progress is not None:
-                progress()
+            report(progress, "landscape", i * len(alphas) + j + 1, loss.size)
     out = {}
     D = torch.stack([d1, d2], 1).double()
     for name, w in (marks or {}).items():

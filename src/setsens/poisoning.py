@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .audit import GramFactor
-from .function_space import OutputJacobian, output_shift
+from .function_space import OutputJacobian, gauss_newton_shift, output_shift
 from .krylov import cgls
 from .linear import LinearOperator
 from .perturb import gradient_perturbation, random_perturbation
@@ -89,12 +89,10 @@ class Poisoning:
 
 def set_shift(problem: Problem, perturbation: Perturbation, factor=None, maxiter: int = 200,
               rtol: float = 1e-8) -> Tensor:
-    """The minimum-norm Gauss–Newton shift ``v = −G⁺ r(Δx)``: one product with ``factor`` or one CGLS."""
-    centered = problem.loss_ignores_output_shift
-    r = output_shift(problem, perturbation, centered=centered)
-    if factor is not None:
-        return factor.shift(r)
-    return -cgls(OutputJacobian(problem, centered=centered), r, maxiter=maxiter, rtol=rtol).x.to(problem.params)
+    """The minimum-norm Gauss–Newton shift ``v = −G⁺ r(Δx)`` (:func:`~setsens.function_space.gauss_newton_shift`):
+    one product with ``factor`` or one CGLS."""
+    r = output_shift(problem, perturbation, centered=problem.loss_ignores_output_shift)
+    return gauss_newton_shift(problem, r, factor, maxiter=maxiter, rtol=rtol)
 
 
 def _adjoint(problem: Problem, g: Tensor, factor, maxiter: int, rtol: float) -> Tensor:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, regression_targets
+from .progress import part
 
 __all__ = ["RetrainResult", "retrain", "levenberg_marquardt", "distance_to_solution_set", "ProximalResponse",
            "proximal_response", "pbrf_response", "BudgetResponse", "budget_response", "TrainingResponse",
@@ -264,7 +265,7 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
     above its start — is redone with half the step, both runs with the same one (at most
     ``max_halvings`` times, then a ``RuntimeError``): on ResNet-56, 1/λ_max(H) at w̄ blows up within
     200 steps.  Cost: ``2·steps`` gradient passes over the data and two risk passes, per attempt.
-    ``progress(k)`` is called after each step of each run.
+    ``progress``: ``Progress("retrain", k, 2·steps)`` after each step of the two runs (of each attempt).
     """
     from .finetune import Training, fine_tune, resolve_lr
 
@@ -275,7 +276,8 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
 
     def run(pert, lr):
         """(end, halfway), or None when the run diverged."""
-        run = fine_tune(problem, pert, replace(training, lr=lr), progress, snapshot=steps // 2)
+        run = fine_tune(problem, pert, replace(training, lr=lr), part(progress, "retrain", steps if pert is None else 0,
+                                                                          2 * steps), snapshot=steps // 2)
         return None if run.diverged else (run.w, run.snapshot)
 
     for halvings in range(max_halvings + 1):
@@ -322,14 +324,16 @@ def training_response(problem: Problem, perturbation: Perturbation, training=Non
     """The budget response of ``training`` (default :class:`~setsens.finetune.Training()`), with its noise floor.
 
     Cost: four fine-tuning runs (perturbed, clean, and perturbed at a ``floor_factor`` × and a 3× smaller step;
-    the last two skipped with ``floor_factor=0``).  ``progress(t)`` after each step of each run.
+    the last two skipped with ``floor_factor=0``).  ``progress``: ``Progress("retrain", k, runs·steps)`` after
+    each step of each run.
     """
     from .finetune import Training, fine_tune, resolve_lr
 
     training = resolve_lr(problem, training or Training())
-    runs = [fine_tune(problem, perturbation, training, progress), fine_tune(problem, None, training, progress)]
-    if floor_factor:
-        runs += [fine_tune(problem, perturbation.scaled(1 / f), training, progress) for f in (floor_factor, 3)]
+    perts = [perturbation, None] + ([perturbation.scaled(1 / f) for f in (floor_factor, 3)] if floor_factor else [])
+    T = training.steps
+    runs = [fine_tune(problem, pert, training, part(progress, "retrain", i * T, len(perts) * T))
+            for i, pert in enumerate(perts)]
     return TrainingResponse(runs[0].w, runs[1].w, runs[2].w if floor_factor else None, floor_factor, training,
                             any(r.diverged for r in runs), runs[3].w if floor_factor else None)
 

@@ -38,17 +38,18 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .function_space import OutputJacobian, output_shift
-from .krylov import Callback, Deflation, KrylovResult, cgls, cgne, minres, minres_min_norm, power_iteration
+from .function_space import OutputJacobian, min_norm_solve, output_shift
+from .krylov import Callback, Deflation, KrylovResult, minres, minres_min_norm, power_iteration
 from .operators import HVP_MODES, DataJacobian, Damped, Hessian, dense_hessian, dense_output_jacobian
 from .preconditioners import PRECONDITIONERS, gram_preconditioner
 from .problem import Perturbation, Problem
+from .progress import ProgressFn, report
 from .sets import AffineBall, excess, hausdorff
 from .solvers import Spectrum
 
@@ -319,7 +320,7 @@ def _inside(v0: Tensor, n: Tensor, r: float, length: float) -> Tensor:
 
 def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-newton", *,
              dense: bool = False, scale: str = "exact", solve: SolveOptions | None = None,
-             radius: RadiusOptions | None = None, progress=None) -> SolutionSet:
+             radius: RadiusOptions | None = None, progress: ProgressFn | None = None) -> SolutionSet:
     """Estimate ``S(xᵖ) ∩ U ≈ w̄ + DS(x̄|w̄)(Δx)`` (see the module doc for the rules).
 
     Args:
@@ -327,7 +328,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
             or ``"influence"`` (damped influence function, a single point: the baseline).
         dense: eigen/singular-value decomposition instead of Krylov solves (p up to a few thousand).
         scale: ``"exact"`` (1/n, the true derivative) or ``"paper"`` (1/|K|, eqs. 14/17).
-        progress: optional ``progress(record: dict)`` called for each scored candidate.
+        progress: a :class:`~setsens.progress.Progress` ``("iteration", k, maxiter, {residual})`` after each
+            Krylov iteration, and ``("candidate", i, total, record)`` for each scored candidate.
 
     Cost (matrix-free): Gauss–Newton — one JVP and one VJP pass over the data per iteration;
     Hessian — one H v per iteration of two MINRES solves; plus the radius rule and one H v and one
@@ -367,6 +369,8 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
         evals[0] += 1
         return problem.risk(w_bar + v, perturbation)
 
+    if progress is not None and not dense:
+        solve = replace(solve, callback=_reporting(solve.callback, progress, solve.maxiter))
     if method == "influence":
         v, null, selected, path, krylov = _influence(H, b, solve)
     elif dense:
@@ -396,6 +400,16 @@ def estimate(problem: Problem, perturbation: Perturbation, method: str = "gauss-
                         "null_projections": null.calls, "seconds": time.perf_counter() - t0,
                         "solve_seconds": None if krylov is None else krylov.seconds, "hvp_seconds": hvp_seconds},
     )
+
+
+def _reporting(callback, progress: ProgressFn, maxiter: int):
+    """The solver hook ``callback`` (None: none), reporting each iteration first as
+    ``Progress("iteration", k, maxiter, {"residual": …})``."""
+    def hook(k: int, residual: float, x: Tensor) -> bool:
+        report(progress, "iteration", k, maxiter, residual=residual)
+        return bool(callback(k, residual, x)) if callback else False
+
+    return hook
 
 
 def _influence(H, b, solve):
@@ -428,8 +442,7 @@ def _dense(problem, method, b, r, centered, perturbed_risk, risk0, solve, progre
                "perturbed_risk": perturbed_risk(v) if solve.rule == "validated" else float("nan")}
         path.append(rec)
         solutions.append(v)
-        if progress:
-            progress(rec)
+        report(progress, "candidate", len(path), len(taus), **rec)
     best = min(rec["perturbed_risk"] for rec in path)
     pick = 0 if solve.rule == "fixed" else next(
         i for i, rec in enumerate(path) if rec["perturbed_risk"] <= _band(best, risk0, solve.tie))
@@ -448,8 +461,7 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
             return False
         rec = {"iteration": k, "shift_norm": float(v.norm()), "perturbed_risk": perturbed_risk(v)}
         path.append(rec)
-        if progress:
-            progress(rec)
+        report(progress, "candidate", len(path), None, **rec)
         lowest[0] = min(lowest[0], rec["perturbed_risk"])
         if rec["perturbed_risk"] <= _band(lowest[0], risk0, solve.tie):  # the least regularised tie
             best.clear()
@@ -467,12 +479,10 @@ def _krylov(method, H, G, b, r, perturbed_risk, risk0, solve, progress, radius):
                    checkpoint=solve.checkpoint)
     if method == "gauss-newton":
         M = gram_preconditioner(solve.preconditioner, G, solve.sketch)
-        result = (cgls(G, -r, dot=G.dot, **options) if M is None
-                  else cgne(G, -r, precondition=M, dot=G.dot, **options))
+        result = min_norm_solve(G, -r, M, **options)  # v₀ = −G⁺ r
 
         def range_part(z):  # the preconditioner, paid once, serves every projection
-            options = dict(dot=G.dot, maxiter=radius.projection_maxiter, rtol=1e-10)
-            return (cgls(G, G @ z, **options) if M is None else cgne(G, G @ z, precondition=M, **options)).x.to(z)
+            return min_norm_solve(G, G @ z, M, maxiter=radius.projection_maxiter, rtol=1e-10).x.to(z)
     else:
         solver = minres_min_norm if solve.min_norm else minres
         result = solver(H, -b, deflation=solve.deflation, keep_basis=solve.keep_basis, **options)

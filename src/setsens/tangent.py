@@ -21,7 +21,6 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +30,7 @@ from .atomic import atomic_torch_save
 from .finetune import Training, initial_state, optimizer_step, resolve_lr, schedule, step_batches, step_gradient
 from .finetune import diverged as run_diverged
 from .problem import Perturbation, Problem
+from .progress import ProgressFn, report
 
 __all__ = ["TrainingTangent", "training_tangent", "output_derivatives", "validity_ratio", "jump_ratio"]
 
@@ -99,7 +99,7 @@ def _first(step, w, state, eps, dw, dstate):
 
 def training_tangent(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                      order: int = 1, at: float = 0.0, probes: int = 10,
-                     progress: Callable[[int], None] | None = None, checkpoint: str | None = None) -> TrainingTangent:
+                     progress: ProgressFn | None = None, checkpoint: str | None = None) -> TrainingTangent:
     """The derivative (``order=2``: and the second derivative) of the fine-tuning run's end along Δx.
 
     Args:
@@ -107,7 +107,7 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
         at: ε₀, where along ``x̄ + εΔx`` to differentiate (0: at the training data).
         probes: keep ``(w_t, w′_t)`` at this many evenly spaced steps for :func:`jump_ratio` (2 weight vectors
             each).
-        progress: ``progress(t)`` after each step.
+        progress: a :class:`~setsens.progress.Progress` ``("tangent", t, steps)`` after each step.
         checkpoint: a file: the run's state is saved there (atomically) every 10 steps and a rerun with the
             same arguments resumes from it.
 
@@ -152,8 +152,7 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
         c["t"] = t
         if checkpoint is not None and (t % 10 == 0 or t == training.steps):
             atomic_torch_save({"key": key, "carry": carry, "probes": kept}, checkpoint)
-        if progress:
-            progress(t)
+        report(progress, "tangent", t, training.steps)
     end_risk = problem.risk(carry["w"], perturbation.scaled(at) if at else None)
     per_step = 3 if order == 1 else 7.5
     return TrainingTangent(problem, perturbation, training, problem.params.clone(), carry["w"], carry["dw"],

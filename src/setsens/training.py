@@ -7,12 +7,15 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .progress import ProgressFn, counted
+
 __all__ = ["adam_steps"]
 
 
 def adam_steps(params: Iterable[Tensor], loss: Callable[[], Tensor], steps: int, lr: float = 1e-2,
-               progress: Callable | None = None) -> None:
-    """``steps`` Adam steps on ``loss()`` (recomputed each step); ``progress`` wraps the steps (tqdm).
+               progress: ProgressFn | None = None) -> None:
+    """``steps`` Adam steps on ``loss()`` (recomputed each step); ``progress``: ``Progress("adam", t, steps)`` after
+    each step.
 
     >>> w = torch.zeros(2, requires_grad=True)
     >>> adam_steps([w], lambda: ((w - 1) ** 2).sum(), 300, lr=0.1)
@@ -20,7 +23,7 @@ def adam_steps(params: Iterable[Tensor], loss: Callable[[], Tensor], steps: int,
     True
     """
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps) if progress is None else progress(range(steps)):
+    for _ in counted(progress, range(steps), "adam"):
         opt.zero_grad()
         loss().backward()
         opt.step()

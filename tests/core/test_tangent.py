@@ -147,15 +147,15 @@ def test_an_interrupted_tangent_resumes_from_its_checkpoint(tmp_path):
     training, ck = TRAININGS["adam"], str(tmp_path / "tangent.pt")
     whole = training_tangent(problem, pert, training, order=2, probes=5)
 
-    def stop(t):
-        if t == 13:
+    def stop(event):
+        if event.done == 13:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         training_tangent(problem, pert, training, order=2, probes=5, checkpoint=ck, progress=stop)
     steps = []
     resumed = training_tangent(problem, pert, training, order=2, probes=5, checkpoint=ck, progress=steps.append)
-    assert steps[0] == 11  # saved at step 10, so 11 … 25 are run again
+    assert (steps[0].stage, steps[0].done, steps[0].total) == ("tangent", 11, training.steps)  # saved at step 10, so 11 … 25 are run again
     for a, b in ((whole.base, resumed.base), (whole.shift, resumed.shift), (whole.second, resumed.second)):
         assert torch.equal(a, b)
     assert [p[0] for p in resumed.probes] == [p[0] for p in whole.probes]

@@ -2,7 +2,8 @@
 
 Each module in ``NAMES`` exposes one ``click`` command named like the module; :mod:`setsens.cli`
 imports a module only when its subcommand runs.  To add a subcommand, add its module name to
-``NAMES``.  :mod:`.options` (option checks) and :mod:`.state` (resumable runs) serve them all.
+``NAMES``.  :mod:`.options` (option checks), :mod:`.state` (resumable runs) and :mod:`.bars` (the one
+renderer of the library's progress) serve them all.
 """
 
 from __future__ import annotations

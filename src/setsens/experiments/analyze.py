@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 
+from .bars import Bars
 from .options import number_list
 from .user_model import load_problem, model_options, polish_summary
 
@@ -209,13 +210,14 @@ def _analyze_training(problem, pert, training, step, test, validate, progress, l
     ``pert`` (1 %), the step is chosen by its validity range (:func:`setsens.analysis.choose_step`), and the
     tangent is rescaled (a derivative at the data is linear in Δx)."""
     from ..analysis import _evaluation_points, analyze_training, choose_step, validity
+    from ..progress import report
     from ..tangent import training_tangent
 
     if step is not None:
         return analyze_training(problem, pert, training, test=test, validate=validate, progress=progress)
     x_eval = _evaluation_points(problem, pert, test)[0]
-    progress("estimate", "training-tangent")
-    unit = training_tangent(problem, pert, training, order=2, progress=lambda t: progress("tangent", t))
+    report(progress, "estimate", method="training-tangent")
+    unit = training_tangent(problem, pert, training, order=2, progress=progress)
     chosen, inside = choose_step(validity(unit, x_eval))
     log(f"validity: step {chosen:g} %" + (" (step_max, the largest step inside the range)" if inside else
                                            " — no step is inside the range; this one is the closest to it"))
@@ -321,31 +323,24 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
         f"{idx.tolist()} " + (f"by {step:g} % along {along}" if step else f"along {along}, the step chosen by its "
                               "validity range"))
 
-    from tqdm.auto import tqdm
+    runs = "(perturbed, clean, noise floor)" if tangent else "(perturbed, clean)"
+    bars = Bars({"retrain": f"retrain {runs}", "tangent": "tangent of the training run (2nd order)",
+                 "iteration": "estimate (Krylov iterations)", "candidate": "estimate (scored candidates)"},
+                units={"candidate": "check"})
 
-    bars = {}
-
-    def progress(stage, info=None):
-        if stage == "retrain":
-            runs = "(perturbed, clean, noise floor)" if tangent else "(perturbed, clean)"
-            bars.setdefault("retrain", tqdm(total=(3 if tangent else 2) * (training.steps if tangent else steps),
-                                            desc=f"retrain {runs}", leave=False, disable=None)).update(1)
-        elif stage == "tangent":
-            bars.setdefault("tangent", tqdm(total=training.steps, desc="tangent of the training run (2nd order)",
-                                            leave=False, disable=None)).update(1)
-        elif stage == "candidate":
-            bars.setdefault("estimate", tqdm(desc="estimate (scored candidates)", unit="check", leave=False,
-                                             disable=None)).update(1)
-        elif stage == "verdict":
-            for bar in bars.values():
-                bar.close()
-            log(f"verdict: {info.status.upper()}")
-            for line in info.lines():
+    def progress(event):
+        if event.stage == "verdict":
+            bars.close()
+            verdict = event.info["verdict"]
+            log(f"verdict: {verdict.status.upper()}")
+            for line in verdict.lines():
                 log("  " + for_cli(line))
-        elif stage in ("predictions", "validate"):
-            log(f"{stage}…")
+        elif event.stage in ("predictions", "validate"):
+            log(f"{event.stage}…")
+        elif event.stage == "estimate":
+            log(f"estimate ({event.info['method']})…")
         else:
-            log(f"{stage} ({info})…")
+            bars(event)
 
     import warnings
 
@@ -361,8 +356,7 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
                                                   **({"sketch": sketch} if preconditioner != "none" else {})),
                                steps=steps, reference=reference, progress=progress,
                                radius=RadiusOptions(projection_maxiter=maxiter, seed=seed))
-    for bar in bars.values():
-        bar.close()
+    bars.close()
     summary = analysis.summary()
     for check in summary["verdict"]["checks"]:
         check["advice"] = for_cli(check["advice"])

@@ -30,7 +30,8 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _demo_problem(out, log):
     from ..data import load_digits_subset
-    from .demo import DemoConfig, demo_problem, train_stationary
+    from .bars import Bars
+    from .demo import LABELS, DemoConfig, demo_problem, train_stationary
     from .state import RunState
 
     cfg = DemoConfig()
@@ -40,7 +41,8 @@ def _demo_problem(out, log):
     if w is None:
         log(f"no --model: the digits demo network (n = {cfg.n}, widths {list(cfg.widths)}, seed {cfg.seed}), "
             "trained to an exact fit first…")
-        problem = train_stationary(cfg)
+        with Bars(LABELS) as bars:
+            problem = train_stationary(cfg, bars)
         state.save("weights", problem.params)
         return problem, x_test[:500]
     log(f"no --model: the digits demo network (n = {cfg.n}, widths {list(cfg.widths)}), weights from {state.dir}")
@@ -111,16 +113,16 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     and the two baselines on the same points, all judged by ``retrain``; cached per target."""
     from dataclasses import replace
 
-    from tqdm.auto import tqdm
-
     from ..poisoning import baselines, margin
+    from ..progress import counted
+    from .bars import Bars
 
     problem = audit.problem
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
     per_budget = []
     for budget in budgets:
         rows = []
-        for t in tqdm(chosen, desc=f"attack (budget {100 * budget:g} %)", leave=False):
+        for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)"):
             name = f"attack-{budget:g}-{t}"
             row = state.load(name)
             if row is None:
@@ -160,9 +162,9 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
     certified prediction that changes is a violation.  Attacks are cached per (δ, target)."""
     from dataclasses import replace
 
-    from tqdm.auto import tqdm
-
     from ..poisoning import margin
+    from ..progress import counted
+    from .bars import Bars
 
     problem = audit.problem
     computed = audit.certificates(x_eval, deltas, options.points)
@@ -193,7 +195,7 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
                     candidates = pool.nonzero().reshape(-1)
                     chosen = candidates[torch.randperm(len(candidates), generator=g)[:checks]].tolist()
                     desc = f"{kind} certificate check (δ = {100 * delta:g} %, {label})"
-                    flips[label] = [flipped(delta, t) for t in tqdm(chosen, desc=desc, leave=False)]
+                    flips[label] = [flipped(delta, t) for t in counted(Bars(), chosen, desc)]
                 row.update(attacked={k: len(v) for k, v in flips.items()}, violations=sum(flips["certified"]),
                            uncertified_flipped=sum(flips["uncertified"]))
             rows.append(row)
@@ -322,6 +324,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
     from ..solution_set import estimate
+    from .bars import Bars
     from .state import RunState
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
@@ -354,7 +357,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
         f"Jacobians in panels of {plan.panel} points, G never held") + f", about {plan.bytes / 1e9:.1f} GB) "
         "and every point's modulus…")
     t0 = time.perf_counter()
-    audit = Audit(problem, GramFactor(problem, progress=lambda done, n: log(f"  Gram matrix: {done}/{n} points")))
+    with Bars({"gram": "Gram matrix (points)", "sketch": "Nyström sketch (Jacobian passes)"}) as bars:
+        audit = Audit(problem, GramFactor(problem, progress=bars))
     factor, result = audit.factor, audit.scan()
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,

@@ -34,10 +34,16 @@ from ..models import mlp
 from ..operators import dense_output_jacobian
 from ..perturb import gradient_perturbation
 from ..problem import Problem, squared_error
+from ..progress import ProgressFn, counted
 from ..retrain import levenberg_marquardt, retrain
 from ..solution_set import SolveOptions, estimate
 from ..training import adam_steps
+from .bars import Bars
 from .seeds import distribution, parse_seeds
+
+#: The demo's progress stages, as its bars name them.
+LABELS = {"adam": "train (Adam)", "iteration": "solve", "candidate": "scored candidates", "reference": "reference",
+          "members": "members"}
 
 
 @dataclass
@@ -63,7 +69,7 @@ def demo_problem(cfg: DemoConfig, params=None) -> Problem:
     return Problem(mlp(list(cfg.widths)).double(), squared_error, (x, y), params=params, batch_size=cfg.n)
 
 
-def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
+def train_stationary(cfg: DemoConfig, progress: ProgressFn | None = None) -> Problem:
     """Adam, full-batch L-BFGS in float64, then Levenberg–Marquardt onto an exact interpolating fit.
 
     The last step matters: L-BFGS stops at a risk near 1e-8 whose residual, divided by the smallest
@@ -71,13 +77,10 @@ def train_stationary(cfg: DemoConfig, progress: bool = True) -> Problem:
     reference would then measure w̄'s own misfit, not the perturbation.  LM lands on S(x̄) itself
     (risk ~1e-23), the setting of the first-order theory.
     """
-    from tqdm.auto import tqdm
-
     problem = demo_problem(cfg)
     w = problem.params.clone().requires_grad_(True)
     batch = next(problem.batches())
-    adam_steps([w], lambda: problem.batch_risk(w, *batch), cfg.adam_steps,
-               progress=lambda it: tqdm(it, desc="train (Adam)", disable=not progress, leave=False))
+    adam_steps([w], lambda: problem.batch_risk(w, *batch), cfg.adam_steps, progress=progress)
     fit = retrain(problem, w.detach(), gtol=1e-12, max_iter=cfg.lbfgs_iters)
     fit = levenberg_marquardt(problem, fit.w, gtol=1e-13)
     return Problem(problem.model, squared_error, (problem.inputs, problem.targets), params=fit.w, batch_size=cfg.n)
@@ -110,7 +113,7 @@ def overparameterization(problem: Problem, max_entries: float = 5e7) -> dict | N
             "sigma_max": float(s[0]), "sigma_min": float(s[-1]), "sigma_ratio": float(s[-1] / s[0])}
 
 
-def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
+def run_seed(cfg: DemoConfig, progress: ProgressFn | None = None, log=print) -> dict:
     """One seed of the real-data study; returns every number of its report."""
     t0 = time.perf_counter()
     log(f"seed {cfg.seed}: training the digits MLP to a stationary point (float64) …")
@@ -122,22 +125,20 @@ def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     over = overparameterization(problem)
 
     log("  estimating: Gauss–Newton set, eq. 19 (minimum-norm MINRES), damped influence function …")
-    bar = _bar(progress, "solve")
     ests = {
-        "estimate": estimate(problem, pert, "gauss-newton", progress=bar,
+        "estimate": estimate(problem, pert, "gauss-newton", progress=progress,
                              solve=SolveOptions(maxiter=cfg.maxiter, check_every=10, patience=10)),
-        "hessian": estimate(problem, pert, "hessian", solve=SolveOptions(maxiter=cfg.hessian_maxiter), progress=bar),
+        "hessian": estimate(problem, pert, "hessian", solve=SolveOptions(maxiter=cfg.hessian_maxiter),
+                            progress=progress),
         "influence": estimate(problem, pert, "influence", solve=SolveOptions(
             maxiter=cfg.hessian_maxiter, influence_damping=cfg.influence_damping)),
     }
-    if bar:
-        bar.close()
     est = ests["estimate"]
 
     log("  reference: warm-started Levenberg–Marquardt retraining from each candidate …")
     candidates = {"original": w_bar, **{name: e.centre for name, e in ests.items()}}
     ref = {name: levenberg_marquardt(problem, w, pert, gtol=1e-11)
-           for name, w in _iter(progress, candidates.items(), "reference")}
+           for name, w in counted(progress, list(candidates.items()), "reference")}
     loose = levenberg_marquardt(problem, w_bar, pert, gtol=1e-9)
     d0 = ref["original"].distance
     reference = {"method": "warm-started Levenberg–Marquardt retraining (gtol 1e-11)",
@@ -147,7 +148,7 @@ def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     log(f"  set versus retraining: Levenberg–Marquardt from {cfg.members} members of the set …")
     members = est.sample(cfg.members, torch.Generator().manual_seed(cfg.seed))
     study = []
-    for m in _iter(progress, members, "members"):
+    for m in counted(progress, members, "members"):
         landed = levenberg_marquardt(problem, m, pert, gtol=1e-11)
         study.append({"member_to_centre": float((m - est.centre).norm()),
                       "retrained_to_set": est.distance(landed.w),
@@ -180,34 +181,13 @@ def run_seed(cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     return res
 
 
-def run_demo(cfg: DemoConfig, seeds: list[int], progress: bool = True, log=print) -> dict:
+def run_demo(cfg: DemoConfig, seeds: list[int], progress: ProgressFn | None = None, log=print) -> dict:
     """The study for every seed, and each headline figure as a distribution over the seeds."""
     per_seed = [run_seed(DemoConfig(**{**asdict(cfg), "seed": s}), progress, log) for s in seeds]
     keys = [k for k in per_seed[0]
             if k.endswith(("distance_ratio", "loss_reduction")) or k == "set_vs_retraining_ratio"]
     return {"seeds": seeds, "headlines": {k: distribution([r[k] for r in per_seed]) for k in keys},
             "per_seed": per_seed}
-
-
-def _bar(progress: bool, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=desc, unit="check", leave=False)
-
-    def update(rec):
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if isinstance(v, float)})
-
-    update.close = bar.close
-    return update
-
-
-def _iter(progress, items, desc):
-    from tqdm.auto import tqdm
-
-    return tqdm(list(items), desc=desc, disable=not progress, leave=False)
 
 
 def _fmt(d: dict, spec: str) -> str:
@@ -338,7 +318,8 @@ def command(out, as_json, n, points, step, seeds, widths, quick):
     write_json(out / "toy.json", toy)
     write_text(out / "toy.md", toy_markdown(toy))
     log(f"toy: ‖v₀‖ = {toy['min_norm_shift']:.6f}, risk {toy['risk_original']:.4f} → {toy['risk_min_norm']:.6f}")
-    result = run_demo(cfg, seeds, progress=not as_json, log=log)
+    with Bars(LABELS, enabled=not as_json, units={"candidate": "check"}) as bars:
+        result = run_demo(cfg, seeds, progress=bars, log=log)
     result["figures"] = [str(p) for p in demo_figures(result, out)]
     write_json(out / "results.json", {"toy": toy, "digits": result})
     write_text(out / "report.md", toy_markdown(toy) + "\n\n" + demo_markdown(result))

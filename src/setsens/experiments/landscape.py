@@ -10,13 +10,13 @@ Writes ``landscape.json``, ``landscape_contour.png`` and ``landscape_surface.png
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 import torch
 
+from .bars import Bars
 from .options import first_line, number_list
 
 __all__ = ["command"]
@@ -88,15 +88,8 @@ def command(run_dir, estimates, plane, grid, span, n, seed, out, progress):
     first_est = marks[next(k for k in marks if k != "original")]
     d1, d2 = plane_directions(problem, first_est, torch.Generator().manual_seed(seed), kind=plane)
     axis = torch.linspace(lo, hi, grid).tolist()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=grid * grid, desc="landscape", unit="pt", file=sys.stderr)
-    ls = landscape(problem, d1, d2, axis, axis, perturbation=pert, marks=marks, kind=plane,
-                   progress=bar.update if bar else None)
-    if bar:
-        bar.close()
+    with Bars(enabled=progress, units={"landscape": "pt"}) as bars:
+        ls = landscape(problem, d1, d2, axis, axis, perturbation=pert, marks=marks, kind=plane, progress=bars)
     write_json(out / "landscape.json", ls.to_dict())
     title = f"ResNet-{cfg['depth']}, {pert.indices.numel()} perturbed points ({plane} plane)"
     fc, fs = plot_landscape(ls, title)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -35,7 +34,9 @@ from ..lipschitz import (
     matrix_free_modulus,
 )
 from ..problem import Perturbation, Problem, squared_error
+from ..progress import ProgressFn, report
 from ..report import prepare_out_dir, save_figure, write_json, write_text
+from .bars import Bars
 from .options import number_list
 from .seeds import distribution, parse_seeds
 from .state import RunState
@@ -159,8 +160,12 @@ def _fingerprint(w: torch.Tensor) -> str:
 
 
 def retraining_sweep(problem: Problem, dirs: dict, plan: list, reference_norm: float, distance, predicted: dict,
-                     state: RunState | None = None, log=print, progress: bool = False) -> list[EmpiricalRecord]:
+                     state: RunState | None = None, log=print, progress: ProgressFn | None = None
+                     ) -> list[EmpiricalRecord]:
     """The empirical modulus over ``plan`` ((direction, step) pairs): the run's longest step.
+
+    ``progress``: ``Progress("retraining", i, len(plan), {direction, step, ratio})`` after each retraining
+    (without it, a log line each).
 
     Each record is cached in ``state`` as soon as it is measured, so a killed run resumes after the
     last one; cached records of another w̄ (another training) are discarded.  Runs on one thread:
@@ -177,8 +182,6 @@ def retraining_sweep(problem: Problem, dirs: dict, plan: list, reference_norm: f
 
 
 def _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log, progress) -> list[EmpiricalRecord]:
-    from tqdm.auto import tqdm
-
     w_bar = _fingerprint(problem.params)
     saved = state.load("retrainings") if state is not None else None
     if saved is None or saved["w_bar"] != w_bar:
@@ -187,7 +190,6 @@ def _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log,
     cached = sum(f"{n}@{s!r}" in done for n, s in plan)
     if cached:
         log(f"resumed: {cached} of {len(plan)} retrainings cached in {state.dir}")
-    bar = tqdm(total=len(plan), initial=cached, desc="retraining", unit="run", file=sys.stderr, disable=not progress)
     records = []
     for name, step in plan:
         key = f"{name}@{step!r}"
@@ -197,16 +199,16 @@ def _sweep(problem, dirs, plan, reference_norm, distance, predicted, state, log,
             done[key] = rec.as_dict()
             if state is not None:
                 state.save("retrainings", saved)
-            bar.update()
-            if not progress:
+            cached += 1
+            report(progress, "retraining", cached, len(plan), direction=name, step=step, ratio=rec.ratio)
+            if progress is None:
                 log(f"{name:>14s} step {step:.0e}: ratio {rec.ratio:.4g}")
         records.append(EmpiricalRecord(**done[key]))
-    bar.close()
     return records
 
 
 def run(cfg: LipschitzConfig, problem: Problem | None = None, log=print, state: RunState | None = None,
-        progress: bool = False) -> dict:
+        progress: ProgressFn | None = None) -> dict:
     """The whole report as a JSON-able dict; ``state`` caches the retrainings (resumable)."""
     t_start = time.perf_counter()
     problem = train_dfcnn(cfg, log) if problem is None else problem
@@ -447,7 +449,8 @@ def command(points, depth, width, seed, seeds, directions, steps, worst_steps, t
     for s in seed_list:
         where = outdir if len(seed_list) == 1 else prepare_out_dir(outdir / f"seed{s}")
         cfg_s = replace(cfg, seed=s)
-        res = run(cfg_s, log=log, state=RunState(where, cfg_s, UNCACHED), progress=progress)
+        with Bars(units={"retraining": "run"}) as bars:
+            res = run(cfg_s, log=log, state=RunState(where, cfg_s, UNCACHED), progress=bars if progress else None)
         write_json(where / "lipschitz.json", res)
         write_text(where / "lipschitz.md", format_report(res))
         plot(res, where)

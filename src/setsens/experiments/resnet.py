@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import shard, world
+from ..progress import ProgressFn, part
 from ..report import atomic_torch_save
+from .bars import Bars
 from .options import first_line, npz_lengths, number_list
 from .state import RunState
 
@@ -106,7 +108,7 @@ def _pt(t):
 class _Run:
     """State of one run: the problem, recycled deflation, HVP accounting."""
 
-    def __init__(self, cfg: ResnetConfig, out: Path | None, progress: bool):
+    def __init__(self, cfg: ResnetConfig, out: Path | None, progress: ProgressFn | None):
         from ..data.cifar import load_cifar10
         from ..models.resnet import load_cifar_resnet
         from ..problem import Problem, cross_entropy
@@ -186,13 +188,6 @@ class _Run:
             saved = torch.load(cache, weights_only=False)
             if "v" in saved and saved.get("solver") == cfg.solver:
                 return self._recorded(name, saved)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            unit = "HVP" if cfg.solver == "minres" else "JVP+VJP"
-            bar = tqdm(total=cfg.maxiter, desc=f"{cfg.solver} {name}", unit=unit, file=sys.stderr, leave=False)
-
         checkpoint = str(self.state / f"{name}.solver.pt") if self.state else None
         # the per-iterate path is saved beside the solver's checkpoint, so a resumed solve keeps it
         path_file = Path(f"{checkpoint}.path") if checkpoint else None
@@ -203,10 +198,6 @@ class _Run:
                 path[:] = [p for p in path if p["iteration"] < it] + [{"iteration": it, "residual": res} | track(v)]
                 if path_file:
                     atomic_torch_save(path, path_file)
-            if bar is not None:
-                bar.n = it
-                bar.set_postfix(residual=f"{res:.3e}", refresh=False)
-                bar.refresh()
 
         minres = cfg.solver == "minres"
         defl = self.deflation if (minres and recycle and cfg.recycle > 0) else None
@@ -216,9 +207,8 @@ class _Run:
         with warnings.catch_warnings():  # the run reports stationarity itself
             warnings.simplefilter("ignore", NotStationaryWarning)
             est = estimate(self.problem, pert, "hessian" if minres else "gauss-newton", scale=cfg.scale, solve=opts,
-                           radius=RadiusOptions(directions=0))
-        if bar is not None:
-            bar.close()
+                           radius=RadiusOptions(directions=0),
+                           progress=part(self.progress, f"{cfg.solver} {name}", 0, cfg.maxiter))
         krylov = est.krylov
         if minres and cfg.recycle > 0 and krylov.basis is not None:
             try:
@@ -290,8 +280,14 @@ def distributed_conflicts(cfg) -> list[str]:
     return bad
 
 
-def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> dict:
+def run(cfg: ResnetConfig, out: Path | None = None, progress: ProgressFn | None = None) -> dict:
     """Run the whole protocol; returns the results (also written to ``out`` when given).
+
+    The steps, in order (each a function below, sharing the one seeded generator ``g`` for the points
+    they choose): the model's test accuracy and w̄'s stationarity (:func:`_model`), the points eligible
+    to move (:func:`_eligible`), Table 1 (:func:`_table1`), Table 3 (:func:`_table3`), Table 2
+    (:func:`_table2`), the estimates from random starts (:func:`_multistart`), the landscape
+    (:func:`_landscape`) and the summary (:func:`_summary`).
 
     Under an initialised process group of several ranks (``torchrun``) the run is data-parallel:
     every rank calls this with the same ``cfg``, holds its share of the n images and computes Tables
@@ -299,7 +295,6 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     one rank only (it writes); nothing is cached for a resume.
     """
     from ..perturb import gradient_perturbation  # noqa: F401  (import errors early)
-    from ..retrain import retrain
 
     t_start = time.perf_counter()
     if cfg.threads:
@@ -308,7 +303,7 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
     conflicts = distributed_conflicts(cfg) if size > 1 else []
     if conflicts:
         raise ValueError(f"a data-parallel run computes Tables 1 and 3 only: {', '.join(conflicts)}")
-    R = _Run(cfg, out, progress and rank == 0)
+    R = _Run(cfg, out, progress if rank == 0 else None)
     p = R.problem
     g = torch.Generator().manual_seed(cfg.seed)
     results: dict = {"config": asdict(cfg), "model": {"depth": cfg.depth, "p": p.p, "n": p.n}}
@@ -316,29 +311,52 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         results["distributed"] = {"world_size": R.world, "backend": dist.get_backend(),
                                   "rows_per_rank": [len(range(cfg.n)[shard(cfg.n, r, R.world)])
                                                     for r in range(R.world)]}
+    results["model"] |= _model(R)
+    losses, eligible = _eligible(R, results)
+    table1, first_unit, first_sol = _table1(R, eligible, losses, g)
+    results["table1"] = table1
+    results["table3"] = _table3(R, table1, first_unit, first_sol, losses)
+    results["table2"] = _table2(R, eligible, losses, g, results)
+    seeds = _multistart(R, eligible, losses, first_sol["step"])
+    if seeds:
+        results["seeds"] = seeds
+    if cfg.landscape and out is not None and cfg.grid > 1:
+        results["landscape"] = _landscape(R, seeds.get("runs", []) if seeds else [], first_unit.scaled(
+            table1[0]["step_percent"] / 100), first_sol["v"])
+    results["solves"] = R.solves
+    results["summary"] = _summary(R, table1[0], t_start)
+    return results
 
-    # -- the model and w̄ --------------------------------------------------------------------------
-    if cfg.n_test != 0:
-        from ..data.cifar import load_cifar10
 
-        try:
-            try:  # the first n_test test images (all of them if there are fewer), this rank's share
-                xt, yt = load_cifar10(cfg.data, "test", n=cfg.n_test or None, dtype=_pt(cfg.dtype),
-                                      part=(R.rank, R.world))
-            except ValueError:
-                if not cfg.n_test:
-                    raise
-                xt, yt = load_cifar10(cfg.data, "test", dtype=_pt(cfg.dtype), part=(R.rank, R.world))
-            correct = 0
-            with torch.no_grad():
-                for s in range(0, len(yt), 250):
-                    correct += int((R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu() == yt[s:s + 250]).sum())
-            n_test = int(p.reduce(float(len(yt))))
-            results["model"]["test_accuracy"] = p.reduce(float(correct)) / n_test
-            results["model"]["n_test"] = n_test
-            del xt, yt
-        except (FileNotFoundError, ValueError) as err:
-            results["model"]["test_accuracy_error"] = str(err)
+def _model(R: _Run) -> dict:
+    """The model's accuracy on the first ``--n-test`` test images (this rank's share, all-reduced), or why not."""
+    cfg, p = R.cfg, R.problem
+    if cfg.n_test == 0:
+        return {}
+    from ..data.cifar import load_cifar10
+
+    try:
+        try:  # the first n_test test images (all of them if there are fewer), this rank's share
+            xt, yt = load_cifar10(cfg.data, "test", n=cfg.n_test or None, dtype=_pt(cfg.dtype),
+                                  part=(R.rank, R.world))
+        except ValueError:
+            if not cfg.n_test:
+                raise
+            xt, yt = load_cifar10(cfg.data, "test", dtype=_pt(cfg.dtype), part=(R.rank, R.world))
+        correct = 0
+        with torch.no_grad():
+            for s in range(0, len(yt), 250):
+                correct += int((R.model(xt[s:s + 250].to(cfg.device)).argmax(1).cpu() == yt[s:s + 250]).sum())
+        n_test = int(p.reduce(float(len(yt))))
+        return {"test_accuracy": p.reduce(float(correct)) / n_test, "n_test": n_test}
+    except (FileNotFoundError, ValueError) as err:
+        return {"test_accuracy_error": str(err)}
+
+
+def _eligible(R: _Run, results: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """w̄'s stationarity and per-sample losses (into ``results``), and the points eligible to move: loss below
+    ``--threshold``, or the lowest losses when too few are."""
+    cfg, p = R.cfg, R.problem
     st = p.stationarity(warn=False)
     losses = R.per_sample_losses()
     results["stationarity"] = st | {"per_sample_loss_median": float(losses.median()),
@@ -350,16 +368,19 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         eligible = torch.argsort(losses)[: max(max(cfg.points), cfg.scenario_points, 1)].sort().values
         results["eligible_fallback"] = (f"fewer than {max(cfg.points)} points below {cfg.threshold:g}: "
                                         "used the lowest losses")
+    return losses, eligible
 
-    # -- Table 1 (and the step used everywhere) ----------------------------------------------------
-    table1 = []
-    step = None
+
+def _table1(R: _Run, eligible, losses, g) -> tuple[list, object, dict]:
+    """Table 1: one solve per ``--points`` count; returns its rows, the first row's unit direction and its
+    solve (with the relative ``step`` used everywhere after)."""
+    cfg, p, out = R.cfg, R.problem, R.out
+    table1, step = [], None
     for k in cfg.points:
         idx = _choose(eligible, k, g)
         unit = R.direction(idx)
         s = R.step_for(unit)
-        if step is None:
-            step = s
+        step = s if step is None else step
         pert = unit.scaled(s)
         other, factor = _other_scale(cfg.scale, p.n, k)
         track = lambda v: {"loss": p.loss_on(idx, p.params + v.to(p.params), perturbation=pert),  # noqa: E731
@@ -379,28 +400,36 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         row["paper"] = PAPER["table1"].get(k)
         table1.append(row)
         if k == cfg.points[0]:
-            first_unit, first_sol = unit, sol
+            first_unit, first_sol = unit, sol | {"step": step}
         if out is not None:
             (out / "state").mkdir(exist_ok=True)
             atomic_torch_save({"w_bar": p.params, "v": sol["v"], "indices": idx, "delta": pert.delta},
                               out / "state" / f"estimate_table1_{k}.pt")
-    results["table1"] = table1
+    return table1, first_unit, first_sol
 
-    # -- Table 3: step sweep (exact rescaling of the first solve) ---------------------------------
+
+def _table3(R: _Run, table1, first_unit, first_sol, losses) -> list:
+    """Table 3: the step sweep, an exact rescaling of the first solve (a Krylov solve from zero is linear in Δx)."""
     s0 = table1[0]["step_percent"] / 100
     table3 = []
-    for pct in cfg.sweep:
+    for pct in R.cfg.sweep:
         pert = first_unit.scaled(pct / 100)
         v = first_sol["v"] * (pct / 100 / s0)
         row = {"step_percent": pct} | R.evaluate(pert, v, losses)
         row["paper"] = PAPER["table3"].get(float(pct))
         table3.append(row)
-    results["table3"] = table3
+    return table3
 
-    # -- Table 2: scenarios with retraining ------------------------------------------------------
-    # Reference: the *perturbation-induced* retrained shift Δw_ret = w_ret(xᵖ) − w_ret(x̄), both
-    # warm-started L-BFGS runs from w̄ with the same budget.  w̄ is only approximately stationary on
-    # the subset, so w_ret(xᵖ) − w̄ also contains the descent that retraining on x̄ alone makes.
+
+def _table2(R: _Run, eligible, losses, g, results: dict) -> list:
+    """Table 2: ``--scenarios`` perturbations, each solved and retrained (cached per scenario).
+
+    Reference: the *perturbation-induced* retrained shift Δw_ret = w_ret(xᵖ) − w_ret(x̄), both
+    warm-started L-BFGS runs from w̄ with the same budget.  w̄ is only approximately stationary on
+    the subset, so w_ret(xᵖ) − w̄ also contains the descent that retraining on x̄ alone makes."""
+    from ..retrain import retrain
+
+    cfg, p = R.cfg, R.problem
     rows = []
     wbar = p.params
     nb = float(wbar.norm())
@@ -443,61 +472,71 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
                 "cosine_estimate_retrained": float(v @ shift) / max(float(v.norm()) * ds, 1e-300),
                 "loss_retrained": p.loss_on(idx, w_ret, perturbation=pert), "retrain": rinfo}
         rows.append(row)
-    results["table2"] = rows
+    return rows
 
-    # -- several estimates from random starts --------------------------------------------------------
+
+def _multistart(R: _Run, eligible, losses, step: float) -> dict | None:
+    """``--seeds`` estimates of one perturbation from random starts at ``--start-radius`` (None without)."""
+    cfg, p, out = R.cfg, R.problem, R.out
+    if cfg.seeds <= 0:
+        return None
     seeds = []
-    if cfg.seeds > 0:
-        k = min(cfg.seed_points, p.n)
-        pool = eligible if eligible.numel() >= k else torch.argsort(losses)[:k].sort().values
-        idx = _choose(pool, k, torch.Generator().manual_seed(cfg.seed + 1))
-        pert = R.direction(idx).scaled(step)
-        ref = None
-        for s in range(cfg.seeds):
-            if s == 0:
-                x0 = None
-            else:
-                g_s = torch.Generator().manual_seed(1000 + s)
-                z = torch.randn(p.p, generator=g_s, dtype=torch.float64).to(ref.device)
-                x0 = z * (cfg.start_radius * ref.norm() / z.norm())
-            sol = R.solve(f"seed_{s}", pert, x0=x0, recycle=False)
-            if ref is None:
-                ref = sol["v"].double()
-            seeds.append({"seed": s, "start_norm": 0.0 if x0 is None else float(x0.norm())}
-                         | R.evaluate(pert, sol["v"], losses)
-                         | {"hvp_count": sol["hvp_count"], "feasibility_residual": sol["feasibility_residual"],
-                            "distance_to_seed0": float((sol["v"].double() - ref).norm())})
-            if out is not None:
-                atomic_torch_save({"v": sol["v"], "indices": idx, "delta": pert.delta},
-                                  out / "state" / f"estimate_seed_{s}.pt")
-        results["seeds"] = {"points": k, "step_percent": 100 * step, "runs": seeds}
-
-    # -- landscape -----------------------------------------------------------------------------------
-    if cfg.landscape and out is not None and cfg.grid > 1:
-        from ..landscape import landscape, plane_directions, plot_landscape
-        from ..report import save_figure
-
-        est = {"estimate_seed_" + str(r["seed"]): out / "state" / f"estimate_seed_{r['seed']}.pt" for r in seeds}
-        if est:
-            first = torch.load(next(iter(est.values())), weights_only=False)
-            from ..problem import Perturbation
-
-            pert = Perturbation(first["indices"], first["delta"])
-            vs = {k: torch.load(f, weights_only=False)["v"] for k, f in est.items()}
+    k = min(cfg.seed_points, p.n)
+    pool = eligible if eligible.numel() >= k else torch.argsort(losses)[:k].sort().values
+    idx = _choose(pool, k, torch.Generator().manual_seed(cfg.seed + 1))
+    pert = R.direction(idx).scaled(step)
+    ref = None
+    for s in range(cfg.seeds):
+        if s == 0:
+            x0 = None
         else:
-            pert, vs = first_unit.scaled(s0), {"estimate": first_sol["v"]}
-        d1, d2 = plane_directions(p, wbar + next(iter(vs.values())), torch.Generator().manual_seed(cfg.seed + 7))
-        grid = torch.linspace(-0.5, 1.5, cfg.grid).tolist()
-        marks = {"original": wbar} | {k: wbar + v for k, v in vs.items()}
-        ls = landscape(p, d1, d2, grid, grid, perturbation=pert, marks=marks, kind="estimate")
-        fc, fs = plot_landscape(ls, title=f"ResNet-{cfg.depth}, {len(pert.indices)} perturbed points")
-        save_figure(fc, out / "landscape_contour.png")
-        save_figure(fs, out / "landscape_surface.png")
-        results["landscape"] = ls.to_dict()
+            g_s = torch.Generator().manual_seed(1000 + s)
+            z = torch.randn(p.p, generator=g_s, dtype=torch.float64).to(ref.device)
+            x0 = z * (cfg.start_radius * ref.norm() / z.norm())
+        sol = R.solve(f"seed_{s}", pert, x0=x0, recycle=False)
+        if ref is None:
+            ref = sol["v"].double()
+        seeds.append({"seed": s, "start_norm": 0.0 if x0 is None else float(x0.norm())}
+                     | R.evaluate(pert, sol["v"], losses)
+                     | {"hvp_count": sol["hvp_count"], "feasibility_residual": sol["feasibility_residual"],
+                        "distance_to_seed0": float((sol["v"].double() - ref).norm())})
+        if out is not None:
+            atomic_torch_save({"v": sol["v"], "indices": idx, "delta": pert.delta},
+                              out / "state" / f"estimate_seed_{s}.pt")
+    return {"points": k, "step_percent": 100 * step, "runs": seeds}
 
-    first = table1[0]
-    results["solves"] = R.solves
-    results["summary"] = {
+
+def _landscape(R: _Run, seeds: list, first_pert, first_v) -> dict:
+    """The perturbed loss on the plane through w̄ and the estimates (those from random starts if any, else
+    Table 1's first), its figures written to ``out``."""
+    from ..landscape import landscape, plane_directions, plot_landscape
+    from ..report import save_figure
+
+    cfg, p, out = R.cfg, R.problem, R.out
+    wbar = p.params
+    est = {"estimate_seed_" + str(r["seed"]): out / "state" / f"estimate_seed_{r['seed']}.pt" for r in seeds}
+    if est:
+        first = torch.load(next(iter(est.values())), weights_only=False)
+        from ..problem import Perturbation
+
+        pert = Perturbation(first["indices"], first["delta"])
+        vs = {k: torch.load(f, weights_only=False)["v"] for k, f in est.items()}
+    else:
+        pert, vs = first_pert, {"estimate": first_v}
+    d1, d2 = plane_directions(p, wbar + next(iter(vs.values())), torch.Generator().manual_seed(cfg.seed + 7))
+    grid = torch.linspace(-0.5, 1.5, cfg.grid).tolist()
+    marks = {"original": wbar} | {k: wbar + v for k, v in vs.items()}
+    ls = landscape(p, d1, d2, grid, grid, perturbation=pert, marks=marks, kind="estimate")
+    fc, fs = plot_landscape(ls, title=f"ResNet-{cfg.depth}, {len(pert.indices)} perturbed points")
+    save_figure(fc, out / "landscape_contour.png")
+    save_figure(fs, out / "landscape_surface.png")
+    return ls.to_dict()
+
+
+def _summary(R: _Run, first: dict, t_start: float) -> dict:
+    """The headline figures: Table 1's first row, the solver's cost, the run's time."""
+    cfg = R.cfg
+    return {
         "loss_original": first["loss_original"], "loss_estimated": first["loss_estimated"],
         "loss_reduction": first["loss_reduction"], "increase_removed": first["increase_removed"],
         "feasibility_residual": first["feasibility_residual"], "solver": cfg.solver, "iterations": first["iterations"],
@@ -507,7 +546,6 @@ def run(cfg: ResnetConfig, out: Path | None = None, progress: bool = True) -> di
         "hvp_count_total": R.hvp_count, "step_percent": first["step_percent"], "points": first["points"],
         "seconds": time.perf_counter() - t_start,
     }
-    return results
 
 
 def _solver_line(cfg: dict) -> str:
@@ -718,7 +756,8 @@ def command(**kw):
         return _distributed(config, kw)
     out = prepare_out_dir(kw["out"])
     write_json(out / "config.json", asdict(config))
-    results = run(config, out, progress=kw["progress"])
+    with Bars(enabled=kw["progress"]) as bars:
+        results = run(config, out, progress=bars)
     _publish(results, out, kw["as_json"], "setsens " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
@@ -747,7 +786,8 @@ def _distributed(config: ResnetConfig, kw: dict) -> None:
         out = prepare_out_dir(kw["out"]) if rank == 0 else None
         if out is not None:
             write_json(out / "config.json", asdict(config))
-        results = run(config, out, progress=kw["progress"])
+        with Bars(enabled=kw["progress"]) as bars:
+            results = run(config, out, progress=bars)
         if out is not None:
             line = (f"torchrun --nproc_per_node={size} -m setsens "  # the launcher's own options are not seen here
                     + " ".join(shlex.quote(a) for a in sys.argv[1:]))

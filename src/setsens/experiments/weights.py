@@ -21,6 +21,7 @@ import torch
 
 from ..data.cifar import load_cifar10_flat
 from ..data.digits import load_digits_split
+from ..progress import ProgressFn
 from ..weights import (
     TrainConfig,
     attacked_robust,
@@ -41,6 +42,7 @@ from ..weights import (
     train_mlp,
     weight_attack,
 )
+from .bars import Bars
 
 __all__ = ["ExperimentConfig", "run_experiment", "evaluate_model", "plot_accuracy_curves", "command",
            "render_report"]
@@ -195,8 +197,9 @@ def _load(cfg: ExperimentConfig):
     return (xtr, ytr, xte, yte), classes
 
 
-def run_experiment(cfg: ExperimentConfig, progress=None, log=print, state=None) -> dict:
-    """Train standard + robust models, evaluate each; ``progress`` wraps epoch iterators (tqdm).
+def run_experiment(cfg: ExperimentConfig, progress: ProgressFn | None = None, log=print, state=None) -> dict:
+    """Train standard + robust models, evaluate each; ``progress`` receives each training's epochs
+    (:func:`setsens.weights.train_mlp`).
 
     ``state`` (an :class:`~setsens.experiments.state.RunState` keyed by ``cfg``) makes the run
     resumable: training is checkpointed every epoch and each model's evaluation is cached.
@@ -393,8 +396,6 @@ def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, g
             epochs, hidden, activation, lr, batch_size, attack_steps, attack_restarts, attack_targets,
             weight_attack_points, weight_attack_steps, random_samples, gamma_rel, as_json):
     """Certified margins, certified/attacked accuracy, Theorem 4 and robust training (weight perturbations)."""
-    from tqdm import tqdm
-
     from ..report import prepare_out_dir, save_figure, write_json, write_text
     from .options import npz_lengths, number_list
     from .state import RunState
@@ -417,8 +418,8 @@ def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, g
     cfg = ExperimentConfig(**kw)
     out_dir = prepare_out_dir(out)
     log = (lambda msg: click.echo(msg, err=True))
-    progress = (lambda it: tqdm(it, desc="epochs", leave=False, file=sys.stderr, disable=quick))
-    results = run_experiment(cfg, progress=progress, log=log, state=RunState(out_dir, cfg))
+    with Bars({"epoch": "epochs"}, enabled=not quick) as bars:
+        results = run_experiment(cfg, progress=bars, log=log, state=RunState(out_dir, cfg))
     command_line = "setsens weights " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "setsens weights"
     results["command"] = command_line
     write_json(out_dir / "results.json", results)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
 from ..models.mlp import mlp
+from ..progress import ProgressFn, report
 from ..report import atomic_torch_save
 from .bounds import margin_change_bound, relative_budget
 from .network import check_batch, check_labels, forward, layer_norms, margins
@@ -107,11 +106,11 @@ def model_weights(model: nn.Sequential) -> list[Tensor]:
 
 
 def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed: int = 0,
-              progress: Callable | None = None, checkpoint: Path | None = None) -> tuple[nn.Sequential, list[dict]]:
+              progress: ProgressFn | None = None, checkpoint: Path | None = None) -> tuple[nn.Sequential, list[dict]]:
     """Train a bias-free MLP with Adam on the theory-driven loss (standard training if λ = μ = 0).
 
     The training budget ρ is ramped linearly from 0 over the first ``ramp_epochs`` epochs.
-    ``progress`` wraps the epoch iterator (e.g. ``tqdm``).  Returns the model (eval mode) and a
+    ``progress``: ``Progress("epoch", e, epochs, {loss parts})`` after each epoch.  Returns the model (eval mode) and a
     per-epoch history of the mean loss parts.  Deterministic given ``seed``.  With ``checkpoint``
     (a file) the model, optimiser and shuffling state are saved there after every epoch and
     training resumes from it: a killed run ends with the same weights as an uninterrupted one.
@@ -131,10 +130,7 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
         history, start = saved["history"], saved["epoch"]
-    epochs = range(start, config.epochs)
-    if progress is not None:
-        epochs = progress(epochs)
-    for epoch in epochs:
+    for epoch in range(start, config.epochs):
         rho = config.train_budget
         if config.ramp_epochs:
             rho = rho * min(1.0, (epoch + 1) / config.ramp_epochs)
@@ -150,6 +146,7 @@ def train_mlp(x: Tensor, y: Tensor, num_classes: int, config: TrainConfig, seed:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
         history.append({"epoch": epoch + 1, "budget": rho, **{k: v / n for k, v in sums.items()}})
+        report(progress, "epoch", epoch + 1, config.epochs, **{k: v / n for k, v in sums.items()})
         if checkpoint is not None:
             atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "generator": gen.get_state(), "history": history}, checkpoint)
