@@ -9,6 +9,9 @@ certified *upper* bound η (soundness: change ≤ η, always; tightness: change 
 * :func:`weight_attack` — projected gradient descent (exact Euclidean projection of each row onto
   its ℓ1 ball, :func:`project_rows_l1`) or Frank–Wolfe (vertex oracle) on per-input weight
   perturbations; cost O(N Σ n_l n_{l-1} log n_{l-1}) memory-bound per step.
+  For a :class:`~setsens.weights.layers.Network` a convolution's "row" is one output channel's
+  kernel (all its entries): every row in the ℓ1 ball of radius ε_l makes the operator's ‖ΔWˡ‖_∞ ≤
+  ε_l (each output entry sees a subset of the kernel), so these attacks stay inside B_ε there too.
 * :func:`box_attack` — the same problem in exact reduced form: for one input x, the set
   {ΔWˡ ĥ : every row of ΔWˡ in the ℓ1 ball of radius ε_l} is exactly the box of half-width
   ε_l‖ĥ‖_∞, attained by rank-one ΔWˡ = t ⊗ sign(ĥ_k*) e_k* (k* = argmax |ĥ_k|).  Sign-gradient
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .bounds import layer_budgets
+from .layers import Network
 from .network import (
     check_batch,
     check_labels,
@@ -83,7 +87,16 @@ def project_rows_l1(v: Tensor, radius) -> Tensor:
 
 def _checked(weights, x, y):
     weights, x, y = check_batch(weights, x, y)
-    return [w.detach() for w in weights], x, y
+    return _detached(weights), x, y
+
+
+def _detached(weights):
+    return weights.detach() if isinstance(weights, Network) else [w.detach() for w in weights]
+
+
+def _rows(t: Tensor, w: Tensor) -> Tensor:
+    """The view of a perturbation ``t`` (shaped like ``w``, or a stack of them) as rows: (…, n_l, rest)."""
+    return t.reshape(*t.shape[: t.ndim - w.ndim], w.shape[0], -1)
 
 
 def _attack_setup(weights, x, y, target, eps, layers, activation):
@@ -114,6 +127,8 @@ def random_boundary_perturbation(
     """
     weights = check_weights(weights)
     e, mask = layer_budgets(eps, layers, weights)
+    if isinstance(weights, Network):
+        weights = list(weights)
     if kind not in ("simplex", "vertex"):
         raise ValueError(f"kind must be 'simplex' or 'vertex', got {kind!r}")
     out: list[Tensor | None] = []
@@ -121,7 +136,8 @@ def random_boundary_perturbation(
         if not mask[l]:
             out.append(None)
             continue
-        shape = tuple(w.shape) if n is None else (n, *w.shape)
+        full = tuple(w.shape) if n is None else (n, *w.shape)
+        shape = full[: len(full) - w.ndim + 1] + (w[0].numel(),)
         if kind == "simplex":
             mag = -torch.log(torch.rand(shape, generator=generator, dtype=w.dtype).clamp_min(1e-30))
             mag = mag / mag.sum(dim=-1, keepdim=True)
@@ -129,7 +145,7 @@ def random_boundary_perturbation(
             idx = torch.randint(0, shape[-1], shape[:-1], generator=generator)
             mag = torch.nn.functional.one_hot(idx, shape[-1]).to(w.dtype)
         sign = torch.randint(0, 2, shape, generator=generator).to(w.dtype) * 2 - 1
-        out.append(e[l] * mag * sign)
+        out.append((e[l] * mag * sign).reshape(full))
     return out
 
 
@@ -206,16 +222,17 @@ def weight_attack(
             for l, dl in enumerate(deltas):
                 if dl is None:
                     continue
-                g = next(gi)
+                g = _rows(next(gi), weights[l])
+                d = _rows(dl, weights[l])
                 if method == "pgd":
                     alpha = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
                     scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
-                    dl.copy_(project_rows_l1(dl - alpha * e[l] * g / scale, e[l]))
+                    dl.copy_(project_rows_l1(d - alpha * e[l] * g / scale, e[l]).reshape(dl.shape))
                 else:
                     k = g.abs().argmax(dim=-1, keepdim=True)
-                    vertex = torch.zeros_like(dl).scatter_(-1, k, -e[l] * g.gather(-1, k).sign())
+                    vertex = torch.zeros_like(d).scatter_(-1, k, -e[l] * g.gather(-1, k).sign())
                     gamma = 2.0 / (t + 2.0)
-                    dl.mul_(1 - gamma).add_(gamma * vertex)
+                    dl.mul_(1 - gamma).add_(gamma * vertex.reshape(dl.shape))
             cur = _pair_margin(forward_perturbed(weights, deltas, x, act), y, target)
             best_m = _keep_best(cur, best_m, deltas, best)
     return best, m0 - best_m
@@ -274,6 +291,8 @@ def box_attack(
     best iterate per input is kept.  Returns ``(ts, change)`` with change = m − m̂ ≥ 0 for the
     pair (y, target).  Cost: ``steps × restarts`` forward/backward passes.
     """
+    if isinstance(weights, Network):
+        raise ValueError("box_attack is the exact reduced form for MLPs; use weight_attack on a Network")
     weights, x, y, target, e, mask, act, m0 = _attack_setup(weights, x, y, target, eps, layers, activation)
     if steps < 1 or restarts < 1:
         raise ValueError("steps and restarts must be ≥ 1")

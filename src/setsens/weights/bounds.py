@@ -13,6 +13,12 @@ Every function is vectorised over the batch and the classes, differentiable in t
 (used as a training loss) and costs O(Σ_l n_l n_{l-1} + K² n_{d-1} + N K): the norms, the K×K
 table of a_{yi} and one multiply per entry.  P_ε − P is summed by telescoping, so no
 cancellation occurs for small budgets.
+
+Every function also takes a :class:`~setsens.weights.layers.Network` (convolutions, biases,
+folded BatchNorm, pooling, residual blocks) in place of the weight list: η is then the recursion of
+:mod:`.layers` (one :func:`~setsens.weights.network.layer_loop` pass; per layer kind the norm
+inequality it uses is stated there), which on an MLP equals Theorem 2 (with biases:
+:func:`margin_change_bound_with_bias`).  ``hidden="clean"`` tightens it with the clean activations.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .network import check_eps, check_inputs, check_labels, check_weights, layer_norms
+from .layers import Gap, Network
+from .network import check_eps, check_inputs, check_labels, check_weights, layer_loop, layer_norms
 
 __all__ = [
     "layer_mask",
@@ -35,6 +42,7 @@ __all__ = [
     "margin_change_bound_all_pairs",
     "single_layer_bound",
     "margin_change_bound_with_bias",
+    "network_bound",
 ]
 
 
@@ -115,12 +123,45 @@ def _prepare(weights, x, eps, layers):
     return weights, x, e
 
 
-def assemble_bound(weights: Sequence[Tensor], x: Tensor, e: Tensor, y: Tensor | None = None) -> Tensor:
+def _check_hidden(hidden):
+    if hidden not in ("paper", "clean"):
+        raise ValueError(f"hidden must be 'paper' (products of norms) or 'clean' (clean activations), got {hidden!r}")
+
+
+def network_bound(net, x: Tensor, e: Tensor, y: Tensor | None = None, beta: Tensor | None = None,
+                  hidden: str = "paper") -> Tensor:
+    """η by the layer recursion of :mod:`.layers` from checked inputs (a :class:`Network` or an MLP list).
+
+    ``e``/``beta``: weight/bias budgets per weighted layer, (d,) or (N, d).  Shapes as :func:`assemble_bound`.
+    One pass of :func:`layer_loop` (a forward pass plus O(1) per step and input) after the norms.
+    """
+    _check_hidden(hidden)
+    if not isinstance(net, Network):
+        net = Network.from_mlp(list(net))
+    if beta is None:
+        beta = torch.zeros_like(e)
+    B = x.flatten(1).abs().amax(dim=1)
+    _, g = layer_loop(net, x, bound=(e, beta, net.norms(), Gap(torch.zeros_like(B), B), hidden))
+    A = pairwise_last_layer_l1(net[-1])
+    K = A.shape[0]
+    c2 = 2 * e[..., -1] * g.H + 2 * beta[..., -1]
+    if y is None:
+        eta = A[None] * g.delta[:, None, None] + c2[:, None, None]
+        return eta * (1 - torch.eye(K, dtype=eta.dtype, device=eta.device))
+    eta = A[y] * g.delta[:, None] + c2[:, None]
+    return eta.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
+
+
+def assemble_bound(weights: Sequence[Tensor], x: Tensor, e: Tensor, y: Tensor | None = None,
+                   hidden: str = "paper") -> Tensor:
     """η of Theorems 2–3 from checked inputs: η_{yi} = a_{yi} (P_ε − P) B + 2 ε_d P_ε B.
 
     ``e`` holds the budgets (0 for exact layers), one vector (d,) or one per input (N, d).  Returns
     (N, K) for the labels ``y`` (0 at i = y), or (N, K, K) for every pair (0 on the diagonal).
+    A :class:`Network` (or ``hidden="clean"``) goes through the recursion of :func:`network_bound`.
     """
+    if isinstance(weights, Network) or hidden != "paper":
+        return network_bound(weights, x, e, y, hidden=hidden)
     M = layer_norms(weights)
     B = x.abs().amax(dim=1)
     c1 = product_gap(M[:-1], e[..., :-1]) * B
@@ -134,7 +175,8 @@ def assemble_bound(weights: Sequence[Tensor], x: Tensor, e: Tensor, y: Tensor | 
     return eta.masked_fill(torch.nn.functional.one_hot(y, K).bool(), 0.0)
 
 
-def margin_change_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None) -> Tensor:
+def margin_change_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None,
+                        hidden: str = "paper") -> Tensor:
     """η: an (N, K) tensor with η[j, i] ≥ |m̂_{y_j i} − m_{y_j i}| for every Ŵ in the budget set.
 
     ``eps`` holds one budget ε_l ≥ 0 per layer on ‖ΔWˡ‖_∞ (max row ℓ1 norm); ``layers`` the
@@ -147,13 +189,14 @@ def margin_change_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, la
     """
     weights, x, e = _prepare(weights, x, eps, layers)
     y = check_labels(y, x.shape[0], weights[-1].shape[0])
-    return assemble_bound(weights, x, e, y)
+    return assemble_bound(weights, x, e, y, hidden)
 
 
-def margin_change_bound_all_pairs(weights: Sequence[Tensor], x: Tensor, eps, layers=None) -> Tensor:
+def margin_change_bound_all_pairs(weights: Sequence[Tensor], x: Tensor, eps, layers=None,
+                                  hidden: str = "paper") -> Tensor:
     """η for every ordered class pair: (N, K, K) with [j, y, i] ≥ |m̂_{yi}(x_j) − m_{yi}(x_j)|; 0 on the diagonal."""
     weights, x, e = _prepare(weights, x, eps, layers)
-    return assemble_bound(weights, x, e)
+    return assemble_bound(weights, x, e, None, hidden)
 
 
 def single_layer_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps_k: float, k: int) -> Tensor:
@@ -165,6 +208,8 @@ def single_layer_bound(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps_k: f
     weights = check_weights(weights)
     x = check_inputs(weights, x)
     d = len(weights)
+    if isinstance(weights, Network):  # Theorem 3 with S = {k}: the recursion
+        return margin_change_bound(weights, x, y, [eps_k] * d, layers=[k])
     (k,) = layer_mask(k, d).nonzero()[0].tolist()
     e = check_eps([eps_k], 1, weights[0], name="eps_k")[0]
     K = weights[-1].shape[0]
@@ -194,9 +239,16 @@ def margin_change_bound_with_bias(
     δ_l = M_l δ_{l-1} + ε_l H_{l-1} + β_l,  H_l = (M_l + ε_l) H_{l-1} + ‖bˡ‖_∞ + β_l,
     η_{yi} = a_{yi} δ_{d-1} + 2 ε_d H_{d-1} + 2 β_d.  With zero biases and β = 0 it equals
     Theorem 2 (:func:`margin_change_bound`).  ``beta = None`` means no bias perturbation.
+    For a :class:`Network` (its biases inside it: pass ``biases=None``) the recursion of :mod:`.layers`.
     """
     weights, x, e = _prepare(weights, x, eps, layers)
     d = len(weights)
+    if isinstance(weights, Network):
+        if biases is not None:
+            raise ValueError("a Network holds its own biases: pass biases=None")
+        bt = None if beta is None else layer_budgets(beta, layers, weights, "beta")[0]
+        y = check_labels(y, x.shape[0], weights[-1].shape[0])
+        return network_bound(weights, x, e, y, bt)
     if biases is None:
         biases = [None] * d
     if not isinstance(biases, (list, tuple)) or len(biases) != d:

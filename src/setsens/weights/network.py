@@ -1,12 +1,16 @@
-"""Bias-free feed-forward networks as pure functions of their weight matrices.
+"""Feed-forward networks as pure functions of their weight matrices (MLPs) or steps (:class:`Network`).
 
 A network is a list ``weights = [W¹, …, Wᵈ]`` (first layer first, ``Wˡ`` of shape
 ``(n_l, n_{l-1})``) and an activation σ from the ReLU family (element-wise, 1-Lipschitz,
 non-negative, monotone, σ(0) = 0):  f(x|W) = Wᵈ σ(Wᵈ⁻¹ ··· σ(W¹ x)).  Layer indices in this
 package are 0-based (``weights[0]`` is W¹ of the notes).
 
-:func:`network_from_model` turns an ``nn.Sequential`` into that form and refuses, with a clear
-message, anything outside the setting (convolutions, biases where not allowed, Tanh, Sigmoid …).
+:func:`network_from_model` turns an ``nn.Sequential`` MLP into that form and refuses, with a clear
+message, anything outside the setting (biases where not allowed, Tanh, Sigmoid …).  A model with
+convolutions, BatchNorm, pooling or residual blocks becomes a :class:`~setsens.weights.layers.Network`
+(its steps and their bound rules: :mod:`.layers`), which every function here and in :mod:`.bounds`,
+:mod:`.certify` and :mod:`.attacks` accepts in place of the list of weight matrices.  One loop,
+:func:`layer_loop`, runs both forms: the forward pass, the perturbed ones and the bound recursion.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.mlp import ACTIVATIONS, UnsupportedNetworkError, check_activation, mlp_layers
+from .layers import Activation, Affine, Gap, Network, build_network
 
 __all__ = [
     "UnsupportedNetworkError",
@@ -35,6 +40,7 @@ __all__ = [
     "forward_perturbed",
     "margins",
     "network_from_model",
+    "Network",
 ]
 
 
@@ -60,7 +66,19 @@ def _finite(t: Tensor, name: str):
 
 
 def check_weights(weights: Sequence[Tensor], name: str = "weights") -> list[Tensor]:
-    """Validate a list of weight matrices (2-D, floating, finite, chained shapes, ≥ 2 outputs)."""
+    """Validate a list of weight matrices (2-D, floating, finite, chained shapes, ≥ 2 outputs).
+
+    A :class:`Network` (chained when built) is returned as it is once its weights and biases are
+    floating and finite.
+    """
+    if isinstance(weights, Network):
+        for l, a in enumerate(weights.affines):
+            for t, what in ((a.weight, "weight"), (a.bias, "bias")):
+                if t is not None:
+                    if not t.is_floating_point():
+                        raise ValueError(f"{name} layer {l} ({a.name}): {what} must be floating point, got {t.dtype}")
+                    _finite(t, f"{name} layer {l} ({a.name}) {what}")
+        return weights
     if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError(f"{name} must be a non-empty list of weight matrices, first layer first")
     out = []
@@ -86,6 +104,13 @@ def check_inputs(weights: Sequence[Tensor], x: Tensor) -> Tensor:
     """Validate a batch ``x`` of shape (N, n₀) against the first layer; returns it in the weights' dtype."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(weights, Network):
+        if tuple(x.shape[1:]) != weights.input_shape:
+            raise ValueError(f"x must be a batch of shape (N, {', '.join(map(str, weights.input_shape))}), "
+                             f"got shape {tuple(x.shape)}")
+        x = x.to(weights[0].dtype)
+        _finite(x, "x")
+        return x
     if x.ndim != 2:
         raise ValueError(f"x must be a batch of shape (N, n0), got shape {tuple(x.shape)}")
     if x.shape[1] != weights[0].shape[1]:
@@ -135,28 +160,69 @@ def check_eps(eps, depth: int, like: Tensor, name: str = "eps") -> Tensor:
 def layer_norms(weights: Sequence[Tensor]) -> Tensor:
     """M_l = ‖Wˡ‖_∞ = max_j Σ_k |Wˡ_jk| (max row ℓ1 norm) for every layer; differentiable.
 
+    For a :class:`Network`: the ∞-norm of each weighted layer's operator (a convolution's exactly,
+    without its matrix: :meth:`Network.norms`).
+
     >>> layer_norms([torch.tensor([[1., -2.], [0.5, 0.5]]), torch.tensor([[3., 0.], [0., -1.]])])
     tensor([3., 3.])
     """
+    if isinstance(weights, Network):
+        return weights.norms()
     return torch.stack([w.abs().sum(dim=1).max() for w in weights])
 
 
-def layer_loop(weights: Sequence[Tensor], x: Tensor, activation="relu", add=None) -> list[Tensor]:
+class _Loop:
+    """What one pass carries: the ``add`` hook, the hidden states, the bound's (δ, H) and budgets."""
+
+    def __init__(self, add, depth, bound, trace):
+        self.add, self.depth, self.trace, self.records = add, depth, trace, []
+        self.gap = self.final = None
+        if bound is not None:
+            self.e, self.beta, self.M, self.gap, hidden = bound
+            self.clean = hidden == "clean"
+
+    def run(self, steps, h):
+        for step in steps:
+            if self.trace:
+                step.in_shape = tuple(h.shape[1:])
+            out = step.forward(h, self)
+            if self.gap is not None:
+                g = step.propagate(self.gap, self)
+                if self.clean:
+                    g = Gap(g.delta, torch.minimum(g.H, out.flatten(1).abs().amax(dim=1) + g.delta))
+                self.gap = g
+            h = out
+        return h
+
+
+def _mlp_steps(weights, activation):
+    act = get_activation(activation)
+    steps = []
+    for l, w in enumerate(weights):
+        a = Affine(w)
+        a.index = l
+        steps += [a, Activation(act)] if l < len(weights) - 1 else [a]
+    return steps
+
+
+def layer_loop(weights, x: Tensor, activation="relu", add=None, bound=None, trace: bool = False):
     """[h⁰ = x, h¹, …, hᵈ⁻¹, f(x)]: the one pass through the layers every forward variant uses.
 
-    ``add(l, h)`` (optional) returns a term added to layer l's pre-activation ``Wˡ h`` (a bias, a
-    weight perturbation's ``ΔWˡ h`` …) or ``None``.  Cost: one pass, O(N Σ n_l n_{l-1}).
+    ``weights`` is a list of weight matrices (an MLP with ``activation``) or a :class:`Network`
+    (its own activations; then hˡ is the input of weighted layer l).  ``add(l, h)`` (optional)
+    returns a term added to weighted layer l's pre-activation ``Wˡ h`` (a bias, a weight
+    perturbation's ``ΔWˡ h`` …) or ``None``.  ``bound = (ε, β, M, Gap(δ₀, H₀), hidden)`` also runs
+    the bound recursion of :mod:`.layers` alongside (each step's rule) and returns
+    ``(states, Gap at the last layer's input)``.  Cost: one pass, O(N Σ n_l n_{l-1}).
     """
-    act = get_activation(activation)
-    hs = [x]
-    d = len(weights)
-    for l, w in enumerate(weights):
-        z = hs[-1] @ w.T
-        extra = add(l, hs[-1]) if add is not None else None
-        if extra is not None:
-            z = z + extra
-        hs.append(act(z) if l < d - 1 else z)
-    return hs
+    if isinstance(weights, Network):
+        steps, depth = weights.steps, weights.depth
+    else:
+        steps, depth = _mlp_steps(weights, activation), len(weights)
+    loop = _Loop(add, depth, bound, trace)
+    out = loop.run(steps, x)
+    hs = loop.records + [out]
+    return hs if bound is None else (hs, loop.final)
 
 
 def hidden_states(weights: Sequence[Tensor], x: Tensor, activation="relu", biases=None) -> list[Tensor]:
@@ -177,13 +243,33 @@ def perturbation_term(delta, h: Tensor):
     return h @ delta.T if delta.ndim == 2 else torch.einsum("njk,nk->nj", delta, h)
 
 
-def forward_perturbed(weights: Sequence[Tensor], deltas: Sequence, x: Tensor, activation="relu") -> Tensor:
-    """Logits of the perturbed network Ŵˡ = Wˡ + ΔWˡ.
+def forward_perturbed(weights: Sequence[Tensor], deltas: Sequence, x: Tensor, activation="relu",
+                      bias_deltas: Sequence | None = None) -> Tensor:
+    """Logits of the perturbed network Ŵˡ = Wˡ + ΔWˡ (and b̂ˡ = bˡ + Δbˡ).
 
-    ``deltas[l]`` is ``None`` (layer not perturbed), a matrix shaped like ``weights[l]`` (one
-    perturbation shared by the whole batch) or a stack (N, n_l, n_{l-1}) (one per input).
+    ``deltas[l]`` is ``None`` (layer not perturbed), a tensor shaped like ``weights[l]`` (one
+    perturbation shared by the whole batch; a convolution's kernel for a :class:`Network`) or a
+    stack (N, *weights[l].shape) (one per input).  ``bias_deltas[l]``: ``None``, (n_l,) or (N, n_l).
     """
-    return layer_loop(weights, x, activation, lambda l, h: perturbation_term(deltas[l], h))[-1]
+    if isinstance(weights, Network):
+        aff = weights.affines
+
+        def add(l, h):
+            t = None if deltas[l] is None else aff[l].linear(deltas[l], h)
+            if bias_deltas is not None and bias_deltas[l] is not None:
+                b = aff[l].bias_term(bias_deltas[l])
+                t = b if t is None else t + b
+            return t
+
+        return layer_loop(weights, x, activation, add)[-1]
+
+    def add(l, h):
+        t = perturbation_term(deltas[l], h)
+        if bias_deltas is not None and bias_deltas[l] is not None:
+            t = bias_deltas[l] if t is None else t + bias_deltas[l]
+        return t
+
+    return layer_loop(weights, x, activation, add)[-1]
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -191,22 +277,43 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     return logits.gather(1, y[:, None]) - logits
 
 
-def network_from_model(model: nn.Module, allow_bias: bool = False):
-    """``(weights, biases, activation)`` of an ``nn.Sequential`` MLP inside the setting.
+_STRUCTURED = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d,
+               nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 
-    Accepts an optional leading ``nn.Flatten``, then Linear, activation, Linear, …, Linear, with
-    one supported activation (the same everywhere).  ``weights`` are the live parameters (so
-    gradients flow); ``biases`` is ``None`` for a bias-free network.
+
+def network_from_model(model: nn.Module, allow_bias: bool = False, input_shape=None):
+    """``(weights, biases, activation)`` of an ``nn.Sequential`` MLP inside the setting, else a :class:`Network`.
+
+    An MLP (an optional leading ``nn.Flatten``, then Linear, activation, Linear, …, Linear, with
+    one supported activation, the same everywhere) gives the live parameters (so gradients flow);
+    ``biases`` is ``None`` for a bias-free network, and biases are refused unless ``allow_bias``.
+
+    A model with convolutions, BatchNorm, pooling or the CIFAR ResNet blocks of
+    :mod:`setsens.models.resnet` (or any model when ``input_shape`` is given) gives a
+    :class:`Network` (:func:`setsens.weights.layers.build_network`): BatchNorm folded with its
+    running statistics (eval mode), biases kept, ``input_shape`` one input's shape ((3, 32, 32) for a
+    CIFAR ResNet by default).
 
     >>> model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
     >>> w, b, act = network_from_model(model)
     >>> [tuple(t.shape) for t in w], b, act
     ([(3, 4), (2, 3)], None, 'relu')
-    >>> network_from_model(nn.Sequential(nn.Conv2d(1, 2, 3)))  # doctest: +ELLIPSIS
+    >>> net = network_from_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)),
+    ...                          input_shape=(1, 4, 4))
+    >>> len(net), net.input_shape
+    (2, (1, 4, 4))
+    >>> network_from_model(nn.Sequential(nn.Conv2d(1, 2, 3)), input_shape=(1, 4, 4))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    setsens.models.mlp.UnsupportedNetworkError: module 0 (Conv2d) is outside the setting: ...
+    setsens.models.mlp.UnsupportedNetworkError: the last layer must be a dense nn.Linear (the logits), got Conv2d...
     """
+    structured = input_shape is not None or any(
+        isinstance(m, _STRUCTURED) or type(m).__name__ in ("CifarResNet", "BasicBlock") for m in model.modules()
+    )
+    if structured:
+        net = build_network(model, input_shape)
+        check_weights(net.detach())
+        return net
     linears, activation = mlp_layers(model)
     weights = [m.weight for m in linears]
     biases = [m.bias for m in linears]
