@@ -132,17 +132,20 @@ def network_bound(net, x: Tensor, e: Tensor, y: Tensor | None = None, beta: Tens
                   hidden: str = "paper") -> Tensor:
     """η by the layer recursion of :mod:`.layers` from checked inputs (a :class:`Network` or an MLP list).
 
-    ``e``/``beta``: weight/bias budgets per weighted layer, (d,) or (N, d).  Shapes as :func:`assemble_bound`.
+    ``e``/``beta``: weight/bias budgets per weighted layer, (d,) or (N, d).  Shapes as :func:`assemble_bound`;
+    η comes back in float64 (or wider), whatever the network's dtype.
     One pass of :func:`layer_loop` (a forward pass plus O(1) per step and input) after the norms.
     """
     _check_hidden(hidden)
     if not isinstance(net, Network):
         net = Network.from_mlp(list(net))
-    if beta is None:
-        beta = torch.zeros_like(e)
-    B = x.flatten(1).abs().amax(dim=1)
-    _, g = layer_loop(net, x, bound=(e, beta, net.norms(), Gap(torch.zeros_like(B), B), hidden))
-    A = pairwise_last_layer_l1(net[-1])
+    # the recursion in float64 at least: products of ~50 layer norms overflow float32 (ResNet-56: 1e62)
+    wide = torch.promote_types(e.dtype, torch.float64)
+    e = e.to(wide)
+    beta = torch.zeros_like(e) if beta is None else beta.to(wide)
+    B = x.flatten(1).abs().amax(dim=1).to(wide)
+    _, g = layer_loop(net, x, bound=(e, beta, net.norms().to(wide), Gap(torch.zeros_like(B), B), hidden))
+    A = pairwise_last_layer_l1(net[-1]).to(wide)
     K = A.shape[0]
     c2 = 2 * e[..., -1] * g.H + 2 * beta[..., -1]
     if y is None:
