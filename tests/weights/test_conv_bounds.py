@@ -364,3 +364,17 @@ def test_residual_rule_is_nearly_attained_through_the_shortcut(shortcut):
     _, change = weight_attack(net, x, y, target, e, layers=[0], steps=60, generator=g)
     assert (change <= eta + 1e-12).all()
     assert float((change / eta).max()) >= 0.9
+
+
+def test_attacked_robust_and_random_accuracy_take_a_network():
+    from setsens.weights import attacked_robust, random_perturbation_accuracy
+
+    model, shape = conv_bn_net(11)
+    net = network_from_model(model, input_shape=shape).detach()
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(10, *shape, generator=g, dtype=D)
+    y = forward(net, x).argmax(1)
+    e = relative_budget(net, float(max_certified_budget(net, x, y).median()))
+    robust = attacked_robust(net, x, y, e, n_targets=2, steps=10, generator=g)
+    assert (certify(net, x, y, e) <= robust).all() and robust.any()
+    assert random_perturbation_accuracy(net, x, y, e, samples=3, generator=g).shape == (3,)

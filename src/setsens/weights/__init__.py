@@ -1,6 +1,8 @@
-"""Robustness and generalization of bias-free MLPs under norm-bounded weight perturbations.
+"""Robustness and generalization of neural networks under norm-bounded weight perturbations.
 
-A network is its list of weight matrices (:mod:`.network`); :mod:`.bounds` bounds the change of
+A network is its list of weight matrices (:mod:`.network`), or a :class:`Network` of steps
+(:mod:`.layers`: convolutions, biases, folded BatchNorm, pooling, residual blocks, each with the norm
+inequality its bound rule uses); :mod:`.bounds` bounds the change of
 its margins, :mod:`.certify` turns the bound into certificates, :mod:`.attacks` searches the budget
 set from below, :mod:`.generalization` evaluates Theorem 4 and :mod:`.training` trains with the
 bound in the loss.
@@ -24,12 +26,14 @@ from .bounds import (
     margin_change_bound,
     margin_change_bound_all_pairs,
     margin_change_bound_with_bias,
+    network_bound,
     pairwise_last_layer_l1,
     product_gap,
     relative_budget,
     single_layer_bound,
 )
 from .certify import certified_accuracy, certified_margin, certified_prediction, certify, max_certified_budget
+from .layers import Network, build_network, fold_batchnorm
 from .generalization import rademacher_bound, ramp, robust_surrogate_loss, theorem4_bound
 from .network import (
     ACTIVATIONS,
@@ -51,6 +55,9 @@ __all__ = [
     # bounds
     "margin_change_bound", "margin_change_bound_all_pairs", "single_layer_bound", "margin_change_bound_with_bias",
     "relative_budget", "layer_mask", "layer_budgets", "assemble_bound", "pairwise_last_layer_l1", "product_gap",
+    "network_bound",
+    # layers
+    "Network", "build_network", "fold_batchnorm",
     # certify
     "certified_margin", "certify", "certified_prediction", "certified_accuracy", "max_certified_budget",
     # attacks

@@ -348,7 +348,8 @@ def attacked_robust(
 
     An input counts as broken if it is misclassified clean or if any attacked margin
     m̂_{y,i} ≤ 0 (ties count as errors, as in the certificate).  ``n_targets=None`` = all K−1.
-    Per-input worst case, so certified ⊆ robust-under-attack ⊆ clean-correct.
+    Per-input worst case, so certified ⊆ robust-under-attack ⊆ clean-correct.  A :class:`Network`
+    is attacked by :func:`weight_attack` (PGD on its kernels) instead.
     """
     weights, x, y = _checked(weights, x, y)
     K = weights[-1].shape[0]
@@ -362,10 +363,13 @@ def attacked_robust(
         correct = logits.argmax(dim=1) == yb
         order = m.masked_fill(torch.nn.functional.one_hot(yb, K).bool(), float("inf")).argsort(dim=1)[:, :n_targets]
         n = xb.shape[0]
-        xr = xb.repeat(n_targets, 1)
+        xr = xb.repeat(n_targets, *[1] * (xb.ndim - 1))
         yr = yb.repeat(n_targets)
         tr = order.T.reshape(-1)
-        _, change = box_attack(weights, xr, yr, tr, eps, layers, activation, steps, restarts, generator)
+        if isinstance(weights, Network):  # no exact reduced form: PGD on the kernels (restarts unused)
+            _, change = weight_attack(weights, xr, yr, tr, eps, layers, activation, steps=steps, generator=generator)
+        else:
+            _, change = box_attack(weights, xr, yr, tr, eps, layers, activation, steps, restarts, generator)
         m_after = (m.gather(1, order).T.reshape(-1) - change).reshape(n_targets, n)
         out.append(correct & (m_after > 0).all(dim=0))
     return torch.cat(out)
