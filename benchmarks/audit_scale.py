@@ -1,8 +1,11 @@
 """The poisoning audit's scan at ResNet scale: time and peak memory against n, the streamed (exact) Gram
-factor against the dense one where G fits.
+factor against the dense one where G fits, the Nyström (approximate) factor against the exact one.
 
-    python benchmarks/audit_scale.py --sizes 250,500,1000 --exact 200 --json docs/runs/audit-scale/audit_scale.json
+    python benchmarks/audit_scale.py --sizes 250,500,1000 --exact 200                 # exact paths
+    python benchmarks/audit_scale.py --sizes 250,500,1000,2000 --exact 0 --path nystrom --rank 500
 
+Rows are merged into the JSON file (one per role, path and n); a size already measured (its state file) is
+reused.
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
 randomly shifted copies of them (timing only; said in the output) — and ``Audit(problem).scan()`` with
@@ -43,7 +46,7 @@ def images(n: int, seed: int = 0):
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-def one(n: int, path: str, memory: int, out: str) -> None:
+def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
     """Scan n images on ``path`` in this process; write seconds, peak RSS and κ to ``out`` (torch file)."""
     from setsens.audit import Audit, GramFactor
     from setsens.models.resnet import load_cifar_resnet
@@ -52,12 +55,13 @@ def one(n: int, path: str, memory: int, out: str) -> None:
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
     problem = Problem(model, cross_entropy, images(n), batch_size=20)
     t0 = time.perf_counter()
-    factor = GramFactor(problem, path=path, memory=memory,
+    factor = GramFactor(problem, path=path, memory=memory, rank=rank,
                         progress=lambda e: print(f"  n={n}: {e.stage} {e.done}/{e.total}, "
                                                  f"{time.perf_counter() - t0:.0f} s", flush=True))
     result = Audit(problem, factor).scan()
     seconds = time.perf_counter() - t0
     torch.save({"n": n, "p": problem.p, "K": factor.k, "path": factor.plan.path, "panel": factor.plan.panel,
+                "sketch_rank": factor.plan.rank,
                 "seconds": seconds, "factor_seconds": factor.seconds, "rank": factor.rank,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa}, out)
@@ -73,11 +77,22 @@ def top20_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((approx[top] - exact[top]).abs() / exact[top]).max())
 
 
-def run(n: int, path: str, memory: int, tmp: Path) -> dict:
+def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000) -> dict:
     out = tmp / f"scan-{n}-{path}.pt"
-    subprocess.run([sys.executable, __file__, "--one", str(n), "--path", path, "--memory", str(memory / 1e9),
-                    "--out", str(out)], check=True)
+    if not out.is_file():  # a rerun reuses the sizes already measured
+        subprocess.run([sys.executable, __file__, "--one", str(n), "--path", path, "--memory", str(memory / 1e9),
+                        "--out", str(out), "--rank", str(rank)], check=True)
     return torch.load(out, weights_only=True)
+
+
+def exponent(rows: list[dict]) -> float | None:
+    """The log–log slope of seconds against n (least squares), None under two sizes."""
+    timed = sorted({(row["n"], row["seconds"]) for row in rows})
+    if len(timed) < 2:
+        return None
+    xs, ys = [math.log(n) for n, _ in timed], [math.log(s) for _, s in timed]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main() -> None:
@@ -87,19 +102,23 @@ def main() -> None:
     parser.add_argument("--memory", type=float, default=12.0, help="GB the scan may hold")
     parser.add_argument("--json", default=str(ROOT / "docs/runs/audit-scale/audit_scale.json"))
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--path", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="auto", choices=["auto", "streamed", "nystrom", "dense"],
+                        help="the factor's path for --sizes (nystrom rows are compared with the exact ones of a "
+                             "previous auto run on the same sizes)")
+    parser.add_argument("--rank", type=int, default=1000, help="the Nyström sketch's rank")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     memory = int(args.memory * 1e9)
     if args.one:
-        return one(args.one, args.path, memory, args.out)
+        return one(args.one, args.path, memory, args.out, args.rank)
     tmp = Path(args.json).parent / "state"
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.exact:
         print(f"n={args.exact}: dense factor (G held) against the streamed one…", flush=True)
         dense, streamed = run(args.exact, "dense", 10**12, tmp), run(args.exact, "streamed", memory, tmp)
-        rows.append({"model": "resnet56", "n": args.exact, "p": streamed["p"], "K": streamed["K"], "path": "streamed",
+        rows.append({"role": "dense check", "model": "resnet56", "n": args.exact, "p": streamed["p"],
+                     "K": streamed["K"], "path": "streamed",
                      "seconds": streamed["seconds"], "peak_rss_bytes": streamed["peak_rss_bytes"],
                      "spearman_vs_exact": spearman(streamed["kappa"], dense["kappa"]),
                      "top20_max_relative_error": top20_error(streamed["kappa"], dense["kappa"]),
@@ -107,23 +126,30 @@ def main() -> None:
                                         f"{dense['peak_rss_bytes'] / 1e9:.1f} GB peak",
                      "peer": None, "peer_seconds": None})
     for n in [int(s) for s in args.sizes.split(",") if s]:
-        print(f"n={n}…", flush=True)
-        r = run(n, "auto", memory, tmp)
-        rows.append({"model": "resnet56", "n": n, "p": r["p"], "K": r["K"], "path": r["path"], "panel": r["panel"],
-                     "seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"],
+        print(f"n={n}, path {args.path}…", flush=True)
+        r = run(n, args.path, memory, tmp, args.rank)
+        exact = tmp / f"scan-{n}-auto.pt"
+        against = torch.load(exact, weights_only=True) if r["path"] == "nystrom" and exact.is_file() else None
+        rows.append({"role": "scan", "model": "resnet56", "n": n, "p": r["p"], "K": r["K"], "path": r["path"],
+                     "panel": r["panel"],
+                     "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
+                     "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"],
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
-                     "spearman_vs_exact": None, "top20_max_relative_error": None,
-                     "exact_reference": "the streamed factor is exact (equal to the dense one to rounding: "
-                                        "tests/core/test_gram.py, and the row at n = --exact)",
+                     "spearman_vs_exact": spearman(r["kappa"], against["kappa"]) if against else None,
+                     "top20_max_relative_error": top20_error(r["kappa"], against["kappa"]) if against else None,
+                     "exact_reference": ("the streamed exact scan of the same images (this file)" if against else
+                                         "the streamed factor is exact (equal to the dense one to rounding: "
+                                         "tests/core/test_gram.py, and the row at n = --exact)"
+                                         if r["path"] != "nystrom" else None),
                      "peer": None, "peer_seconds": None})
         print(f"  {r['path']}: {r['seconds']:.0f} s, peak {r['peak_rss_bytes'] / 1e9:.1f} GB", flush=True)
-    timed = sorted({(row["n"], row["seconds"]) for row in rows if row["path"] == "streamed"})
-    exponent = None
-    if len(timed) >= 2:
-        xs, ys = [math.log(n) for n, _ in timed], [math.log(s) for _, s in timed]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        exponent = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
-    record = {"time_exponent": exponent, "threads": torch.get_num_threads(), "runs": rows}
+    old = json.loads(Path(args.json).read_text())["runs"] if Path(args.json).is_file() else []
+    key = lambda row: (row.get("role", "scan"), row["path"], row["n"])  # noqa: E731
+    new = {key(row) for row in rows}
+    rows = sorted([row for row in old if key(row) not in new] + rows, key=key)
+    scans = lambda path: [row for row in rows if row.get("role", "scan") == "scan" and row["path"] == path]  # noqa: E731
+    record = {"time_exponent": exponent(scans("nystrom")), "time_exponent_exact": exponent(scans("streamed")),
+              "threads": torch.get_num_threads(), "runs": rows}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}), flush=True)
 
