@@ -16,6 +16,10 @@ where m JVP/VJP passes cost about m gradients — cheaper from m ≈ K on.
 
 Memory: the panel, one block, the Gram matrix and (for its eigendecomposition) twice that again; never
 n·K·p.  :func:`plan` sizes the panel from a byte budget.
+
+The pseudo-inverse ``(GGᵀ)⁺`` the audit needs: :class:`EigenInverse` (exact, from the Gram matrix, held or
+streamed), or :class:`NystromInverse` (approximate, linear in n: a rank-r sketch plus the exact per-point
+diagonal blocks, for when the (n·K)² Gram matrix cannot be held; its error depends on the network).
 """
 
 from __future__ import annotations

@@ -70,15 +70,15 @@ def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
     whole = gram_matrix(problem, True, 3)
     seen = []
 
-    def stop_after_two(done, total):
-        seen.append(done)
+    def stop_after_two(event):
+        seen.append(event.done)
         if len(seen) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         gram_matrix(problem, True, 3, progress=stop_after_two, checkpoint=tmp_path / "gram.pt")
     resumed = []
-    again = gram_matrix(problem, True, 3, progress=lambda done, total: resumed.append(done),
+    again = gram_matrix(problem, True, 3, progress=lambda event: resumed.append(event.done),
                         checkpoint=tmp_path / "gram.pt")
     assert seen == [3, 6] and resumed == [9, 10]  # the two saved panels were not recomputed
     assert torch.equal(again, whole)
