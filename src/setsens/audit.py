@@ -61,7 +61,9 @@ class GramFactor(LinearOperator):
     JVP/VJP passes, or one Jacobian pass for K or more at once); both are exact and sum GGᵀ in float64.
     ``rcond``: eigenvalues below ``rcond·λ_max`` are dropped — by default those below the float64 sums'
     rounding (n·K·ε₆₄) and those whose singular value of G is below n·K·ε of the Jacobian's dtype (NumPy's
-    pseudo-inverse rule)."""
+    pseudo-inverse rule).  ``checkpoint``: the streamed Gram matrix's finished panels are saved there and a rerun
+    resumes after them; ``progress`` reports them.  ``path="nystrom"`` (only when asked: approximate, see
+    :class:`setsens.gram.NystromInverse`) sketches with ``rank``, ``power`` iterations and ``seed``."""
 
     def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
                  progress: ProgressFn | None = None, checkpoint: str | None = None,

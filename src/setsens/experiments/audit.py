@@ -358,7 +358,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
         "and every point's modulus…")
     t0 = time.perf_counter()
     with Bars({"gram": "Gram matrix (points)", "sketch": "Nyström sketch (Jacobian passes)"}) as bars:
-        audit = Audit(problem, GramFactor(problem, progress=bars))
+        audit = Audit(problem, GramFactor(problem, progress=bars, checkpoint=state.path("gram")))  # resumes per panel
     factor, result = audit.factor, audit.scan()
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
