@@ -138,7 +138,9 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
             M, done = state["M"].to(M.device), int(state["done"])
     for s in range(done, n, panel):
         e = min(s + panel, n)
-        JP = torch.cat([J.reshape(-1, p) for _, J in jacobian_chunks(problem, centered, s, e)])
+        JP = torch.empty((e - s) * k, p, dtype=problem.dtype, device=M.device)  # filled in place: one copy
+        for t, J in jacobian_chunks(problem, centered, s, e):
+            JP[(t - s) * k:(t - s) * k + J.shape[0] * k] = J.reshape(-1, p)
         M[s * k:e * k, s * k:e * k] = float64_product(JP, JP)
         for t, JB in jacobian_chunks(problem, centered, e, n):
             block = float64_product(JP, JB.reshape(-1, p))
