@@ -52,8 +52,25 @@ def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
     return [params[name[id(t)]].detach() for t in matrices]
 
 
+class CertifiedFractions:
+    """What every certificate with ``deltas`` (δ tried) and ``certified`` (δ × held-out point) reports."""
+
+    deltas: Tensor
+    certified: Tensor
+
+    @property
+    def fraction(self) -> Tensor:
+        """The certified fraction of the held-out points at each δ."""
+        return self.certified.double().mean(dim=1)
+
+    def largest_delta(self, fraction: float = 0.5) -> float:
+        """The largest δ tried with at least ``fraction`` certified (0 if none)."""
+        ok = self.deltas[self.fraction >= fraction]
+        return float(ok.max()) if ok.numel() else 0.0
+
+
 @dataclass
-class Certificate:
+class Certificate(CertifiedFractions):
     """``certified[i, j]``: held-out point j's prediction survives every move of ``points`` training
     points with ``‖Δx_k‖ ≤ deltas[i]·‖x_k‖`` (first order in the set, proved in the margins);
     ``budgets[i]`` the per-layer ε_l used; ``kappa`` = κ_K, the bound on ‖v‖ per unit δ
@@ -66,16 +83,6 @@ class Certificate:
     kappa: float | None = None
     budgets: Tensor | None = None
     radius: Tensor | None = None
-
-    @property
-    def fraction(self) -> Tensor:
-        """The certified fraction of the held-out points at each δ."""
-        return self.certified.double().mean(dim=1)
-
-    def largest_delta(self, fraction: float = 0.5) -> float:
-        """The largest δ tried with at least ``fraction`` certified (0 if none)."""
-        ok = self.deltas[self.fraction >= fraction]
-        return float(ok.max()) if ok.numel() else 0.0
 
 
 def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, points: int) -> Certificate:

@@ -73,6 +73,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .certificate import CertifiedFractions
+
 __all__ = ["ConvexModel", "ConvexCertificate", "objective", "gradient", "hessian", "minimiser", "strong_convexity",
            "point_bounds", "predict", "move_bound", "first_order_move_bound", "convex_certificate"]
 
@@ -343,7 +345,7 @@ def first_order_move_bound(model: ConvexModel, delta: float, points: int, w: Ten
 
 
 @dataclass
-class ConvexCertificate:
+class ConvexCertificate(CertifiedFractions):
     """``certified[i, j]``: held-out point j's prediction at w is kept by the exactly retrained model on
     every move of ``points`` training points with ``‖Δx_k‖₂ ≤ deltas[i]`` (absolute; proved, see the module
     docstring).  ``rho[i]`` = ρ(δ_i, K); ``margins`` the predictions' margins at w; ``scale`` what one unit of
@@ -358,16 +360,6 @@ class ConvexCertificate:
     rho: Tensor
     certified: Tensor
     radius: Tensor
-
-    @property
-    def fraction(self) -> Tensor:
-        """The certified fraction of the held-out points at each δ."""
-        return self.certified.double().mean(dim=1)
-
-    def largest_delta(self, fraction: float = 0.5) -> float:
-        """The largest δ tried with at least ``fraction`` certified (0 if none)."""
-        ok = self.deltas[self.fraction >= fraction]
-        return float(ok.max()) if ok.numel() else 0.0
 
 
 def predict(model: ConvexModel, w: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
