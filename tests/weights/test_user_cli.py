@@ -102,13 +102,15 @@ def test_user_model_end_to_end(user_model, tmp_path):
     assert "Violations in total: **0**" in report and "Which layers dominate" in report
 
 
-def test_training_points_when_no_held_out_part(user_model, tmp_path):
+def test_training_points_when_no_held_out_part_and_float64(user_model, tmp_path):
     out = tmp_path / "rep"
     r = CliRunner().invoke(main, ["weights", "--model", user_model["model"], "--data", user_model["train"],
-                                  "--points", "100", "--attack-points", "0", "--epsilons", "1e-3", "--out", str(out)])
+                                  "--points", "100", "--attack-points", "0", "--epsilons", "1e-3", "--dtype", "float64",
+                                  "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["points"] == 30 and res["attack"]["0.001"]["certified_attacked"] == 0  # capped; no attack asked
+    assert res["evaluated_on"] == "training" and res["dtype"] == "float64" and res["network_vs_model"] < 1e-12
 
 
 BAD = [
@@ -134,6 +136,8 @@ BAD = [
     (["--points", "20"], "--points"),
     (["--epsilons", "1e-3"], "--epsilons"),
     (["--checkpoint", "{checkpoint}"], "--checkpoint"),
+    (["--dtype", "float64"], "--dtype"),
+    (["--model", "{model}", "--data", "{data}", "--dtype", "float16"], "--dtype"),
 ]
 
 

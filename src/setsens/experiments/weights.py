@@ -371,6 +371,9 @@ def render_report(results: dict, command_line: str) -> str:
               help="With --model: at most this many held-out points (training points if the data has none).")
 @click.option("--attack-points", type=click.IntRange(0), default=20, show_default=True,
               help="With --model: certified (and as many uncertified) points attacked at each ε (0 = no attack).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]),
+              help="With --model: the precision of the network [default: the model's]; float64 reaches budgets "
+              "below float32's range (1e-38), which a deep network's bound may need.")
 @click.option("--dataset", type=click.Choice(["digits", "cifar10"]), default="digits", show_default=True)
 @click.option("--data", "data_path", default="../shared/data/cifar10-subset.npz", show_default=True,
               help="CIFAR-10 subset .npz (for --dataset cifar10); with --model your data, as for `setsens analyze`: "
@@ -408,8 +411,8 @@ def render_report(results: dict, command_line: str) -> str:
               help="Random boundary perturbations per budget (accuracy under random Ŵ).")
 @click.option("--gamma-rel", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary JSON to stdout.")
-def command(model_spec, checkpoint, trust_checkpoint, epsilons, points, attack_points, dataset, data_path, out, seed,
-            quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant, epochs, hidden, activation, lr,
+def command(model_spec, checkpoint, trust_checkpoint, epsilons, points, attack_points, dtype, dataset, data_path, out,
+            seed, quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant, epochs, hidden, activation, lr,
             batch_size, attack_steps, attack_restarts, attack_targets, weight_attack_points, weight_attack_steps,
             random_samples, gamma_rel, as_json):
     """Certified margins, certified/attacked accuracy, Theorem 4 and robust training (weight perturbations); with
@@ -422,7 +425,7 @@ def command(model_spec, checkpoint, trust_checkpoint, epsilons, points, attack_p
     eps = weights_user.check_options(click.get_current_context(), model_spec, epsilons)
     if model_spec is not None:
         return weights_user.run(model_spec, checkpoint, trust_checkpoint, data_path, eps, points, attack_points,
-                                attack_steps, seed, batch_size, out, as_json)
+                                attack_steps, seed, batch_size, out, as_json, dtype)
     if dataset == "cifar10":
         npz_lengths(data_path, ("train_x", "train_y", "test_x", "test_y"), "--data")
     kw = dict(dataset=dataset, data_path=data_path, seed=seed, hidden=number_list(hidden, "--hidden", int, 1),

@@ -34,7 +34,7 @@ PAPER_ONLY = ("dataset", "quick", "budgets", "lam", "mu", "grid_lams", "grid_mus
               "epochs", "hidden", "activation", "lr", "attack_restarts", "attack_targets", "weight_attack_points",
               "weight_attack_steps", "random_samples", "gamma_rel")
 #: parameters that only the user-model mode reads (refused without ``--model``)
-USER_ONLY = ("checkpoint", "trust_checkpoint", "points", "epsilons", "attack_points")
+USER_ONLY = ("checkpoint", "trust_checkpoint", "points", "epsilons", "attack_points", "dtype")
 #: certificate name → the ``hidden`` form of :func:`setsens.weights.margin_change_bound`
 CERTIFICATES = {"paper": "paper", "clean": "clean"}
 #: points the per-layer shares of the bound are averaged over (one bound per layer each)
@@ -67,7 +67,7 @@ def check_options(ctx: click.Context, model_spec, epsilons: str) -> tuple | None
     return tuple(sorted(set(number_list(epsilons, "--epsilons", float, 0, open_min=True))))
 
 
-def load_network(model_spec: str, checkpoint, trust: bool, data_spec: str):
+def load_network(model_spec: str, checkpoint, trust: bool, data_spec: str, dtype: str | None = None):
     """``(model, network, data)`` loaded and checked (one-line click errors naming the option): the model in eval
     mode, its :class:`~setsens.weights.layers.Network` on inputs shaped like the data, integer labels of its
     classes."""
@@ -88,6 +88,8 @@ def load_network(model_spec: str, checkpoint, trust: bool, data_spec: str):
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--data") from None
     model.eval()
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
     try:
         net = network_from_model(model, input_shape=tuple(data.x.shape[1:])).detach()
     except ValueError as err:  # UnsupportedNetworkError included
@@ -212,9 +214,9 @@ def render_report(results: dict) -> str:
     L = ["# Weight perturbations: your network", "", f"Command: `{results['command']}`", "",
          f"Model `{results['model']}`" + (f", checkpoint `{results['checkpoint']}`" if results["checkpoint"] else "")
          + f", data `{results['data']}`: {results['points']} {results['evaluated_on']} points (seed "
-         f"{results['seed']}), {len(results['layers'])} weighted layers (BatchNorm folded), the folded network "
-         f"matches the model to {results['network_vs_model']:.2g} (largest logit difference).  Clean accuracy "
-         f"{100 * results['clean_accuracy']:.1f} %.", "",
+         f"{results['seed']}), {results['dtype']}, {len(results['layers'])} weighted layers (BatchNorm folded), "
+         f"the folded network matches the model to {results['network_vs_model']:.2g} (largest logit difference).  "
+         "Clean accuracy "         f"{100 * results['clean_accuracy']:.1f} %.", "",
          "Budgets are relative: ‖ΔW_l‖_∞ ≤ ε ‖W_l‖_∞ for every weighted layer (‖·‖_∞ of the layer's operator, a "
          "convolution's included; biases not perturbed).  Certified: correct and the bound says no margin can "
          "reach 0 (`paper`: the layer recursion of the paper's bound; `clean`: the same with the clean activations, "
@@ -252,14 +254,14 @@ def render_report(results: dict) -> str:
 
 
 def run(model_spec, checkpoint, trust_checkpoint, data_spec, epsilons, points, attack_points, attack_steps, seed,
-        batch_size, out, as_json) -> None:
+        batch_size, out, as_json, dtype=None) -> None:
     """The user-model mode of ``setsens weights`` (options already checked by :func:`check_options`)."""
     from ..report import prepare_out_dir, save_figure, write_json, write_text
     from ..weights import forward
     from .bars import Bars
 
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    model, net, data = load_network(model_spec, checkpoint, trust_checkpoint, data_spec)
+    model, net, data = load_network(model_spec, checkpoint, trust_checkpoint, data_spec, dtype)
     held = data.x_test is not None
     x, y = (data.x_test, data.y_test) if held else (data.x, data.y)
     out_dir = prepare_out_dir(out)
@@ -274,7 +276,8 @@ def run(model_spec, checkpoint, trust_checkpoint, data_spec, epsilons, points, a
         results = certified_run(net, x, y, epsilons, attack_points, attack_steps, seed, batch_size, progress=bars)
     command_line = "setsens weights " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "setsens weights"
     results = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec, "command": command_line,
-               "evaluated_on": "held-out" if held else "training", "seed": seed, "indices": chosen.tolist(),
+               "evaluated_on": "held-out" if held else "training", "seed": seed,
+               "dtype": str(net[0].dtype).removeprefix("torch."), "indices": chosen.tolist(),
                "network_vs_model": gap, **results}
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "report.md", render_report(results))
