@@ -96,7 +96,8 @@ def test_user_model_end_to_end(user_model, tmp_path):
     # the layers: names, norms, shares summing to 1, budgets ε‖W_l‖
     layers = res["layers"]
     assert [layer["kind"] for layer in layers] == ["Conv2d+BatchNorm", "Conv2d+BatchNorm", "Linear"]
-    assert abs(sum(layer["share"] for layer in layers) - 1) < 1e-9
+    for cert in ("paper", "clean"):
+        assert abs(sum(layer["share"][cert] for layer in layers) - 1) < 1e-9
     assert all(abs(layer["budget"]["0.01"] - 0.01 * layer["norm"]) < 1e-12 for layer in layers)
     report = (out / "report.md").read_text()
     assert "Violations in total: **0**" in report and "Which layers dominate" in report

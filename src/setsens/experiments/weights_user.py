@@ -8,8 +8,8 @@ Conv2d, BatchNorm folded, pooling, the CIFAR ResNet blocks), and for every ε th
 the data has none, at most ``--points``) :func:`certified_run` measures, with the library doing every bound:
 
 * the certified fraction (certified *and* correct) for the paper's bound and for its ``hidden="clean"`` form;
-* which layers dominate the bound: each layer's share of the paper bound when it alone is perturbed (Theorem 3
-  with S = {l}; the bound is linear in that layer's budget, so the share does not depend on ε);
+* which layers dominate the bound: each layer's share of either bound when it alone is perturbed (Theorem 3
+  with S = {l}, at the smallest ε; the paper form is linear in that layer's budget), and every layer's norm;
 * the attack check: :func:`~setsens.weights.weight_attack` (PGD on per-input weights, towards the runner-up
   class) on up to ``--attack-points`` certified and as many uncertified correct points at each ε.  A *violation*
   is a margin change above a certificate's η (a certified point flipped is one); flips of uncertified points show
@@ -116,13 +116,14 @@ def _batches(n: int, size: int):
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _layer_shares(net, x, y, eps: float) -> list[float]:
-    """Each weighted layer's share of the paper bound when it alone moves (mean over ``x`` of max_i η_{yi})."""
+def _layer_shares(net, x, y, eps: float, hidden: str) -> list[float]:
+    """Each weighted layer's share of the bound (form ``hidden``) when it alone moves by its budget at ``eps``
+    (mean over ``x`` of max_i η_{yi})."""
     from ..weights import margin_change_bound, relative_budget
 
     e = relative_budget(net, eps)
     with torch.no_grad():
-        alone = torch.stack([margin_change_bound(net, x, y, e, layers=[l]).amax(dim=1).mean()
+        alone = torch.stack([margin_change_bound(net, x, y, e, layers=[l], hidden=hidden).amax(dim=1).mean()
                              for l in range(len(net))]).double()
     total = float(alone.sum())
     return (alone / total).tolist() if total > 0 else [0.0] * len(net)
@@ -175,10 +176,11 @@ def certified_run(net, x, y, epsilons, attack_points: int = 20, attack_steps: in
                 check["violations"][c] = int((change_w > eta * (1 + 1e-5) + 1e-6).sum())
                 check["ratio_max"][c] = float((change_w / eta.clamp_min(1e-300)).max())
         checks[_key(eps)] = check
-    shares = _layer_shares(net, x[:SHARE_POINTS], y[:SHARE_POINTS], min(epsilons))
+    shares = {c: _layer_shares(net, x[:SHARE_POINTS], y[:SHARE_POINTS], min(epsilons), h)
+              for c, h in CERTIFICATES.items()}
     layers = [{"index": l, "name": a.name, "kind": ("Linear" if a.conv is None else "Conv2d")
                + ("+BatchNorm" if getattr(a, "_folded", False) else ""),
-               "shape": list(a.weight.shape), "norm": float(norms[l]), "share": shares[l],
+               "shape": list(a.weight.shape), "norm": float(norms[l]), "share": {c: shares[c][l] for c in shares},
                "budget": {_key(eps): eps * float(norms[l]) for eps in epsilons}}
               for l, a in enumerate(net.affines)]
     return {"points": n, "clean_accuracy": float(correct.double().mean()), "epsilons": list(epsilons),
@@ -238,13 +240,17 @@ def render_report(results: dict) -> str:
                  f"{a['uncertified_flipped']} | {', '.join(str(v) for v in a['violations'].values())} | {ratios} |")
     L += ["", f"Violations in total: **{results['violations']}**.", "",
           "## Which layers dominate the bound", "",
-          f"Share: each layer's part of the paper bound when it alone moves by its budget (Theorem 3 with S = {{l}}, "
-          f"mean over the first {min(SHARE_POINTS, results['points'])} points of the largest η; independent of ε).  "
-          f"Π_l ‖W_l‖_∞ = 10^{results['log10_norm_product']:.1f}.", "",
-          "| layer | name | kind | ‖W_l‖_∞ | share |", "|---|---|---|---|---|"]
-    top = sorted(results["layers"], key=lambda r: -r["share"])[:10]
+          "Share: each layer's part of the bound when it alone moves by its budget (Theorem 3 with S = {l}), at the "
+          f"smallest ε, mean over the first {min(SHARE_POINTS, results['points'])} points of the largest η; sorted by "
+          "the clean form's share.  With relative budgets the paper form gives every hidden layer of a chain the "
+          "same part (Theorem 1: ε Π_l M_l B), so there the norms decide: Π_l ‖W_l‖_∞ = "
+          f"10^{results['log10_norm_product']:.1f}.  The clean form weighs each layer by the clean activations it "
+          "sees.", "",
+          "| layer | name | kind | ‖W_l‖_∞ | share (" + ", ".join(cf) + ") |", "|---|---|---|---|---|"]
+    top = sorted(results["layers"], key=lambda r: -r["share"]["clean"])[:10]
     for r in top:
-        L.append(f"| {r['index']} | `{r['name']}` | {r['kind']} | {r['norm']:.3g} | {100 * r['share']:.1f} % |")
+        L.append(f"| {r['index']} | `{r['name']}` | {r['kind']} | {r['norm']:.3g} | "
+                 + ", ".join(f"{100 * v:.1f} %" for v in r["share"].values()) + " |")
     if len(results["layers"]) > len(top):
         L.append(f"\n({len(results['layers']) - len(top)} more layers in results.json; largest norms: "
                  + ", ".join(f"{r['name']} {r['norm']:.3g}" for r in
@@ -288,7 +294,7 @@ def run(model_spec, checkpoint, trust_checkpoint, data_spec, epsilons, points, a
     else:
         for c, fractions in results["certified_fraction"].items():
             log(f"certified ({c}): " + ", ".join(f"{100 * f:.1f} % at ε = {e}" for e, f in fractions.items()))
-        top = max(results["layers"], key=lambda r: r["share"])
-        log(f"violations: {results['violations']}; the bound's largest share: layer {top['index']} ({top['name']}) "
-            f"({100 * top['share']:.0f} %)")
+        top = max(results["layers"], key=lambda r: r["share"]["clean"])
+        log(f"violations: {results['violations']}; the largest share of the clean bound: layer {top['index']} "
+            f"({top['name']}, {100 * top['share']['clean']:.0f} %)")
         log(f"report written to {out_dir}/ (report.md, results.json, certified_vs_epsilon.png)")
