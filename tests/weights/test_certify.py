@@ -88,3 +88,24 @@ def test_errors():
         max_certified_budget(W, x, y, method="newton")
     with pytest.raises(ValueError, match="at least one input"):
         certified_accuracy(W, x[:0], y[:0], [0.1] * 3)
+
+
+def test_certify_with_the_clean_form_on_a_network():
+    """``hidden="clean"``: the certificate of the tighter bound, a superset of the paper's."""
+    from torch import nn
+
+    from setsens.weights import margin_change_bound, margins, network_from_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(12, 3)).double()
+    net = network_from_model(model, input_shape=(1, 4, 4)).detach()
+    x = torch.rand(40, 1, 4, 4, dtype=D)
+    y = forward(net, x).argmax(1)
+    for fraction in (1e-3, 1e-2, 3e-2, 1e-1):
+        e = relative_budget(net, fraction)
+        paper, clean = certify(net, x, y, e), certify(net, x, y, e, hidden="clean")
+        assert torch.equal(paper, certify(net, x, y, e, hidden="paper")) and bool((clean | ~paper).all())
+        slack = (margins(forward(net, x), y) - margin_change_bound(net, x, y, e, hidden="clean"))
+        expected = slack.masked_fill(torch.nn.functional.one_hot(y, 3).bool(), float("inf")).amin(1)
+        assert torch.equal(certified_margin(net, x, y, e, hidden="clean"), expected)

@@ -1,5 +1,7 @@
 """``setsens weights``: certified robustness to weight perturbations, standard vs robust training.
 
+(With ``--model`` the command certifies a user's own network instead: :mod:`.weights_user`.)
+
 The "What to measure" experiment of WEIGHT-PERTURBATION.md. :func:`run_experiment` trains bias-free
 MLPs (standard, then the robust loss for every (λ, μ) in the grid), and for every budget
 ε_l = ρ ‖Wˡ‖_∞ in the grid measures on the test set: clean, certified, attacked (per-input box
@@ -358,9 +360,24 @@ def render_report(results: dict, command_line: str) -> str:
 
 
 @click.command("weights")
+@click.option("--model", "model_spec", help="Certify your own network instead of running the paper's experiment: "
+              "FILE.py:FUNCTION or package.module:FUNCTION returning an nn.Module (as for `setsens analyze`).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="With --model: its state dict (or a trusted "
+              "pickled module).")
+@click.option("--trust-checkpoint", is_flag=True, help="With --model: allow unpickling a whole module (runs its code).")
+@click.option("--epsilons", default="1e-6,1e-5,1e-4,1e-3,1e-2", show_default=True,
+              help="With --model: relative budgets ε (‖ΔW_l‖_∞ ≤ ε ‖W_l‖_∞ for every layer), comma-separated, > 0.")
+@click.option("--points", type=click.IntRange(1), default=500, show_default=True,
+              help="With --model: at most this many held-out points (training points if the data has none).")
+@click.option("--attack-points", type=click.IntRange(0), default=20, show_default=True,
+              help="With --model: certified (and as many uncertified) points attacked at each ε (0 = no attack).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]),
+              help="With --model: the precision of the network [default: the model's]; float64 reaches budgets "
+              "below float32's range (1e-38), which a deep network's bound may need.")
 @click.option("--dataset", type=click.Choice(["digits", "cifar10"]), default="digits", show_default=True)
 @click.option("--data", "data_path", default="../shared/data/cifar10-subset.npz", show_default=True,
-              help="CIFAR-10 subset .npz (for --dataset cifar10).")
+              help="CIFAR-10 subset .npz (for --dataset cifar10); with --model your data, as for `setsens analyze`: "
+              ".npz (x, y[, x_test, y_test]), an image folder or FILE.py:FUNCTION.")
 @click.option("--out", default="setsens-weights-report", show_default=True,
               help="Report directory (its parent must exist; a killed run resumes from it).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
@@ -380,8 +397,10 @@ def render_report(results: dict, command_line: str) -> str:
 @click.option("--hidden", default="128", show_default=True, help="Hidden widths, comma-separated (e.g. 128,128).")
 @click.option("--activation", type=click.Choice(["relu", "relu6", "clip1"]), default="relu", show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--attack-steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="Training minibatch; with --model the points evaluated (and attacked) at once.")
+@click.option("--attack-steps", type=click.IntRange(1), default=40, show_default=True,
+              help="Box-attack steps; with --model the weight-space PGD steps of the attack check.")
 @click.option("--attack-restarts", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--attack-targets", type=click.IntRange(1), default=None,
               help="Closest classes attacked per input (default all).")
@@ -392,14 +411,21 @@ def render_report(results: dict, command_line: str) -> str:
               help="Random boundary perturbations per budget (accuracy under random Ŵ).")
 @click.option("--gamma-rel", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary JSON to stdout.")
-def command(dataset, data_path, out, seed, quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant,
-            epochs, hidden, activation, lr, batch_size, attack_steps, attack_restarts, attack_targets,
-            weight_attack_points, weight_attack_steps, random_samples, gamma_rel, as_json):
-    """Certified margins, certified/attacked accuracy, Theorem 4 and robust training (weight perturbations)."""
+def command(model_spec, checkpoint, trust_checkpoint, epsilons, points, attack_points, dtype, dataset, data_path, out,
+            seed, quick, budgets, lam, mu, grid_lams, grid_mus, train_budget, variant, epochs, hidden, activation, lr,
+            batch_size, attack_steps, attack_restarts, attack_targets, weight_attack_points, weight_attack_steps,
+            random_samples, gamma_rel, as_json):
+    """Certified margins, certified/attacked accuracy, Theorem 4 and robust training (weight perturbations); with
+    --model, certified fraction against ε, dominant layers and the attack check for your own network."""
     from ..report import prepare_out_dir, save_figure, write_json, write_text
+    from . import weights_user
     from .options import npz_lengths, number_list
     from .state import RunState
 
+    eps = weights_user.check_options(click.get_current_context(), model_spec, epsilons)
+    if model_spec is not None:
+        return weights_user.run(model_spec, checkpoint, trust_checkpoint, data_path, eps, points, attack_points,
+                                attack_steps, seed, batch_size, out, as_json, dtype)
     if dataset == "cifar10":
         npz_lengths(data_path, ("train_x", "train_y", "test_x", "test_y"), "--data")
     kw = dict(dataset=dataset, data_path=data_path, seed=seed, hidden=number_list(hidden, "--hidden", int, 1),

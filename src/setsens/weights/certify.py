@@ -24,11 +24,15 @@ __all__ = [
 ]
 
 
-def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu") -> Tensor:
-    """min_{i≠y} (m_{yi} − η_{yi}) per input, shape (N,): > 0 means certified correct for class y."""
+def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu",
+                     hidden: str = "paper") -> Tensor:
+    """min_{i≠y} (m_{yi} − η_{yi}) per input, shape (N,): > 0 means certified correct for class y.
+
+    ``hidden``: the bound's form (:func:`~setsens.weights.bounds.margin_change_bound`): ``"paper"`` or ``"clean"``.
+    """
     weights, x, y = check_batch(weights, x, y)
     m = margins(forward(weights, x, activation), y)
-    return _least_slack(m, margin_change_bound(weights, x, y, eps, layers), y)
+    return _least_slack(m, margin_change_bound(weights, x, y, eps, layers, hidden), y)
 
 
 def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
@@ -36,9 +40,9 @@ def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
     return (m - eta).masked_fill(torch.nn.functional.one_hot(y, m.shape[1]).bool(), float("inf")).amin(dim=1)
 
 
-def certify(weights, x, y, eps, layers=None, activation="relu") -> Tensor:
-    """Boolean (N,): the label y_j is predicted by every network in the budget set."""
-    return certified_margin(weights, x, y, eps, layers, activation) > 0
+def certify(weights, x, y, eps, layers=None, activation="relu", hidden: str = "paper") -> Tensor:
+    """Boolean (N,): the label y_j is predicted by every network in the budget set (``hidden``: the bound's form)."""
+    return certified_margin(weights, x, y, eps, layers, activation, hidden) > 0
 
 
 def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None, activation="relu"):
