@@ -121,7 +121,7 @@ class GramFactor(LinearOperator):
         """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for a weight-space vector ``g`` (p; then (n, K)) or rows (m, p)
         (then (m, n, K)), in G's row space."""
         self.calls += 1
-        u = self.gram_inverse.apply(self._push(g.reshape(-1, self.problem.p)))
+        u = self.gram_inverse.apply(self._push(g.reshape(-1, self.problem.p))).to(self.dtype)  # the weights' dtype
         return u.reshape(*g.shape[:-1], self.problem.n, self.k)
 
     def _push(self, g: Tensor) -> Tensor:
