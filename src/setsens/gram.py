@@ -221,7 +221,7 @@ class NystromInverse:
     directions the sketch captures; the coupling it leaves off the diagonal blocks is the error, and it is
     not small in general: κ's ranking within Spearman 0.96–0.98 of the exact one on ResNet-56 (100 CIFAR
     images, r = 100–200), but up to 17–26 % off on the top 20 (a prototype; this implementation at r = 500:
-    Spearman 0.95 / 0.94, top 20 up to 16 % / 20 % off at 250 / 500 images, docs/runs/audit-scale), and far
+    Spearman 0.95–0.97, top 20 up to 16 / 20 / 35 % off at 250 / 500 / 1000 images, docs/runs/audit-scale), and far
     worse on networks whose points' gradients are nearly dependent (small tanh networks on low-dimensional
     inputs: 50–99 %, tests/core/test_gram.py).  Use it where the exact
     (n·K)² Gram matrix cannot be held, and check it against :func:`setsens.audit.exact_modulus` on a few
