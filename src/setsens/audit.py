@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
 from .gram import (CHUNK, EigenInverse, center_gram, float64_product, gram_matrix, jacobian_products, nystrom_inverse,
-                   plan)
+                   output_width, plan)
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
@@ -71,8 +71,7 @@ class GramFactor(LinearOperator):
         t0 = time.perf_counter()
         self.problem = problem
         self.centered = problem.loss_ignores_output_shift
-        with torch.no_grad():
-            self.k = problem.outputs(problem.params, problem.points([0])[0]).numel()
+        self.k = output_width(problem)
         rows = problem.n * self.k
         itemsize = torch.finfo(problem.dtype).bits // 8
         self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path, rank)
@@ -125,7 +124,7 @@ class GramFactor(LinearOperator):
         return u.reshape(*g.shape[:-1], self.problem.n, self.k)
 
     def _push(self, g: Tensor) -> Tensor:
-        """``G g`` for weight-space rows g (m, p): (m, n·K) in the factor's dtype."""
+        """``G g`` for weight-space rows g (m, p): (m, n·K) in float64 (the inverse's dtype)."""
         if self.G is not None:
             return (g.to(self.G) @ self.G.T).double()
         if g.shape[0] < self.k:  # a few JVP passes cost less than one per-sample Jacobian pass

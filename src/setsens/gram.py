@@ -36,8 +36,8 @@ from .operators import cache_budget, per_sample_jacobian
 from .problem import Problem, center_classes
 from .progress import ProgressFn, report
 
-__all__ = ["GramPlan", "plan", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products", "center_gram",
-           "EigenInverse", "NystromInverse", "nystrom_inverse"]
+__all__ = ["GramPlan", "plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products",
+           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
@@ -95,6 +95,12 @@ def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path
     return GramPlan("nystrom", block, fixed + rank * per_rank, budget, int(rank))
 
 
+def output_width(problem: Problem) -> int:
+    """K: the number of outputs of one training point (one forward pass of one point)."""
+    with torch.no_grad():
+        return problem.outputs(problem.params, problem.points([0])[0]).numel()
+
+
 def jacobian_chunks(problem: Problem, centered: bool, start: int = 0, stop: int | None = None,
                     chunk: int = CHUNK) -> Iterator[tuple[int, Tensor]]:
     """``(first point, J)`` for the points ``start … stop − 1`` in order, ``chunk`` at a time: J the
@@ -130,7 +136,7 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
     cost).  ``progress``: stage ``"gram"``, points done of n, after each panel.  ``checkpoint``: the finished
     panels are saved there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
     n, p = problem.n, problem.p
-    k = next(jacobian_chunks(problem, centered, 0, 1))[1].shape[1]
+    k = output_width(problem)
     key = (n, p, k, centered, int(panel), float(problem.params.double().norm()),
            float(problem.params.double().sum()))
     M, done = torch.zeros(n * k, n * k, dtype=torch.float64, device=problem.params.device), 0
@@ -262,7 +268,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     and the exact paths are the better buy) with ``power`` power iterations, Ω seeded by
     ``seed``.  ``progress``: stage ``"sketch"``, Jacobian passes done, after each."""
     n = problem.n
-    k = next(jacobian_chunks(problem, centered, 0, 1))[1].shape[1]
+    k = output_width(problem)
     N, rank = n * k, min(rank, n * k // 2)
     passes, done = 2 + 2 * power, 0
 

@@ -462,9 +462,9 @@ def _check_problem(problem, x_eval, targets: int, certify: bool, check: bool) ->
 def _gram_plan(problem, check: bool):
     """How the scan will factorise GGᵀ (:func:`setsens.gram.plan`); refused when it cannot fit, and with
     ``--check`` when G cannot be held for the SVD reference."""
-    from ..gram import plan
+    from ..gram import output_width, plan
 
-    k = problem.outputs(problem.params, problem.points([0])[0]).numel()
+    k = output_width(problem)
     try:
         chosen = plan(problem.n, k, problem.p, torch.finfo(problem.dtype).bits // 8)
     except ValueError as err:
