@@ -154,7 +154,8 @@ def input_jacobians(problem: Problem, points: Tensor | None = None) -> Tensor:
     classes for a loss that ignores a common shift.  Cost: |points|·K reverse passes of one sample."""
     points = torch.arange(problem.n) if points is None else problem.check_indices(points)
     one = torch.func.vmap(torch.func.jacrev(lambda x_: problem.outputs(problem.params, x_[None]).reshape(-1)))
-    A = torch.cat([one(problem.points(chunk)[0]).flatten(2) for chunk in points.split(CHUNK)])
+    x = problem.points(points)[0]  # one pass over a DataLoader, not one per chunk
+    A = torch.cat([one(chunk).flatten(2) for chunk in x.split(CHUNK)])
     return center_classes(A, 1) if problem.loss_ignores_output_shift else A
 
 
