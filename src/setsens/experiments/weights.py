@@ -47,7 +47,7 @@ from ..weights import (
 from .bars import Bars
 
 __all__ = ["ExperimentConfig", "run_experiment", "evaluate_model", "plot_accuracy_curves", "command",
-           "render_report"]
+           "render_report", "load_split"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,8 @@ def evaluate_model(W, data, cfg: ExperimentConfig, gen: torch.Generator, detaile
     }
 
 
-def _load(cfg: ExperimentConfig):
+def load_split(cfg: ExperimentConfig):
+    """``((x_train, y_train, x_test, y_test), class names)`` of the experiment's dataset."""
     if cfg.dataset == "digits":
         xtr, ytr, xte, yte, classes = load_digits_split(cfg.seed)
     else:
@@ -207,7 +208,7 @@ def run_experiment(cfg: ExperimentConfig, progress: ProgressFn | None = None, lo
     resumable: training is checkpointed every epoch and each model's evaluation is cached.
     """
     torch.manual_seed(cfg.seed)
-    data, classes = _load(cfg)
+    data, classes = load_split(cfg)
     xtr, ytr, xte, yte = data
     K = len(classes)
     runs = [("standard", 0.0, 0.0)]
