@@ -34,14 +34,15 @@ i ≠ y, chunked) start at the margins and walk back through the step tree, keep
 Pre-activation intervals (for the activations and max pools): ``intermediate="ibp"`` uses the intervals
 above (two forward passes: scales to ResNet-56, no per-neuron matrix is formed); ``"crown"`` back-substitutes
 one row per neuron of every pre-activation layer (intersected with the interval; cost one backward pass per
-neuron: MLPs and small CNNs); ``"auto"`` takes crown for a layer with at most :data:`AUTO_CROWN_NEURONS`
-(4096) neurons per input, ibp above.  Both functions return LOWER bounds on every perturbed margin over the
+neuron: MLPs and small CNNs); ``"auto"`` takes crown when every pre-activation layer (input of an activation
+or max pool) has at most :data:`AUTO_CROWN_NEURONS` (4096) neurons per input, else ibp throughout.  Both functions return LOWER bounds on every perturbed margin over the
 whole budget set; the linear one returns the larger of its relaxation and the interval bound (both sound),
 and the interval bound is never below the clean form of the norm bound, m − η_clean.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,12 +51,12 @@ from torch import Tensor, nn
 from torch.func import vjp
 
 from .bounds import layer_budgets
-from .layers import Activation, Affine, ChannelAffine, Gap, MaxPool, Network, Residual
+from .layers import Activation, Affine, ChannelAffine, Gap, MaxPool, Network, Residual, _walk_steps as _walk
 from .network import UnsupportedNetworkError, check_inputs, check_labels, check_weights
 
 __all__ = ["interval_margin_bound", "linear_relaxation_margin_bound", "AUTO_CROWN_NEURONS"]
 
-#: ``intermediate="auto"``: back-substitute a pre-activation layer with at most this many neurons per input
+#: ``intermediate="auto"``: crown when no pre-activation layer has more neurons than this per input
 AUTO_CROWN_NEURONS = 4096
 
 
@@ -131,7 +132,10 @@ def _forward(net: Network, out: _Bounds, e: Tensor, beta: Tensor, budget: str, c
                 lo, up, g = tighten(h, lo, up, g)
                 continue
             if isinstance(step, (Activation, MaxPool)):
-                got = crown(here, h.shape[1:]) if crown is not None else None
+                # back-substitution gains only past a nonlinearity and not right after one (whose interval
+                # image of the previous interval is already exact)
+                useful = out.pre and not (i > 0 and isinstance(steps[i - 1], (Activation, MaxPool)))
+                got = crown(here, h.shape[1:]) if crown is not None and useful else None
                 if got is not None:
                     lo, up = torch.maximum(lo, got[0]), torch.minimum(up, got[1])
                     up = torch.maximum(up, lo)  # rounding
@@ -267,13 +271,11 @@ def _back_frames(frames, lam, const, rows, bd):
     return const + (lam * bd.x[rows]).flatten(1).sum(1)
 
 
-def _crown_intermediate(bd: _Bounds, intermediate: str, batch_size: int):
+def _crown_intermediate(bd: _Bounds, batch_size: int):
     """The ``crown`` hook of :func:`_forward`: (lo, up) of the state at ``frames`` by back-substitution."""
 
     def crown(frames, shape):
         n_neurons = int(torch.tensor(shape).prod())
-        if intermediate == "ibp" or (intermediate == "auto" and n_neurons > AUTO_CROWN_NEURONS):
-            return None
         n_rows = bd.x.shape[0] * n_neurons
         lows, ups = [], []
         for s in range(0, n_rows, batch_size):
@@ -370,8 +372,8 @@ def linear_relaxation_margin_bound(net, x: Tensor, y: Tensor, eps, beta=None, bu
     the network's steps with the linear relaxation of the module docstring (noise −|Λ| r_l per weighted
     layer), from pre-activation intervals chosen by ``intermediate``: ``"ibp"`` (the interval pass),
     ``"crown"`` (each pre-activation layer back-substituted too, one row per neuron, intersected with the
-    interval) or ``"auto"`` (crown for layers of at most :data:`AUTO_CROWN_NEURONS` neurons per input, else
-    ibp).  Returns the larger of the relaxation and :func:`interval_margin_bound` (both sound).
+    interval) or ``"auto"`` (crown when no pre-activation layer has more than :data:`AUTO_CROWN_NEURONS`
+    neurons per input, else ibp).  Returns the larger of the relaxation and :func:`interval_margin_bound` (both sound).
     ``batch_size``: rows Λ per back-substitution chunk.  Cost: the interval pass, plus N (K−1) backward
     rows through the network, plus (crown) 2 × neurons × N backward rows through each layer's prefix.
     """
@@ -381,7 +383,11 @@ def linear_relaxation_margin_bound(net, x: Tensor, y: Tensor, eps, beta=None, bu
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     net, x, y, e, b = _setup(net, x, y, eps, beta, budget, activation)
     bd = _Bounds(x)
-    crown = None if intermediate == "ibp" else _crown_intermediate(bd, intermediate, batch_size)
+    if intermediate == "auto":
+        widest = max((math.prod(s.in_shape) for s in _walk(net.steps) if isinstance(s, (Activation, MaxPool))),
+                     default=0)
+        intermediate = "crown" if widest <= AUTO_CROWN_NEURONS else "ibp"
+    crown = None if intermediate == "ibp" else _crown_intermediate(bd, batch_size)
     _forward(net, bd, e, b, budget, crown)
     K = net[-1].shape[0]
     C, rows, others = _spec(y, K)
