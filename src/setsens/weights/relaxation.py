@@ -110,7 +110,9 @@ def _forward(net: Network, out: _Bounds, e: Tensor, beta: Tensor, budget: str, c
     Every step's interval is IBP ∩ h ± δ ∩ [−H, H]; ``crown(frames, shape)`` gives the back-substituted
     (lo, up) of the state at ``frames`` (from what ``out`` holds so far) or ``None``."""
     x = out.x
-    ctx = _Ctx(e, beta, net.norms().to(x.dtype), net.depth)
+    # the norm recursion's budget: ‖ΔW‖_∞ ≤ ε · fan-in under the entrywise budget (dense layers)
+    e_op = e if budget == "operator" else e * torch.tensor([a.weight[0].numel() for a in net.affines], dtype=e.dtype)
+    ctx = _Ctx(e_op, beta, net.norms().to(x.dtype), net.depth)
     B = x.flatten(1).abs().amax(1)
 
     def tighten(h, lo, up, g):
