@@ -292,3 +292,31 @@ def test_resnet20_runs_on_the_interval_path_and_is_sound(monkeypatch):
     assert (low[off] >= (m - margin_change_bound(net, x, y, e, hidden="clean"))[off] - 1e-9).all()
     mh = margins(forward_perturbed(net, random_boundary_perturbation(net, e, generator=g), x), y)
     assert (mh[off] >= low[off] - 1e-9).all()
+
+
+def test_trained_digits_mlp_linear_at_least_doubles_the_paper_fraction():
+    """A bias-free MLP trained on digits (64-32-10, 8 epochs): the linear bound's lower margin is ≥ the paper
+    bound's m − η on every point and pair, and where the paper bound certifies 10–50 % of the test set the
+    linear bound certifies at least twice as many (measured on the full experiment: 25.8 → 83.6 %)."""
+    from setsens.data.digits import load_digits_split
+    from setsens.weights import model_weights, train_mlp
+    from setsens.weights.training import TrainConfig
+
+    xtr, ytr, xte, yte, _ = load_digits_split(0)
+    model, _ = train_mlp(xtr, ytr, 10, TrainConfig(hidden=(32,), epochs=8, lr=5e-3, batch_size=128), seed=0)
+    W = [w.detach().double() for w in model_weights(model)]
+    x = xte.double()
+    m = margins(forward(W, x), yte)
+    off = ~nn.functional.one_hot(yte, 10).bool()
+    compared = 0
+    for rho in (1e-3, 2e-3, 5e-3, 7e-3, 1e-2):
+        e = relative_budget(W, rho)
+        paper = m - margin_change_bound(W, x, yte, e)
+        linear = linear_relaxation_margin_bound(W, x, yte, e)
+        assert (linear[off] >= paper[off] - 1e-10).all()
+        p, lin = (float(((v.masked_fill(~off, float("inf")).amin(1)) > 0).double().mean()) for v in (paper, linear))
+        print(f"ρ = {rho:g}: paper {100 * p:.1f} %, linear {100 * lin:.1f} %")
+        if 0.1 <= p <= 0.5:
+            assert lin >= 2 * p
+            compared += 1
+    assert compared >= 1
