@@ -9,6 +9,7 @@ from weights.test_conv_bounds import conv_bn_net, residual_net
 from torch import nn
 
 from setsens.weights import (
+    certified_accuracy,
     certify,
     forward,
     forward_perturbed,
@@ -239,6 +240,7 @@ def test_certify_takes_the_bound_by_name_and_the_certificates_nest():
         assert (c["paper"] <= c["clean"]).all() and (c["clean"] <= c["interval"]).all()
         assert (c["interval"] <= c["linear"]).all()
         gains += int(c["linear"].sum() - c["paper"].sum())
+        assert certified_accuracy(W, x, y, e, bound="linear", batch_size=7) == float(c["linear"].double().mean())
     assert gains > 0
     with pytest.raises(ValueError, match="bound must be one of"):
         certify(W, x, y, e, bound="crown")

@@ -103,14 +103,17 @@ def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None,
 
 
 @torch.no_grad()
-def certified_accuracy(weights, x, y, eps, layers=None, activation="relu", batch_size: int = 4096) -> float:
-    """Fraction of (x_j, y_j) certified correct under the budget (a lower bound on robust accuracy)."""
+def certified_accuracy(weights, x, y, eps, layers=None, activation="relu", batch_size: int = 4096,
+                       bound: str = "paper") -> float:
+    """Fraction of (x_j, y_j) certified correct under the budget (a lower bound on robust accuracy), by the
+    certificate ``bound`` (:func:`certified_margin`)."""
     n = x.shape[0]
     if n == 0:
         raise ValueError("certified_accuracy needs at least one input")
     hits = 0
     for s in range(0, n, batch_size):
-        hits += int(certify(weights, x[s : s + batch_size], y[s : s + batch_size], eps, layers, activation).sum())
+        hits += int(certify(weights, x[s : s + batch_size], y[s : s + batch_size], eps, layers, activation,
+                            bound=bound).sum())
     return hits / n
 
 
