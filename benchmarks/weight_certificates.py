@@ -6,6 +6,7 @@ and robust λ = 0.1 training), the certified fraction of the test set per certif
 float64, on ``--n`` CIFAR images, ρ from 1e-12 to 1e-4.  Usage::
 
     python benchmarks/weight_certificates.py digits [--threads 1]
+    python benchmarks/weight_certificates.py testnets
     python benchmarks/weight_certificates.py resnet56 [--n 20] [--rhos 1e-60 1e-40 …] [--bounds paper clean …]
 """
 
@@ -72,9 +73,33 @@ def resnet56(args):
     table(net, x, y, args.rhos or [1e-12, 1e-10, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4], args.bounds)
 
 
+def testnets(args):
+    """The conv+BN+pool net and the residual net of tests/weights/test_conv_bounds.py, 16 random inputs labelled
+    by the network; also the linear bound with interval intermediates only."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from weights.test_conv_bounds import conv_bn_net, residual_net
+
+    from setsens.weights import linear_relaxation_margin_bound, network_from_model
+
+    for make in (conv_bn_net, residual_net):
+        model, shape = make(3)
+        net = network_from_model(model, input_shape=shape).detach()
+        x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        y = forward(net, x).argmax(1)
+        print(make.__name__, flush=True)
+        for row in table(net, x, y, args.rhos or [1e-4, 1e-3, 3e-3, 1e-2, 3e-2]):
+            low = linear_relaxation_margin_bound(net, x, y, relative_budget(net, row["rho"]), intermediate="ibp")
+            frac = float((low.masked_fill(torch.nn.functional.one_hot(y, low.shape[1]).bool(), float("inf"))
+                          .amin(1) > 0).double().mean())
+            print(f"  linear with intermediate='ibp': {100 * frac:.1f} %")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["digits", "resnet56"])
+    ap.add_argument("which", choices=["digits", "resnet56", "testnets"])
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--rhos", type=float, nargs="*")
     ap.add_argument("--bounds", nargs="*", choices=BOUNDS, default=list(BOUNDS))
@@ -83,7 +108,7 @@ def main():
     ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"digits": digits, "resnet56": resnet56}[args.which](args)
+    {"digits": digits, "resnet56": resnet56, "testnets": testnets}[args.which](args)
 
 
 if __name__ == "__main__":

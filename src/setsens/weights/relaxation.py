@@ -9,10 +9,14 @@ U_{l-1} ≥ ‖ĥ_{l-1}‖_∞ comes from bounds on the layer's input.  ``budget
 |ΔW_jk| ≤ ε_l, the weight set of auto_LiRPA) gives |e_j| ≤ ε_l ‖ĥ‖_1 instead.
 
 :func:`interval_margin_bound` (IBP).  Per-neuron intervals [lo, up] ∋ ĥ are pushed through the steps (x
-fixed): Affine — centre W c + b, radius |W| r + r_l (a convolution applies |kernel|); activations (ReLU,
-ReLU6, Hardtanh(0, c)) and max pooling are monotone, average pooling, shortcut A and Flatten are linear with
+fixed), kept as the change ĥ − h ∈ [dlo, dup] from the clean state so that the rounding is at the scale of the
+change (absolute intervals of width 1e-18 around values of size 1 lose their centre to rounding, and a deep
+network amplifies that: an early version "certified" misclassified ResNet-56 images at ρ = 3e-20): Affine —
+centre W c, radius |W| (r + n u |c|) + r_l (a convolution applies |kernel|; n u |c| the rounding of W c); activations (ReLU,
+ReLU6, Hardtanh(0, c)) change by σ(h + d) − σ(h), monotone in d; max pooling by [d at the argmax of h, max d];
+average pooling, shortcut A and Flatten are linear with
 entries ≥ 0, a :class:`ChannelAffine` scales the radius by |s|; a residual block adds its two branches.  After
-every step the interval is intersected with h ± δ and [−H, H], (δ, H) the norm recursion of :mod:`.layers`
+every step the change is intersected with [−δ, δ], (δ, H) the norm recursion of :mod:`.layers`
 (``hidden="clean"`` form), and (δ, H) are tightened back from the interval: both are sound, so the
 intersection is.  The margin m̂_{yi} = (W_y − W_i) ĥ + b_y − b_i + e_y − e_i is bounded from the interval
 of the last layer's input.  Cost: about two forward passes.
@@ -70,8 +74,7 @@ class _Bounds:
     x: Tensor
     radius: dict = field(default_factory=dict)  # Affine index → r_l, shape (N,)
     pre: dict = field(default_factory=dict)  # id(Activation or MaxPool step) → (lo, up) of its input
-    lo: Tensor | None = None  # the interval of the last layer's input
-    up: Tensor | None = None
+    last: tuple | None = None  # (h, dlo, dup) at the last layer's input: ĥ − h ∈ [dlo, dup]
 
 
 class _Ctx:
@@ -97,77 +100,89 @@ def _clamp_top(step: Activation, like: Tensor) -> float:
     return c
 
 
-def _radius(a: Affine, lo: Tensor, up: Tensor, e: Tensor, beta: Tensor, budget: str) -> Tensor:
-    """r_l per input: ε_l U + β_l, U ≥ ‖ĥ‖_∞ (operator budget) or ≥ ‖ĥ‖_1 (entrywise, dense only)."""
-    mag = torch.maximum(lo.abs(), up.abs()).flatten(1)
-    U = mag.sum(1) if budget == "entrywise" else mag.amax(1)
-    return e[a.index] * U + beta[a.index]
+def _activation_change(h: Tensor, d: Tensor, c: float) -> Tensor:
+    """σ(h + d) − σ(h) for σ = clamp(·, 0, c), computed at the scale of d (monotone in d)."""
+    inside = torch.clamp(d, min=-h, max=c - h)
+    below = torch.clamp(h + d, 0.0, c)
+    above = torch.clamp(d + (h - c), -c, 0.0) if c != float("inf") else d
+    return torch.where(h < 0, below, torch.where(h > c, above, inside))
 
 
 def _forward(net: Network, out: _Bounds, e: Tensor, beta: Tensor, budget: str, crown=None) -> _Bounds:
     """Fill ``out``: the radii r_l, the pre-activation intervals, the last layer's input interval.
 
-    Every step's interval is IBP ∩ h ± δ ∩ [−H, H]; ``crown(frames, shape)`` gives the back-substituted
-    (lo, up) of the state at ``frames`` (from what ``out`` holds so far) or ``None``."""
+    The intervals are kept as the change ĥ − h ∈ [dlo, dup] from the clean state h (so that their width, not
+    h's size, sets the rounding), each step's IBP ∩ [−δ, δ] of the norm recursion; ``crown(frames, shape)``
+    gives the back-substituted (lo, up) of the state at ``frames`` (from what ``out`` holds so far) or ``None``."""
     x = out.x
     # the norm recursion's budget: ‖ΔW‖_∞ ≤ ε · fan-in under the entrywise budget (dense layers)
     e_op = e if budget == "operator" else e * torch.tensor([a.weight[0].numel() for a in net.affines], dtype=e.dtype)
     ctx = _Ctx(e_op, beta, net.norms().to(x.dtype), net.depth)
     B = x.flatten(1).abs().amax(1)
+    u = torch.finfo(x.dtype).eps
 
-    def tighten(h, lo, up, g):
-        delta, H = _b(g.delta, h), _b(g.H, h)
-        lo = torch.maximum(torch.maximum(lo, h - delta), -H)
-        up = torch.minimum(torch.minimum(up, h + delta), H)
-        H = torch.minimum(g.H, torch.maximum(lo.abs(), up.abs()).flatten(1).amax(1))
-        H = torch.minimum(H, h.flatten(1).abs().amax(1) + g.delta)
-        delta = torch.minimum(g.delta, torch.maximum(up - h, h - lo).flatten(1).amax(1))
-        return lo, up, Gap(delta, H)
+    def tighten(h, dlo, dup, g):
+        delta = _b(g.delta, h)
+        dlo, dup = torch.maximum(dlo, -delta), torch.minimum(dup, delta)
+        mag = torch.maximum((h + dlo).abs(), (h + dup).abs()).flatten(1).amax(1)
+        H = torch.minimum(torch.minimum(g.H, mag), h.flatten(1).abs().amax(1) + g.delta)
+        delta = torch.minimum(g.delta, torch.maximum(dup, -dlo).flatten(1).amax(1))
+        return dlo, dup, Gap(delta, H)
 
-    def run(steps, h, lo, up, g, frames):
+    def run(steps, h, dlo, dup, g, frames):
         for i, step in enumerate(steps):
             here = frames + [(steps, i)]
             if isinstance(step, Residual):
-                hb, lb, ub, gb = run(step.branch, h, lo, up, g, here)
-                hs, ls, us, gs = run(step.shortcut, h, lo, up, g, here)
-                h, lo, up, g = hb + hs, lb + ls, ub + us, Gap(gb.delta + gs.delta, gb.H + gs.H)
-                lo, up, g = tighten(h, lo, up, g)
+                hb, lb, ub, gb = run(step.branch, h, dlo, dup, g, here)
+                hs, ls, us, gs = run(step.shortcut, h, dlo, dup, g, here)
+                h, dlo, dup, g = hb + hs, lb + ls, ub + us, Gap(gb.delta + gs.delta, gb.H + gs.H)
+                dlo, dup, g = tighten(h, dlo, dup, g)
                 continue
             if isinstance(step, (Activation, MaxPool)):
                 # back-substitution gains only past a nonlinearity and not right after one (whose interval
                 # image of the previous interval is already exact)
                 useful = out.pre and not (i > 0 and isinstance(steps[i - 1], (Activation, MaxPool)))
                 got = crown(here, h.shape[1:]) if crown is not None and useful else None
-                if got is not None:
-                    lo, up = torch.maximum(lo, got[0]), torch.minimum(up, got[1])
-                    up = torch.maximum(up, lo)  # rounding
-                out.pre[id(step)] = (lo, up)
+                if got is not None:  # absolute bounds: a rounding allowance at the scale of h
+                    tol = 1e-12 * (h.abs() + got[0].abs() + got[1].abs())
+                    dlo = torch.maximum(dlo, got[0] - h - tol)
+                    dup = torch.maximum(torch.minimum(dup, got[1] - h + tol), dlo)
+                out.pre[id(step)] = (h + dlo, h + dup)
             if isinstance(step, Affine):
                 if budget == "entrywise" and step.conv is not None and float(e[step.index]) > 0:
                     raise ValueError("budget='entrywise' (|ΔW_jk| ≤ ε) is for dense layers only; layer "
                                      f"{step.index} ({step.name}) is a convolution: use budget='operator'")
-                r = _radius(step, lo, up, e, beta, budget)
+                mag = torch.maximum((h + dlo).abs(), (h + dup).abs()).flatten(1)
+                U = mag.sum(1) if budget == "entrywise" else torch.minimum(mag.amax(1), g.H)
+                r = e[step.index] * U + beta[step.index]
                 out.radius[step.index] = r
                 if step.index == net.depth - 1:
-                    out.lo, out.up = lo, up
-                c, rad = (lo + up) / 2, (up - lo) / 2
-                hn, c = _affine(step, h), _affine(step, c)
-                rad = step.linear(step.weight.abs(), rad) + _b(r, rad)
-                lo, up = c - rad, c + rad
-            elif isinstance(step, (Activation, MaxPool)):
-                hn, lo, up = step.forward(h, None), step.forward(lo, None), step.forward(up, None)
+                    out.last = (h, dlo, dup)
+                c0, rad = (dlo + dup) / 2, (dup - dlo) / 2
+                hn, c = _affine(step, h), step.linear(step.weight, c0)
+                # the rounding of W c0, |fl(W c0) − W c0| ≤ n u |W| |c0|, goes into the radius
+                rad = step.linear(step.weight.abs(), rad + step.weight[0].numel() * u * c0.abs()) + _b(r, c)
+                dlo, dup = c - rad, c + rad
+            elif isinstance(step, Activation):
+                top = _clamp_top(step, h)
+                hn, dlo, dup = step.forward(h, None), _activation_change(h, dlo, top), _activation_change(h, dup, top)
+            elif isinstance(step, MaxPool):  # max(h + d) − max h ∈ [d at the argmax of h, max d]
+                hn, dlo_at = torch.func.jvp(step.fn, (h,), (dlo,))
+                dlo, dup = dlo_at, step.fn(dup)
             elif isinstance(step, ChannelAffine):
                 hn = step.forward(h, None)
-                c, rad = step.forward((lo + up) / 2, None), (up - lo) / 2 * step._view(step.scale.abs(), h)
-                lo, up = c - rad, c + rad
-            else:  # pooling, shortcut A, Flatten: linear, entries ≥ 0, so monotone
-                hn, lo, up = step.forward(h, None), step.forward(lo, None), step.forward(up, None)
+                s = step._view(step.scale, h)
+                c, rad = (dlo + dup) / 2 * s, (dup - dlo) / 2 * s.abs()
+                dlo, dup = c - rad, c + rad
+            else:  # pooling, shortcut A, Flatten: linear, entries ≥ 0, no offset, so monotone
+                hn, dlo, dup = step.forward(h, None), step.forward(dlo, None), step.forward(dup, None)
             g = step.propagate(g, ctx)
             h = hn
-            lo, up, g = tighten(h, lo, up, g)
-        return h, lo, up, g
+            dlo, dup, g = tighten(h, dlo, dup, g)
+        return h, dlo, dup, g
 
-    run(net.steps, x, x, x, Gap(torch.zeros_like(B), B), [])
+    zero = torch.zeros_like(x)
+    run(net.steps, x, zero, zero, Gap(torch.zeros_like(B), B), [])
     return out
 
 
@@ -333,16 +348,16 @@ def _assemble(values: Tensor, others: Tensor, y: Tensor, K: int) -> Tensor:
 
 
 def _interval_lower(net: Network, bd: _Bounds, y: Tensor) -> Tensor:
-    """(N, K) lower bounds of m̂_{yi} from the interval of the last layer's input."""
+    """(N, K) lower bounds of m̂_{yi} from the interval of the last layer's input: m_{yi} + Λ (ĥ − h) − 2 r_d."""
     last = net.affines[-1]
     K = last.weight.shape[0]
     C, rows, others = _spec(y, K)
     C = C.to(last.weight.dtype)
+    h, dlo, dup = bd.last
     lam = C @ last.weight
-    c, r = (bd.lo + bd.up) / 2, (bd.up - bd.lo) / 2
-    val = (lam * c[rows]).sum(1) - (lam.abs() * r[rows]).sum(1) - 2 * bd.radius[last.index][rows]
-    if last.bias is not None:
-        val = val + C @ last.bias
+    c, r = (dlo + dup) / 2, (dup - dlo) / 2
+    m = (C * _affine(last, h)[rows]).sum(1)
+    val = m + (lam * c[rows]).sum(1) - (lam.abs() * r[rows]).sum(1) - 2 * bd.radius[last.index][rows]
     return _assemble(val, others, y, K)
 
 
