@@ -327,3 +327,21 @@ def test_trained_digits_mlp_linear_at_least_doubles_the_paper_fraction():
             assert lin >= 2 * p
             compared += 1
     assert compared >= 1
+
+
+def test_interval_changes_kept_at_their_own_scale():
+    """Budgets far below the rounding of the activations: the change ĥ − h of the hidden layer is exactly
+    ±ε‖x‖_∞ on the active units and 0 on the inactive ones (only the first layer moves), to 1e-10 relative —
+    absolute intervals [lo, up] around values of size 1 would round it to 0 or to whole ulps of h."""
+    W, _ = mlp_weights([6, 10, 4], 21)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(22), dtype=D)
+    eps = 1e-25
+    bd = relaxation._Bounds(x)
+    relaxation._forward(Network.from_mlp(W), bd, torch.tensor([eps, 0.0], dtype=D), torch.zeros(2, dtype=D),
+                        "operator")
+    h, dlo, dup = bd.last
+    z = x @ W[0].T
+    expected = torch.where(z > 0, eps * x.abs().amax(1, keepdim=True), torch.zeros_like(z))
+    torch.testing.assert_close(h, torch.relu(z))
+    torch.testing.assert_close(dup, expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(dlo, -expected, rtol=1e-10, atol=0)
