@@ -1,9 +1,9 @@
 """Certificates: predictions that no weight perturbation in the budget set can change.
 
 If m_{yi}(x) > η_{yi}(x) for every i ≠ y, then for every Ŵ with ‖Ŵˡ − Wˡ‖_∞ ≤ ε_l the margin
-m̂_{yi} ≥ m_{yi} − η_{yi} > 0, so argmax f(x|Ŵ) = y.  Any lower bound on m̂_{yi} certifies the same way:
-``bound="interval"`` / ``"linear"`` use those of :mod:`.relaxation` (tighter, dearer).  Each certificate costs one forward pass and
-one evaluation of the bound (O(N K) after the K×K table of last-layer row distances).
+m̂_{yi} ≥ m_{yi} − η_{yi} > 0, so argmax f(x|Ŵ) = y.  The paper / clean certificates cost one forward pass and
+one evaluation of the bound (O(N K) after the K×K table of last-layer row distances).  Any lower bound on m̂_{yi}
+certifies the same way: ``bound="interval"`` / ``"linear"`` use those of :mod:`.relaxation` (tighter, dearer).
 """
 
 from __future__ import annotations

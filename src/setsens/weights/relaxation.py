@@ -8,18 +8,17 @@ additive noise e_l, |e_l| ≤ r_l = ε_l U_{l-1} + β_l elementwise, at every we
 U_{l-1} ≥ ‖ĥ_{l-1}‖_∞ comes from bounds on the layer's input.  ``budget="entrywise"`` (dense layers only:
 |ΔW_jk| ≤ ε_l, the weight set of auto_LiRPA) gives |e_j| ≤ ε_l ‖ĥ‖_1 instead.
 
-:func:`interval_margin_bound` (IBP).  Per-neuron intervals [lo, up] ∋ ĥ are pushed through the steps (x
-fixed), kept as the change ĥ − h ∈ [dlo, dup] from the clean state so that the rounding is at the scale of the
-change (absolute intervals of width 1e-18 around values of size 1 lose their centre to rounding, and a deep
-network amplifies that: an early version "certified" misclassified ResNet-56 images at ρ = 3e-20): Affine —
-centre W c, radius |W| (r + n u |c|) + r_l (a convolution applies |kernel|; n u |c| the rounding of W c); activations (ReLU,
-ReLU6, Hardtanh(0, c)) change by σ(h + d) − σ(h), monotone in d; max pooling by [d at the argmax of h, max d];
-average pooling, shortcut A and Flatten are linear with
-entries ≥ 0, a :class:`ChannelAffine` scales the radius by |s|; a residual block adds its two branches.  After
-every step the change is intersected with [−δ, δ], (δ, H) the norm recursion of :mod:`.layers`
-(``hidden="clean"`` form), and (δ, H) are tightened back from the interval: both are sound, so the
-intersection is.  The margin m̂_{yi} = (W_y − W_i) ĥ + b_y − b_i + e_y − e_i is bounded from the interval
-of the last layer's input.  Cost: about two forward passes.
+:func:`interval_margin_bound` (IBP).  Per-neuron intervals ∋ ĥ are pushed through the steps (x fixed), kept as
+the change ĥ − h ∈ [dlo, dup] from the clean state h, so that rounding is at the scale of the change (absolute
+intervals of width 1e-18 around values of size 1 lose their centre to rounding and a deep network amplifies the
+drift: an early version "certified" misclassified ResNet-56 images at ρ = 3e-20).  Affine — centre W c, radius
+|W| (r + n u |c|) + r_l (a convolution applies |kernel|; n u |c| covers the rounding of W c); activations (ReLU,
+ReLU6, Hardtanh(0, c)) — σ(h + d) − σ(h), monotone in d; max pooling — [d at the argmax of h, max d]; average
+pooling, shortcut A, Flatten — linear with entries ≥ 0; :class:`ChannelAffine` — the radius times |s|; a
+residual block adds its two branches.  After every step the change is intersected with [−δ, δ], (δ, H) the norm
+recursion of :mod:`.layers` (``hidden="clean"`` form), and (δ, H) are tightened back from the interval: both are
+sound, so the intersection is.  The margin m̂_{yi} = m_{yi} + (W_y − W_i)(ĥ − h) + e_y − e_i (+ Δb) is bounded
+from the change at the last layer's input.  Cost: about two forward passes.
 
 :func:`linear_relaxation_margin_bound` (CROWN-style back-substitution).  Rows Λ (one per sample and class
 i ≠ y, chunked) start at the margins and walk back through the step tree, keeping Λ·ĥ + c ≤ m̂ valid:
@@ -39,9 +38,11 @@ Pre-activation intervals (for the activations and max pools): ``intermediate="ib
 above (two forward passes: scales to ResNet-56, no per-neuron matrix is formed); ``"crown"`` back-substitutes
 one row per neuron of every pre-activation layer (intersected with the interval; cost one backward pass per
 neuron: MLPs and small CNNs); ``"auto"`` takes crown when every pre-activation layer (input of an activation
-or max pool) has at most :data:`AUTO_CROWN_NEURONS` (4096) neurons per input, else ibp throughout.  Both functions return LOWER bounds on every perturbed margin over the
-whole budget set; the linear one returns the larger of its relaxation and the interval bound (both sound),
-and the interval bound is never below the clean form of the norm bound, m − η_clean.
+or max pool) has at most :data:`AUTO_CROWN_NEURONS` (4096) neurons per input, else ibp throughout.
+
+Both functions return LOWER bounds on every perturbed margin over the whole budget set; the linear one returns
+the larger of its relaxation and the interval bound (both sound), and the interval bound is never below the
+clean form of the norm bound, m − η_clean: paper ⊆ clean ⊆ interval ⊆ linear as certified sets.
 """
 
 from __future__ import annotations
