@@ -76,18 +76,25 @@ def test_user_model_end_to_end(user_model, tmp_path):
     assert res["clean_accuracy"] == 1.0 and res["network_vs_model"] < 1e-5
     assert res["violations"] == summary["violations"] == 0
     keys = [f"{float(e):g}" for e in EPSILONS.split(",")]
-    for cert in ("paper", "clean"):
+    assert list(res["certified_fraction"]) == ["paper", "clean", "interval", "linear"]
+    for cert in ("paper", "clean", "interval", "linear"):
         fractions = [res["certified_fraction"][cert][k] for k in keys]
         assert all(a >= b for a, b in zip(fractions, fractions[1:])), fractions  # non-increasing in ε
         assert fractions[0] == 1.0 and fractions[-1] == 0.0
-    clean, paper = res["certified_fraction"]["clean"], res["certified_fraction"]["paper"]
-    assert all(clean[k] >= paper[k] for k in keys)  # the clean form is tighter
+    cf = res["certified_fraction"]
+    paper = cf["paper"]
+    # each certificate is at least as tight as the one before, and the relaxation gains somewhere
+    for tighter, looser in (("clean", "paper"), ("interval", "clean"), ("linear", "interval")):
+        assert all(cf[tighter][k] >= cf[looser][k] for k in keys), (tighter, looser)
+    assert any(cf["linear"][k] > cf["clean"][k] for k in keys)
+    assert all(v == 0 for a in res["attack"].values() for v in a["violations"].values())
     # the fractions are the library's certificates on the same points
     idx = torch.tensor(res["indices"])
     net = network_from_model(user_model["net"], input_shape=(1, 8, 8)).detach()
     x, y = user_model["x_test"][idx], user_model["y_test"][idx]
     for k in keys:
         assert paper[k] == float(certify(net, x, y, relative_budget(net, float(k))).double().mean())
+        assert cf["linear"][k] == float(certify(net, x, y, relative_budget(net, float(k)), bound="linear").double().mean())
     # the attack check: certified points attacked and never flipped; uncertified ones flipped at the largest ε
     attack = res["attack"]
     assert sum(a["certified_attacked"] for a in attack.values()) > 0

@@ -7,8 +7,9 @@ Conv2d, BatchNorm folded, pooling, the CIFAR ResNet blocks), and for every ε th
 ‖ΔWˡ‖_∞ ≤ ε ‖Wˡ‖_∞ (:func:`~setsens.weights.relative_budget`).  On the held-out points (the training points when
 the data has none, at most ``--points``) :func:`certified_run` measures, with the library doing every bound:
 
-* the certified fraction (certified *and* correct) for the paper's bound and for its ``hidden="clean"`` form;
-* which layers dominate the bound: each layer's share of either bound when it alone is perturbed (Theorem 3
+* the certified fraction (certified *and* correct) for the paper's bound, its ``hidden="clean"`` form, and the
+  interval and linear-relaxation bounds of :mod:`setsens.weights.relaxation`;
+* which layers dominate the bound: each layer's share of either norm bound when it alone is perturbed (Theorem 3
   with S = {l}, at the smallest ε; the paper form is linear in that layer's budget), and every layer's norm;
 * the attack check: :func:`~setsens.weights.weight_attack` (PGD on per-input weights, towards the runner-up
   class) on up to ``--attack-points`` certified and as many uncertified correct points at each ε.  A *violation*
@@ -35,8 +36,11 @@ PAPER_ONLY = ("dataset", "quick", "budgets", "lam", "mu", "grid_lams", "grid_mus
               "weight_attack_steps", "random_samples", "gamma_rel")
 #: parameters that only the user-model mode reads (refused without ``--model``)
 USER_ONLY = ("checkpoint", "trust_checkpoint", "points", "epsilons", "attack_points", "dtype")
-#: certificate name → the ``hidden`` form of :func:`setsens.weights.margin_change_bound`
-CERTIFICATES = {"paper": "paper", "clean": "clean"}
+#: certificate name → the ``bound`` of :func:`setsens.weights.certify` (products of norms: paper, clean; bound
+#: propagation: interval, linear — :mod:`setsens.weights.relaxation`)
+CERTIFICATES = {"paper": "paper", "clean": "clean", "interval": "interval", "linear": "linear"}
+#: the certificates whose per-layer shares are reported (the norm forms: one cheap bound per layer)
+SHARE_FORMS = ("paper", "clean")
 #: points the per-layer shares of the bound are averaged over (one bound per layer each)
 SHARE_POINTS = 32
 
@@ -134,8 +138,7 @@ def certified_run(net, x, y, epsilons, attack_points: int = 20, attack_steps: in
     """Clean accuracy, the certified fraction per certificate and ε, the per-layer shares of the bound and the
     attack check on ``(x, y)`` (a checked batch for ``net``).  Returns a JSON-able dict."""
     from ..progress import counted
-    from ..weights import (certify, forward, margin_change_bound, margins, relative_budget, runner_up,
-                           weight_attack)
+    from ..weights import certify, forward, margin_lower_bound, margins, relative_budget, runner_up, weight_attack
 
     n, parts = x.shape[0], _batches(x.shape[0], batch_size)
     t0 = time.perf_counter()
@@ -151,7 +154,7 @@ def certified_run(net, x, y, epsilons, attack_points: int = 20, attack_steps: in
     for eps in counted(progress, list(epsilons), "epsilon"):
         e = relative_budget(net, eps)
         with torch.no_grad():
-            cert = {c: torch.cat([certify(net, x[s], y[s], e, hidden=h) for s in parts])
+            cert = {c: torch.cat([certify(net, x[s], y[s], e, bound=h) for s in parts])
                     for c, h in CERTIFICATES.items()}
         for c in CERTIFICATES:
             certified[c][_key(eps)] = float(cert[c].double().mean())
@@ -170,15 +173,15 @@ def certified_run(net, x, y, epsilons, attack_points: int = 20, attack_steps: in
             check["certified_flipped"] = int(flipped[:nc].sum())
             check["uncertified_flipped"] = int(flipped[nc:].sum())
             for c, h in CERTIFICATES.items():
-                with torch.no_grad():
-                    eta = margin_change_bound(net, x[idx], y[idx], e, hidden=h).gather(1, target[idx, None]).squeeze(1)
+                with torch.no_grad():  # η = m − (the certificate's lower bound on m̂) for the attacked pair
+                    low = margin_lower_bound(net, x[idx], y[idx], e, bound=h).gather(1, target[idx, None]).squeeze(1)
+                    eta = margin[idx].to(low.dtype) - low
                 change_w = change.to(eta.dtype)
                 # a change above η (beyond float rounding), or a point this bound certifies flipped
                 check["violations"][c] = int(((change_w > eta * (1 + 1e-5) + 1e-6) | (cert[c][idx] & flipped)).sum())
                 check["ratio_max"][c] = float((change_w / eta.clamp_min(1e-300)).max())
         checks[_key(eps)] = check
-    shares = {c: _layer_shares(net, x[:SHARE_POINTS], y[:SHARE_POINTS], min(epsilons), h)
-              for c, h in CERTIFICATES.items()}
+    shares = {c: _layer_shares(net, x[:SHARE_POINTS], y[:SHARE_POINTS], min(epsilons), c) for c in SHARE_FORMS}
     layers = [{"index": l, "name": a.name, "kind": ("Linear" if a.conv is None else "Conv2d")
                + ("+BatchNorm" if getattr(a, "_folded", False) else ""),
                "shape": list(a.weight.shape), "norm": float(norms[l]), "share": {c: shares[c][l] for c in shares},
@@ -198,7 +201,7 @@ def plot_certified(results: dict):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     eps = results["epsilons"]
-    for (c, fractions), style in zip(results["certified_fraction"].items(), ("o-", "s--")):
+    for (c, fractions), style in zip(results["certified_fraction"].items(), ("o-", "s--", "^-.", "v:")):
         ax.plot(eps, [100 * fractions[_key(e)] for e in eps], style, label=f"certified ({c} bound)")
     ax.axhline(100 * results["clean_accuracy"], color="gray", lw=0.8, label="clean accuracy")
     ax.set_xscale("log")
@@ -223,7 +226,8 @@ def render_report(results: dict) -> str:
          "Budgets are relative: ‖ΔW_l‖_∞ ≤ ε ‖W_l‖_∞ for every weighted layer (‖·‖_∞ of the layer's operator, a "
          "convolution's included; biases not perturbed).  Certified: correct and the bound says no margin can "
          "reach 0 (`paper`: the layer recursion of the paper's bound; `clean`: the same with the clean activations, "
-         "`hidden=\"clean\"`).", "",
+         "`hidden=\"clean\"`; `interval`: interval bounds through the layers; `linear`: a linear relaxation "
+         "back-substituted through the layers — `setsens.weights.relaxation`).", "",
          "## Certified fraction (%)", "", "| ε | " + " | ".join(cf) + " |", "|---|" + "---|" * len(cf)]
     for e in eps:
         L.append(f"| {e:g} | " + " | ".join(f"{100 * cf[c][_key(e)]:.1f}" for c in cf) + " |")
@@ -247,7 +251,7 @@ def render_report(results: dict) -> str:
           "same part (Theorem 1: ε Π_l M_l B), so there the norms decide: Π_l ‖W_l‖_∞ = "
           f"10^{results['log10_norm_product']:.1f}.  The clean form weighs each layer by the clean activations it "
           "sees.", "",
-          "| layer | name | kind | ‖W_l‖_∞ | share (" + ", ".join(cf) + ") |", "|---|---|---|---|---|"]
+          "| layer | name | kind | ‖W_l‖_∞ | share (" + ", ".join(SHARE_FORMS) + ") |", "|---|---|---|---|---|"]
     top = sorted(results["layers"], key=lambda r: -r["share"]["clean"])[:10]
     for r in top:
         L.append(f"| {r['index']} | `{r['name']}` | {r['kind']} | {r['norm']:.3g} | "

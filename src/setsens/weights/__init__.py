@@ -3,7 +3,8 @@
 A network is its list of weight matrices (:mod:`.network`), or a :class:`Network` of steps
 (:mod:`.layers`: convolutions, biases, folded BatchNorm, pooling, residual blocks, each with the norm
 inequality its bound rule uses); :mod:`.bounds` bounds the change of
-its margins, :mod:`.certify` turns the bound into certificates, :mod:`.attacks` searches the budget
+its margins by products of norms, :mod:`.relaxation` by interval bounds and a linear relaxation,
+:mod:`.certify` turns the bound into certificates, :mod:`.attacks` searches the budget
 set from below, :mod:`.generalization` evaluates Theorem 4 and :mod:`.training` trains with the
 bound in the loss.
 """
@@ -32,7 +33,16 @@ from .bounds import (
     relative_budget,
     single_layer_bound,
 )
-from .certify import certified_accuracy, certified_margin, certified_prediction, certify, max_certified_budget
+from .certify import (
+    BOUNDS,
+    certified_accuracy,
+    certified_margin,
+    certified_prediction,
+    certify,
+    margin_lower_bound,
+    max_certified_budget,
+)
+from .relaxation import interval_margin_bound, linear_relaxation_margin_bound
 from .layers import Network, build_network, fold_batchnorm
 from .generalization import rademacher_bound, ramp, robust_surrogate_loss, theorem4_bound
 from .network import (
@@ -60,6 +70,9 @@ __all__ = [
     "Network", "build_network", "fold_batchnorm",
     # certify
     "certified_margin", "certify", "certified_prediction", "certified_accuracy", "max_certified_budget",
+    "BOUNDS", "margin_lower_bound",
+    # relaxation
+    "interval_margin_bound", "linear_relaxation_margin_bound",
     # attacks
     "weight_attack", "box_attack", "box_forward", "materialize_box_perturbation", "project_rows_l1",
     "random_boundary_perturbation", "random_perturbation_accuracy", "attacked_robust", "runner_up",

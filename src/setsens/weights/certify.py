@@ -1,8 +1,9 @@
 """Certificates: predictions that no weight perturbation in the budget set can change.
 
 If m_{yi}(x) > η_{yi}(x) for every i ≠ y, then for every Ŵ with ‖Ŵˡ − Wˡ‖_∞ ≤ ε_l the margin
-m̂_{yi} ≥ m_{yi} − η_{yi} > 0, so argmax f(x|Ŵ) = y.  Each certificate costs one forward pass and
-one evaluation of the bound (O(N K) after the K×K table of last-layer row distances).
+m̂_{yi} ≥ m_{yi} − η_{yi} > 0, so argmax f(x|Ŵ) = y.  The paper / clean certificates cost one forward pass and
+one evaluation of the bound (O(N K) after the K×K table of last-layer row distances).  Any lower bound on m̂_{yi}
+certifies the same way: ``bound="interval"`` / ``"linear"`` use those of :mod:`.relaxation` (tighter, dearer).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import torch
 from torch import Tensor
 
 from .bounds import assemble_bound, layer_budgets, margin_change_bound, margin_change_bound_all_pairs
+from .relaxation import interval_margin_bound, linear_relaxation_margin_bound
 from .network import check_batch, check_inputs, check_weights, forward, layer_norms, margins
 
 __all__ = [
+    "BOUNDS",
+    "margin_lower_bound",
     "certified_margin",
     "certify",
     "certified_prediction",
@@ -24,15 +28,52 @@ __all__ = [
 ]
 
 
-def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu",
-                     hidden: str = "paper") -> Tensor:
-    """min_{i≠y} (m_{yi} − η_{yi}) per input, shape (N,): > 0 means certified correct for class y.
+#: the certificates by name: what lower-bounds the perturbed margins m̂_{yi}
+BOUNDS = ("paper", "clean", "interval", "linear")
 
-    ``hidden``: the bound's form (:func:`~setsens.weights.bounds.margin_change_bound`): ``"paper"`` or ``"clean"``.
+
+def margin_lower_bound(weights, x: Tensor, y: Tensor, eps, layers=None, activation="relu",
+                       bound: str = "paper") -> Tensor:
+    """(N, K): a lower bound on m̂_{y_j i}(x_j) for every Ŵ in the budget set, by the certificate ``bound``.
+
+    ``"paper"`` / ``"clean"``: m − η of :func:`~setsens.weights.bounds.margin_change_bound` (products of norms;
+    the same with the clean activations), column y = 0; ``"interval"`` / ``"linear"``:
+    :func:`~setsens.weights.relaxation.interval_margin_bound` /
+    :func:`~setsens.weights.relaxation.linear_relaxation_margin_bound` (column y = +inf).  Layers outside
+    ``layers`` get budget 0.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(map(repr, BOUNDS))}, got {bound!r}")
     weights, x, y = check_batch(weights, x, y)
-    m = margins(forward(weights, x, activation), y)
-    return _least_slack(m, margin_change_bound(weights, x, y, eps, layers, hidden), y)
+    if bound in ("paper", "clean"):
+        m = margins(forward(weights, x, activation), y)
+        return m - margin_change_bound(weights, x, y, eps, layers, bound)
+    e, _ = layer_budgets(eps, layers, weights)
+    if bound == "interval":
+        return interval_margin_bound(weights, x, y, e, activation=activation)
+    return linear_relaxation_margin_bound(weights, x, y, e, activation=activation)
+
+
+def _bound_name(hidden: str, bound: str | None) -> str:
+    """One name per certificate: ``bound`` wins; ``hidden`` (the older keyword) names paper or clean."""
+    if bound is None:
+        return hidden
+    if hidden != "paper":
+        raise ValueError("give the certificate either as bound= or as hidden=, not both")
+    return bound
+
+
+def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layers=None, activation="relu",
+                     hidden: str = "paper", bound: str | None = None) -> Tensor:
+    """The least lower bound min_{i≠y} m̂_{yi} per input, shape (N,): > 0 means certified correct for class y.
+
+    ``bound``: the certificate (:func:`margin_lower_bound`): ``"paper"`` (default), ``"clean"``, ``"interval"``
+    or ``"linear"``; ``hidden="paper"|"clean"`` is the older spelling of the first two.
+    """
+    name = _bound_name(hidden, bound)
+    weights, x, y = check_batch(weights, x, y)
+    low = margin_lower_bound(weights, x, y, eps, layers, activation, name)
+    return low.masked_fill(torch.nn.functional.one_hot(y, low.shape[1]).bool(), float("inf")).amin(dim=1)
 
 
 def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
@@ -40,9 +81,11 @@ def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
     return (m - eta).masked_fill(torch.nn.functional.one_hot(y, m.shape[1]).bool(), float("inf")).amin(dim=1)
 
 
-def certify(weights, x, y, eps, layers=None, activation="relu", hidden: str = "paper") -> Tensor:
-    """Boolean (N,): the label y_j is predicted by every network in the budget set (``hidden``: the bound's form)."""
-    return certified_margin(weights, x, y, eps, layers, activation, hidden) > 0
+def certify(weights, x, y, eps, layers=None, activation="relu", hidden: str = "paper",
+            bound: str | None = None) -> Tensor:
+    """Boolean (N,): the label y_j is predicted by every network in the budget set (``bound``: the certificate,
+    as :func:`certified_margin`)."""
+    return certified_margin(weights, x, y, eps, layers, activation, hidden, bound) > 0
 
 
 def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None, activation="relu"):
@@ -60,14 +103,17 @@ def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None,
 
 
 @torch.no_grad()
-def certified_accuracy(weights, x, y, eps, layers=None, activation="relu", batch_size: int = 4096) -> float:
-    """Fraction of (x_j, y_j) certified correct under the budget (a lower bound on robust accuracy)."""
+def certified_accuracy(weights, x, y, eps, layers=None, activation="relu", batch_size: int = 4096,
+                       bound: str = "paper") -> float:
+    """Fraction of (x_j, y_j) certified correct under the budget (a lower bound on robust accuracy), by the
+    certificate ``bound`` (:func:`certified_margin`)."""
     n = x.shape[0]
     if n == 0:
         raise ValueError("certified_accuracy needs at least one input")
     hits = 0
     for s in range(0, n, batch_size):
-        hits += int(certify(weights, x[s : s + batch_size], y[s : s + batch_size], eps, layers, activation).sum())
+        hits += int(certify(weights, x[s : s + batch_size], y[s : s + batch_size], eps, layers, activation,
+                            bound=bound).sum())
     return hits / n
 
 
