@@ -1,7 +1,8 @@
 """Weight-perturbation certificates side by side: the paper's bound, setsens's interval and linear-relaxation
 bounds, and auto_LiRPA's IBP and CROWN, on the bias-free MLPs of the paper's experiment, in one run.
 
-    python benchmarks/weights_peers.py --dataset digits --seeds 0,1,2 --json docs/runs/weights-peers/peers.json
+    python benchmarks/weights_peers.py --dataset digits --seeds 0,1,2 --json docs/runs/weights-peers/digits-128.json
+    python benchmarks/weights_peers.py --hidden 256,256 --json docs/runs/weights-peers/digits-256-256.json
 
 For every seed the experiment's models are trained as ``setsens weights`` trains them (``ExperimentConfig``:
 bias-free ReLU MLP, hidden 128, Adam, 60 epochs; standard training, λ = 0, and the robust loss, λ = 0.1) and
@@ -104,12 +105,12 @@ def lirpa_certificates(W, x, y, eps_entry) -> dict:
     return out
 
 
-def models(dataset: str, seed: int):
+def models(dataset: str, seed: int, hidden: tuple):
     """The experiment's standard and robust models (trained once per seed) and its test split."""
     from setsens.experiments.weights import ExperimentConfig, load_split
     from setsens.weights import model_weights, train_mlp
 
-    cfg = ExperimentConfig(dataset=dataset, seed=seed)
+    cfg = ExperimentConfig(dataset=dataset, seed=seed, hidden=hidden)
     (x, y, xt, yt), classes = load_split(cfg)
     trained = {}
     for name, lam in (("standard", 0.0), ("robust", cfg.lam)):
@@ -118,12 +119,12 @@ def models(dataset: str, seed: int):
     return trained, xt, yt
 
 
-def run(dataset: str, seeds, rhos) -> dict:
+def run(dataset: str, seeds, rhos, hidden: tuple = (128,)) -> dict:
     from setsens.weights import forward, relative_budget
 
     rows = []
     for seed in seeds:
-        trained, x, y = models(dataset, seed)
+        trained, x, y = models(dataset, seed, hidden)
         for name, W in trained.items():
             with torch.no_grad():
                 clean = float((forward(W, x).argmax(1) == y).double().mean())
@@ -136,7 +137,7 @@ def run(dataset: str, seeds, rhos) -> dict:
                 rows.append({"seed": seed, "model": name, "rho": rho, "clean_accuracy": clean, **cert})
                 print(f"seed {seed} {name} ρ = {rho:g}: " + ", ".join(
                     f"{k} {100 * v['fraction']:.1f} %" for k, v in cert.items()), flush=True)
-    return {"dataset": dataset, "seeds": list(seeds), "rhos": list(rhos), "points": len(y), "rows": rows,
+    return {"dataset": dataset, "hidden": list(hidden), "seeds": list(seeds), "rhos": list(rhos), "points": len(y), "rows": rows,
             "headline": headline(rows)}
 
 
@@ -160,10 +161,12 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rhos", default=",".join(f"{r:g}" for r in RHOS))
+    ap.add_argument("--hidden", default="128", help="hidden widths of the MLPs (the experiment's: 128)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    result = run(a.dataset, [int(s) for s in a.seeds.split(",")], [float(r) for r in a.rhos.split(",")])
+    result = run(a.dataset, [int(s) for s in a.seeds.split(",")], [float(r) for r in a.rhos.split(",")],
+                 tuple(int(h) for h in a.hidden.split(",")))
     h = result["headline"]
     if h:
         ratios = [r["linear_over_paper"] for r in h]

@@ -116,6 +116,18 @@ def test_entrywise_budget_sound_and_refused_for_convolutions():
             deltas = [eps * (torch.randint(0, 2, w.shape, generator=g).to(D) * 2 - 1) for w, eps in zip(W, e)]
             mh = margins(forward_perturbed(W, deltas, x), y)
             assert (mh >= low.masked_fill(torch.isinf(low), 0) - 1e-12).all()
+    # ε Σ_k |ĥ_k| kept linear in ĥ (the chord of |·|) and carried back: on a one-hidden-layer net with both layers
+    # moving, strictly above the interval bound (which it equals when the term is concretised at the interval)
+    W, _ = mlp_weights([5, 40, 3], 2)
+    x = torch.randn(20, 5, generator=g, dtype=D)
+    y = forward(W, x).argmax(1)
+    low = linear_relaxation_margin_bound(W, x, y, [0.01, 0.01], budget="entrywise")
+    ibp = interval_margin_bound(W, x, y, [0.01, 0.01], budget="entrywise")
+    finite = torch.isfinite(low)
+    assert ((low - ibp)[finite] > 1e-6).float().mean() > 0.5
+    for _ in range(30):
+        deltas = [0.01 * (torch.randint(0, 2, w.shape, generator=g).to(D) * 2 - 1) for w in W]
+        assert (margins(forward_perturbed(W, deltas, x), y) >= low.masked_fill(~finite, 0) - 1e-12).all()
     net, shape = NETS["conv_bn"](0)
     xc = torch.rand(2, *shape, dtype=D)
     with pytest.raises(ValueError, match="dense layers only"):

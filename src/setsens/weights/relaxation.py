@@ -6,7 +6,8 @@ operator's max row ℓ1 norm) and ‖Δbˡ‖_∞ ≤ β_l.  Given the perturbed
 convolution's operator is any linear map of that norm).  So the perturbed network is the clean one with an
 additive noise e_l, |e_l| ≤ r_l = ε_l U_{l-1} + β_l elementwise, at every weighted layer, where
 U_{l-1} ≥ ‖ĥ_{l-1}‖_∞ comes from bounds on the layer's input.  ``budget="entrywise"`` (dense layers only:
-|ΔW_jk| ≤ ε_l, the weight set of auto_LiRPA) gives |e_j| ≤ ε_l ‖ĥ‖_1 instead.
+|ΔW_jk| ≤ ε_l, the weight set of auto_LiRPA) gives |e_j| ≤ ε_l ‖ĥ‖_1 instead; the back-substitution keeps
+that term linear in ĥ (|ĥ_k| ≤ its chord over the interval) and carries it to earlier layers.
 
 :func:`interval_margin_bound` (IBP).  Per-neuron intervals ∋ ĥ are pushed through the steps (x fixed), kept as
 the change ĥ − h ∈ [dlo, dup] from the clean state h, so that rounding is at the scale of the change (absolute
@@ -76,6 +77,8 @@ class _Bounds:
     radius: dict = field(default_factory=dict)  # Affine index → r_l, shape (N,)
     pre: dict = field(default_factory=dict)  # id(Activation or MaxPool step) → (lo, up) of its input
     last: tuple | None = None  # (h, dlo, dup) at the last layer's input: ĥ − h ∈ [dlo, dup]
+    # entrywise budget: Affine index → (ε_l a, ε_l Σ_k b_k + β_l), |e_j| ≤ ε_l Σ_k (a_k ĥ_k + b_k) + β_l
+    linear_noise: dict = field(default_factory=dict)
 
 
 class _Ctx:
@@ -157,6 +160,8 @@ def _forward(net: Network, out: _Bounds, e: Tensor, beta: Tensor, budget: str, c
                 U = mag.sum(1) if budget == "entrywise" else torch.minimum(mag.amax(1), g.H)
                 r = e[step.index] * U + beta[step.index]
                 out.radius[step.index] = r
+                if budget == "entrywise" and step.conv is None:
+                    out.linear_noise[step.index] = _abs_chord(h, dlo, dup, e[step.index], beta[step.index])
                 if step.index == net.depth - 1:
                     out.last = (h, dlo, dup)
                 c0, rad = (dlo + dup) / 2, (dup - dlo) / 2
@@ -185,6 +190,17 @@ def _forward(net: Network, out: _Bounds, e: Tensor, beta: Tensor, budget: str, c
     zero = torch.zeros_like(x)
     run(net.steps, x, zero, zero, Gap(torch.zeros_like(B), B), [])
     return out
+
+
+def _abs_chord(h: Tensor, dlo: Tensor, dup: Tensor, e: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """(ε a, ε Σ_k b_k + β) with |ĥ_k| ≤ a_k ĥ_k + b_k on ĥ_k ∈ [lo_k, up_k] (the chord of |·|; the
+    identity where lo ≥ 0): the entrywise noise bound Σ_k |ĥ_k| kept linear in ĥ, so the back-substitution
+    carries it to earlier layers instead of concretising it at the interval (never looser)."""
+    lo, up = (h + dlo).flatten(1), (h + dup).flatten(1)
+    width = up - lo
+    a = torch.where(width > 0, (up.abs() - lo.abs()) / torch.where(width > 0, width, torch.ones_like(width)),
+                    torch.sign(lo))
+    return e * a.reshape(h.shape), e * (lo.abs() - a * lo).sum(1) + beta
 
 
 def _affine(step: Affine, h: Tensor) -> Tensor:
@@ -244,8 +260,9 @@ def _back(steps, lam: Tensor, const: Tensor, rows: Tensor, bd: _Bounds):
             ls, cs = _back(step.shortcut, lam, torch.zeros_like(const), rows, bd)
             lam, const = lb + ls, cb + cs
         elif isinstance(step, Affine):
-            flat = lam.flatten(1)
-            const = const - flat.abs().sum(1) * bd.radius[step.index][rows]
+            norm1 = lam.flatten(1).abs().sum(1)
+            noise = bd.linear_noise.get(step.index)
+            const = const - norm1 * (bd.radius[step.index] if noise is None else noise[1])[rows]
             if step.bias is not None:
                 const = const + (lam * step.bias_term(step.bias)).flatten(1).sum(1)
             if step.conv is None:
@@ -253,6 +270,8 @@ def _back(steps, lam: Tensor, const: Tensor, rows: Tensor, bd: _Bounds):
             else:
                 zero = torch.zeros((lam.shape[0], *step.in_shape), dtype=lam.dtype, device=lam.device)
                 lam = _pullback(lambda h: step.linear(step.weight, h), lam, zero)
+            if noise is not None:
+                lam = lam - norm1.view(-1, *[1] * (lam.ndim - 1)) * noise[0][rows]
         elif isinstance(step, Activation):
             lo, up = (t[rows] for t in bd.pre[id(step)])
             a_l, b_l, a_u, b_u = _activation_relax(lo, up, _clamp_top(step, lam))
