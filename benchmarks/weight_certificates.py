@@ -1,11 +1,10 @@
 """The four weight-perturbation certificates side by side: paper, clean (products of norms), interval, linear.
 
-``digits``: the bias-free MLP of ``setsens weights`` (its default config: 64-128-10, 60 epochs, seed 0; standard
-and robust λ = 0.1 training), the certified fraction of the test set per certificate at relative budgets
-ε_l = ρ ‖W_l‖_∞, and each bound's time for the whole test set.  ``resnet56``: the shared CIFAR-10 ResNet-56,
-float64, on ``--n`` CIFAR images, ρ from 1e-12 to 1e-4.  Usage::
+``resnet56``: the shared CIFAR-10 ResNet-56, float64, on ``--n`` CIFAR images, the certified fraction per
+certificate at relative budgets ε_l = ρ ‖W_l‖_∞ and each bound's time.  ``testnets``: the conv+BN+pool and
+residual nets of ``tests/weights/test_conv_bounds.py``.  (The paper's MLPs, with auto_LiRPA beside them, are
+``benchmarks/weights_peers.py``.)  Usage::
 
-    python benchmarks/weight_certificates.py digits [--threads 1]
     python benchmarks/weight_certificates.py testnets
     python benchmarks/weight_certificates.py resnet56 [--n 20] [--rhos 1e-60 1e-40 …] [--bounds paper clean …]
 """
@@ -36,25 +35,6 @@ def table(net, x, y, rhos, bounds=BOUNDS):
         print(f"ρ = {rho:g}: " + ", ".join(f"{b} {100 * row[b]:.1f} % ({row[b + '_s']:.2f} s)" for b in bounds),
               flush=True)
     return rows
-
-
-def digits(args):
-    from setsens.experiments.weights import ExperimentConfig, _load
-    from setsens.weights import model_weights, train_mlp
-
-    cfg = ExperimentConfig()
-    (xtr, ytr, xte, yte), classes = _load(cfg)
-    for name, lam in (("standard", 0.0), ("robust", cfg.lam)):
-        model, _ = train_mlp(xtr, ytr, len(classes), cfg.train_config(lam, cfg.mu), seed=cfg.seed)
-        W = [w.detach().double() for w in model_weights(model)]
-        x = xte.double()
-        acc = float((forward(W, x).argmax(1) == yte).double().mean())
-        print(f"{name} (λ = {lam}): clean test accuracy {100 * acc:.1f} % on {len(yte)} points", flush=True)
-        rows = table(W, x, yte, args.rhos or [1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2], args.bounds)
-        for r in rows:
-            if 0.10 <= r.get("paper", 0) <= 0.50 and "linear" in r:
-                print(f"  ρ = {r['rho']:g}: paper {100 * r['paper']:.1f} %, linear {100 * r['linear']:.1f} % "
-                      f"(× {r['linear'] / r['paper']:.2f})")
 
 
 def resnet56(args):
@@ -99,7 +79,7 @@ def testnets(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("which", choices=["digits", "resnet56", "testnets"])
+    ap.add_argument("which", choices=["resnet56", "testnets"])
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--rhos", type=float, nargs="*")
     ap.add_argument("--bounds", nargs="*", choices=BOUNDS, default=list(BOUNDS))
@@ -108,7 +88,7 @@ def main():
     ap.add_argument("--data", default="../shared/data/cifar10-subset.npz")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    {"digits": digits, "resnet56": resnet56, "testnets": testnets}[args.which](args)
+    {"resnet56": resnet56, "testnets": testnets}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Two perturbation sets, each certificate only on a set it bounds:
 
 auto_LiRPA is an optional peer, installed without its dependencies beside the pinned torch (its PyPI release
 0.3 does not import with numpy 2):
-``pip install --no-deps "auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA@a050a3d61f4cb68b108fa7f07dcb3e4d7ef304df" appdirs graphviz``.
+``pip install --no-deps appdirs graphviz "auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA@$C"``
+with ``C=a050a3d61f4cb68b108fa7f07dcb3e4d7ef304df`` (its May 2026 release, 0.7.1).
 A missing peer is reported, not fatal.  Its bounded layers carry zero, unperturbed biases (its CROWN fails
 on a bias-free ``nn.Linear`` under torch 2.13: a transposed weight meets a sparse matrix); the networks
 are the same functions.  auto_LiRPA computes in float32, so every certificate here runs in float32.
@@ -137,8 +138,8 @@ def run(dataset: str, seeds, rhos, hidden: tuple = (128,)) -> dict:
                 rows.append({"seed": seed, "model": name, "rho": rho, "clean_accuracy": clean, **cert})
                 print(f"seed {seed} {name} ρ = {rho:g}: " + ", ".join(
                     f"{k} {100 * v['fraction']:.1f} %" for k, v in cert.items()), flush=True)
-    return {"dataset": dataset, "hidden": list(hidden), "seeds": list(seeds), "rhos": list(rhos), "points": len(y), "rows": rows,
-            "headline": headline(rows)}
+    return {"dataset": dataset, "hidden": list(hidden), "seeds": list(seeds), "rhos": list(rhos), "points": len(y),
+            "rows": rows, "headline": headline(rows)}
 
 
 def headline(rows) -> list[dict]:
@@ -154,6 +155,32 @@ def headline(rows) -> list[dict]:
                         "linear_over_paper": r["operator/linear"]["fraction"] / paper,
                         "entrywise_linear": r["entrywise/linear"]["fraction"], "entrywise_auto_LiRPA_CROWN": crown})
     return out
+
+
+COLUMNS = ("operator/paper", "operator/clean", "operator/interval", "operator/linear", "entrywise/linear",
+           "entrywise/auto_LiRPA IBP", "entrywise/auto_LiRPA CROWN")
+
+
+def markdown(result: dict) -> str:
+    """Certified fraction (%) per model and ρ, median [min, max] over the seeds, and the median seconds."""
+    rows = result["rows"]
+    cols = [c for c in COLUMNS if c in rows[0]]
+    L = [f"Bias-free MLPs of `setsens weights` ({result['dataset']}, hidden {result['hidden']}), seeds "
+         f"{result['seeds']}, {result['points']} test points; certified fraction %, median [min, max] over the "
+         "seeds.", "", "| model | ρ | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+
+    def cell(values):
+        v = [100 * x for x in values]
+        return f"{statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}]"
+
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for rho in result["rhos"]:
+            group = [r for r in rows if r["model"] == model and r["rho"] == rho]
+            L.append(f"| {model} | {rho:g} | " + " | ".join(cell([r[c]["fraction"] for r in group]) for c in cols)
+                     + " |")
+    L += ["", "Median seconds for the whole test set: " + ", ".join(
+        f"{c} {statistics.median(r[c]['seconds'] for r in rows):.3g}" for c in cols) + "."]
+    return "\n".join(L) + "\n"
 
 
 def main() -> None:
@@ -175,6 +202,8 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))
+        a.json.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":
