@@ -2,7 +2,8 @@
 bounds, and auto_LiRPA's IBP and CROWN, on the bias-free MLPs of the paper's experiment, in one run.
 
     python benchmarks/weights_peers.py --dataset digits --seeds 0,1,2 --json docs/runs/weights-peers/digits-128.json
-    python benchmarks/weights_peers.py --hidden 256,256 --json docs/runs/weights-peers/digits-256-256.json
+    python benchmarks/weights_peers.py --hidden 256,256 --points 100 --lirpa-batch 4 --rhos 0.001,0.002,0.005,0.01 \
+        --json docs/runs/weights-peers/digits-256-256.json
 
 For every seed the experiment's models are trained as ``setsens weights`` trains them (``ExperimentConfig``:
 bias-free ReLU MLP, hidden 128, Adam, 60 epochs; standard training, λ = 0, and the robust loss, λ = 0.1) and
@@ -70,7 +71,7 @@ def setsens_certificates(W, x, y, eps, eps_entry) -> dict:
     return out
 
 
-def lirpa_certificates(W, x, y, eps_entry) -> dict:
+def lirpa_certificates(W, x, y, eps_entry, batch: int = 40) -> dict:
     """auto_LiRPA's IBP and CROWN on the entrywise box; ``{}`` if it is not installed."""
     try:
         from auto_LiRPA import BoundedModule, BoundedParameter
@@ -100,9 +101,13 @@ def lirpa_certificates(W, x, y, eps_entry) -> dict:
             "sparse_intermediate_bounds_with_ibp": False, "verbosity": 0}
     out = {}
     for method in ("IBP", "CROWN"):
-        bounded = BoundedModule(Bounded(), (x,), device="cpu", bound_opts=copy.deepcopy(opts))
-        (low, _), t = _timed(lambda: bounded.compute_bounds(x=(x,), C=C, method=method, bound_upper=False))
-        out[f"entrywise/auto_LiRPA {method}"] = {"fraction": _fraction(low.detach(), y), "seconds": t}
+        bounded = BoundedModule(Bounded(), (x[:batch],), device="cpu", bound_opts=copy.deepcopy(opts))
+        # in batches: its CROWN holds (points, specs, width, width) matrices per weight (22 GB at once for 360
+        # points of a 256-256 MLP)
+        low, t = _timed(lambda: torch.cat([
+            bounded.compute_bounds(x=(x[s:s + batch],), C=C[s:s + batch], method=method, bound_upper=False)[0]
+            .detach() for s in range(0, len(x), batch)]))
+        out[f"entrywise/auto_LiRPA {method}"] = {"fraction": _fraction(low, y), "seconds": t}
     return out
 
 
@@ -120,12 +125,13 @@ def models(dataset: str, seed: int, hidden: tuple):
     return trained, xt, yt
 
 
-def run(dataset: str, seeds, rhos, hidden: tuple = (128,)) -> dict:
+def run(dataset: str, seeds, rhos, hidden: tuple = (128,), points: int | None = None, lirpa_batch: int = 40) -> dict:
     from setsens.weights import forward, relative_budget
 
     rows = []
     for seed in seeds:
         trained, x, y = models(dataset, seed, hidden)
+        x, y = x[:points], y[:points]
         for name, W in trained.items():
             with torch.no_grad():
                 clean = float((forward(W, x).argmax(1) == y).double().mean())
@@ -134,7 +140,7 @@ def run(dataset: str, seeds, rhos, hidden: tuple = (128,)) -> dict:
                 eps_entry = eps / torch.tensor([w.shape[1] for w in W], dtype=eps.dtype)
                 with torch.no_grad():
                     cert = setsens_certificates(W, x, y, eps, eps_entry)
-                cert.update(lirpa_certificates(W, x, y, eps_entry))
+                cert.update(lirpa_certificates(W, x, y, eps_entry, lirpa_batch))
                 rows.append({"seed": seed, "model": name, "rho": rho, "clean_accuracy": clean, **cert})
                 print(f"seed {seed} {name} ρ = {rho:g}: " + ", ".join(
                     f"{k} {100 * v['fraction']:.1f} %" for k, v in cert.items()), flush=True)
@@ -189,11 +195,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rhos", default=",".join(f"{r:g}" for r in RHOS))
     ap.add_argument("--hidden", default="128", help="hidden widths of the MLPs (the experiment's: 128)")
+    ap.add_argument("--points", type=int, default=None, help="the first POINTS test points (default all)")
+    ap.add_argument("--lirpa-batch", type=int, default=40,
+                    help="points per auto_LiRPA call (its CROWN memory grows with points × width²: 4 for 256-wide)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     result = run(a.dataset, [int(s) for s in a.seeds.split(",")], [float(r) for r in a.rhos.split(",")],
-                 tuple(int(h) for h in a.hidden.split(",")))
+                 tuple(int(h) for h in a.hidden.split(",")), a.points, a.lirpa_batch)
     h = result["headline"]
     if h:
         ratios = [r["linear_over_paper"] for r in h]
