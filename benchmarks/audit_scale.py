@@ -3,6 +3,7 @@ factor against the dense one where G fits, the Nyström (approximate) factor aga
 
     python benchmarks/audit_scale.py --sizes 250,500,1000 --exact 200                 # exact paths
     python benchmarks/audit_scale.py --sizes 250,500,1000,2000 --exact 0 --path nystrom --rank 500
+    python benchmarks/audit_scale.py --sizes 250,500 --exact 0 --peer trak         # a peer's scan beside ours
 
 Rows are merged into the JSON file (one per role, path and n); a size already measured (its state file) is
 reused.
@@ -12,6 +13,20 @@ randomly shifted copies of them (timing only; said in the output) — and ``Audi
 the factor path the memory plan picks.  At ``--exact`` images the dense factor (G held) is the reference
 of the streamed one: Spearman of κ and the largest relative error on the top 20.  ``time_exponent`` is
 the log–log slope of the scan's seconds against n.
+
+``--peer trak`` times a maintained peer's per-training-point scan on the same model and the same n images,
+each size right after ours, in its own process (its wall seconds and peak RSS: ``peer_seconds``,
+``peer_peak_rss_bytes``; ``peer_seconds_over_ours`` > 1: ours is faster): dattri 0.3.0's TRAK
+(``dattri.algorithm.trak.TRAKAttributor``; ``pip install --no-deps dattri==0.3.0``, see ``pyproject.toml``'s
+``bench``) with its defaults on CPU — a normal random projection to 512 dimensions, one checkpoint, no
+regularisation — float32, batches of 20 like ours, scoring every one of the n points by its self-influence
+(``self_attribute``: the TRAK score of a point on its own loss, the usual per-point scan for mislabelled or
+poisoned points; no test queries, like ours).  The whole of it is timed: per-sample loss gradients, their
+projection, the kernel solve and the scores.  TRAK answers a different question (how removing a point changes
+a loss, not κ_k, how far the trained weights move when the point's input moves), so the two are compared for
+cost only (``peer_note`` in each row).  With n under 512 the projected kernel is rank-deficient and dattri's
+unregularised solve makes its scores unreliable; that does not change the cost.  A missing peer is reported,
+not fatal.
 """
 
 from __future__ import annotations
@@ -67,6 +82,61 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
                 "kappa": result.kappa}, out)
 
 
+PEERS = {"trak": "dattri 0.3.0 TRAK (TRAKAttributor.self_attribute)"}
+PEER_SETTINGS = {"trak": "self-influence of each of the n points (no test queries), dattri defaults on CPU: normal "
+                         "projection to 512 dimensions, 1 checkpoint, regularization 0; float32, batches of 20, "
+                         "per-sample loss gradients of all p parameters; fit and scores timed together"}
+PEER_NOTE = ("a different question (TRAK: the effect of removing a training point on a loss; ours: κ_k, how far "
+             "the trained weights move per unit move of the point's input) — compared for cost only, on the same "
+             "model, images, threads and run")
+
+
+def peer_one(n: int, peer: str, out: str) -> None:
+    """The peer's per-point scan of n images in this process; write seconds, peak RSS and scores to ``out``."""
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    from setsens.models.resnet import load_cifar_resnet
+
+    assert peer == "trak", peer
+    model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
+    x, y = images(n)
+    ce = torch.nn.functional.cross_entropy
+
+    def margin(params, data):  # TRAK's model output: the log-odds of the correct class
+        image, label = data
+        logp = -ce(torch.func.functional_call(model, params, image.unsqueeze(0)), label.unsqueeze(0))
+        return logp - torch.log1p(-torch.exp(logp))
+
+    def correct(params, data):  # the probability of the correct class
+        image, label = data
+        return torch.exp(-ce(torch.func.functional_call(model, params, image.unsqueeze(0)), label.unsqueeze(0)))
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20, shuffle=False)
+    t0 = time.perf_counter()
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=model.state_dict())
+    scores = TRAKAttributor(task=task, correct_probability_func=correct, device="cpu").self_attribute(loader)
+    seconds = time.perf_counter() - t0
+    torch.save({"n": n, "peer": PEERS[peer], "seconds": seconds,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "scores": scores.flatten()}, out)
+
+
+def run_peer(n: int, peer: str, tmp: Path) -> dict | None:
+    """The peer's scan of n images in its own process (reused from its state file), None if it is not installed."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("dattri") is None:
+        print(f"  peer {peer}: dattri is not installed (pip install --no-deps dattri==0.3.0) — skipped", flush=True)
+        return None
+    out = tmp / f"peer-{peer}-{n}.pt"
+    if not out.is_file():
+        subprocess.run([sys.executable, __file__, "--one", str(n), "--peer", peer, "--out", str(out)], check=True,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    return torch.load(out, weights_only=True)
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
@@ -106,9 +176,13 @@ def main() -> None:
                         help="the factor's path for --sizes (nystrom rows are compared with the exact ones of a "
                              "previous auto run on the same sizes)")
     parser.add_argument("--rank", type=int, default=1000, help="the Nyström sketch's rank")
+    parser.add_argument("--peer", default="none", choices=["none", *PEERS],
+                        help="also time this peer's per-point scan of the same images (cost only; see above)")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     memory = int(args.memory * 1e9)
+    if args.one and args.peer != "none":
+        return peer_one(args.one, args.peer, args.out)
     if args.one:
         return one(args.one, args.path, memory, args.out, args.rank)
     tmp = Path(args.json).parent / "state"
@@ -143,6 +217,12 @@ def main() -> None:
                                          if r["path"] != "nystrom" else None),
                      "peer": None, "peer_seconds": None})
         print(f"  {r['path']}: {r['seconds']:.0f} s, peak {r['peak_rss_bytes'] / 1e9:.1f} GB", flush=True)
+        if args.peer != "none" and (q := run_peer(n, args.peer, tmp)) is not None:
+            rows[-1].update({"peer": q["peer"], "peer_seconds": q["seconds"],
+                             "peer_peak_rss_bytes": q["peak_rss_bytes"],
+                             "peer_seconds_over_ours": q["seconds"] / r["seconds"],
+                             "peer_settings": PEER_SETTINGS[args.peer], "peer_note": PEER_NOTE})
+            print(f"  peer {args.peer}: {q['seconds']:.0f} s, peak {q['peak_rss_bytes'] / 1e9:.1f} GB", flush=True)
     old = json.loads(Path(args.json).read_text())["runs"] if Path(args.json).is_file() else []
     key = lambda row: (row.get("role", "scan"), row["path"], row["n"])  # noqa: E731
     new = {key(row) for row in rows}
