@@ -72,13 +72,12 @@ def certified_margin(weights: Sequence[Tensor], x: Tensor, y: Tensor, eps, layer
     """
     name = _bound_name(hidden, bound)
     weights, x, y = check_batch(weights, x, y)
-    low = margin_lower_bound(weights, x, y, eps, layers, activation, name)
+    return least_lower_bound(margin_lower_bound(weights, x, y, eps, layers, activation, name), y)
+
+
+def least_lower_bound(low: Tensor, y: Tensor) -> Tensor:
+    """min_{i≠y} of (N, K) lower bounds on m̂_{yi}, per row: > 0 means certified (column y ignored)."""
     return low.masked_fill(torch.nn.functional.one_hot(y, low.shape[1]).bool(), float("inf")).amin(dim=1)
-
-
-def _least_slack(m: Tensor, eta: Tensor, y: Tensor) -> Tensor:
-    """min_{i≠y} (m_{yi} − η_{yi}) per row."""
-    return (m - eta).masked_fill(torch.nn.functional.one_hot(y, m.shape[1]).bool(), float("inf")).amin(dim=1)
 
 
 def certify(weights, x, y, eps, layers=None, activation="relu", hidden: str = "paper",
@@ -99,7 +98,7 @@ def certified_prediction(weights: Sequence[Tensor], x: Tensor, eps, layers=None,
     pred = logits.argmax(dim=1)
     eta = margin_change_bound_all_pairs(weights, x, eps, layers)
     eta_pred = eta[torch.arange(x.shape[0]), pred]
-    return pred, _least_slack(margins(logits, pred), eta_pred, pred) > 0
+    return pred, least_lower_bound(margins(logits, pred) - eta_pred, pred) > 0
 
 
 @torch.no_grad()
