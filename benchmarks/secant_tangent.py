@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_tangent import load  # noqa: E402
+from zoo_tangent import load, spread  # noqa: E402
 
 
 class SecantMask(torch.autograd.Function):
@@ -145,7 +144,6 @@ def main() -> None:
                       f"(rel {r['relative_error_plain']:.2f}), secant {r['pearson_secant']:.3f} "
                       f"(rel {r['relative_error_secant']:.2f}), change/floor "
                       f"{r['change_over_floor']:.3g}", flush=True)
-    spread = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"  # noqa: E731
     lines = ["| model | step % | seeds | Pearson, plain tangent | Pearson, secant tangent | relative error, plain | "
              "relative error, secant | change / noise floor |", "|---|---|---|---|---|---|---|---|"]
     groups = {}
