@@ -13,6 +13,11 @@ Nesterov momentum 0.9 at lr 1/λ_max(H) for T steps.  Rows are appended to ``OUT
     python benchmarks/zoo_tangent.py --out docs/runs/zoo-tangent                     # digits models, regression
     python benchmarks/zoo_tangent.py --models resnet --train-steps 100 --sweep "" --out docs/runs/zoo-tangent/resnet
     python benchmarks/zoo_tangent.py --report-only --out docs/runs/zoo-tangent --merge docs/runs/zoo-tangent/resnet/…
+    python benchmarks/zoo_tangent.py --secant --models cnn --checkpoints docs/runs/zoo-tangent \
+        --out docs/runs/zoo-secant/cnn
+
+``--secant`` analyses the secant tangent instead (``analyze_training(..., secant=True)``: the same validity range
+from the plain tangent, with the secant's residual, noise floor and self-consistency as its checks).
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ def load(name: str, out: Path):
 def row(name, seed, step, auto, a, seconds) -> dict:
     v, va = a.validation, a.validity
     r = v["reference_run"]
-    return {"model": name, "seed": seed, "step_percent": step, "auto": auto, "verdict": a.verdict.status,
-            "checks": {c.name: [c.status, c.value] for c in a.verdict.checks},
-            "ratio": va["ratio"], "step_max": va["step_max"], "jump_median": va["jump_ratio"]["median"],
-            "curve": va["curve"],
+    own = {"jump_median": va["jump_ratio"]["median"]} if a.method == "training-tangent" else \
+        {"secant_median": va["secant_residual"]["median"], "above_floor": va["above_floor"],
+         "jump_share": va["jump_share"]}
+    return {"model": name, "seed": seed, "step_percent": step, "auto": auto, "method": a.method,
+            "verdict": a.verdict.status, "checks": {c.name: [c.status, c.value] for c in a.verdict.checks},
+            "ratio": va["ratio"], "step_max": va["step_max"], **own, "curve": va["curve"],
             "pearson": v["pearson"], "relative_error": v["relative_error"], "influence_pearson": v["influence_pearson"],
             "filter_pearson": v.get("filter", {}).get("pearson"),
             "reference_stable": v["reference_stable"], "diverged": r["diverged"],
@@ -63,7 +70,11 @@ def regrade(r: dict) -> str:
     """The verdict of a stored row under the thresholds in force (they were calibrated on these rows)."""
     from setsens.verdict import tangent_verdict
 
-    return tangent_verdict(r["diverged"], r["ratio"], r["jump_median"], r["checks"]["shift_precision"][1]).status
+    precision = r["checks"]["shift_precision"][1]
+    if r.get("method", "training-tangent") == "training-tangent":
+        return tangent_verdict(r["diverged"], r["ratio"], r["jump_median"], precision).status
+    return tangent_verdict(r["diverged"], r["ratio"], r["secant_median"], precision, secant=True,
+                           above_floor=r["above_floor"], jump_share=r["jump_share"]).status
 
 
 def spread(values) -> str:
@@ -74,9 +85,11 @@ def spread(values) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    lines = ["| model | step % | seeds | verdicts (pass/warn/fail) | Pearson, tangent | Pearson, influence | "
-             "Pearson, GGN filter | reference self-consistency | change / noise floor | ratio (2nd/1st) | jump ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    secant = any(r.get("method") == "training-secant" for r in rows)
+    own = "secant residual | secant change / its floor | jump share" if secant else "jump ratio"
+    lines = [f"| model | step % | seeds | verdicts (pass/warn/fail) | Pearson, {'secant' if secant else 'tangent'} | "
+             f"Pearson, influence | Pearson, GGN filter | reference self-consistency | change / noise floor | "
+             f"ratio (2nd/1st) | {own} |", "|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * secant]
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
@@ -88,7 +101,8 @@ def tables(rows: list[dict]) -> str:
                      f"{spread([r['influence_pearson'] for r in rs])} | "
                      f"{spread([r.get('filter_pearson') for r in rs])} | {spread([r['self_consistency'] for r in rs])}"
                      f" | {spread([r['change_over_floor'] for r in rs])} | {spread([r['ratio'] for r in rs])} | "
-                     f"{spread([r['jump_median'] for r in rs])} |")
+                     + " | ".join(spread([r[k] for r in rs]) for k in (
+                         ("secant_median", "above_floor", "jump_share") if secant else ("jump_median",))) + " |")
     scored = [r for r in rows if r["pearson"] == r["pearson"]]
     good = [r for r in scored if r["pearson"] >= 0.9]
     bad = [r for r in scored if r["pearson"] < 0.9]
@@ -122,15 +136,18 @@ def figure(rows: list[dict], out: Path) -> None:
             if step_max > 0:
                 top.axvline(step_max, color=colour, ls="--", lw=0.8)
             bottom.loglog([r["step_percent"] for r in rs], [r["ratio"] for r in rs], "o-", color=colour)
-            bottom.loglog([r["step_percent"] for r in rs], [r["jump_median"] for r in rs], "s:", color=colour)
+            own = "secant_median" if "secant_median" in rs[0] else "jump_median"
+            bottom.loglog([r["step_percent"] for r in rs], [r[own] for r in rs], "s:", color=colour)
         top.axhline(0.9, color="k", lw=0.5)
         top.set(title=model, ylabel="Pearson vs the reference", ylim=(min(0.0, top.get_ylim()[0]), 1.02))
         top.legend(fontsize=7, title="★ auto step, dashed step_max", title_fontsize=7)
-        from setsens.verdict import JUMP_THRESHOLD, VALIDITY_THRESHOLD
+        from setsens.verdict import JUMP_THRESHOLD, SECANT_THRESHOLD, VALIDITY_THRESHOLD
 
+        secant = any(r.get("method") == "training-secant" for r in rows)
         bottom.axhline(VALIDITY_THRESHOLD, color="k", lw=0.5)
-        bottom.axhline(JUMP_THRESHOLD, color="k", lw=0.5, ls=":")
-        bottom.set(xlabel="step (% of ‖x_k‖)", ylabel="ratio 2nd/1st (o-), jump ratio (s:)")
+        bottom.axhline(SECANT_THRESHOLD if secant else JUMP_THRESHOLD, color="k", lw=0.5, ls=":")
+        bottom.set(xlabel="step (% of ‖x_k‖)",
+                   ylabel=f"ratio 2nd/1st (o-), {'secant residual' if secant else 'jump ratio'} (s:)")
     fig.tight_layout()
     fig.savefig(out / "tangent.png", dpi=120)
     plt.close(fig)
@@ -150,6 +167,8 @@ def main() -> None:
     parser.add_argument("--filter-rank", type=int, default=40,
                         help="also score the linearised-training filter (Lanczos rank; 0: not)")
     parser.add_argument("--out", default="runs/zoo-tangent")
+    parser.add_argument("--checkpoints", help="where the zoo's trained checkpoints are (or are written) [default: OUT]")
+    parser.add_argument("--secant", action="store_true", help="analyse the secant tangent (method training-secant)")
     parser.add_argument("--auto-only", action="store_true", help="recompute the auto step's row of every seed")
     parser.add_argument("--report-only", action="store_true", help="no runs: tabulate OUT/tangent.json (and --merge)")
     parser.add_argument("--merge", default="", help="also tabulate the rows of these tangent.json files (a,b,…)")
@@ -160,7 +179,7 @@ def main() -> None:
     rows = json.loads(done.read_text()) if done.exists() else []
     sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
     for name in [] if args.report_only else args.models.split(","):
-        problem, test = load(name, out)
+        problem, test = load(name, Path(args.checkpoints) if args.checkpoints else out)
         training = resolve_lr(problem, Training(steps=args.train_steps))
         for seed in (int(s) for s in args.seeds.split(",")):
             if args.auto_only:  # redo the auto step only (the validity rule changed): the sweep rows stay
@@ -173,19 +192,22 @@ def main() -> None:
             unit = gradient_perturbation(problem, idx, 0.01)
             t0 = time.perf_counter()
             tangent = training_tangent(problem, unit, training, order=2)
-            auto, _ = choose_step(validity(tangent, _evaluation_points(problem, unit, test)[0]))
+            auto, _ = choose_step(validity(tangent, _evaluation_points(problem, unit, test)[0], secant=args.secant))
             tangent_seconds = time.perf_counter() - t0
             for step, is_auto in [(s, False) for s in ([] if args.auto_only else sweep)] + [(auto, True)]:
                 t0 = time.perf_counter()
                 a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
-                                     tangent=tangent.scaled(step), filter_rank=args.filter_rank)
+                                     tangent=tangent.scaled(step), secant=args.secant, filter_rank=args.filter_rank)
                 rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0))
                 done.write_text(json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]
                 print(f"{name} seed {seed} step {step:g} %{' (auto)' if is_auto else ''}: verdict {r['verdict']}, "
                       f"Pearson {r['pearson']:.3f} (influence {r['influence_pearson']:.3f}), self-consistency "
                       f"{r['self_consistency']:.3f}, change/floor {r['change_over_floor']:.3g}, "
-                      f"ratio {r['ratio']:.3g}, jump {r['jump_median']:.3g}, step_max {r['step_max']:.3g} %",
+                      f"ratio {r['ratio']:.3g}, " + (f"jump {r['jump_median']:.3g}" if "jump_median" in r else
+                                                     f"secant residual {r['secant_median']:.3g}, above floor "
+                                                     f"{r['above_floor']:.3g}, jump share {r['jump_share']:.3g}")
+                      + f", step_max {r['step_max']:.3g} %",
                       flush=True)
     own = {r["model"] for r in rows}
     for path in filter(None, args.merge.split(",")):
@@ -194,7 +216,8 @@ def main() -> None:
         r["verdict"] = regrade(r)
     text = tables(rows)
     print(text)
-    (out / "tangent.md").write_text("# The zoo under the training tangent\n\n" + text + "\n\n![](tangent.png)\n")
+    title = "the secant training tangent" if args.secant else "the training tangent"
+    (out / "tangent.md").write_text(f"# The zoo under {title}\n\n" + text + "\n\n![](tangent.png)\n")
     figure(rows, out)
 
 

@@ -25,15 +25,13 @@ from .problem import NotStationaryWarning, Perturbation, Problem
 from .progress import ProgressFn, report
 from .retrain import budget_response, proximal_response, training_response
 from .solution_set import METHODS, RadiusOptions, SolutionSet, SolveOptions, estimate
-from .tangent import TrainingTangent, jump_ratio, output_derivatives, training_tangent, validity_ratio
-from .verdict import (JUMP_THRESHOLD, PRECISION_THRESHOLD, VALIDITY_THRESHOLD, LossOnPoints, Verdict, assess,
-                      assess_tangent, first_order_residual, kink, tangent_precision)
+from .tangent import (SECANT, TANGENT, TrainingTangent, jump_ratio, output_derivatives, secant_residual,
+                      training_tangent, validity_ratio)
+from .verdict import (FLOOR_THRESHOLD, JUMP_THRESHOLD, PRECISION_THRESHOLD, SECANT_THRESHOLD, VALIDITY_THRESHOLD,
+                      LossOnPoints, Verdict, assess, assess_tangent, first_order_residual, kink, tangent_precision)
 
 __all__ = ["Analysis", "analyze", "analyze_training", "validate_tangent", "choose_method", "choose_step", "outputs_on",
-           "validity", "relative_step", "REFERENCES", "TANGENT", "VALIDITY_STEPS"]
-
-#: the method name of the training tangent (:mod:`setsens.tangent`), beside :data:`setsens.solution_set.METHODS`
-TANGENT = "training-tangent"
+           "validity", "relative_step", "REFERENCES", "TANGENT", "SECANT", "VALIDITY_STEPS"]
 
 #: ``validate_estimate``'s references: same-budget retraining, converged retraining, or by the problem.
 REFERENCES = ("auto", "budget", "converged")
@@ -238,8 +236,8 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
 
     Args:
         method: ``"auto"`` (:func:`choose_method`), one of :data:`setsens.solution_set.METHODS`, or
-            :data:`TANGENT` (:func:`analyze_training` with ``training``; ``members``, ``solve``, ``radius``,
-            ``steps`` and ``reference`` do not apply to it and are refused).
+            :data:`TANGENT` or :data:`SECANT` (:func:`analyze_training` with ``training``; ``members``, ``solve``,
+            ``radius``, ``steps`` and ``reference`` do not apply to them and are refused).
         test: held-out ``(x, y)`` (``y`` may be None); without it, the unmoved training points stand in.
         members: members of the set sampled to see how far it spreads the predictions.
         validate: retrain (``steps`` steps on the perturbed and on the clean data: ``2·steps`` gradient
@@ -251,20 +249,20 @@ def analyze(problem: Problem, perturbation: Perturbation, method: str = "auto", 
 
     Cost: one :func:`estimate`, ``members`` null projections and forward passes over the held-out points.
     """
-    if method == TANGENT:
+    if method in (TANGENT, SECANT):
         given = [name for name, value, default in (("solve", solve, None), ("radius", radius, None),
                                                    ("steps", steps, 1000), ("reference", reference, "auto"),
                                                    ("members", members, 8))
                  if value != default]
         if given:
             raise ValueError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to method "
-                             f"{TANGENT!r} (its training is `training`)")
+                             f"{method!r} (its training is `training`)")
         return analyze_training(problem, perturbation, training or Training(), test=test, validate=validate,
-                                progress=progress)
+                                secant=method == SECANT, progress=progress)
     if training is not None:
-        raise ValueError(f"training applies to method {TANGENT!r} only, not {method!r}")
+        raise ValueError(f"training applies to methods {TANGENT!r} and {SECANT!r} only, not {method!r}")
     if method != "auto" and method not in METHODS:
-        raise ValueError(f"method must be 'auto', {TANGENT!r} or one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be 'auto', {TANGENT!r}, {SECANT!r} or one of {METHODS}, got {method!r}")
     if members < 0:
         raise ValueError(f"members must be ≥ 0, got {members}")
     _reference_kind(problem, reference)  # checked before any work
@@ -319,49 +317,76 @@ def relative_step(problem: Problem, perturbation: Perturbation) -> float:
 VALIDITY_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
-def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_STEPS) -> dict:
-    """The steps at which the tangent's first-order answer can hold, without retraining.
+def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_STEPS, *, secant: bool = False,
+             floor_factor: float = 300.0) -> dict:
+    """The steps at which the tangent's (``secant``: the secant tangent's) answer can hold, without retraining.
 
-    Two figures grade a step ``s`` (in %), each against its threshold in :mod:`setsens.verdict`:
+    Figures grade a step ``s`` (in %), each against its threshold in :mod:`setsens.verdict`:
 
     * ``ratio``: the second-order term of the outputs at ``x_eval`` over the first, ``s·κ`` with
       κ = ‖o″‖/(2‖o′‖) per unit step (:func:`setsens.tangent.validity_ratio`; exact Taylor terms of a smooth
       map);
-    * ``jump``: :func:`setsens.tangent.jump_ratio` at ``s``: whether one training step is differentiable at
-      that scale (O(s²) where it is smooth; of order one where units change sides, as in ReLU networks, whose
-      training map is only piecewise smooth with jumps — then no step may be inside).
+    * ``jump`` (the tangent): :func:`setsens.tangent.jump_ratio` at ``s``: whether one training step is
+      differentiable at that scale (O(s²) where it is smooth; of order one where units change sides, as in ReLU
+      networks, whose training map is only piecewise smooth with jumps — then no step may be inside);
+    * ``secant`` (the secant tangent): :func:`setsens.tangent.secant_residual` at ``s`` on the tangent's probes:
+      the share of one step's gradient change the secant misses (O(s));
+    * ``above_floor`` (the secant tangent): the first-order change of the outputs at ``s``, ``s·‖o′‖``, over
+      ``floor``, the change the secant tangent predicts at a ``floor_factor`` × smaller step than the tangent's
+      (one secant tangent): the part of the training map that does not shrink with the step (units that change
+      sides however small the move) — where a step's change is not well above it, the fine-tuning is mostly that
+      noise and no first-order answer predicts it.
 
-    A step is inside when both are within their thresholds and the predicted change is above the rounding of the
+    A step is inside when all are within their thresholds and the predicted change is above the rounding of the
     weights (``precision`` ≥ :data:`setsens.verdict.PRECISION_THRESHOLD`, :func:`setsens.verdict.tangent_precision`:
     below it the tangent and the reference are rounding, in float32 already at 1e-3 % on the zoo's CNN, whose
     units do not change sides there).  ``curve`` grades the ``steps`` from the largest down until one is inside;
-    ``step_max`` is that step (0 when none is).  ``ratio`` and ``jump_ratio`` are the figures at the tangent's
-    own step.  Needs a tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, and about 5
-    gradients per probe of the tangent for each step graded.
+    ``step_max`` is that step (0 when none is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the
+    figures at the tangent's own step.  Needs a (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch
+    of ``x_eval``, about 5 gradients per probe of the tangent for each step graded, and (``secant``) one secant
+    tangent.
     """
-    if tangent.second is None:
-        raise ValueError("validity needs the second derivative: training_tangent(..., order=2)")
-    first, second = output_derivatives(tangent.problem, tangent.base, tangent.shift, x_eval, tangent.second)
+    if tangent.second is None or tangent.method != TANGENT:
+        raise ValueError("validity needs the plain tangent's second derivative: training_tangent(..., order=2)")
+    problem = tangent.problem
+    first, second = output_derivatives(problem, tangent.base, tangent.shift, x_eval, tangent.second)
     kappa = validity_ratio(first, second)
-    step, precision = relative_step(tangent.problem, tangent.perturbation), tangent_precision(tangent)
-    own = jump_ratio(tangent)
+    step, precision = relative_step(problem, tangent.perturbation), tangent_precision(tangent)
+    check, measure, limit = ("secant", secant_residual, SECANT_THRESHOLD) if secant else \
+        ("jump", jump_ratio, JUMP_THRESHOLD)
+    own = measure(tangent)
+    floor = None
+    if secant:
+        low = training_tangent(problem, tangent.perturbation.scaled(1 / floor_factor), tangent.training, secant=True,
+                               probes=0)
+        floor = float((_comparable(problem, outputs_on(problem, low.centre, x_eval))
+                       - _comparable(problem, outputs_on(problem, low.base, x_eval))).norm())
+    first_norm = float(first.norm())
     curve = []
     for s in sorted(steps, reverse=True):
-        point = {"step": s, "ratio": kappa * s / step, "jump": None, "precision": precision * s / step}
+        point = {"step": s, "ratio": kappa * s / step, check: None, "precision": precision * s / step}
+        if secant:
+            point["above_floor"] = first_norm * s / step / floor if floor > 0 else float("inf")
         curve.append(point)
-        if point["precision"] < PRECISION_THRESHOLD:
-            break  # every smaller step is rounding too
+        if point["precision"] < PRECISION_THRESHOLD or point.get("above_floor", math.inf) < FLOOR_THRESHOLD:
+            break  # every smaller step is rounding (or below the floor) too
         if point["ratio"] <= VALIDITY_THRESHOLD:  # the tangent's own step (``--step auto``'s) is probed once
-            at_s = own if abs(s / step - 1) < 1e-6 else jump_ratio(tangent.scaled(s / step))
-            point["jump"] = at_s["median"]
-            if point["jump"] <= JUMP_THRESHOLD:
+            point[check] = (own if abs(s / step - 1) < 1e-6 else measure(tangent.scaled(s / step)))["median"]
+            if _inside(point, check, limit):
                 break
-    inside = [p["step"] for p in curve if p["jump"] is not None and p["jump"] <= JUMP_THRESHOLD
-              and p["precision"] >= PRECISION_THRESHOLD]
-    return {"ratio": kappa, "jump_ratio": own, "threshold": VALIDITY_THRESHOLD,
-            "jump_threshold": JUMP_THRESHOLD, "step_percent": step, "step_max": inside[0] if inside else 0.0,
-            "curve": curve, "first_order_output_norm": float(first.norm()),
-            "second_order_output_norm": float(second.norm()) / 2}
+    inside = [p["step"] for p in curve if _inside(p, check, limit)]
+    record = {"ratio": kappa, "jump_ratio" if check == "jump" else "secant_residual": own,
+              "threshold": VALIDITY_THRESHOLD, "check": check, "check_threshold": limit, "step_percent": step,
+              "step_max": inside[0] if inside else 0.0, "curve": curve, "first_order_output_norm": first_norm,
+              "second_order_output_norm": float(second.norm()) / 2}
+    if secant:
+        record |= {"floor": floor, "floor_factor": floor_factor, "floor_threshold": FLOOR_THRESHOLD}
+    return record
+
+
+def _inside(point: dict, check: str, limit: float) -> bool:
+    return (point[check] is not None and point["ratio"] <= VALIDITY_THRESHOLD and point[check] <= limit
+            and point["precision"] >= PRECISION_THRESHOLD and point.get("above_floor", math.inf) >= FLOOR_THRESHOLD)
 
 
 def choose_step(valid: dict) -> tuple[float, bool]:
@@ -369,49 +394,69 @@ def choose_step(valid: dict) -> tuple[float, bool]:
     closest to it (the smallest worst ratio-to-threshold)."""
     if valid["step_max"] > 0:
         return valid["step_max"], True
-    graded = [p for p in valid["curve"] if p["jump"] is not None] or valid["curve"]
-    worst = lambda p: max(p["ratio"] / valid["threshold"], (p["jump"] or 0) / valid["jump_threshold"],  # noqa: E731
-                          PRECISION_THRESHOLD / max(p["precision"], 1e-300))
+    check = valid["check"]
+    graded = [p for p in valid["curve"] if p[check] is not None] or valid["curve"]
+    worst = lambda p: max(p["ratio"] / valid["threshold"], (p[check] or 0) / valid["check_threshold"],  # noqa: E731
+                          PRECISION_THRESHOLD / max(p["precision"], 1e-300),
+                          FLOOR_THRESHOLD / max(p.get("above_floor", math.inf), 1e-300))
     return min(graded, key=worst)["step"], False
 
 
 def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
-                     test: tuple | None = None, validate: bool = False, tangent: TrainingTangent | None = None,
-                     floor_factor: float = 300.0, filter_rank: int = 0, progress: ProgressFn | None = None) -> Analysis:
-    """The training tangent (:mod:`setsens.tangent`) of ``training`` along ``perturbation``: its predicted change
-    of the outputs, the range of steps where it holds (:func:`validity`), a verdict, and with ``validate`` its
-    score against the reference it predicts (:func:`validate_tangent`).
+                     test: tuple | None = None, validate: bool = False, secant: bool = False,
+                     tangent: TrainingTangent | None = None, floor_factor: float = 300.0, filter_rank: int = 0,
+                     progress: ProgressFn | None = None) -> Analysis:
+    """The training tangent (:mod:`setsens.tangent`; ``secant``: the secant tangent) of ``training`` along
+    ``perturbation``: its predicted change of the outputs, the range of steps where it holds (:func:`validity`), a
+    verdict, and with ``validate`` its score against the reference it predicts (:func:`validate_tangent`).
 
-    ``tangent``: a precomputed ``order=2`` tangent for this perturbation (else one is computed).
+    ``tangent``: a precomputed (plain) ``order=2`` tangent for this perturbation (else one is computed); it gives
+    the validity range, and is the estimate unless ``secant``.
     ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank.
-    Cost: one second-order tangent (about 7.5 gradients per training step) and the jump probes of
-    :func:`validity`; ``validate`` adds :func:`validate_tangent`'s.
+    Cost: one second-order tangent (about 7.5 gradients per training step) and the probes of :func:`validity`;
+    ``secant`` adds two secant tangents (about 3 gradients per step each: the estimate and its noise floor);
+    ``validate`` adds :func:`validate_tangent`'s.
     """
     problem.check_perturbation(perturbation)
+    method = SECANT if secant else TANGENT
     x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
+    report(progress, "estimate", method=method)
     if tangent is None:
-        report(progress, "estimate", method=TANGENT)
-        tangent = training_tangent(problem, perturbation, training, order=2,
-                                   progress=progress)
-    valid = validity(tangent, x_eval)
+        tangent = training_tangent(problem, perturbation, training, order=2, progress=progress)
+    valid = validity(tangent, x_eval, secant=secant, floor_factor=floor_factor)
+    estimate = training_tangent(problem, perturbation, tangent.training, secant=True, progress=progress) \
+        if secant else tangent
     idx = perturbation.indices
-    loss = LossOnPoints(clean=problem.loss_on(idx, tangent.base),
-                        original=problem.loss_on(idx, tangent.base, perturbation),
-                        estimate=problem.loss_on(idx, tangent.centre, perturbation))
-    verdict = assess_tangent(tangent, valid["ratio"], valid["jump_ratio"]["median"])
+    loss = LossOnPoints(clean=problem.loss_on(idx, estimate.base),
+                        original=problem.loss_on(idx, estimate.base, perturbation),
+                        estimate=problem.loss_on(idx, estimate.centre, perturbation))
+    above = share = None
+    if secant:
+        change = _comparable(problem, outputs_on(problem, estimate.centre, x_eval)) \
+            - _comparable(problem, outputs_on(problem, estimate.base, x_eval))
+        above = float(change.norm()) / valid["floor"] if valid["floor"] > 0 else math.inf
+        first = output_derivatives(problem, tangent.base, tangent.shift, x_eval)[0].double()
+        share = float((change - first).norm() / change.norm().clamp_min(1e-300))
+        valid |= {"above_floor": above, "jump_share": share}
+        if estimate.uncovered:
+            notes.append(f"the secant covers ReLU and leaky ReLU; these piecewise-linear functions kept their "
+                         f"derivative: {', '.join(estimate.uncovered)}")
+    own = valid["jump_ratio" if not secant else "secant_residual"]["median"]
+    verdict = assess_tangent(estimate, valid["ratio"], own, above, share)
     report(progress, "verdict", verdict=verdict)
     report(progress, "predictions")
-    none = tangent.shift.new_zeros(0, problem.p)
-    predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, tangent.base, tangent.centre,
-                               none)
+    none = estimate.shift.new_zeros(0, problem.p)
+    predictions = _predictions(problem, perturbation, x_eval, y_eval, test is not None, estimate.base,
+                               estimate.centre, none)
     validation, changes = None, {}
     if validate:
-        report(progress, "validate", steps=tangent.training.steps)
-        changes, validation, more = validate_tangent(tangent, x_eval, floor_factor=floor_factor,
+        report(progress, "validate", steps=training.steps)
+        changes, validation, more = validate_tangent(estimate, x_eval, floor_factor=floor_factor,
                                                      filter_rank=filter_rank, progress=progress)
         notes += more
-    reason = "the tangent of the fine-tuning run: " + tangent.training.describe()
-    return Analysis(TANGENT, reason, tangent, verdict, loss, none, predictions, validation, notes, changes, valid)
+    what = "the secant tangent" if secant else "the tangent"
+    reason = f"{what} of the fine-tuning run: " + estimate.training.describe()
+    return Analysis(method, reason, estimate, verdict, loss, none, predictions, validation, notes, changes, valid)
 
 
 def validate_tangent(tangent: TrainingTangent, x_eval: Tensor, *, floor_factor: float = 300.0, filter_rank: int = 0,

@@ -13,6 +13,13 @@ point are needed.  Cost ≈ 3 gradients per step (one forward-over-reverse pass)
 gradient.  A nested ``jvp`` carries ``w″`` as well (≈ 2.5× the tangent's cost): the second-order term
 ``½ s² o″`` of the outputs against the first ``s o′`` says for which steps ``s`` the first-order answer can hold
 (:func:`validity_ratio`).
+
+On a ReLU network the training map jumps wherever a unit changes sides, and the jumps add up to a term first
+order in the move that the derivative misses (:func:`jump_ratio` measures it).  The *secant* tangent
+(``secant=True``, method ``"training-secant"``) runs the same forward-mode pass with each ReLU's derivative
+replaced by its secant over the tangent's own change of the unit's input (:class:`setsens.secant.Secant`): it
+sees the units that change sides, holds for the move it was computed at only (it is not linear in Δx), and
+:func:`secant_residual` grades it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,13 @@ from .finetune import Training, initial_state, optimizer_step, resolve_lr, sched
 from .finetune import diverged as run_diverged
 from .problem import Perturbation, Problem
 from .progress import ProgressFn, report
+from .secant import Secant
 
-__all__ = ["TrainingTangent", "training_tangent", "output_derivatives", "validity_ratio", "jump_ratio"]
+__all__ = ["TrainingTangent", "training_tangent", "output_derivatives", "validity_ratio", "jump_ratio",
+           "secant_residual", "TANGENT", "SECANT"]
+
+#: the method names of the tangent and of the secant tangent
+TANGENT, SECANT = "training-tangent", "training-secant"
 
 
 @dataclass
@@ -42,7 +54,9 @@ class TrainingTangent:
     ``base`` is the replayed clean run's end ``w_T(x̄ + ε₀Δx)`` (ε₀ = ``at``, 0 by default), ``shift`` = w′ the
     predicted change of the end weights per unit ε (so ``base + shift`` predicts the perturbed run's end),
     ``second`` = w″ (order 2 only).  ``risk_start``/``risk_end``: the replay's risk on its data; ``diverged``:
-    the replay went non-finite or diverged by :func:`setsens.finetune.diverged`'s rule.
+    the replay went non-finite or diverged by :func:`setsens.finetune.diverged`'s rule.  ``method``:
+    :data:`SECANT` for a secant tangent (its ``shift`` holds for this perturbation only; ``uncovered`` names
+    the piecewise-linear functions it left as they are).
     """
 
     problem: Problem
@@ -56,8 +70,9 @@ class TrainingTangent:
     risk_start: float
     risk_end: float
     seconds: float
-    method: str = "training-tangent"
+    method: str = TANGENT
     cost: dict = field(default_factory=dict)
+    uncovered: tuple[str, ...] = ()
     probes: list = field(default_factory=list, repr=False)  # (t, rows, w_t, w′_t) at a few steps, for jump_ratio
 
     @property
@@ -72,7 +87,10 @@ class TrainingTangent:
 
     def scaled(self, factor: float) -> "TrainingTangent":
         """The tangent along ``factor · Δx`` (derivatives at ε₀ = 0 are linear in Δx: w′ scales by ``factor``,
-        w″ by its square); no recomputation."""
+        w″ by its square); no recomputation.  A secant tangent is not linear in Δx and is refused."""
+        if self.method == SECANT:
+            raise ValueError("a secant tangent holds for the perturbation it was computed at only: compute another "
+                             "(training_tangent(..., secant=True)) for another step")
         if self.at:
             raise ValueError("only a tangent taken at the training data (at=0) scales with Δx")
         return replace(self, perturbation=self.perturbation.scaled(factor), shift=self.shift * factor,
@@ -80,12 +98,14 @@ class TrainingTangent:
                        probes=[(t, rows, w, dw * factor) for t, rows, w, dw in self.probes])
 
     def summary(self) -> dict:
-        return {"method": self.method, "predicts": "the budget response: fine-tuning on the perturbed data minus "
-                "the same fine-tuning on the clean data (" + self.training.describe() + ")",
-                "shift_norm": float(self.shift.norm()), "replay_weight_drift": float((self.base - self.w_bar).norm()),
-                "second_norm": None if self.second is None else float(self.second.norm()),
-                "replay_risk": {"start": self.risk_start, "end": self.risk_end}, "diverged": self.diverged,
-                "lr": self.training.lr, "steps": self.training.steps, "cost": self.cost}
+        record = {"method": self.method, "predicts": "the budget response: fine-tuning on the perturbed data minus "
+                  "the same fine-tuning on the clean data (" + self.training.describe() + ")",
+                  "shift_norm": float(self.shift.norm()),
+                  "replay_weight_drift": float((self.base - self.w_bar).norm()),
+                  "second_norm": None if self.second is None else float(self.second.norm()),
+                  "replay_risk": {"start": self.risk_start, "end": self.risk_end}, "diverged": self.diverged,
+                  "lr": self.training.lr, "steps": self.training.steps, "cost": self.cost}
+        return record | ({"secant_uncovered": list(self.uncovered)} if self.method == SECANT else {})
 
 
 def _step(problem, training, t, batches, w, state, eps):
@@ -97,12 +117,20 @@ def _first(step, w, state, eps, dw, dstate):
     return jvp(step, (w, state, eps), (dw, dstate, torch.ones_like(eps)))
 
 
+def _secant_first(mode, step, w, state, eps, dw, dstate):
+    """:func:`_first` with the ReLUs' secant derivatives (``mode``: a :class:`~setsens.secant.Secant`)."""
+    with mode:
+        return _first(step, w, state, eps, dw, dstate)
+
+
 def training_tangent(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
-                     order: int = 1, at: float = 0.0, probes: int = 10,
+                     order: int = 1, at: float = 0.0, probes: int = 10, secant: bool = False,
                      progress: ProgressFn | None = None, checkpoint: str | None = None) -> TrainingTangent:
     """The derivative (``order=2``: and the second derivative) of the fine-tuning run's end along Δx.
 
     Args:
+        secant: the secant tangent (see the module doc): each ReLU's derivative is its secant over the tangent's
+            own change of its input; it holds for this ``perturbation`` only (``order`` 1 only).
         training: the fine-tuning (its lr is resolved first when None: 30 Hessian-vector products).
         at: ε₀, where along ``x̄ + εΔx`` to differentiate (0: at the training data).
         probes: keep ``(w_t, w′_t)`` at this many evenly spaced steps for :func:`jump_ratio` (2 weight vectors
@@ -116,6 +144,8 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
+    if secant and order != 1:
+        raise ValueError("a secant tangent has no second derivative: order=1")
     problem.check_perturbation(perturbation)
     training = resolve_lr(problem, training)
     t0 = time.perf_counter()
@@ -123,7 +153,7 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     zeros = lambda: tuple(torch.zeros_like(s) for s in initial_state(training, w))  # noqa: E731
     carry = {"w": w, "state": initial_state(training, w), "dw": torch.zeros_like(w), "dstate": zeros(),
              "d2w": torch.zeros_like(w), "d2state": zeros(), "t": 0}
-    key = {"order": order, "at": at, "probes": probes, "training": repr(training),
+    key = {"order": order, "at": at, "probes": probes, "secant": secant, "training": repr(training),
            "indices": perturbation.indices.tolist(), "delta_norm": perturbation.norm(), "p": problem.p}
     kept = []
     if checkpoint is not None:
@@ -134,6 +164,8 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     eps = torch.tensor(float(at), dtype=problem.dtype, device=problem.device)
     start_risk = problem.risk(problem.params, perturbation.scaled(at) if at else None)
     probe_at = {round(k * training.steps / probes) + 1 for k in range(probes)} if probes else set()
+    mode = Secant() if secant else None
+    first_step = partial(_secant_first, mode) if secant else _first
     for t, rows in enumerate(schedule(problem, training), 1):
         if t <= carry["t"]:
             continue
@@ -142,7 +174,8 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
         if t in probe_at:
             kept.append((t, rows, c["w"].clone(), c["dw"].clone()))
         if order == 1:
-            (c["w"], c["state"]), (c["dw"], c["dstate"]) = _first(step, c["w"], c["state"], eps, c["dw"], c["dstate"])
+            (c["w"], c["state"]), (c["dw"], c["dstate"]) = first_step(step, c["w"], c["state"], eps, c["dw"],
+                                                                      c["dstate"])
         else:
             first = partial(_first, step)
             ((w1, s1), _), ((dw1, ds1), (d2w1, d2s1)) = jvp(
@@ -158,7 +191,9 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     return TrainingTangent(problem, perturbation, training, problem.params.clone(), carry["w"], carry["dw"],
                            carry["d2w"] if order == 2 else None, float(at), start_risk, end_risk,
                            time.perf_counter() - t0,
-                           cost={"steps": training.steps, "gradients_per_step_about": per_step}, probes=kept)
+                           method=SECANT if secant else TANGENT,
+                           cost={"steps": training.steps, "gradients_per_step_about": per_step}, probes=kept,
+                           uncovered=tuple(sorted(mode.uncovered)) if secant else ())
 
 
 def output_derivatives(problem: Problem, w: Tensor, dw: Tensor, x: Tensor, d2w: Tensor | None = None,
@@ -184,25 +219,50 @@ def validity_ratio(first: Tensor, second: Tensor) -> float:
     return float(second.double().norm() / (2 * first.double().norm().clamp_min(1e-300)))
 
 
-def jump_ratio(tangent: TrainingTangent, factor: float = 1.0) -> dict:
-    """Is one training step differentiable at the scale of the perturbation?  At the kept steps of the replay
-    (``tangent.probes``), the gradient's central difference over ``±factor·(w′_t, Δx)`` against its derivative
-    ``H w′_t + J Δx`` (one JVP): ``‖difference quotient − derivative‖ / ‖derivative‖``.  O(factor²) where the
-    step is smooth; of order one where units change sides within the perturbation (ReLU, max-pooling), where
-    the training map jumps and no derivative sees the jumps.  No retraining.  Returns the median and the
-    largest ratio over the probes.  Computed in float64 (in float32 the difference quotient of a small step is
-    rounding).  Cost: about 5 gradients per probe."""
+def _over_probes(tangent: TrainingTangent, factor: float, residual) -> dict:
+    """``residual(grad, w_t, f·w′_t, ε₀, f)`` at each probe of the tangent, in float64 (in float32 the difference
+    of a small move is rounding); ``grad(w, ε)`` is the step's gradient.  Median and largest."""
     problem, pert = tangent.problem.with_dtype(torch.float64), tangent.perturbation
     if not tangent.probes:
         raise ValueError("the tangent kept no probes: training_tangent(..., probes=k) with k ≥ 1")
     eps = torch.tensor(tangent.at, dtype=problem.dtype, device=problem.device)
     ratios = []
     for _, rows, w, dw in tangent.probes:
-        w, dw = w.to(problem.dtype), dw.to(problem.dtype)
-        batches = step_batches(problem, rows, pert)
-        grad = partial(step_gradient, problem, batches=batches)
-        derivative = jvp(grad, (w, eps), (dw * factor, torch.ones_like(eps) * factor))[1]
-        plus, minus = grad(w + factor * dw, eps + factor), grad(w - factor * dw, eps - factor)
-        ratios.append(float(((plus - minus) / 2 - derivative).norm() / derivative.norm().clamp_min(1e-300)))
+        grad = partial(step_gradient, problem, batches=step_batches(problem, rows, pert))
+        ratios.append(residual(grad, w.to(problem.dtype), factor * dw.to(problem.dtype), eps, factor))
     ratios = torch.tensor(ratios)
     return {"median": float(ratios.median()), "max": float(ratios.max()), "probes": len(ratios)}
+
+
+def _jump(grad, w, dw, eps, f):
+    derivative = jvp(grad, (w, eps), (dw, torch.ones_like(eps) * f))[1]
+    plus, minus = grad(w + dw, eps + f), grad(w - dw, eps - f)
+    return float(((plus - minus) / 2 - derivative).norm() / derivative.norm().clamp_min(1e-300))
+
+
+def _secant_miss(grad, w, dw, eps, f):
+    with Secant():
+        secant = jvp(grad, (w, eps), (dw, torch.ones_like(eps) * f))[1]
+    change = grad(w + dw, eps + f) - grad(w, eps)
+    return float((change - secant).norm() / change.norm().clamp_min(1e-300))
+
+
+def jump_ratio(tangent: TrainingTangent, factor: float = 1.0) -> dict:
+    """Is one training step differentiable at the scale of the perturbation?  At the kept steps of the replay
+    (``tangent.probes``), the gradient's central difference over ``±factor·(w′_t, Δx)`` against its derivative
+    ``H w′_t + J Δx`` (one JVP): ``‖difference quotient − derivative‖ / ‖derivative‖``.  O(factor²) where the
+    step is smooth; of order one where units change sides within the perturbation (ReLU, max-pooling), where
+    the training map jumps and no derivative sees the jumps.  No retraining.  Returns the median and the
+    largest ratio over the probes.  Computed in float64.  Cost: about 5 gradients per probe."""
+    return _over_probes(tangent, factor, _jump)
+
+
+def secant_residual(tangent: TrainingTangent, factor: float = 1.0) -> dict:
+    """What the secant misses of one training step at the scale of the perturbation: at the kept steps, the
+    change of the step's gradient over the move ``factor·(w′_t, Δx)`` against its secant derivative along it
+    (one JVP under :class:`~setsens.secant.Secant`), ``‖change − secant‖ / ‖change‖``.  0 for a network whose
+    only nonlinearity after the moved weights is one ReLU layer; O(factor) otherwise (curvature, and units that
+    change sides by the move's second-order part).  On a secant tangent's own probes (``factor`` 1) it grades
+    that tangent; on a plain tangent's, scaled, it grades the secant at another step without computing it.
+    No retraining; float64.  Cost: about 5 gradients per probe."""
+    return _over_probes(tangent, factor, _secant_miss)

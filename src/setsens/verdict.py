@@ -15,7 +15,9 @@ import torch
 from .solution_set import SolutionSet
 
 __all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
-           "VALIDITY_THRESHOLD", "JUMP_THRESHOLD", "PRECISION_THRESHOLD", "tangent_precision"]
+           "VALIDITY_THRESHOLD", "JUMP_THRESHOLD", "SECANT_THRESHOLD", "FLOOR_THRESHOLD", "JUMP_SHARE_THRESHOLD",
+           "PRECISION_THRESHOLD",
+           "tangent_precision", "tangent_verdict"]
 
 STATUSES = ("pass", "warn", "fail")
 
@@ -26,6 +28,15 @@ VALIDITY_THRESHOLD = 0.3
 #: three times it, fail beyond.  Calibrated on the zoo's 75 runs (docs/runs/zoo-tangent/tangent.md): every run
 #: below Pearson 0.9 has a jump ratio ≥ 3.1 (fails), runs at 0.58–0.67 reach Pearson 0.98–0.99 (pass).
 JUMP_THRESHOLD = 0.75
+#: the largest secant residual (:func:`setsens.tangent.secant_residual`, median over the probes) that passes the
+#: secant tangent; warn up to twice it, fail beyond.  Calibrated on the zoo (docs/runs/zoo-secant/secant.md).
+SECANT_THRESHOLD = 0.5
+#: the smallest predicted change of the outputs over the secant's noise floor (its change at a 300× smaller step)
+#: that passes the secant tangent; warn down to half of it.  Calibrated on the same runs.
+FLOOR_THRESHOLD = 5.0
+#: the largest share of the secant's predicted change that the derivative lacks (``jump_share``) that passes;
+#: warn up to 1.  Calibrated on the same runs.
+JUMP_SHARE_THRESHOLD = 0.9
 #: the smallest predicted change, in units of the rounding of the weights (ε‖w‖), that passes ``shift_precision``:
 #: its own rounding is then at most 1 %.  Calibrated on the same runs: changes of 150–780 ε‖w‖ had Pearson 1.000.
 PRECISION_THRESHOLD = 1e2
@@ -113,36 +124,61 @@ def tangent_precision(tangent) -> float:
     return float(tangent.shift.norm()) / max(eps * float(tangent.base.norm()), 1e-300)
 
 
-def assess_tangent(tangent, ratio: float, jump: float) -> Verdict:
-    """Grade a training tangent (:mod:`setsens.tangent`) without retraining.
+def assess_tangent(tangent, ratio: float, residual: float, above_floor: float | None = None,
+                   jump_share: float | None = None) -> Verdict:
+    """Grade a training tangent or secant tangent (:mod:`setsens.tangent`) without retraining.
 
     * ``replay_converging``: fail when the replayed clean fine-tuning diverged (:func:`setsens.finetune.diverged`):
       the training itself is unstable at its lr, and so is every answer about it.
     * ``second_order``: the ratio of the second- to the first-order term of the outputs at this step
       (:func:`setsens.analysis.validity`): pass ≤ :data:`VALIDITY_THRESHOLD`, warn up to twice it, fail beyond
       (calibrated on the zoo: Pearson 0.95–0.99 at ratios 0.25–0.29, 0.89 at 0.46).
-    * ``smooth_at_step``: the jump ratio (:func:`setsens.tangent.jump_ratio`): how far a training step's gradient
-      over the perturbation departs from its derivative; pass ≤ :data:`JUMP_THRESHOLD`, warn up to 3× it —
-      large where units change sides within the perturbation, so that the training map jumps (calibrated on the
-      zoo: 0.2–0.4 on the smooth networks at Pearson ≥ 0.95, 1.5–7.8 on the ReLU CNN at 0.55–0.93).
+    * the tangent: ``smooth_at_step``, the jump ratio (:func:`setsens.tangent.jump_ratio`): how far a training
+      step's gradient over the perturbation departs from its derivative; pass ≤ :data:`JUMP_THRESHOLD`, warn up to
+      3× it — large where units change sides within the perturbation, so that the training map jumps (calibrated
+      on the zoo: 0.2–0.4 on the smooth networks at Pearson ≥ 0.95, 1.5–7.8 on the ReLU CNN at 0.55–0.93).
+    * the secant tangent: ``secant_at_step``, the secant residual (:func:`setsens.tangent.secant_residual`): pass
+      ≤ :data:`SECANT_THRESHOLD`, warn up to twice it; and ``above_floor``, its predicted change over its noise
+      floor (:func:`setsens.analysis.validity`): pass ≥ :data:`FLOOR_THRESHOLD`, warn down to half of it, fail
+      below — the fine-tuning's change is then mostly what any move, however small, does to it; and
+      ``jump_share``, the share of the secant's predicted change of the outputs that the derivative does not
+      have, ‖o_secant − o′‖/‖o_secant‖: pass ≤ :data:`JUMP_SHARE_THRESHOLD`, warn up to 1, fail beyond — near
+      1 the change is a jump (a unit changing sides sends the run elsewhere), which the secant sees but does not
+      size.
     * ``shift_precision``: :func:`tangent_precision`: warn below :data:`PRECISION_THRESHOLD` — the predicted
       change is near the rounding of the weights, and so is the reference's (float32 runs part by rounding).
     """
-    return tangent_verdict(tangent.diverged, ratio, jump, tangent_precision(tangent))
+    return tangent_verdict(tangent.diverged, ratio, residual, tangent_precision(tangent),
+                           secant=tangent.method == "training-secant", above_floor=above_floor,
+                           jump_share=jump_share)
 
 
-def tangent_verdict(diverged: bool, ratio: float, jump: float, precision: float) -> Verdict:
-    """The verdict of :func:`assess_tangent` from its four figures (a stored run is regraded with it)."""
+def tangent_verdict(diverged: bool, ratio: float, residual: float, precision: float, *, secant: bool = False,
+                    above_floor: float | None = None, jump_share: float | None = None) -> Verdict:
+    """The verdict of :func:`assess_tangent` from its figures (a stored run is regraded with it)."""
     checks = [Check("replay_converging", "fail" if diverged else "pass", float(not diverged),
                     "the replayed fine-tuning diverges: lower Training.lr" if diverged else ""),
               _grade("second_order", ratio, VALIDITY_THRESHOLD, 2 * VALIDITY_THRESHOLD,
                      "the perturbation is outside the range where the first-order answer holds: use a step at most "
-                     "validity.step_max"),
-              _grade("smooth_at_step", jump, JUMP_THRESHOLD, 3 * JUMP_THRESHOLD,
-                     "a training step is not differentiable at the scale of the perturbation (units change sides "
-                     "within it: ReLU, max-pooling): the fine-tuning jumps where no derivative sees it, and the "
-                     "reference itself is rough (its self_consistency); read the estimate as a trend, or use "
-                     "smooth activations")]
+                     "validity.step_max")]
+    if secant:
+        checks.append(_grade("secant_at_step", residual, SECANT_THRESHOLD, 2 * SECANT_THRESHOLD,
+                             "one training step's change over the perturbation is far from its secant (curvature, "
+                             "units changing sides by the move's second-order part): use a step at most "
+                             "validity.step_max"))
+        status = "pass" if above_floor >= FLOOR_THRESHOLD else "warn" if above_floor >= FLOOR_THRESHOLD / 2 else "fail"
+        checks.append(Check("above_floor", status, float(above_floor), "" if status == "pass" else
+                            "the predicted change is not well above the change the fine-tuning makes for any move, "
+                            "however small (units that change sides): use a step at least validity.step_max"))
+        checks.append(_grade("jump_share", jump_share, JUMP_SHARE_THRESHOLD, 1.0,
+                             "nearly all of the predicted change comes from units changing sides: the fine-tuning "
+                             "jumps to another course here (an lr near its edge of stability?); read the estimate "
+                             "as a trend, or lower Training.lr"))
+    else:
+        checks.append(_grade("smooth_at_step", residual, JUMP_THRESHOLD, 3 * JUMP_THRESHOLD,
+                             "a training step is not differentiable at the scale of the perturbation (units change "
+                             "sides within it: ReLU, max-pooling): the fine-tuning jumps where no derivative sees "
+                             "it; use method 'training-secant', which follows the units that change sides"))
     ok = precision >= PRECISION_THRESHOLD
     checks.append(Check("shift_precision", "pass" if ok else "warn", precision, "" if ok else
                         "the predicted change is close to the rounding of the weights: compute in float64 (Problem "

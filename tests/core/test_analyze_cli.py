@@ -219,6 +219,20 @@ def test_the_training_tangent_with_an_automatic_step(user, tmp_path):
         (tmp_path / "t" / "report.md").read_text()
 
 
+def test_the_secant_tangent_from_the_command_line(user, tmp_path):
+    res = run(["--model", user / "net.py:relu_model", "--data", user / "data.npz", "--points", "1,5", "--method",
+               "training-secant", "--step", "auto", "--lr", "0.1", "--steps", "10", "--validate", "--json", "--out",
+               tmp_path / "s"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout[res.stdout.index("{"):])
+    names = [c["name"] for c in s["verdict"]["checks"]]
+    assert s["method"] == "training-secant" and s["estimate"]["method"] == "training-secant"
+    assert {"secant_at_step", "above_floor", "jump_share"} <= set(names) and "smooth_at_step" not in names
+    assert s["validity"]["check"] == "secant" and s["validation"]["reference"] == "training_response"
+    assert s["estimate"]["secant_uncovered"] == []
+    assert "secant residual" in (tmp_path / "s" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, hint", [
     (["--step", "auto"], "--step"),                                   # auto needs the tangent
     (["--optimizer", "adam"], "--optimizer"),                         # a tangent option on eq. 19

@@ -84,7 +84,7 @@ def test_the_validity_ratio_is_the_second_order_term_over_the_first():
     assert v["step_max"] > 0 and v["curve"][-1]["step"] == v["step_max"]
     for p in v["curve"]:
         assert p["ratio"] == pytest.approx(v["ratio"] * p["step"] / v["step_percent"])
-        inside = (p["ratio"] <= v["threshold"] and p["jump"] is not None and p["jump"] <= v["jump_threshold"]
+        inside = (p["ratio"] <= v["threshold"] and p["jump"] is not None and p["jump"] <= v["check_threshold"]
                   and p["precision"] >= 1e3)
         assert inside == (p["step"] == v["step_max"])
 
@@ -120,7 +120,7 @@ def test_options_a_method_does_not_read_are_refused():
     pert = gradient_perturbation(problem, [1], 0.01)
     with pytest.raises(ValueError, match="steps does not apply"):
         analyze(problem, pert, "training-tangent", steps=50)
-    with pytest.raises(ValueError, match="training applies to method 'training-tangent' only"):
+    with pytest.raises(ValueError, match="training applies to methods 'training-tangent' and 'training-secant' only"):
         analyze(problem, pert, "hessian", training=Training())
     with pytest.raises(ValueError, match="optimizer must be one of"):
         Training(optimizer="rmsprop")

@@ -23,6 +23,7 @@ SELECT_RULES = ("top-loss", "low-loss", "random")
 #: the library's advice names parameters; the command line names its flags
 FLAGS = {"SolveOptions.maxiter": "--maxiter", "relative_step": "--step", "float64 (Problem dtype)": "--dtype float64",
          "method 'training-tangent'": "--method training-tangent", "Training.lr": "--lr",
+         "method 'training-secant'": "--method training-secant",
          "validity.step_max": "--step auto"}
 
 
@@ -120,6 +121,10 @@ def _figures(analysis, out: Path) -> list[str]:
     return names
 
 
+CHECK_NAMES = {"jump": "jump ratio", "secant": "secant residual"}
+CHECK_KEYS = {"jump": "jump_ratio", "secant": "secant_residual"}
+
+
 def markdown(summary: dict, figures: list[str]) -> str:
     v, lp = summary["verdict"], summary["loss_on_points"]
     lines = [f"# setsens analyze — verdict: **{v['status'].upper()}**", "",
@@ -136,11 +141,14 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"{e['replay_weight_drift']:.4g} from w̄ (risk {e['replay_risk']['start']:.4g} → "
                   f"{e['replay_risk']['end']:.4g}, diverged: {e['diverged']}), lr {e['lr']:.3g}",
                   f"- validity at this step ({summary['perturbation']['step_percent']:.3g} %): second-order term / "
-                  f"first {va['ratio']:.3g} (threshold {va['threshold']:g}), jump ratio "
-                  f"{va['jump_ratio']['median']:.3g} (threshold {va['jump_threshold']:g}); **step_max = "
-                  f"{va['step_max']:.3g} %** (0: no graded step is inside); graded: " + ", ".join(
-                      f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p["jump"] is None else f"{p['jump']:.2g}") + ")"
-                      for p in va["curve"]),
+                  f"first {va['ratio']:.3g} (threshold {va['threshold']:g}), {CHECK_NAMES[va['check']]} "
+                  f"{va[CHECK_KEYS[va['check']]]['median']:.3g} (threshold {va['check_threshold']:g})"
+                  + (f", predicted change over its floor {va['above_floor']:.3g} (threshold {va['floor_threshold']:g}),"
+                     f" jump share {va['jump_share']:.3g}" if va["check"] == "secant" else "")
+                  + f"; **step_max = {va['step_max']:.3g} %** (0: no graded step is inside); graded (ratio, "
+                  f"{CHECK_NAMES[va['check']]}): " + ", ".join(
+                      f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p[va["check"]] is None else
+                                                              f"{p[va['check']]:.2g}") + ")" for p in va["curve"]),
                   f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
                   f"their loss after the clean run {lp['clean']:.4g}, moved {lp['original']:.4g}, after the "
                   f"predicted perturbed run {lp['estimate']:.4g}", "", "## Predictions", ""]
@@ -205,23 +213,25 @@ def _prediction_lines(summary: dict) -> list[str]:
     return lines
 
 
-def _analyze_training(problem, pert, training, step, test, validate, progress, log):
+def _analyze_training(problem, pert, training, step, test, validate, secant, progress, log):
     """:func:`setsens.analysis.analyze_training`; with ``--step auto`` (``step`` None) the tangent is taken once at
     ``pert`` (1 %), the step is chosen by its validity range (:func:`setsens.analysis.choose_step`), and the
-    tangent is rescaled (a derivative at the data is linear in Δx)."""
+    tangent is rescaled (a derivative at the data is linear in Δx; the secant tangent is then computed at that
+    step)."""
     from ..analysis import _evaluation_points, analyze_training, choose_step, validity
     from ..progress import report
     from ..tangent import training_tangent
 
     if step is not None:
-        return analyze_training(problem, pert, training, test=test, validate=validate, progress=progress)
+        return analyze_training(problem, pert, training, test=test, validate=validate, secant=secant,
+                                progress=progress)
     x_eval = _evaluation_points(problem, pert, test)[0]
     report(progress, "estimate", method="training-tangent")
     unit = training_tangent(problem, pert, training, order=2, progress=progress)
-    chosen, inside = choose_step(validity(unit, x_eval))
+    chosen, inside = choose_step(validity(unit, x_eval, secant=secant))
     log(f"validity: step {chosen:g} %" + (" (step_max, the largest step inside the range)" if inside else
                                            " — no step is inside the range; this one is the closest to it"))
-    return analyze_training(problem, pert.scaled(chosen), training, test=test, validate=validate,
+    return analyze_training(problem, pert.scaled(chosen), training, test=test, validate=validate, secant=secant,
                             tangent=unit.scaled(chosen), progress=progress)
 
 
@@ -232,12 +242,15 @@ def _analyze_training(problem, pert, training, step, test, validate, progress, l
 @click.option("--direction", default="gradient", show_default=True,
               help="gradient (loss ascent), random, or an .npy of Δx (one row per point).")
 @click.option("--step", default="1", show_default=True,
-              help="Size of each move in % of the point's norm; auto (training-tangent): the largest of "
+              help="Size of each move in % of the point's norm; auto (training-tangent/-secant): the largest of "
                    "10, 3, 1, 0.3, … % inside the validity range, found without retraining.")
 @click.option("--method", default="auto", show_default=True,
-              type=click.Choice(["auto", "gauss-newton", "hessian", "influence", "training-tangent"]),
+              type=click.Choice(["auto", "gauss-newton", "hessian", "influence", "training-tangent",
+                                 "training-secant"]),
               help="training-tangent: the derivative of the fine-tuning run (--optimizer, --lr, --steps, …) along "
-                   "Δx, judged against that fine-tuning; the others: the set after retraining to a stationary point.")
+                   "Δx, judged against that fine-tuning; training-secant: the same with each ReLU's derivative "
+                   "replaced by its secant over the move (follows ReLU units that change sides); the others: the "
+                   "set after retraining to a stationary point.")
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam", "adamw"]),
               help="training-tangent: the fine-tuning it differentiates (and --validate runs).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
@@ -284,18 +297,20 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
     rule, arg = _parse_points(points, select)
     step = _parse_step(step)
-    tangent = method == "training-tangent"
+    tangent = method in ("training-tangent", "training-secant")
     if step is None and not tangent:
-        raise click.BadParameter("auto needs --method training-tangent (its validity range)", param_hint="--step")
+        raise click.BadParameter("auto needs --method training-tangent or training-secant (their validity range)",
+                                 param_hint="--step")
     if not tangent:
         for name, value, default in (("--optimizer", optimizer, "sgd"), ("--lr", lr, None),
                                      ("--momentum", momentum, 0.9), ("--no-nesterov", nesterov, True),
                                      ("--train-batch", train_batch, None), ("--train-weight-decay", train_weight_decay,
                                                                             0.0)):
             if value != default:
-                raise click.BadParameter(f"applies to --method training-tangent only, not {method}", param_hint=name)
+                raise click.BadParameter(f"applies to --method training-tangent or training-secant only, not {method}",
+                                         param_hint=name)
     elif reference != "auto":
-        raise click.BadParameter("training-tangent is judged against the fine-tuning it differentiates",
+        raise click.BadParameter(f"{method} is judged against the fine-tuning it differentiates",
                                  param_hint="--reference")
     try:
         training = Training(optimizer=optimizer, lr=lr, steps=steps or 200, momentum=momentum, nesterov=nesterov,
@@ -349,7 +364,8 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotStationaryWarning)  # the verdict reports it
         if tangent:
-            analysis = _analyze_training(problem, pert, training, step, test, validate, progress, log)
+            analysis = _analyze_training(problem, pert, training, step, test, validate,
+                                         method == "training-secant", progress, log)
         else:
                 analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
                                solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner,
