@@ -54,7 +54,7 @@ def row(name, seed, step, auto, a, seconds) -> dict:
     r = v["reference_run"]
     own = {"jump_median": va["jump_ratio"]["median"]} if a.method == "training-tangent" else \
         {"secant_median": va["secant_residual"]["median"], "above_floor": va["above_floor"],
-         "jump_share": va["jump_share"]}
+         "growth": va["growth"]}
     return {"model": name, "seed": seed, "step_percent": step, "auto": auto, "method": a.method,
             "verdict": a.verdict.status, "checks": {c.name: [c.status, c.value] for c in a.verdict.checks},
             "ratio": va["ratio"], "step_max": va["step_max"], **own, "curve": va["curve"],
@@ -74,7 +74,7 @@ def regrade(r: dict) -> str:
     if r.get("method", "training-tangent") == "training-tangent":
         return tangent_verdict(r["diverged"], r["ratio"], r["jump_median"], precision).status
     return tangent_verdict(r["diverged"], r["ratio"], r["secant_median"], precision, secant=True,
-                           above_floor=r["above_floor"], jump_share=r["jump_share"]).status
+                           above_floor=r["above_floor"]).status
 
 
 def spread(values) -> str:
@@ -86,10 +86,10 @@ def spread(values) -> str:
 
 def tables(rows: list[dict]) -> str:
     secant = any(r.get("method") == "training-secant" for r in rows)
-    own = "secant residual | secant change / its floor | jump share" if secant else "jump ratio"
+    own = "secant residual | secant change / its floor" if secant else "jump ratio"
     lines = [f"| model | step % | seeds | verdicts (pass/warn/fail) | Pearson, {'secant' if secant else 'tangent'} | "
              f"Pearson, influence | Pearson, GGN filter | reference self-consistency | change / noise floor | "
-             f"ratio (2nd/1st) | {own} |", "|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * secant]
+             f"ratio (2nd/1st) | {own} |", "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * secant]
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
@@ -102,7 +102,7 @@ def tables(rows: list[dict]) -> str:
                      f"{spread([r.get('filter_pearson') for r in rs])} | {spread([r['self_consistency'] for r in rs])}"
                      f" | {spread([r['change_over_floor'] for r in rs])} | {spread([r['ratio'] for r in rs])} | "
                      + " | ".join(spread([r[k] for r in rs]) for k in (
-                         ("secant_median", "above_floor", "jump_share") if secant else ("jump_median",))) + " |")
+                         ("secant_median", "above_floor") if secant else ("jump_median",))) + " |")
     scored = [r for r in rows if r["pearson"] == r["pearson"]]
     good = [r for r in scored if r["pearson"] >= 0.9]
     bad = [r for r in scored if r["pearson"] < 0.9]
@@ -206,7 +206,7 @@ def main() -> None:
                       f"{r['self_consistency']:.3f}, change/floor {r['change_over_floor']:.3g}, "
                       f"ratio {r['ratio']:.3g}, " + (f"jump {r['jump_median']:.3g}" if "jump_median" in r else
                                                      f"secant residual {r['secant_median']:.3g}, above floor "
-                                                     f"{r['above_floor']:.3g}, jump share {r['jump_share']:.3g}")
+                                                     f"{r['above_floor']:.3g}")
                       + f", step_max {r['step_max']:.3g} %",
                       flush=True)
     own = {r["model"] for r in rows}

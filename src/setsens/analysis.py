@@ -430,19 +430,17 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     loss = LossOnPoints(clean=problem.loss_on(idx, estimate.base),
                         original=problem.loss_on(idx, estimate.base, perturbation),
                         estimate=problem.loss_on(idx, estimate.centre, perturbation))
-    above = share = None
+    above = None
     if secant:
         change = _comparable(problem, outputs_on(problem, estimate.centre, x_eval)) \
             - _comparable(problem, outputs_on(problem, estimate.base, x_eval))
         above = float(change.norm()) / valid["floor"] if valid["floor"] > 0 else math.inf
-        first = output_derivatives(problem, tangent.base, tangent.shift, x_eval)[0].double()
-        share = float((change - first).norm() / change.norm().clamp_min(1e-300))
-        valid |= {"above_floor": above, "jump_share": share}
+        valid |= {"above_floor": above, "growth": above / floor_factor}
         if estimate.uncovered:
             notes.append(f"the secant covers ReLU and leaky ReLU; these piecewise-linear functions kept their "
                          f"derivative: {', '.join(estimate.uncovered)}")
     own = valid["jump_ratio" if not secant else "secant_residual"]["median"]
-    verdict = assess_tangent(estimate, valid["ratio"], own, above, share)
+    verdict = assess_tangent(estimate, valid["ratio"], own, above, floor_factor)
     report(progress, "verdict", verdict=verdict)
     report(progress, "predictions")
     none = estimate.shift.new_zeros(0, problem.p)

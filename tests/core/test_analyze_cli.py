@@ -227,7 +227,7 @@ def test_the_secant_tangent_from_the_command_line(user, tmp_path):
     s = json.loads(res.stdout[res.stdout.index("{"):])
     names = [c["name"] for c in s["verdict"]["checks"]]
     assert s["method"] == "training-secant" and s["estimate"]["method"] == "training-secant"
-    assert {"secant_at_step", "above_floor", "jump_share"} <= set(names) and "smooth_at_step" not in names
+    assert {"secant_at_step", "above_floor", "bifurcation"} <= set(names) and "smooth_at_step" not in names
     assert s["validity"]["check"] == "secant" and s["validation"]["reference"] == "training_response"
     assert s["estimate"]["secant_uncovered"] == []
     assert "secant residual" in (tmp_path / "s" / "report.md").read_text()

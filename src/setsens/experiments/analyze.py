@@ -144,7 +144,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"first {va['ratio']:.3g} (threshold {va['threshold']:g}), {CHECK_NAMES[va['check']]} "
                   f"{va[CHECK_KEYS[va['check']]]['median']:.3g} (threshold {va['check_threshold']:g})"
                   + (f", predicted change over its floor {va['above_floor']:.3g} (threshold {va['floor_threshold']:g}),"
-                     f" jump share {va['jump_share']:.3g}" if va["check"] == "secant" else "")
+                     f" its growth over the step's {va['growth']:.3g}" if va["check"] == "secant" else "")
                   + f"; **step_max = {va['step_max']:.3g} %** (0: no graded step is inside); graded (ratio, "
                   f"{CHECK_NAMES[va['check']]}): " + ", ".join(
                       f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p[va["check"]] is None else
