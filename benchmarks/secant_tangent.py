@@ -9,10 +9,12 @@ It therefore depends on the step (it is computed per step, not scaled) and costs
 Each is scored (Pearson, relative error) against the reference it predicts, ``retrain.training_response``
 (same 200 full-batch Nesterov steps at lr 1/λ_max(H), perturbed minus clean), on the 500 held-out outputs.
 
-A measured prototype (not yet a library method): the ReLU is swapped by a ``TorchFunctionMode`` on
-``F.relu``/``torch.relu`` (so ``nn.ReLU`` and functional calls alike); max-pooling is not covered.
+The secant is the library's (``training_tangent(..., secant=True)``, :class:`setsens.secant.Secant`; this probe
+was its prototype, with the same arithmetic).  The verdict and validity range of the secant are measured by
+``benchmarks/zoo_tangent.py --secant``.
 
-    python benchmarks/secant_tangent.py --models cnn,transformer --seeds 0,1,2 --out docs/runs/secant-tangent
+    python benchmarks/secant_tangent.py --models cnn,transformer --seeds 0,1,2 --checkpoints docs/runs/zoo-tangent \
+        --out docs/runs/secant-tangent
 """
 
 from __future__ import annotations
@@ -24,71 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_tangent import load, spread  # noqa: E402
-
-
-class SecantMask(torch.autograd.Function):
-    """``g·1[z > 0]`` (ReLU's backward) whose forward-mode derivative sees the mask change over ``z′``."""
-
-    @staticmethod
-    def forward(g, z):
-        return g * (z > 0).to(g.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(*inputs)
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def jvp(ctx, gt, zt):
-        g, z = ctx.saved_tensors
-        mask = (z > 0).to(g.dtype)
-        out = gt * mask if gt is not None else torch.zeros_like(g)
-        return out if zt is None else out + g * (((z + zt) > 0).to(g.dtype) - mask)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, = ctx.saved_tensors
-        return grad * (z > 0).to(grad.dtype), None
-
-
-class SecantReLU(torch.autograd.Function):
-    """ReLU whose forward-mode derivative is its secant ``relu(z + z′) − relu(z)``."""
-
-    @staticmethod
-    def forward(z):
-        return z.clamp_min(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[0])
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx, zt):
-        z, = ctx.saved_tensors
-        return (z + zt).clamp_min(0) - z.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, = ctx.saved_tensors
-        return SecantMask.apply(grad, z)
-
-
-RELUS = {F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_}
-
-
-class Secant(TorchFunctionMode):
-    """Within it, every ReLU call is :class:`SecantReLU` (the primal values are unchanged)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in RELUS:
-            return SecantReLU.apply(args[0])
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -104,13 +44,14 @@ def main() -> None:
     parser.add_argument("--steps", default="3,1,0.3,0.1,0.03")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--out", default="runs/secant-tangent")
+    parser.add_argument("--checkpoints", help="where the zoo's trained checkpoints are (or are written) [default: OUT]")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = out / "secant.json"
     rows = json.loads(done.read_text()) if done.exists() else []
     for name in args.models.split(","):
-        problem, test = load(name, Path("docs/runs/zoo-tangent"))
+        problem, test = load(name, Path(args.checkpoints) if args.checkpoints else out)
         training = resolve_lr(problem, Training(steps=args.train_steps))
         at = lambda w: _comparable(problem, outputs_on(problem, w, test[0]))  # noqa: E731
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -126,8 +67,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 plain = training_tangent(problem, pert, training, probes=0)
                 t1 = time.perf_counter()
-                with Secant():
-                    secant = training_tangent(problem, pert, training, probes=0)
+                secant = training_tangent(problem, pert, training, probes=0, secant=True)
                 t2 = time.perf_counter()
                 p, s = _score(at(plain.centre) - at(plain.base), change), _score(at(secant.centre) - at(secant.base),
                                                                                    change)
