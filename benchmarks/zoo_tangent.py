@@ -138,16 +138,21 @@ def figure(rows: list[dict], out: Path) -> None:
             bottom.loglog([r["step_percent"] for r in rs], [r["ratio"] for r in rs], "o-", color=colour)
             own = "secant_median" if "secant_median" in rs[0] else "jump_median"
             bottom.loglog([r["step_percent"] for r in rs], [r[own] for r in rs], "s:", color=colour)
+            if own == "secant_median":  # the floor over the change: below 1/FLOOR_THRESHOLD inside the range
+                bottom.loglog([r["step_percent"] for r in rs], [1 / r["above_floor"] for r in rs], "^--",
+                              color=colour, ms=4)
         top.axhline(0.9, color="k", lw=0.5)
         top.set(title=model, ylabel="Pearson vs the reference", ylim=(min(0.0, top.get_ylim()[0]), 1.02))
         top.legend(fontsize=7, title="★ auto step, dashed step_max", title_fontsize=7)
-        from setsens.verdict import JUMP_THRESHOLD, SECANT_THRESHOLD, VALIDITY_THRESHOLD
+        from setsens.verdict import FLOOR_THRESHOLD, JUMP_THRESHOLD, SECANT_THRESHOLD, VALIDITY_THRESHOLD
 
         secant = any(r.get("method") == "training-secant" for r in rows)
         bottom.axhline(VALIDITY_THRESHOLD, color="k", lw=0.5)
         bottom.axhline(SECANT_THRESHOLD if secant else JUMP_THRESHOLD, color="k", lw=0.5, ls=":")
-        bottom.set(xlabel="step (% of ‖x_k‖)",
-                   ylabel=f"ratio 2nd/1st (o-), {'secant residual' if secant else 'jump ratio'} (s:)")
+        if secant:
+            bottom.axhline(1 / FLOOR_THRESHOLD, color="k", lw=0.5, ls="--")
+        bottom.set(xlabel="step (% of ‖x_k‖)", ylabel="o 2nd/1st, " + (
+            "s residual, ^ floor/change" if secant else "s jump ratio"))
     fig.tight_layout()
     fig.savefig(out / "tangent.png", dpi=120)
     plt.close(fig)
