@@ -97,6 +97,14 @@ def _comparable(problem: Problem, out: Tensor) -> Tensor:
     return problem.as_loss_sees(out).double()
 
 
+def predicted_change(tangent: TrainingTangent, x: Tensor) -> Tensor:
+    """The change of the outputs at ``x`` a tangent predicts, ``f(centre) − f(base)``, as the loss sees them, in
+    float64.  Cost: two forward passes over ``x``."""
+    problem = tangent.problem
+    return _comparable(problem, outputs_on(problem, tangent.centre, x)) \
+        - _comparable(problem, outputs_on(problem, tangent.base, x))
+
+
 def _is_classification(out: Tensor, y: Tensor | None) -> bool:
     return out.ndim == 2 and out.shape[1] > 1 and y is not None and not y.is_floating_point()
 
@@ -359,8 +367,7 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     if secant:
         low = training_tangent(problem, tangent.perturbation.scaled(1 / floor_factor), tangent.training, secant=True,
                                probes=0)
-        floor = float((_comparable(problem, outputs_on(problem, low.centre, x_eval))
-                       - _comparable(problem, outputs_on(problem, low.base, x_eval))).norm())
+        floor = float(predicted_change(low, x_eval).norm())
     first_norm = float(first.norm())
     curve = []
     for s in sorted(steps, reverse=True):
@@ -432,9 +439,8 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
                         estimate=problem.loss_on(idx, estimate.centre, perturbation))
     above = None
     if secant:
-        change = _comparable(problem, outputs_on(problem, estimate.centre, x_eval)) \
-            - _comparable(problem, outputs_on(problem, estimate.base, x_eval))
-        above = float(change.norm()) / valid["floor"] if valid["floor"] > 0 else math.inf
+        change = float(predicted_change(estimate, x_eval).norm())
+        above = change / valid["floor"] if valid["floor"] > 0 else math.inf
         valid |= {"above_floor": above, "growth": above / floor_factor}
         if estimate.uncovered:
             notes.append(f"the secant covers ReLU and leaky ReLU; these piecewise-linear functions kept their "
@@ -478,7 +484,7 @@ def validate_tangent(tangent: TrainingTangent, x_eval: Tensor, *, floor_factor: 
     with warnings.catch_warnings():  # the baseline assumes a stationary w̄; the tangent does not
         warnings.simplefilter("ignore", NotStationaryWarning)
         influence = estimate(problem, perturbation, "influence")
-    changes = {"reference": ref_change, "estimate": at(tangent.centre) - at(tangent.base),
+    changes = {"reference": ref_change, "estimate": predicted_change(tangent, x_eval),
                "influence": at(problem.params + influence.shift) - base}
     if filter_rank and training.optimizer == "sgd":
         changes["filter"] = at(problem.params + ggn_filter(problem, perturbation, training, rank=filter_rank).shift) \
