@@ -427,12 +427,14 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     problem.check_perturbation(perturbation)
     method = SECANT if secant else TANGENT
     x_eval, y_eval, notes = _evaluation_points(problem, perturbation, test)
-    report(progress, "estimate", method=method)
     if tangent is None:
+        report(progress, "estimate", method=TANGENT)
         tangent = training_tangent(problem, perturbation, training, order=2, progress=progress)
     valid = validity(tangent, x_eval, secant=secant, floor_factor=floor_factor)
-    estimate = training_tangent(problem, perturbation, tangent.training, secant=True, progress=progress) \
-        if secant else tangent
+    estimate = tangent
+    if secant:
+        report(progress, "estimate", method=SECANT)
+        estimate = training_tangent(problem, perturbation, tangent.training, secant=True, progress=progress)
     idx = perturbation.indices
     loss = LossOnPoints(clean=problem.loss_on(idx, estimate.base),
                         original=problem.loss_on(idx, estimate.base, perturbation),

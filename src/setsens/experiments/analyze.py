@@ -146,9 +146,10 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   + (f", predicted change over its floor {va['above_floor']:.3g} (threshold {va['floor_threshold']:g}),"
                      f" its growth over the step's {va['growth']:.3g}" if va["check"] == "secant" else "")
                   + f"; **step_max = {va['step_max']:.3g} %** (0: no graded step is inside); graded (ratio, "
-                  f"{CHECK_NAMES[va['check']]}): " + ", ".join(
-                      f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p[va["check"]] is None else
-                                                              f"{p[va['check']]:.2g}") + ")" for p in va["curve"]),
+                  f"{CHECK_NAMES[va['check']]}" + (", change over floor" if va["check"] == "secant" else "") + "): "
+                  + ", ".join(f"{p['step']:g} % ({p['ratio']:.2g}, " + ("—" if p[va["check"]] is None else
+                                                                      f"{p[va['check']]:.2g}")
+                              + (f", {p['above_floor']:.2g}" if "above_floor" in p else "") + ")" for p in va["curve"]),
                   f"- moved points {summary['perturbation']['indices']}, ‖Δx‖ = {summary['perturbation']['norm']:.4g}; "
                   f"their loss after the clean run {lp['clean']:.4g}, moved {lp['original']:.4g}, after the "
                   f"predicted perturbed run {lp['estimate']:.4g}", "", "## Predictions", ""]
@@ -339,7 +340,7 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
                               "validity range"))
 
     runs = "(perturbed, clean, noise floor)" if tangent else "(perturbed, clean)"
-    bars = Bars({"retrain": f"retrain {runs}", "tangent": "tangent of the training run (2nd order)",
+    bars = Bars({"retrain": f"retrain {runs}", "tangent": "tangent of the training run",
                  "iteration": "estimate (Krylov iterations)", "candidate": "estimate (scored candidates)"},
                 units={"candidate": "check"})
 
@@ -353,6 +354,7 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
         elif event.stage in ("predictions", "validate"):
             log(f"{event.stage}…")
         elif event.stage == "estimate":
+            bars.close()  # a second tangent (the secant after the validity range's) gets a bar of its own
             log(f"estimate ({event.info['method']})…")
         else:
             bars(event)

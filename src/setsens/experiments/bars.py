@@ -83,10 +83,11 @@ class Bars:
             self._last_line = now
 
     def close(self) -> None:
-        """Close the open bars (a later event opens new ones)."""
+        """Close the open bars (a later event opens new ones, and a redirected log times it afresh)."""
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+        self._seen.clear()
 
     def __enter__(self) -> Bars:
         return self
