@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -117,12 +118,6 @@ def _first(step, w, state, eps, dw, dstate):
     return jvp(step, (w, state, eps), (dw, dstate, torch.ones_like(eps)))
 
 
-def _secant_first(mode, step, w, state, eps, dw, dstate):
-    """:func:`_first` with the ReLUs' secant derivatives (``mode``: a :class:`~setsens.secant.Secant`)."""
-    with mode:
-        return _first(step, w, state, eps, dw, dstate)
-
-
 def training_tangent(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                      order: int = 1, at: float = 0.0, probes: int = 10, secant: bool = False,
                      progress: ProgressFn | None = None, checkpoint: str | None = None) -> TrainingTangent:
@@ -164,8 +159,7 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
     eps = torch.tensor(float(at), dtype=problem.dtype, device=problem.device)
     start_risk = problem.risk(problem.params, perturbation.scaled(at) if at else None)
     probe_at = {round(k * training.steps / probes) + 1 for k in range(probes)} if probes else set()
-    mode = Secant() if secant else None
-    first_step = partial(_secant_first, mode) if secant else _first
+    mode = Secant() if secant else nullcontext()
     for t, rows in enumerate(schedule(problem, training), 1):
         if t <= carry["t"]:
             continue
@@ -174,7 +168,8 @@ def training_tangent(problem: Problem, perturbation: Perturbation, training: Tra
         if t in probe_at:
             kept.append((t, rows, c["w"].clone(), c["dw"].clone()))
         if order == 1:
-            (c["w"], c["state"]), (c["dw"], c["dstate"]) = first_step(step, c["w"], c["state"], eps, c["dw"],
+            with mode:
+                (c["w"], c["state"]), (c["dw"], c["dstate"]) = _first(step, c["w"], c["state"], eps, c["dw"],
                                                                       c["dstate"])
         else:
             first = partial(_first, step)

@@ -16,8 +16,7 @@ from .solution_set import SolutionSet
 
 __all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
            "VALIDITY_THRESHOLD", "JUMP_THRESHOLD", "SECANT_THRESHOLD", "FLOOR_THRESHOLD", "GROWTH_THRESHOLD",
-           "PRECISION_THRESHOLD",
-           "tangent_precision", "tangent_verdict"]
+           "PRECISION_THRESHOLD", "tangent_precision", "tangent_verdict"]
 
 STATUSES = ("pass", "warn", "fail")
 
@@ -30,7 +29,7 @@ VALIDITY_THRESHOLD = 0.3
 JUMP_THRESHOLD = 0.75
 #: the largest secant residual (:func:`setsens.tangent.secant_residual`, median over the probes) that passes the
 #: secant tangent; warn up to twice it, fail beyond.  Calibrated on the zoo's CNN and transformer
-#: (docs/runs/zoo-secant/secant.md): runs at Pearson 0.97–0.99 had residuals up to 0.66 (one 1.04); at 3 %, where
+#: (docs/runs/zoo-secant/tangent.md): runs at Pearson 0.97–0.99 had residuals up to 0.66 (one 1.04); at 3 %, where
 #: the transformer's runs fall below 0.9, 0.92–1.05.
 SECANT_THRESHOLD = 0.75
 #: the smallest predicted change of the outputs over the secant's noise floor (its change at a 300× smaller step)
@@ -39,7 +38,7 @@ SECANT_THRESHOLD = 0.75
 FLOOR_THRESHOLD = 10.0
 #: the largest growth of the secant's predicted change from its floor to the step, over the step's own growth,
 #: that passes (``bifurcation``); warn up to 3× it.  Measured: 1.0–1.7 where the secant holds on a small ReLU MLP,
-#: 67–1e5 at an lr near its edge of stability (Pearson 0.41–0.82); 0.1–0.7 on the zoo.
+#: 67–1e5 at an lr near its edge of stability (Pearson 0.41–0.82); 0.005–0.8 on the zoo's ReLU networks.
 GROWTH_THRESHOLD = 10.0
 #: the smallest predicted change, in units of the rounding of the weights (ε‖w‖), that passes ``shift_precision``:
 #: its own rounding is then at most 1 %.  Calibrated on the same runs: changes of 150–780 ε‖w‖ had Pearson 1.000.
