@@ -445,8 +445,8 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         above = change / valid["floor"] if valid["floor"] > 0 else math.inf
         valid |= {"above_floor": above, "growth": above / floor_factor}
         if estimate.uncovered:
-            notes.append(f"the secant covers ReLU and leaky ReLU; these piecewise-linear functions kept their "
-                         f"derivative: {', '.join(estimate.uncovered)}")
+            notes.append(f"the secant covers ReLU, leaky ReLU and max-pooling; these piecewise-linear functions "
+                         f"kept their derivative: {', '.join(estimate.uncovered)}")
     own = valid["jump_ratio" if not secant else "secant_residual"]["median"]
     verdict = assess_tangent(estimate, valid["ratio"], own, above, floor_factor)
     report(progress, "verdict", verdict=verdict)

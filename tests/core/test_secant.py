@@ -51,6 +51,34 @@ def test_the_secant_of_one_relu_layer_is_the_exact_difference(form):
     assert not mode.uncovered
 
 
+@pytest.mark.parametrize("pool", ["2x2", "3x3 stride 1 (overlapping)", "3x3 stride 2 padding 1"])
+def test_the_secant_of_max_pooling_is_the_exact_difference(pool):
+    """Through one max-pooling layer the secant is exact, for the outputs and for a gradient (a loss linear in the
+    outputs, so that the routing of the windows is the only nonlinearity): windows whose largest input changes
+    are followed; the derivative is not."""
+    layer, size = {"2x2": (nn.MaxPool2d(2), 18), "3x3 stride 1 (overlapping)": (nn.MaxPool2d(3, stride=1), 32),
+                   "3x3 stride 2 padding 1": (nn.MaxPool2d(3, stride=2, padding=1), 18)}[pool]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), layer, nn.Flatten(), nn.Linear(size, 2)).double()
+    x = torch.randn(10, 1, 8, 8, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    move = {k: (0.5 * torch.randn_like(v) if k.startswith("0.") else torch.zeros_like(v)) for k, v in params.items()}
+    moved = {k: params[k] + move[k] for k in params}
+    f = lambda p: functional_call(model, p, (x,))  # noqa: E731
+    g = lambda p: torch.func.grad(lambda q: f(q).sum())(p)["0.weight"]  # noqa: E731
+    for fn in (f, g):
+        exact = fn(moved) - fn(params)
+        with Secant() as mode:
+            secant = jvp(fn, (params,), (move,))[1]
+        assert float((secant - exact).norm() / exact.norm()) < 1e-12
+        assert float((jvp(fn, (params,), (move,))[1] - exact).norm() / exact.norm()) > 0.1
+        assert not mode.uncovered
+    with Secant():  # the values (and the gradient) are max-pooling's own
+        assert torch.equal(f(params), functional_call(model, params, (x,)))
+        assert torch.allclose(g(params), torch.func.grad(lambda q: functional_call(model, q, (x,)).sum())(params)[
+            "0.weight"], rtol=0, atol=1e-12)
+
+
 def relu_problem(seed=1):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -71,6 +99,23 @@ def test_the_secant_tangent_follows_a_relu_networks_fine_tuning_where_the_tangen
         error = lambda t: float((t.shift - ref).norm() / ref.norm())  # noqa: E731
         assert error(training_tangent(problem, pert, training, secant=True)) < 0.05
         assert error(training_tangent(problem, pert, training)) > 0.5
+
+
+def test_the_secant_tangent_follows_a_max_pooling_cnns_fine_tuning():
+    """Against two retrainings of a conv–max-pool–conv–ReLU network: the secant within 25 % (measured 2.5–16 %),
+    the plain tangent off by more than 80 % (measured 89–98 %)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 3)).double()
+    x, y = torch.randn(40, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    problem, training = Problem(model, cross_entropy, (x, y)), Training(steps=10, lr=0.1)
+    for step in (0.003, 0.03):
+        pert = gradient_perturbation(problem, [1, 7, 9], step)
+        ref = training_response(problem, pert, training, floor_factor=0).shift
+        error = lambda t: float((t.shift - ref).norm() / ref.norm())  # noqa: E731
+        assert error(training_tangent(problem, pert, training, secant=True)) < 0.25
+        assert error(training_tangent(problem, pert, training)) > 0.8
 
 
 def test_on_a_smooth_network_the_secant_tangent_is_the_tangent():
@@ -110,13 +155,14 @@ def test_a_secant_tangent_refuses_what_does_not_apply_to_it():
 
 def test_the_secant_names_piecewise_linear_units_it_leaves_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2)).double()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveMaxPool2d(3), nn.ReLU6(), nn.Flatten(),
+                          nn.Linear(18, 2)).double()
     x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 2, (8,))
     problem = Problem(model, cross_entropy, (x, y))
     secant = training_tangent(problem, gradient_perturbation(problem, [1], 0.01), Training(steps=2, lr=0.1),
                               secant=True)
-    assert secant.uncovered == ("max_pool2d",)
-    assert secant.summary()["secant_uncovered"] == ["max_pool2d"]
+    assert secant.uncovered == ("adaptive_max_pool2d", "hardtanh")  # ReLU6 is a hardtanh
+    assert secant.summary()["secant_uncovered"] == ["adaptive_max_pool2d", "hardtanh"]
 
 
 def test_the_secant_verdict_passes_a_followed_run_and_flags_jumps_and_the_floor():
