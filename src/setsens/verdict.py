@@ -147,7 +147,9 @@ def assess_tangent(tangent, ratio: float, residual: float, above_floor: float | 
       ``bifurcation``, the same ratio over ``floor_factor`` (the step's ratio): about 1 where the change grows
       with the step, ≫ 1 where it grows much faster between the two steps — the run turns onto another course in
       between (a unit changing sides sends it elsewhere: an lr near its edge of stability), where the secant sees
-      the jump but not its direction; pass ≤ :data:`GROWTH_THRESHOLD`, warn up to 3× it, fail beyond.
+      the jump but not its direction; pass ≤ :data:`GROWTH_THRESHOLD`, warn up to 3× it, fail beyond.  Not
+      graded: where the fine-tuning is chaotic without one bifurcation, the dynamics can amplify the secant's
+      per-step error.
     * ``shift_precision``: :func:`tangent_precision`: warn below :data:`PRECISION_THRESHOLD` — the predicted
       change is near the rounding of the weights, and so is the reference's (float32 runs part by rounding).
     """
