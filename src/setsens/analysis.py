@@ -321,6 +321,9 @@ def relative_step(problem: Problem, perturbation: Perturbation) -> float:
     return 100 * float(size.max())
 
 
+#: the per-step check :func:`validity` grades each tangent by, and the key of its figure at the tangent's own step
+CHECK_FIGURES = {"jump": "jump_ratio", "secant": "secant_residual"}
+
 #: the steps (%) :func:`validity` grades, largest first; ``--step auto`` takes the largest inside the range
 VALIDITY_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
@@ -382,7 +385,7 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
             if _inside(point, check, limit):
                 break
     inside = [p["step"] for p in curve if _inside(p, check, limit)]
-    record = {"ratio": kappa, "jump_ratio" if check == "jump" else "secant_residual": own,
+    record = {"ratio": kappa, CHECK_FIGURES[check]: own,
               "threshold": VALIDITY_THRESHOLD, "check": check, "check_threshold": limit, "step_percent": step,
               "step_max": inside[0] if inside else 0.0, "curve": curve, "first_order_output_norm": first_norm,
               "second_order_output_norm": float(second.norm()) / 2}
@@ -447,7 +450,7 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         if estimate.uncovered:
             notes.append(f"the secant covers ReLU, leaky ReLU and max-pooling; these piecewise-linear functions "
                          f"kept their derivative: {', '.join(estimate.uncovered)}")
-    own = valid["jump_ratio" if not secant else "secant_residual"]["median"]
+    own = valid[CHECK_FIGURES[valid["check"]]]["median"]
     verdict = assess_tangent(estimate, valid["ratio"], own, above, floor_factor)
     report(progress, "verdict", verdict=verdict)
     report(progress, "predictions")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .solution_set import SolutionSet
+from .tangent import SECANT
 
 __all__ = ["Check", "Verdict", "assess", "assess_tangent", "first_order_residual", "kink", "LossOnPoints",
            "VALIDITY_THRESHOLD", "JUMP_THRESHOLD", "SECANT_THRESHOLD", "FLOOR_THRESHOLD", "GROWTH_THRESHOLD",
@@ -154,7 +155,7 @@ def assess_tangent(tangent, ratio: float, residual: float, above_floor: float | 
       change is near the rounding of the weights, and so is the reference's (float32 runs part by rounding).
     """
     return tangent_verdict(tangent.diverged, ratio, residual, tangent_precision(tangent),
-                           secant=tangent.method == "training-secant", above_floor=above_floor,
+                           secant=tangent.method == SECANT, above_floor=above_floor,
                            floor_factor=floor_factor)
 
 

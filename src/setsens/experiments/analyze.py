@@ -122,10 +122,11 @@ def _figures(analysis, out: Path) -> list[str]:
 
 
 CHECK_NAMES = {"jump": "jump ratio", "secant": "secant residual"}
-CHECK_KEYS = {"jump": "jump_ratio", "secant": "secant_residual"}
 
 
 def markdown(summary: dict, figures: list[str]) -> str:
+    from ..analysis import CHECK_FIGURES
+
     v, lp = summary["verdict"], summary["loss_on_points"]
     lines = [f"# setsens analyze — verdict: **{v['status'].upper()}**", "",
              "| check | status | value | what to do |", "|---|---|---|---|"]
@@ -142,7 +143,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
                   f"{e['replay_risk']['end']:.4g}, diverged: {e['diverged']}), lr {e['lr']:.3g}",
                   f"- validity at this step ({summary['perturbation']['step_percent']:.3g} %): second-order term / "
                   f"first {va['ratio']:.3g} (threshold {va['threshold']:g}), {CHECK_NAMES[va['check']]} "
-                  f"{va[CHECK_KEYS[va['check']]]['median']:.3g} (threshold {va['check_threshold']:g})"
+                  f"{va[CHECK_FIGURES[va['check']]]['median']:.3g} (threshold {va['check_threshold']:g})"
                   + (f", predicted change over its floor {va['above_floor']:.3g} (threshold {va['floor_threshold']:g}),"
                      f" its growth over the step's {va['growth']:.3g}" if va["check"] == "secant" else "")
                   + f"; **step_max = {va['step_max']:.3g} %** (0: no graded step is inside); graded (ratio, "
