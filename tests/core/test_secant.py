@@ -170,9 +170,10 @@ def test_the_secant_names_piecewise_linear_units_it_leaves_alone():
 
 def test_the_secant_verdict_passes_a_followed_run_and_flags_jumps_and_the_floor():
     """Flags that can come out either way, each confirmed by retraining: at 1 % over 10 steps the secant passes
-    (Pearson > 0.99); with an lr at the edge of stability a 1e-4 % move sends the run elsewhere (``bifurcation``:
-    the change grows 1e5× faster than the step, Pearson 0.41); over 100 steps the fine-tuning's change at 1 % is at its floor (``above_floor`` fails, and
-    the reference's own change is below 10× its floor)."""
+    (Pearson > 0.99); at a 200 % move the secant misses most of a step (``secant_at_step``, Pearson 0.79); with an
+    lr at the edge of stability a 1e-4 % move sends the run elsewhere (``bifurcation``: the change grows 1e5×
+    faster than the step, Pearson 0.41); over 100 steps the fine-tuning's change at 1 % is at its floor
+    (``above_floor`` fails, and the reference's own change is below 10× its floor)."""
     problem, test = relu_problem()
     pert = gradient_perturbation(problem, [1, 7, 9], 0.01)
     good = analyze(problem, pert, "training-secant", test=test, validate=True, training=Training(steps=10, lr=0.3))
@@ -186,6 +187,11 @@ def test_the_secant_verdict_passes_a_followed_run_and_flags_jumps_and_the_floor(
                    training=Training(steps=25, lr=0.5))
     assert {c.name: c.status for c in jump.verdict.checks}["bifurcation"] == "fail"
     assert jump.verdict.status != "pass" and jump.validation["pearson"] < 0.9
+
+    far = analyze(problem, pert.scaled(200), "training-secant", test=test, validate=True,
+                  training=Training(steps=10, lr=0.3))  # a 200 % move: the secant misses 0.8 of a step's change
+    assert {c.name: c.status for c in far.verdict.checks}["secant_at_step"] != "pass"
+    assert far.verdict.status != "pass" and far.validation["pearson"] < 0.9
 
     floor = analyze(problem, pert, "training-secant", test=test, validate=True, training=Training(steps=100, lr=0.3))
     assert {c.name: c.status for c in floor.verdict.checks}["above_floor"] == "fail"
