@@ -38,7 +38,7 @@ from zoo import ZOO, checkpoint  # noqa: E402
 LOSSES = {"regression": "squared_error"}
 
 
-def load(name: str, out: Path):
+def load(name: str, out: Path, dtype: str = "float32"):
     from setsens.loading import load_checkpoint, load_loss
     from setsens.problem import Problem
 
@@ -46,7 +46,8 @@ def load(name: str, out: Path):
     module = importlib.import_module(name)
     net = load_checkpoint(module.model(), checkpoint(name, out))
     x, y, xt, yt = module.data()
-    return Problem(net, load_loss(LOSSES.get(name, "cross_entropy")), (x, y)), (xt, yt)
+    problem = Problem(net, load_loss(LOSSES.get(name, "cross_entropy")), (x, y), dtype=dtype)
+    return problem, (xt.to(problem.dtype), yt)
 
 
 def row(name, seed, step, auto, a, seconds) -> dict:
@@ -173,6 +174,8 @@ def main() -> None:
                         help="also score the linearised-training filter (Lanczos rank; 0: not)")
     parser.add_argument("--out", default="runs/zoo-tangent")
     parser.add_argument("--checkpoints", help="where the zoo's trained checkpoints are (or are written) [default: OUT]")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="the precision of the weights, the tangents and the reference")
     parser.add_argument("--secant", action="store_true", help="analyse the secant tangent (method training-secant)")
     parser.add_argument("--auto-only", action="store_true", help="recompute the auto step's row of every seed")
     parser.add_argument("--report-only", action="store_true", help="no runs: tabulate OUT/tangent.json (and --merge)")
@@ -184,7 +187,7 @@ def main() -> None:
     rows = json.loads(done.read_text()) if done.exists() else []
     sweep = [float(s) for s in args.sweep.split(",") if s.strip()]
     for name in [] if args.report_only else args.models.split(","):
-        problem, test = load(name, Path(args.checkpoints) if args.checkpoints else out)
+        problem, test = load(name, Path(args.checkpoints) if args.checkpoints else out, args.dtype)
         training = resolve_lr(problem, Training(steps=args.train_steps))
         for seed in (int(s) for s in args.seeds.split(",")):
             if args.auto_only:  # redo the auto step only (the validity rule changed): the sweep rows stay
@@ -203,7 +206,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
                                      tangent=tangent.scaled(step), secant=args.secant, filter_rank=args.filter_rank)
-                rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0))
+                rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0)
+                            | {"dtype": args.dtype})
                 done.write_text(json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]
                 print(f"{name} seed {seed} step {step:g} %{' (auto)' if is_auto else ''}: verdict {r['verdict']}, "

@@ -351,9 +351,11 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     A step is inside when all are within their thresholds and the predicted change is above the rounding of the
     weights (``precision`` ≥ :data:`setsens.verdict.PRECISION_THRESHOLD`, :func:`setsens.verdict.tangent_precision`:
     below it the tangent and the reference are rounding, in float32 already at 1e-3 % on the zoo's CNN, whose
-    units do not change sides there).  ``curve`` grades the ``steps`` from the largest down until one is inside;
-    ``step_max`` is that step (0 when none is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the
-    figures at the tangent's own step.  Needs a (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch
+    units do not change sides there).  ``curve`` grades the ``steps`` from the largest down until one is inside.
+    When none is, it grades one more (the grid can step over a narrow range): every figure but the check is
+    proportional to the step, so the interval where they all hold is known, and the extra step is its geometric
+    middle (2 digits), below any step whose check failed.  ``step_max`` is the largest step inside (0 when none
+    is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the figures at the tangent's own step.  Needs a (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch
     of ``x_eval``, about 5 gradients per probe of the tangent for each step graded, and (``secant``) one secant
     tangent.
     """
@@ -372,18 +374,33 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
                                probes=0)
         floor = float(predicted_change(low, x_eval).norm())
     first_norm = float(first.norm())
-    curve = []
-    for s in sorted(steps, reverse=True):
+
+    def grade(s: float) -> dict:
         point = {"step": s, "ratio": kappa * s / step, check: None, "precision": precision * s / step}
         if secant:
-            point["above_floor"] = first_norm * s / step / floor if floor > 0 else float("inf")
-        curve.append(point)
-        if point["precision"] < PRECISION_THRESHOLD or point.get("above_floor", math.inf) < FLOOR_THRESHOLD:
-            break  # every smaller step is rounding (or below the floor) too
-        if point["ratio"] <= VALIDITY_THRESHOLD:  # the tangent's own step (``--step auto``'s) is probed once
+            point["above_floor"] = first_norm * s / step / floor if floor > 0 else math.inf
+        if (point["ratio"] <= VALIDITY_THRESHOLD and point["precision"] >= PRECISION_THRESHOLD
+                and point.get("above_floor", math.inf) >= FLOOR_THRESHOLD):  # the tangent's own step is probed once
             point[check] = (own if abs(s / step - 1) < 1e-6 else measure(tangent.scaled(s / step)))["median"]
-            if _inside(point, check, limit):
-                break
+        return point
+
+    curve = []
+    for s in sorted(steps, reverse=True):
+        curve.append(grade(s))
+        if curve[-1]["precision"] < PRECISION_THRESHOLD or curve[-1].get("above_floor", math.inf) < FLOOR_THRESHOLD:
+            break  # every smaller step is rounding (or below the floor) too
+        if _inside(curve[-1], check, limit):
+            break
+    if not any(_inside(p, check, limit) for p in curve):
+        # every figure but the check is proportional to the step, so the interval where they hold is known: where
+        # the grid stepped over it (or its check failed there), grade the interval's geometric middle
+        low = max(PRECISION_THRESHOLD * step / precision if precision > 0 else math.inf,
+                  FLOOR_THRESHOLD * step * floor / first_norm if secant and first_norm > 0 else 0.0)
+        high = min([VALIDITY_THRESHOLD * step / kappa if kappa > 0 else math.inf, max(steps)]
+                   + [p["step"] for p in curve if p[check] is not None])
+        middle = float(f"{math.sqrt(low * high):.2g}") if 0 < low < high < math.inf else 0.0
+        if low < middle < high:
+            curve = sorted(curve + [grade(middle)], key=lambda p: -p["step"])
     inside = [p["step"] for p in curve if _inside(p, check, limit)]
     record = {"ratio": kappa, CHECK_FIGURES[check]: own,
               "threshold": VALIDITY_THRESHOLD, "check": check, "check_threshold": limit, "step_percent": step,

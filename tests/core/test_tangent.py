@@ -12,6 +12,7 @@ from setsens.perturb import gradient_perturbation
 from setsens.problem import Problem, cross_entropy
 from setsens.retrain import training_response
 from setsens.tangent import jump_ratio, output_derivatives, training_tangent
+from setsens.verdict import PRECISION_THRESHOLD
 from problems import smooth_mlp as smooth
 
 TRAININGS = {
@@ -170,3 +171,18 @@ def test_a_diverging_training_fails_the_verdict_and_is_no_stable_reference():
     checks = {c.name: c.status for c in a.verdict.checks}
     assert checks["replay_converging"] == "fail" and a.verdict.status == "fail"
     assert a.validation["reference_run"]["diverged"] and not a.validation["reference_stable"]
+
+
+def test_a_range_the_grid_steps_over_is_found_between_its_bounds():
+    problem, (x_eval, _) = smooth()
+    tangent = training_tangent(problem, gradient_perturbation(problem, [1, 7], 0.01), TRAININGS["sgd-nesterov"],
+                               order=2)
+    v = validity(tangent, x_eval, steps=(1e3, 1e-15))  # one step above the range, one below the rounding
+    top, bottom = v["curve"][0], v["curve"][-1]
+    assert top["ratio"] > v["threshold"] and bottom["precision"] < PRECISION_THRESHOLD
+    high = v["threshold"] * top["step"] / top["ratio"]  # both bounds are proportional to the step
+    low = PRECISION_THRESHOLD * bottom["step"] / bottom["precision"]
+    assert [p["step"] for p in v["curve"]] == [1e3, v["step_max"], 1e-15]
+    assert low < v["step_max"] < high and v["step_max"] == pytest.approx((low * high) ** 0.5, rel=0.05)
+    assert v["curve"][1]["jump"] <= v["check_threshold"]
+    assert validity(tangent, x_eval)["step_max"] <= high
