@@ -78,6 +78,11 @@ def regrade(r: dict) -> str:
                            above_floor=r["above_floor"]).status
 
 
+def model_name(r: dict) -> str:
+    """The model's name, with the dtype where it is not float32."""
+    return r["model"] + ("" if r.get("dtype", "float32") == "float32" else f" ({r['dtype']})")
+
+
 def spread(values) -> str:
     values = [v for v in values if isinstance(v, (int, float)) and v == v]
     if not values:
@@ -93,7 +98,7 @@ def tables(rows: list[dict]) -> str:
              f"ratio (2nd/1st) | {own} |", "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * secant]
     groups = {}
     for r in rows:
-        groups.setdefault((r["model"], "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
+        groups.setdefault((model_name(r), "auto" if r["auto"] else f"{r['step_percent']:g}"), []).append(r)
     for (model, step), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "auto",
                                                                       -float(kv[1][0]["step_percent"]))):
         counts = "/".join(str(sum(r["verdict"] == s for r in rs)) for s in ("pass", "warn", "fail"))
@@ -121,11 +126,11 @@ def figure(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")  # a script at the edge: the library itself never sets a backend
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in rows})
+    models = sorted({model_name(r) for r in rows})
     fig, axes = plt.subplots(2, len(models), figsize=(4 * len(models), 6.4), squeeze=False, sharex="col")
     for top, bottom, model in zip(axes[0], axes[1], models):
-        for seed in sorted({r["seed"] for r in rows if r["model"] == model}):
-            mine = [r for r in rows if r["model"] == model and r["seed"] == seed]
+        for seed in sorted({r["seed"] for r in rows if model_name(r) == model}):
+            mine = [r for r in rows if model_name(r) == model and r["seed"] == seed]
             rs = sorted((r for r in mine if not r["auto"]), key=lambda r: r["step_percent"]) or mine
             line, = top.semilogx([r["step_percent"] for r in rs], [r["pearson"] for r in rs], "o-",
                                  label=f"seed {seed}")

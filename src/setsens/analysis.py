@@ -343,10 +343,12 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     * ``secant`` (the secant tangent): :func:`setsens.tangent.secant_residual` at ``s`` on the tangent's probes:
       the share of one step's gradient change the secant misses (O(s));
     * ``above_floor`` (the secant tangent): the first-order change of the outputs at ``s``, ``s·‖o′‖``, over
-      ``floor``, the change the secant tangent predicts at a ``floor_factor`` × smaller step than the tangent's
-      (one secant tangent): the part of the training map that does not shrink with the step (units that change
-      sides however small the move) — where a step's change is not well above it, the fine-tuning is mostly that
-      noise and no first-order answer predicts it.
+      ``floor`` (:func:`secant_floor`, one secant tangent): the change the secant tangent predicts at a
+      ``floor_factor`` × smaller step than ``floor_step``, the largest step the ratio lets inside — the part of
+      the training map that does not shrink with the step (units that change sides however small the move).
+      Where a step's change is not well above it, the fine-tuning is mostly that noise and no first-order answer
+      predicts it.  Measured at the largest move a step inside can have, it bounds their floors from above, so the
+      figure errs low (:func:`analyze_training` measures the floor of the step it analyses).
 
     A step is inside when all are within their thresholds and the predicted change is above the rounding of the
     weights (``precision`` ≥ :data:`setsens.verdict.PRECISION_THRESHOLD`, :func:`setsens.verdict.tangent_precision`:
@@ -368,11 +370,11 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     check, measure, limit = ("secant", secant_residual, SECANT_THRESHOLD) if secant else \
         ("jump", jump_ratio, JUMP_THRESHOLD)
     own = measure(tangent)
+    largest = min(VALIDITY_THRESHOLD * step / kappa if kappa > 0 else math.inf, max(steps))  # the ratio's bound
     floor = None
-    if secant:
-        low = training_tangent(problem, tangent.perturbation.scaled(1 / floor_factor), tangent.training, secant=True,
-                               probes=0)
-        floor = float(predicted_change(low, x_eval).norm())
+    if secant:  # at the largest step the ratio lets inside: an upper bound on the floor of every step inside
+        floor = secant_floor(problem, tangent.perturbation.scaled(largest / step), tangent.training, x_eval,
+                             floor_factor)
     first_norm = float(first.norm())
 
     def grade(s: float) -> dict:
@@ -396,8 +398,7 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
         # the grid stepped over it (or its check failed there), grade the interval's geometric middle
         low = max(PRECISION_THRESHOLD * step / precision if precision > 0 else math.inf,
                   FLOOR_THRESHOLD * step * floor / first_norm if secant and first_norm > 0 else 0.0)
-        high = min([VALIDITY_THRESHOLD * step / kappa if kappa > 0 else math.inf, max(steps)]
-                   + [p["step"] for p in curve if p[check] is not None])
+        high = min([largest] + [p["step"] for p in curve if p[check] is not None])
         middle = float(f"{math.sqrt(low * high):.2g}") if 0 < low < high < math.inf else 0.0
         if low < middle < high:
             curve = sorted(curve + [grade(middle)], key=lambda p: -p["step"])
@@ -407,8 +408,18 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
               "step_max": inside[0] if inside else 0.0, "curve": curve, "first_order_output_norm": first_norm,
               "second_order_output_norm": float(second.norm()) / 2}
     if secant:
-        record |= {"floor": floor, "floor_factor": floor_factor, "floor_threshold": FLOOR_THRESHOLD}
+        record |= {"floor": floor, "floor_step": largest, "floor_factor": floor_factor,
+                   "floor_threshold": FLOOR_THRESHOLD}
     return record
+
+
+def secant_floor(problem: Problem, perturbation: Perturbation, training: Training, x_eval: Tensor,
+                 floor_factor: float = 300.0) -> float:
+    """The noise floor of a secant tangent at ``perturbation``: ‖the change of the outputs at ``x_eval`` it predicts
+    at a ``floor_factor`` × smaller step‖ — the part of the training map that does not shrink with the step.
+    Cost: one secant tangent (about 3 gradients per training step)."""
+    low = training_tangent(problem, perturbation.scaled(1 / floor_factor), training, secant=True, probes=0)
+    return float(predicted_change(low, x_eval).norm())
 
 
 def _inside(point: dict, check: str, limit: float) -> bool:
@@ -441,7 +452,8 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     the validity range, and is the estimate unless ``secant``.
     ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank.
     Cost: one second-order tangent (about 7.5 gradients per training step) and the probes of :func:`validity`;
-    ``secant`` adds two secant tangents (about 3 gradients per step each: the estimate and its noise floor);
+    ``secant`` adds three secant tangents (about 3 gradients per step each: the estimate, its noise floor, and
+    the range's floor at the largest step the ratio lets inside);
     ``validate`` adds :func:`validate_tangent`'s.
     """
     problem.check_perturbation(perturbation)
@@ -462,8 +474,10 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
     above = None
     if secant:
         change = float(predicted_change(estimate, x_eval).norm())
-        above = change / valid["floor"] if valid["floor"] > 0 else math.inf
-        valid |= {"above_floor": above, "growth": above / floor_factor}
+        floor = valid["floor"] if math.isclose(valid["floor_step"], valid["step_percent"], rel_tol=1e-9) else \
+            secant_floor(problem, perturbation, tangent.training, x_eval, floor_factor)
+        above = change / floor if floor > 0 else math.inf
+        valid |= {"above_floor": above, "growth": above / floor_factor, "floor_at_step": floor}
         if estimate.uncovered:
             notes.append(f"the secant covers ReLU, leaky ReLU and max-pooling; these piecewise-linear functions "
                          f"kept their derivative: {', '.join(estimate.uncovered)}")

@@ -134,6 +134,28 @@ def test_on_a_smooth_network_the_secant_tangent_is_the_tangent():
     assert torch.equal(secant.base, plain.base)
 
 
+def test_the_ranges_noise_floor_is_measured_where_the_range_is():
+    """On a smooth network the secant's change is linear in the step, so its "floor" at a 300× smaller step is just
+    a smaller change.  Measured from a tangent 1000× above the range (as ``--step auto`` measures from 1 %), a floor
+    at that tangent's step/300 would put every step of the range below it; measured at the range's top it leaves
+    the steps inside at 300 × their share of that top."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    problem = Problem(model, cross_entropy, (x, y))
+    tangent = training_tangent(problem, gradient_perturbation(problem, [1, 7], 0.01), Training(steps=10, lr=0.3),
+                               order=2)
+    x_eval = x[10:]
+    plain = validity(tangent, x_eval)
+    top = plain["threshold"] * plain["step_percent"] / plain["ratio"]  # the largest step the ratio lets inside
+    far = tangent.scaled(1000 * top / plain["step_percent"])
+    v = validity(far, x_eval, steps=(3 * top, top / 2, top / 10), secant=True)
+    assert v["floor_step"] == pytest.approx(top, rel=1e-9)
+    assert [p["step"] for p in v["curve"]] == pytest.approx([3 * top, top / 2])
+    assert v["curve"][1]["above_floor"] == pytest.approx(150, rel=1e-2) and v["step_max"] == pytest.approx(top / 2)
+
+
 def test_the_secant_residual_shrinks_with_the_step_where_the_jump_ratio_does_not():
     problem, _ = relu_problem()
     tangent = training_tangent(problem, gradient_perturbation(problem, [1, 7, 9], 0.03), Training(steps=20, lr=0.1),
