@@ -31,7 +31,7 @@ from .verdict import (FLOOR_THRESHOLD, JUMP_THRESHOLD, PRECISION_THRESHOLD, SECA
                       LossOnPoints, Verdict, assess, assess_tangent, first_order_residual, kink, tangent_precision)
 
 __all__ = ["Analysis", "analyze", "analyze_training", "validate_tangent", "choose_method", "choose_step", "outputs_on",
-           "validity", "relative_step", "REFERENCES", "TANGENT", "SECANT", "VALIDITY_STEPS"]
+           "validity", "secant_floor", "relative_step", "REFERENCES", "TANGENT", "SECANT", "VALIDITY_STEPS"]
 
 #: ``validate_estimate``'s references: same-budget retraining, converged retraining, or by the problem.
 REFERENCES = ("auto", "budget", "converged")
@@ -357,9 +357,9 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     When none is, it grades one more (the grid can step over a narrow range): every figure but the check is
     proportional to the step, so the interval where they all hold is known, and the extra step is its geometric
     middle (2 digits), below any step whose check failed.  ``step_max`` is the largest step inside (0 when none
-    is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the figures at the tangent's own step.  Needs a (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch
-    of ``x_eval``, about 5 gradients per probe of the tangent for each step graded, and (``secant``) one secant
-    tangent.
+    is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the figures at the tangent's own step.  Needs a
+    (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, about 5 gradients per probe of
+    the tangent for each step graded, and (``secant``) one secant tangent.
     """
     if tangent.second is None or tangent.method != TANGENT:
         raise ValueError("validity needs the plain tangent's second derivative: training_tangent(..., order=2)")
@@ -394,8 +394,7 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
         if _inside(curve[-1], check, limit):
             break
     if not any(_inside(p, check, limit) for p in curve):
-        # every figure but the check is proportional to the step, so the interval where they hold is known: where
-        # the grid stepped over it (or its check failed there), grade the interval's geometric middle
+        # the interval where the figures proportional to the step hold; its geometric middle is graded
         low = max(PRECISION_THRESHOLD * step / precision if precision > 0 else math.inf,
                   FLOOR_THRESHOLD * step * floor / first_norm if secant and first_norm > 0 else 0.0)
         high = min([largest] + [p["step"] for p in curve if p[check] is not None])
