@@ -1,9 +1,14 @@
 # run from the repository root: PYTHONPATH=src python docs/runs/zoo-secant/resnet-floor/floor_check.py
 """ResNet-56 seeds 0 and 2: the range's noise floor under the rule in force (measured at the largest step the
-second-order ratio lets inside) and what the 0.03 % step's change is over it (the stored rows were graded against the floor at 0.03 %/300)."""
-import json, sys, time
+second-order ratio lets inside) and what the 0.03 % step's change is over it (the stored rows were graded against
+the floor at 0.03 %/300)."""
+import json
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 sys.path.insert(0, "benchmarks")
 from zoo_tangent import load
 from setsens.analysis import predicted_change, secant_floor
