@@ -381,8 +381,7 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
         point = {"step": s, "ratio": kappa * s / step, check: None, "precision": precision * s / step}
         if secant:
             point["above_floor"] = first_norm * s / step / floor if floor > 0 else math.inf
-        if (point["ratio"] <= VALIDITY_THRESHOLD and point["precision"] >= PRECISION_THRESHOLD
-                and point.get("above_floor", math.inf) >= FLOOR_THRESHOLD):  # the tangent's own step is probed once
+        if _proportional_figures_hold(point):  # the tangent's own step is probed once
             point[check] = (own if abs(s / step - 1) < 1e-6 else measure(tangent.scaled(s / step)))["median"]
         return point
 
@@ -421,9 +420,14 @@ def secant_floor(problem: Problem, perturbation: Perturbation, training: Trainin
     return float(predicted_change(low, x_eval).norm())
 
 
+def _proportional_figures_hold(point: dict) -> bool:
+    """Whether a graded step's figures proportional to the step (ratio, precision, above_floor) are within range."""
+    return (point["ratio"] <= VALIDITY_THRESHOLD and point["precision"] >= PRECISION_THRESHOLD
+            and point.get("above_floor", math.inf) >= FLOOR_THRESHOLD)
+
+
 def _inside(point: dict, check: str, limit: float) -> bool:
-    return (point[check] is not None and point["ratio"] <= VALIDITY_THRESHOLD and point[check] <= limit
-            and point["precision"] >= PRECISION_THRESHOLD and point.get("above_floor", math.inf) >= FLOOR_THRESHOLD)
+    return point[check] is not None and point[check] <= limit and _proportional_figures_hold(point)
 
 
 def choose_step(valid: dict) -> tuple[float, bool]:

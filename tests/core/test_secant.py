@@ -121,12 +121,17 @@ def test_the_secant_tangent_follows_a_max_pooling_cnns_fine_tuning():
         assert secant < 0.25 and plain > 0.8
 
 
-def test_on_a_smooth_network_the_secant_tangent_is_the_tangent():
+def tanh_problem():
+    """A small smooth (tanh) classifier in float64 and its inputs."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     x, y = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    problem = Problem(model, cross_entropy, (x, y))
+    return Problem(model, cross_entropy, (x, y)), x
+
+
+def test_on_a_smooth_network_the_secant_tangent_is_the_tangent():
+    problem, _ = tanh_problem()
     pert = gradient_perturbation(problem, [1, 7], 0.03)
     plain, secant = (training_tangent(problem, pert, Training(steps=10, lr=0.3), secant=s) for s in (False, True))
     assert secant.method == "training-secant" and plain.method == "training-tangent"
@@ -139,11 +144,7 @@ def test_the_ranges_noise_floor_is_measured_where_the_range_is():
     a smaller change.  Measured from a tangent 1000× above the range (as ``--step auto`` measures from 1 %), a floor
     at that tangent's step/300 would put every step of the range below it; measured at the range's top it leaves
     the steps inside at 300 × their share of that top."""
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    x, y = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
-    problem = Problem(model, cross_entropy, (x, y))
+    problem, x = tanh_problem()
     tangent = training_tangent(problem, gradient_perturbation(problem, [1, 7], 0.01), Training(steps=10, lr=0.3),
                                order=2)
     x_eval = x[10:]
