@@ -165,7 +165,7 @@ def figure(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    from setsens.analysis import analyze_training, choose_step, validity, _evaluation_points
+    from setsens.analysis import analyze_training
     from setsens.finetune import Training, resolve_lr
     from setsens.perturb import gradient_perturbation
     from setsens.tangent import training_tangent
@@ -205,17 +205,19 @@ def main() -> None:
             unit = gradient_perturbation(problem, idx, 0.01)
             t0 = time.perf_counter()
             tangent = training_tangent(problem, unit, training, order=2)
-            auto, _ = choose_step(validity(tangent, _evaluation_points(problem, unit, test)[0], secant=args.secant))
             tangent_seconds = time.perf_counter() - t0
-            for step, is_auto in [(s, False) for s in ([] if args.auto_only else sweep)] + [(auto, True)]:
+            for step in ([] if args.auto_only else sweep) + [None]:  # None: --step auto, from the 1 % tangent
                 t0 = time.perf_counter()
-                a = analyze_training(problem, unit.scaled(step), training, test=test, validate=True,
-                                     tangent=tangent.scaled(step), secant=args.secant, filter_rank=args.filter_rank)
-                rows.append(row(name, seed, step, is_auto, a, tangent_seconds + time.perf_counter() - t0)
-                            | {"dtype": args.dtype})
+                a = analyze_training(problem, unit.scaled(step or 1.0), training, test=test, validate=True,
+                                     tangent=tangent.scaled(step or 1.0), auto_step=step is None,
+                                     secant=args.secant, filter_rank=args.filter_rank)
+                auto = a.validity.get("auto")
+                rows.append(row(name, seed, auto["step"] if auto else step, auto is not None, a,
+                                tangent_seconds + time.perf_counter() - t0) | {"dtype": args.dtype})
                 done.write_text(json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]
-                print(f"{name} seed {seed} step {step:g} %{' (auto)' if is_auto else ''}: verdict {r['verdict']}, "
+                print(f"{name} seed {seed} step {r['step_percent']:g} %{' (auto)' if auto else ''}: "
+                      f"verdict {r['verdict']}, "
                       f"Pearson {r['pearson']:.3f} (influence {r['influence_pearson']:.3f}), self-consistency "
                       f"{r['self_consistency']:.3f}, change/floor {r['change_over_floor']:.3g}, "
                       f"ratio {r['ratio']:.3g}, " + (f"jump {r['jump_median']:.3g}" if "jump_median" in r else

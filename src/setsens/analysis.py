@@ -329,7 +329,7 @@ VALIDITY_STEPS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 
 def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_STEPS, *, secant: bool = False,
-             floor_factor: float = 300.0) -> dict:
+             floor_factor: float = 300.0, known_floor: tuple[float, float] | None = None) -> dict:
     """The steps at which the tangent's (``secant``: the secant tangent's) answer can hold, without retraining.
 
     Figures grade a step ``s`` (in %), each against its threshold in :mod:`setsens.verdict`:
@@ -358,8 +358,11 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     proportional to the step, so the interval where they all hold is known, and the extra step is its geometric
     middle (2 digits), below any step whose check failed.  ``step_max`` is the largest step inside (0 when none
     is).  ``ratio`` and ``jump_ratio`` (``secant_residual``) are the figures at the tangent's own step.  Needs a
-    (plain) tangent of ``order=2``.  Cost: two nested JVPs per batch of ``x_eval``, about 5 gradients per probe of
-    the tangent for each step graded, and (``secant``) one secant tangent.
+    (plain) tangent of ``order=2``.  ``known_floor``: ``(floor_step, floor)`` of an earlier record for the same
+    direction and training, reused when its step is this one's (the ratio's bound is an absolute step: it does not
+    depend on the step the tangent was taken at).  Cost: two nested JVPs per batch of ``x_eval``, about 5 gradients
+    per probe of the tangent for each step graded, and (``secant``, unless ``known_floor`` is reused) one secant
+    tangent.
     """
     if tangent.second is None or tangent.method != TANGENT:
         raise ValueError("validity needs the plain tangent's second derivative: training_tangent(..., order=2)")
@@ -372,7 +375,9 @@ def validity(tangent: TrainingTangent, x_eval: Tensor, steps: tuple = VALIDITY_S
     own = measure(tangent)
     largest = min(VALIDITY_THRESHOLD * step / kappa if kappa > 0 else math.inf, max(steps))  # the ratio's bound
     floor = None
-    if secant:  # at the largest step the ratio lets inside: an upper bound on the floor of every step inside
+    if secant and known_floor is not None and math.isclose(known_floor[0], largest, rel_tol=1e-6):
+        floor = known_floor[1]
+    elif secant:  # at the largest step the ratio lets inside: an upper bound on the floor of every step inside
         floor = secant_floor(problem, tangent.perturbation.scaled(largest / step), tangent.training, x_eval,
                              floor_factor)
     first_norm = float(first.norm())
@@ -445,14 +450,18 @@ def choose_step(valid: dict) -> tuple[float, bool]:
 
 def analyze_training(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                      test: tuple | None = None, validate: bool = False, secant: bool = False,
-                     tangent: TrainingTangent | None = None, floor_factor: float = 300.0, filter_rank: int = 0,
-                     progress: ProgressFn | None = None) -> Analysis:
+                     tangent: TrainingTangent | None = None, auto_step: bool = False, floor_factor: float = 300.0,
+                     filter_rank: int = 0, progress: ProgressFn | None = None) -> Analysis:
     """The training tangent (:mod:`setsens.tangent`; ``secant``: the secant tangent) of ``training`` along
     ``perturbation``: its predicted change of the outputs, the range of steps where it holds (:func:`validity`), a
     verdict, and with ``validate`` its score against the reference it predicts (:func:`validate_tangent`).
 
     ``tangent``: a precomputed (plain) ``order=2`` tangent for this perturbation (else one is computed); it gives
     the validity range, and is the estimate unless ``secant``.
+    ``auto_step``: analyse at :func:`choose_step`'s step instead of ``perturbation``'s own (``--step auto``): the
+    tangent is taken once at ``perturbation`` (its direction; its size only sets where the second-order ratio is
+    read) and rescaled (a derivative at the data is linear in Δx); ``validity["auto"]`` holds the step and whether it
+    is inside the range (``step_max``) or, when none is, the closest to it.
     ``filter_rank``: with ``validate``, also score the linearised-training filter of that Lanczos rank.
     Cost: one second-order tangent (about 7.5 gradients per training step) and the probes of :func:`validity`;
     ``secant`` adds three secant tangents (about 3 gradients per step each: the estimate, its noise floor, and
@@ -466,6 +475,13 @@ def analyze_training(problem: Problem, perturbation: Perturbation, training: Tra
         report(progress, "estimate", method=TANGENT)
         tangent = training_tangent(problem, perturbation, training, order=2, progress=progress)
     valid = validity(tangent, x_eval, secant=secant, floor_factor=floor_factor)
+    if auto_step:
+        chosen, inside = choose_step(valid)
+        scale = chosen / valid["step_percent"]
+        perturbation, tangent = perturbation.scaled(scale), tangent.scaled(scale)
+        known = (valid["floor_step"], valid["floor"]) if secant else None
+        valid = validity(tangent, x_eval, secant=secant, floor_factor=floor_factor, known_floor=known)
+        valid["auto"] = {"step": chosen, "inside": inside}
     estimate = tangent
     if secant:
         report(progress, "estimate", method=SECANT)

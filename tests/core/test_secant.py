@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
-from setsens.analysis import analyze, validity
+import setsens.analysis
+from setsens.analysis import analyze, analyze_training, validity
 from setsens.finetune import Training
 from setsens.perturb import gradient_perturbation
 from setsens.problem import Problem, cross_entropy
@@ -155,6 +156,27 @@ def test_the_ranges_noise_floor_is_measured_where_the_range_is():
     assert v["floor_step"] == pytest.approx(top, rel=1e-9)
     assert [p["step"] for p in v["curve"]] == pytest.approx([3 * top, top / 2])
     assert v["curve"][1]["above_floor"] == pytest.approx(150, rel=1e-2) and v["step_max"] == pytest.approx(top / 2)
+
+
+def test_step_auto_measures_the_ranges_floor_once(monkeypatch):
+    """``auto_step`` grades the range from the tangent it is given and again at the step it chooses; the range's
+    floor is an absolute step's, so it is measured once, and the analysis is the one at the chosen step."""
+    problem, x = tanh_problem()
+    pert = gradient_perturbation(problem, [1, 7], 0.01)
+    training = Training(steps=30, lr=1.0)  # the ratio lets steps up to 0.73 % inside
+    tangent = training_tangent(problem, pert, training, order=2)
+    measured = []
+    secant_floor = setsens.analysis.secant_floor
+    monkeypatch.setattr(setsens.analysis, "secant_floor",
+                        lambda problem, pert, *args: measured.append(pert) or secant_floor(problem, pert, *args))
+    auto = analyze_training(problem, pert, training, tangent=tangent, auto_step=True, secant=True)
+    step = auto.validity["auto"]["step"]
+    assert auto.validity["auto"]["inside"] and step == auto.validity["step_max"] < 1
+    assert len(measured) == 2  # the range's floor, and the verdict's at the chosen step
+    by_hand = analyze_training(problem, pert.scaled(step), training, tangent=tangent.scaled(step), secant=True)
+    assert auto.validity["floor"] == pytest.approx(by_hand.validity["floor"], rel=1e-9)
+    assert auto.validity["above_floor"] == pytest.approx(by_hand.validity["above_floor"], rel=1e-9)
+    assert [p["step"] for p in auto.validity["curve"]] == [p["step"] for p in by_hand.validity["curve"]]
 
 
 def test_the_secant_residual_shrinks_with_the_step_where_the_jump_ratio_does_not():

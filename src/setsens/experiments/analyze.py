@@ -216,25 +216,18 @@ def _prediction_lines(summary: dict) -> list[str]:
 
 
 def _analyze_training(problem, pert, training, step, test, validate, secant, progress, log):
-    """:func:`setsens.analysis.analyze_training`; with ``--step auto`` (``step`` None) the tangent is taken once at
-    ``pert`` (1 %), the step is chosen by its validity range (:func:`setsens.analysis.choose_step`), and the
-    tangent is rescaled (a derivative at the data is linear in Δx; the secant tangent is then computed at that
-    step)."""
-    from ..analysis import _evaluation_points, analyze_training, choose_step, validity
-    from ..progress import report
-    from ..tangent import training_tangent
+    """:func:`setsens.analysis.analyze_training`; with ``--step auto`` (``step`` None) at the step its validity
+    range chooses, the tangent taken at ``pert`` (1 %)."""
+    from ..analysis import analyze_training
 
-    if step is not None:
-        return analyze_training(problem, pert, training, test=test, validate=validate, secant=secant,
-                                progress=progress)
-    x_eval = _evaluation_points(problem, pert, test)[0]
-    report(progress, "estimate", method="training-tangent")
-    unit = training_tangent(problem, pert, training, order=2, progress=progress)
-    chosen, inside = choose_step(validity(unit, x_eval, secant=secant))
-    log(f"validity: step {chosen:g} %" + (" (step_max, the largest step inside the range)" if inside else
-                                           " — no step is inside the range; this one is the closest to it"))
-    return analyze_training(problem, pert.scaled(chosen), training, test=test, validate=validate, secant=secant,
-                            tangent=unit.scaled(chosen), progress=progress)
+    analysis = analyze_training(problem, pert, training, test=test, validate=validate, secant=secant,
+                                auto_step=step is None, progress=progress)
+    if step is None:
+        chosen = analysis.validity["auto"]
+        log(f"validity: step {chosen['step']:g} %" +
+            (" (step_max, the largest step inside the range)" if chosen["inside"] else
+             " — no step is inside the range; this one is the closest to it"))
+    return analysis
 
 
 @click.command("analyze")
@@ -370,7 +363,7 @@ def command(points, select, direction, step, method, optimizer, lr, momentum, ne
             analysis = _analyze_training(problem, pert, training, step, test, validate,
                                          method == "training-secant", progress, log)
         else:
-                analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
+            analysis = analyze(problem, pert, method, test=test, members=members, seed=seed, validate=validate,
                                solve=SolveOptions(maxiter=maxiter, preconditioner=preconditioner,
                                                   **({"sketch": sketch} if preconditioner != "none" else {})),
                                steps=steps, reference=reference, progress=progress,
