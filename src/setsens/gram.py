@@ -19,7 +19,9 @@ n·K·p.  :func:`plan` sizes the panel from a byte budget.
 
 The pseudo-inverse ``(GGᵀ)⁺`` the audit needs: :class:`EigenInverse` (exact, from the Gram matrix, held or
 streamed), or :class:`NystromInverse` (approximate, linear in n: a rank-r sketch plus the exact per-point
-diagonal blocks, for when the (n·K)² Gram matrix cannot be held; its error depends on the network).
+diagonal blocks, for when the (n·K)² Gram matrix cannot be held; its error depends on the network), made exact
+on the blocks of a few points by :func:`gram_solve` (CG preconditioned with the sketch, two Jacobian passes per
+iteration).
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ from .problem import Problem, center_classes
 from .progress import ProgressFn, report
 
 __all__ = ["GramPlan", "plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products",
-           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse"]
+           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
 CHUNK = 16
 _PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
+#: with the Nyström path, :func:`setsens.audit.scan` makes the blocks of this many points exact — those the sketch
+#: ranks most sensitive — solved to this relative residual (:func:`gram_solve`)
+REFINE_POINTS, REFINE_RTOL = 40, 0.1
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,10 @@ def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path
          rank: int = 1000) -> GramPlan:
     """The path for an (n·K) × p Jacobian of ``itemsize``-byte entries within ``memory`` bytes (``"auto"``: half
     the memory available now).  ``path="auto"`` holds G when G and its Gram fit in a quarter of the budget (the
-    exact reference, fastest for small problems) and streams the exact Gram otherwise; the Nyström
-    approximation of rank ``rank`` (fewer if memory asks) is taken only when asked for (``path="nystrom"``: its
-    error depends on the network, see :class:`NystromInverse`).  Raises ``ValueError`` when the path cannot fit."""
+    exact reference, fastest for small problems), streams the exact Gram when it fits with a panel, and takes the
+    Nyström approximation of rank ``rank`` (fewer if memory asks; memory linear in n) only when it does not (its
+    error depends on the network, see :class:`NystromInverse`; :func:`setsens.audit.scan` makes the top points
+    exact).  Raises ``ValueError`` when the path cannot fit."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     budget = 2 * cache_budget("auto", torch.device("cpu")) if memory == "auto" else cache_budget(memory, None)
@@ -80,14 +86,15 @@ def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path
     # 60 % of what the Gram matrix leaves: a chunk's vmapped reverse passes (K copies of its activations), its
     # centred copy and the float64 columns of the products come on top (measured on ResNet-56: 2–3 GB)
     panel = min(n, int(0.6 * (budget - gram)) // per_point - 2 * block)
-    if path != "nystrom":
+    if path == "streamed" or (path == "auto" and panel >= block):
         if panel < block:
             raise ValueError(f"the Gram matrix of {n} points × {k} outputs ({gram / 1e9:.1f} GB with its "
                              f"eigendecomposition) and one panel of Jacobians do not fit in {budget / 1e9:.1f} GB: "
                              "use fewer training points, allow more memory, or path='nystrom' (approximate)")
         return GramPlan("streamed", int(panel), gram + int((panel + 2 * block) * per_point / 0.6), budget)
     per_rank = 2 * p * itemsize + 4 * rows * 8  # the sketch in weight space (and its float64 chunk), in outputs
-    fixed = 2 * block * per_point + rows * k * 8 * 3
+    columns = min(REFINE_POINTS, n) * k  # the refinement's CG: Gᵀ of its columns, and six of them in outputs
+    fixed = 2 * block * per_point + rows * k * 8 * 3 + columns * (2 * p * itemsize + 6 * rows * 8)
     rank = min(rank, rows // 2, max(0, (budget - fixed) // per_rank))
     if rank < 1:
         raise ValueError(f"not even a rank-1 Nyström sketch of {n} points × {k} outputs fits in "
@@ -230,8 +237,9 @@ class NystromInverse:
     Spearman 0.95–0.97, top 20 up to 16 / 20 / 35 % off at 250 / 500 / 1000 images, docs/runs/audit-scale), and far
     worse on networks whose points' gradients are nearly dependent (small tanh networks on low-dimensional
     inputs: 50–99 %, tests/core/test_gram.py).  Use it where the exact
-    (n·K)² Gram matrix cannot be held, and check it against :func:`setsens.audit.exact_modulus` on a few
-    points.  Memory n·K·r and n·K²; cost 2 + 2·power Jacobian passes."""
+    (n·K)² Gram matrix cannot be held; :func:`setsens.audit.scan` makes the blocks of the points it ranks highest
+    exact (:meth:`refine`, :func:`gram_solve`), and :func:`setsens.audit.exact_modulus` checks any point.  Memory
+    n·K·r and n·K²; cost 2 + 2·power Jacobian passes."""
 
     approximate = True
 
@@ -247,9 +255,21 @@ class NystromInverse:
         self.EiL = (self.E_inv @ Lb).reshape(n * k, -1)  # E⁺L, (n·K, r)
         self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype) + L.T @ self.EiL)
         self.k = k
+        self.exact_rows, self.exact = None, None
+
+    def refine(self, rows: Tensor, exact: Tensor) -> None:
+        """Take ``exact``, the block of the true ``(GGᵀ)⁺`` on ``rows`` (:func:`gram_solve`), for every block within
+        those rows from now on (``apply`` stays approximate)."""
+        self.exact_rows, self.exact = rows, (exact + exact.T) / 2
 
     def block(self, rows: Tensor) -> Tensor:
-        """The block of the approximate ``(GGᵀ)⁺`` on ``rows`` (whole points' outputs, as :class:`EigenInverse`)."""
+        """The block of the approximate ``(GGᵀ)⁺`` on ``rows`` (whole points' outputs, as :class:`EigenInverse`);
+        exact within the rows given to :meth:`refine`."""
+        if self.exact is not None:
+            at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long)
+            at[self.exact_rows] = torch.arange(len(self.exact_rows))
+            if bool((at[rows] >= 0).all()):
+                return self.exact[at[rows]][:, at[rows]]
         points = rows.reshape(-1, self.k)[:, 0] // self.k
         Ei = torch.block_diag(*self.E_inv[points])
         A = self.EiL[rows]
@@ -296,6 +316,39 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     if centered:
         blocks = center_gram_blocks(blocks)
     return NystromInverse(blocks, L, rcond, centered)
+
+
+def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
+               maxiter: int, progress: ProgressFn | None = None) -> tuple[Tensor, float, int]:
+    """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by conjugate gradients
+    on every column at once, preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned
+    CG: Frangella, Tropp & Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's
+    large eigenvalues).  Stops when every column's residual ‖rhs − GGᵀX‖ is below ``rtol``·‖rhs‖, or after
+    ``maxiter`` iterations.  Returns ``(X, the largest relative residual, iterations)``.  Cost per iteration: two
+    Jacobian passes (Gᵀ, then G) with c vectors each; ``progress``: stage ``"refine"`` after each."""
+    def gram(X: Tensor) -> Tensor:
+        back = jacobian_products(problem, centered, left=X.T)[1]  # Xᵀ G, (c, p)
+        return jacobian_products(problem, centered, right=back)[0].double().T
+
+    def precondition(R: Tensor) -> Tensor:
+        return preconditioner.apply(R.T).T
+
+    scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
+    X, R = torch.zeros_like(rhs), rhs.clone()
+    Z = precondition(R)
+    D, rz = Z.clone(), (R * Z).sum(0)
+    residual, done = float((R.norm(dim=0) / scale).max()), 0
+    while residual > rtol and done < maxiter:
+        Q = gram(D)
+        curvature = (D * Q).sum(0)
+        alpha = torch.where(curvature > 0, rz / curvature, 0.0)  # a converged column stays
+        X, R = X + D * alpha, R - Q * alpha
+        Z = precondition(R)
+        rz, previous = (R * Z).sum(0), rz
+        D = Z + D * torch.where(previous > 0, rz / previous, 0.0)
+        done, residual = done + 1, float((R.norm(dim=0) / scale).max())
+        report(progress, "refine", done, maxiter, residual=residual)
+    return X, residual, done
 
 
 def center_gram_blocks(blocks: Tensor) -> Tensor:

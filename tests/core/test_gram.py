@@ -5,8 +5,8 @@ import pytest
 import torch
 from problems import fitted_problem
 
-from setsens.audit import GramFactor, answer_queries, scan
-from setsens.gram import gram_matrix, jacobian_products, plan
+from setsens.audit import GramFactor, answer_queries, group_modulus, scan
+from setsens.gram import REFINE_RTOL, gram_matrix, jacobian_products, plan
 from setsens.operators import dense_output_jacobian
 from setsens.problem import Perturbation, cross_entropy, squared_error
 
@@ -84,14 +84,14 @@ def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
     assert torch.equal(again, whole)
 
 
-def test_plan_holds_g_when_it_fits_streams_when_not_and_sketches_only_when_asked():
+def test_plan_holds_g_when_it_fits_streams_when_not_and_sketches_when_the_gram_does_not_fit():
     assert plan(100, 10, 1000, 8, memory=10**9).path == "dense"
     streamed = plan(1000, 10, 853_018, 4, memory=12 * 10**9)
     assert streamed.path == "streamed" and 16 <= streamed.panel < 1000 and streamed.bytes <= 12 * 10**9
     with pytest.raises(ValueError, match="do not fit.*nystrom"):  # the 50 000² Gram matrix alone is 20 GB
-        plan(5000, 10, 853_018, 4, memory=12 * 10**9)
-    sketch = plan(5000, 10, 853_018, 4, memory=12 * 10**9, path="nystrom")  # approximate: only when asked for
-    assert 100 <= sketch.rank <= 1000 and sketch.bytes <= 12 * 10**9
+        plan(5000, 10, 853_018, 4, memory=12 * 10**9, path="streamed")
+    sketch = plan(5000, 10, 853_018, 4, memory=12 * 10**9)  # approximate: only when the exact Gram cannot fit
+    assert sketch.path == "nystrom" and 100 <= sketch.rank <= 1000 and sketch.bytes <= 12 * 10**9
     with pytest.raises(ValueError, match="rank-1"):
         plan(5000, 10, 853_018, 4, memory=10**9, path="nystrom")
     with pytest.raises(ValueError, match="path"):
@@ -176,11 +176,49 @@ def test_nystrom_scan_where_it_is_meant_to_work_and_where_it_is_not():
         exact = scan(problem, GramFactor(problem, path="dense")).kappa
         sketch = GramFactor(problem, path="nystrom", rank=10, power=1)
         assert sketch.plan.path == "nystrom" and sketch.G is None and sketch.gram_inverse.approximate
-        approx = scan(problem, sketch).kappa
+        approx = scan(problem, sketch, refine=0).kappa
         top = exact.argsort(descending=True)[:10]
         errors[name] = (spearman(approx, exact), float(((approx - exact).abs() / exact)[top].max()))
     assert errors["good"][0] > 0.8 and errors["good"][1] < 0.15
     assert errors["bad"][1] > 0.5  # the docstring's warning is real
+
+
+def test_refined_points_get_the_exact_block_and_modulus():
+    """The sketch's top points solved exactly by Nyström-preconditioned CG: their blocks of (GGᵀ)⁺ (each alone and
+    together) and κ_k as the dense factor's; the others untouched."""
+    problem = _sketchable_problem()
+    dense = GramFactor(problem, path="dense")
+    exact = scan(problem, dense).kappa
+    alone = scan(problem, GramFactor(problem, path="nystrom", rank=10), refine=0).kappa
+    sketch = GramFactor(problem, path="nystrom", rank=10)
+    refined = scan(problem, sketch, refine=8)
+    points = refined.exact_points
+    assert points.tolist() == alone.argsort(descending=True)[:8].sort().values.tolist()
+    assert refined.refine_residual < REFINE_RTOL
+    assert torch.allclose(refined.kappa[points], exact[points], rtol=0.02)
+    assert not torch.allclose(alone[points], exact[points], rtol=0.02)
+    others = torch.ones(problem.n, dtype=torch.bool)
+    others[points] = False
+    assert torch.equal(refined.kappa[others], alone[others])
+    sketch.refine(points, rtol=1e-10)
+    assert torch.allclose(sketch.block(points[:3]), dense.block(points[:3]), rtol=1e-6, atol=1e-8)
+    pair = points[[0, -1]]  # the coupling between refined points is exact too
+    assert group_modulus(problem, pair, sketch)[0] == pytest.approx(group_modulus(problem, pair, dense)[0], rel=1e-6)
+
+
+def test_a_refinement_that_does_not_converge_is_not_taken():
+    """Where the sketch is far off (nearly dependent gradients), CG needs more iterations than the scan allows: the
+    scan keeps the sketch's κ and says so; given the iterations, the refinement is exact there too."""
+    problem = _dependent_problem()
+    exact = scan(problem, GramFactor(problem, path="dense")).kappa
+    sketch = GramFactor(problem, path="nystrom", rank=10)
+    result = scan(problem, sketch, refine=8)
+    assert len(result.exact_points) == 0 and result.refine_residual > REFINE_RTOL and sketch.gram_inverse.exact is None
+    points = result.ranking[:8]
+    assert float(((result.kappa[points] - exact[points]).abs() / exact[points]).max()) > 0.5  # the sketch's
+    assert sketch.refine(points, rtol=1e-10, maxiter=300) < 1e-10
+    kappa = torch.tensor([group_modulus(problem, [k], sketch)[0] for k in points.tolist()])
+    assert torch.allclose(kappa.to(exact), exact[points], rtol=1e-6)
 
 
 def spearman(a, b):

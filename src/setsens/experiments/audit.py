@@ -320,6 +320,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
+    from ..gram import REFINE_POINTS
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -353,18 +354,22 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     estimate(problem, gradient_perturbation(problem, [0], step / 100))
     t_one = time.perf_counter() - t0
     plan = _gram_plan(problem, check)
-    log(f"scan: factorising G Gᵀ ({plan.path}: " + ("G held" if plan.path == "dense" else
-        f"Jacobians in panels of {plan.panel} points, G never held") + f", about {plan.bytes / 1e9:.1f} GB) "
-        "and every point's modulus…")
+    how = {"dense": "G held", "streamed": f"Jacobians in panels of {plan.panel} points, G never held",
+           "nystrom": f"the exact Gram matrix does not fit: a rank-{plan.rank} Nyström sketch, approximate, its top "
+                      f"{REFINE_POINTS} points then solved exactly"}[plan.path]
+    log(f"scan: factorising G Gᵀ ({plan.path}: {how}, about {plan.bytes / 1e9:.1f} GB) and every point's modulus…")
     t0 = time.perf_counter()
-    with Bars({"gram": "Gram matrix (points)", "sketch": "Nyström sketch (Jacobian passes)"}) as bars:
+    with Bars({"gram": "Gram matrix (points)", "sketch": "Nyström sketch (Jacobian passes)",
+               "refine": "exact top points (CG iterations)"}) as bars:
         audit = Audit(problem, GramFactor(problem, progress=bars, checkpoint=state.path("gram")))  # resumes per panel
-    factor, result = audit.factor, audit.scan()
+        factor, result = audit.factor, audit.scan(progress=bars)
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
                "polish": polished, "one_estimate_seconds": t_one,
                "scan": {"seconds": t_scan, "seconds_over_one_estimate": t_scan / t_one, "factor_rank": factor.rank,
-                        "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes},
+                        "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes,
+                                   "sketch_rank": factor.plan.rank},
+                        "exact_points": len(result.exact_points), "refine_residual": result.refine_residual,
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
                                   "max": float(result.kappa.max())},
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
@@ -480,7 +485,10 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
     s, t_one = summary["scan"], summary["one_estimate_seconds"]
     lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
              f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
-             f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}",
+             f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"
+             + ("" if s["factor"]["path"] != "nystrom" else
+                f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; κ exact for the "
+                f"{s['exact_points']} points it ranks highest, CG residual {s['refine_residual']:.1e})"),
              f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
              f"(group modulus), {top} random points {s['group']['kappa_random']:.3g} (median of 5 draws)"]
     if check:
