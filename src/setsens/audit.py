@@ -195,7 +195,7 @@ class Scan:
     ranking: Tensor
     seconds: float
     factor_seconds: float
-    exact_points: Tensor  # the points whose κ_k is exact (to the refinement's residual): all, unless the factor is not
+    exact_points: Tensor  # the points whose κ_k is exact (to the refinement's residual): all with an exact factor
     refine_residual: float = 0.0
 
     def top(self, m: int) -> Tensor:

@@ -255,21 +255,21 @@ class NystromInverse:
         self.EiL = (self.E_inv @ Lb).reshape(n * k, -1)  # E⁺L, (n·K, r)
         self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype) + L.T @ self.EiL)
         self.k = k
-        self.exact_rows, self.exact = None, None
+        self.exact, self._exact_at = None, None
 
     def refine(self, rows: Tensor, exact: Tensor) -> None:
         """Take ``exact``, the block of the true ``(GGᵀ)⁺`` on ``rows`` (:func:`gram_solve`), for every block within
         those rows from now on (``apply`` stays approximate)."""
-        self.exact_rows, self.exact = rows, (exact + exact.T) / 2
+        self.exact = (exact + exact.T) / 2
+        self._exact_at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long)  # a row's place in ``exact``
+        self._exact_at[rows] = torch.arange(len(rows))
 
     def block(self, rows: Tensor) -> Tensor:
         """The block of the approximate ``(GGᵀ)⁺`` on ``rows`` (whole points' outputs, as :class:`EigenInverse`);
         exact within the rows given to :meth:`refine`."""
-        if self.exact is not None:
-            at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long)
-            at[self.exact_rows] = torch.arange(len(self.exact_rows))
-            if bool((at[rows] >= 0).all()):
-                return self.exact[at[rows]][:, at[rows]]
+        if self.exact is not None and bool((self._exact_at[rows] >= 0).all()):
+            at = self._exact_at[rows]
+            return self.exact[at][:, at]
         points = rows.reshape(-1, self.k)[:, 0] // self.k
         Ei = torch.block_diag(*self.E_inv[points])
         A = self.EiL[rows]
