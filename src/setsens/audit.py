@@ -63,10 +63,11 @@ class GramFactor(LinearOperator):
     JVP/VJP passes, or one Jacobian pass for K or more at once); both are exact and sum GGᵀ in float64.
     ``rcond``: eigenvalues below ``rcond·λ_max`` are dropped — by default those below the float64 sums'
     rounding (n·K·ε₆₄) and those whose singular value of G is below n·K·ε of the Jacobian's dtype (NumPy's
-    pseudo-inverse rule).  ``checkpoint``: the streamed Gram matrix's finished panels are saved there and a rerun
-    resumes after them; ``progress`` reports them.  ``"nystrom"`` (where the exact Gram matrix does not fit, or
-    when asked: approximate, see :class:`setsens.gram.NystromInverse`; :meth:`refine` makes chosen blocks exact)
-    sketches with ``rank``, ``power`` iterations and ``seed``."""
+    pseudo-inverse rule).  ``checkpoint``: the streamed Gram matrix's finished panels (or the sketch's power
+    iterations, and :meth:`refine`'s iterates beside it) are saved there and a rerun resumes after them;
+    ``progress`` reports them.  ``"nystrom"`` (where the exact Gram matrix does not fit, or when asked:
+    approximate, see :class:`setsens.gram.NystromInverse`; :meth:`refine` makes chosen blocks exact) sketches with
+    ``rank``, ``power`` iterations and ``seed``."""
 
     def __init__(self, problem: Problem, rcond: float | None = None, path: str = "auto", memory: str | int = "auto",
                  progress: ProgressFn | None = None, checkpoint: str | None = None,
@@ -80,9 +81,10 @@ class GramFactor(LinearOperator):
         self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path, rank)
         if rcond is None:  # above the float64 sums' rounding, and σ above rows·ε of the Jacobian's dtype (NumPy's pinv)
             rcond = max(rows * torch.finfo(torch.float64).eps, (rows * torch.finfo(problem.dtype).eps) ** 2)
-        self.rcond, self.G = rcond, None
+        self.rcond, self.G, self.checkpoint = rcond, None, checkpoint
         if self.plan.path == "nystrom":
-            self.gram_inverse = nystrom_inverse(problem, self.centered, self.plan.rank, rcond, power, seed, progress)
+            self.gram_inverse = nystrom_inverse(problem, self.centered, self.plan.rank, rcond, power, seed, progress,
+                                                checkpoint)
         else:
             if self.plan.path == "dense":
                 self.G = dense_output_jacobian(problem, centered=self.centered)
@@ -112,7 +114,8 @@ class GramFactor(LinearOperator):
         rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64)
         rhs[rows, torch.arange(len(rows))] = 1.0
         rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is
-        X, residual, _ = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, rtol, maxiter, progress)
+        X, residual, _ = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, rtol, maxiter, progress,
+                                    None if self.checkpoint is None else f"{self.checkpoint}-refine")
         if residual <= rtol:
             self.gram_inverse.refine(rows, X[rows])
         self.seconds += time.perf_counter() - t0

@@ -137,6 +137,30 @@ def float64_product(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+class Resume:
+    """A long computation's state, saved atomically at ``path`` (None: not saved) under ``key`` — the problem's size
+    and w̄ (:func:`problem_key`) and the computation's settings; a rerun with the same key picks it up."""
+
+    def __init__(self, path: str | Path | None, key: tuple):
+        self.path, self.key = (None if path is None else Path(path)), key
+
+    def load(self) -> dict:
+        """The saved state (without its key), or {} when there is none for this key."""
+        if self.path is None or not self.path.is_file():
+            return {}
+        state = torch.load(self.path, weights_only=True)
+        return {k: v for k, v in state.items() if k != "key"} if tuple(state["key"]) == self.key else {}
+
+    def save(self, **state) -> None:
+        if self.path is not None:
+            atomic_torch_save({"key": self.key, **state}, self.path)
+
+
+def problem_key(problem: Problem) -> tuple:
+    """What identifies a problem's Jacobian: its size and a fingerprint of w̄."""
+    return (problem.n, problem.p, float(problem.params.double().norm()), float(problem.params.double().sum()))
+
+
 def gram_matrix(problem: Problem, centered: bool, panel: int, progress: ProgressFn | None = None,
                 checkpoint: str | Path | None = None) -> Tensor:
     """``GGᵀ`` ((n·K) × (n·K), float64) from panels of ``panel`` points, G never held (module doc for the
@@ -144,13 +168,10 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
     panels are saved there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
     n, p = problem.n, problem.p
     k = output_width(problem)
-    key = (n, p, k, centered, int(panel), float(problem.params.double().norm()),
-           float(problem.params.double().sum()))
-    M, done = torch.zeros(n * k, n * k, dtype=torch.float64, device=problem.params.device), 0
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        if tuple(state["key"]) == key:
-            M, done = state["M"].to(M.device), int(state["done"])
+    resume = Resume(checkpoint, problem_key(problem) + ("gram", k, centered, int(panel)))
+    state = resume.load()
+    M = torch.zeros(n * k, n * k, dtype=torch.float64, device=problem.params.device)
+    M, done = (state["M"].to(M.device), int(state["done"])) if state else (M, 0)
     for s in range(done, n, panel):
         e = min(s + panel, n)
         JP = torch.empty((e - s) * k, p, dtype=problem.dtype, device=M.device)  # filled in place: one copy
@@ -162,8 +183,7 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
             M[s * k:e * k, t * k:t * k + block.shape[1]] = block
             M[t * k:t * k + block.shape[1], s * k:e * k] = block.T
         del JP
-        if checkpoint is not None:
-            atomic_torch_save({"key": key, "M": M, "done": e}, checkpoint)
+        resume.save(M=M, done=e)
         report(progress, "gram", e, n)
     return M
 
@@ -283,29 +303,36 @@ class NystromInverse:
 
 
 def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, power: int = 1, seed: int = 0,
-                    progress: ProgressFn | None = None) -> NystromInverse:
+                    progress: ProgressFn | None = None, checkpoint: str | Path | None = None) -> NystromInverse:
     """:class:`NystromInverse` of rank ``rank`` (at most half the n·K outputs: beyond, the residual blocks vanish
     and the exact paths are the better buy) with ``power`` power iterations, Ω seeded by
-    ``seed``.  ``progress``: stage ``"sketch"``, Jacobian passes done, after each."""
+    ``seed``.  ``progress``: stage ``"sketch"``, Jacobian passes done, after each.  ``checkpoint``: Ω is saved
+    there after each power iteration, and a rerun resumes from it (one Jacobian pass redone)."""
     n = problem.n
     k = output_width(problem)
     N, rank = n * k, min(rank, n * k // 2)
-    passes, done = 2 + 2 * power, 0
+    resume = Resume(checkpoint, problem_key(problem) + ("sketch", k, centered, rank, power, seed))
+    state = resume.load()
+    passes, iteration = 2 + 2 * power, int(state.get("iteration", 0))
+    done = 2 * iteration
 
     def tick():
         nonlocal done
         done += 1
         report(progress, "sketch", done, passes)
 
-    omega = torch.randn(rank, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    if centered:
-        omega = center_classes(omega.reshape(rank, n, k)).reshape(rank, N)
+    omega = state.get("omega")
+    if omega is None:
+        omega = torch.randn(rank, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        if centered:
+            omega = center_classes(omega.reshape(rank, n, k)).reshape(rank, N)
     Z = jacobian_products(problem, centered, left=omega)[1]  # Ωᵀ G, (r, p)
     tick()
-    for _ in range(power):
+    for iteration in range(iteration + 1, power + 1):
         Y = jacobian_products(problem, centered, right=Z)[0].double()  # (M Ω)ᵀ
         tick()
         omega = torch.linalg.qr(Y.T)[0].T
+        resume.save(omega=omega, iteration=iteration)
         Z = jacobian_products(problem, centered, left=omega)[1]
         tick()
     Y, _, blocks = jacobian_products(problem, centered, right=Z, diagonal=True)  # (MΩ)ᵀ and the diagonal blocks
@@ -319,13 +346,15 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
 
 
 def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
-               maxiter: int, progress: ProgressFn | None = None) -> tuple[Tensor, float, int]:
+               maxiter: int, progress: ProgressFn | None = None,
+               checkpoint: str | Path | None = None) -> tuple[Tensor, float, int]:
     """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by conjugate gradients
     on every column at once, preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned
     CG: Frangella, Tropp & Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's
     large eigenvalues).  Stops when every column's residual ‖rhs − GGᵀX‖ is below ``rtol``·‖rhs‖, or after
     ``maxiter`` iterations.  Returns ``(X, the largest relative residual, iterations)``.  Cost per iteration: two
-    Jacobian passes (Gᵀ, then G) with c vectors each; ``progress``: stage ``"refine"`` after each."""
+    Jacobian passes (Gᵀ, then G) with c vectors each; ``progress``: stage ``"refine"`` after each.
+    ``checkpoint``: the iterates are saved there after each iteration, and a rerun resumes from them."""
     def gram(X: Tensor) -> Tensor:
         back = jacobian_products(problem, centered, left=X.T)[1]  # Xᵀ G, (c, p)
         return jacobian_products(problem, centered, right=back)[0].double().T
@@ -334,10 +363,17 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
         return preconditioner.apply(R.T).T
 
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
-    X, R = torch.zeros_like(rhs), rhs.clone()
-    Z = precondition(R)
-    D, rz = Z.clone(), (R * Z).sum(0)
-    residual, done = float((R.norm(dim=0) / scale).max()), 0
+    fingerprint = (tuple(rhs.shape), float(rhs.abs().sum()), float(rhs.flatten() @ torch.linspace(0, 1, rhs.numel(),
+                                                                                                  dtype=rhs.dtype)))
+    resume = Resume(checkpoint, problem_key(problem) + ("solve", centered) + fingerprint)
+    state = resume.load()
+    if state:
+        X, R, D, rz, done = state["X"], state["R"], state["D"], state["rz"], int(state["done"])
+    else:
+        X, R = torch.zeros_like(rhs), rhs.clone()
+        Z = precondition(R)
+        D, rz, done = Z.clone(), (R * Z).sum(0), 0
+    residual = float((R.norm(dim=0) / scale).max())
     while residual > rtol and done < maxiter:
         Q = gram(D)
         curvature = (D * Q).sum(0)
@@ -347,6 +383,7 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
         rz, previous = (R * Z).sum(0), rz
         D = Z + D * torch.where(previous > 0, rz / previous, 0.0)
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
+        resume.save(X=X, R=R, D=D, rz=rz, done=done)
         report(progress, "refine", done, maxiter, residual=residual)
     return X, residual, done
 

@@ -6,7 +6,7 @@ import torch
 from problems import fitted_problem
 
 from setsens.audit import GramFactor, answer_queries, group_modulus, scan
-from setsens.gram import REFINE_RTOL, gram_matrix, jacobian_products, plan
+from setsens.gram import REFINE_RTOL, gram_matrix, gram_solve, jacobian_products, plan
 from setsens.operators import dense_output_jacobian
 from setsens.problem import Perturbation, cross_entropy, squared_error
 
@@ -82,6 +82,38 @@ def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
                         checkpoint=tmp_path / "gram.pt")
     assert seen == [3, 6] and resumed == [9, 10]  # the two saved panels were not recomputed
     assert torch.equal(again, whole)
+
+
+def test_the_sketch_and_its_refinement_resume_where_they_stopped(tmp_path):
+    """Interrupted in the sketch's second power iteration and in the refinement's third CG iteration, a rerun with
+    the same checkpoint redoes one Jacobian pass of the sketch and none of the finished iterations, and ends where
+    an uninterrupted run ends."""
+    problem = _dependent_problem()
+    whole = GramFactor(problem, path="nystrom", rank=10, power=2)
+    rhs = whole.rows(torch.randn(4, problem.n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).T
+    X = gram_solve(problem, True, rhs, whole.gram_inverse, 1e-12, 6)[0]
+
+    def stop_at(stage, count, seen):
+        def progress(event):
+            seen.append(event.done)
+            if event.stage == stage and event.done == count:
+                raise KeyboardInterrupt
+        return progress
+
+    seen, resumed = [], []
+    with pytest.raises(KeyboardInterrupt):
+        GramFactor(problem, path="nystrom", rank=10, power=2, checkpoint=tmp_path / "f", progress=stop_at("sketch", 4, seen))
+    again = GramFactor(problem, path="nystrom", rank=10, power=2, checkpoint=tmp_path / "f",
+                       progress=lambda e: resumed.append(e.done))
+    assert seen == [1, 2, 3, 4] and resumed == [3, 4, 5, 6]  # iteration 1's Ω was saved: its left pass is redone
+    assert torch.allclose(again.gram_inverse.block(torch.arange(6)), whole.gram_inverse.block(torch.arange(6)))
+    seen, resumed = [], []
+    with pytest.raises(KeyboardInterrupt):
+        gram_solve(problem, True, rhs, again.gram_inverse, 1e-12, 6, stop_at("refine", 3, seen), tmp_path / "s")
+    Y, residual, done = gram_solve(problem, True, rhs, again.gram_inverse, 1e-12, 6,
+                                   lambda e: resumed.append(e.done), tmp_path / "s")
+    assert seen == [1, 2, 3] and resumed == [4, 5, 6] and done == 6 and residual > 1e-12
+    assert torch.allclose(Y, X, rtol=1e-8, atol=1e-12 * float(X.abs().max()))
 
 
 def test_plan_holds_g_when_it_fits_streams_when_not_and_sketches_when_the_gram_does_not_fit():
