@@ -258,7 +258,9 @@ class NystromInverse:
     worse on networks whose points' gradients are nearly dependent (small tanh networks on low-dimensional
     inputs: 50–99 %, tests/core/test_gram.py).  Use it where the exact
     (n·K)² Gram matrix cannot be held; :func:`setsens.audit.scan` makes the blocks of the points it ranks highest
-    exact (:meth:`refine`, :func:`gram_solve`), and :func:`setsens.audit.exact_modulus` checks any point.  Memory
+    exact (:meth:`refine`, :func:`gram_solve`: on ResNet-56 with 200 images and r = 500 the top-20 error fell from
+    17 % to 0.23 %, docs/runs/audit-scale/refine-200.json), and :func:`setsens.audit.exact_modulus` checks any
+    point.  Memory
     n·K·r and n·K²; cost 2 + 2·power Jacobian passes."""
 
     approximate = True
