@@ -365,8 +365,8 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
         return preconditioner.apply(R.T).T
 
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
-    fingerprint = (tuple(rhs.shape), float(rhs.abs().sum()), float(rhs.flatten() @ torch.linspace(0, 1, rhs.numel(),
-                                                                                                  dtype=rhs.dtype)))
+    weights = torch.linspace(0, 1, rhs.numel(), dtype=rhs.dtype).reshape(rhs.shape)
+    fingerprint = (tuple(rhs.shape), float(rhs.abs().sum()), float((rhs * weights).sum()))  # which columns these are
     resume = Resume(checkpoint, problem_key(problem) + ("solve", centered) + fingerprint)
     state = resume.load()
     if state:
