@@ -71,6 +71,33 @@ def test_default_options_on_a_model_file(user, tmp_path):
     assert summary["polish"] is None and len(summary["scan"]["ranking"]) == 20
 
 
+def test_where_the_gram_matrix_does_not_fit_the_audit_sketches_it_says_so_and_refines_the_top(user, tmp_path,
+                                                                                                monkeypatch):
+    """The plan is forced to the sketch (as a Gram matrix too large for memory would force it): the log and the report
+    name the path, and the refined top points' κ are the exact scan's."""
+    import setsens.audit
+    import setsens.gram
+
+    exact = CliRunner().invoke(main, _args(user, "--queries", "0", "--out", tmp_path / "e"))
+    assert exact.exit_code == 0, exact.output
+    real = setsens.gram.plan
+    sketch = lambda n, k, p, itemsize, memory="auto", path="auto", rank=1000: real(  # noqa: E731
+        n, k, p, itemsize, memory, "nystrom", 24)
+    monkeypatch.setattr(setsens.gram, "plan", sketch)
+    monkeypatch.setattr(setsens.audit, "plan", sketch)
+    res = CliRunner().invoke(main, _args(user, "--queries", "0", "--out", tmp_path / "s"))
+    assert res.exit_code == 0, res.output
+    assert "nystrom: the exact Gram matrix does not fit: a rank-24 Nyström sketch" in res.output
+    summary = json.loads((tmp_path / "s" / "results.json").read_text())["scan"]
+    reference = json.loads((tmp_path / "e" / "results.json").read_text())["scan"]
+    assert summary["factor"]["path"] == "nystrom" and reference["factor"]["path"] == "dense"
+    assert summary["exact_points"] == 24 and summary["refine_residual"] <= setsens.gram.REFINE_RTOL
+    assert summary["ranking"][:5] == reference["ranking"][:5]
+    assert summary["kappa_top"][:5] == pytest.approx(reference["kappa_top"][:5], rel=1e-3)
+    assert "approximate: a rank-24 Nyström sketch of GGᵀ; κ exact for the 24 points" in (
+        tmp_path / "s" / "report.md").read_text()
+
+
 def test_the_polish_reports_how_far_it_moved_the_model(user, tmp_path):
     res = CliRunner().invoke(main, _args(user, "--polish", "200", "--queries", "0", "--json", "--out", tmp_path / "p"))
     assert res.exit_code == 0, res.output

@@ -487,8 +487,11 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
              f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
              f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"
              + ("" if s["factor"]["path"] != "nystrom" else
-                f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; κ exact for the "
-                f"{s['exact_points']} points it ranks highest, CG residual {s['refine_residual']:.1e})"),
+                f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; " +
+                (f"κ exact for the {s['exact_points']} points it ranks highest, CG residual "
+                 f"{s['refine_residual']:.1e})" if s["exact_points"] else
+                 f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
+                 "every κ is the sketch's)")),
              f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
              f"(group modulus), {top} random points {s['group']['kappa_random']:.3g} (median of 5 draws)"]
     if check:
