@@ -7,7 +7,8 @@ alone and after the scan's refinement of its top points (``exact_points``, solve
     python benchmarks/audit_scale.py --sizes 250,500 --exact 0 --peer trak         # a peer's scan beside ours
 
 Rows are merged into the JSON file (one per role, path and n); a size already measured (its state file) is
-reused.
+reused, and an interrupted one resumes from its factor's checkpoint (``GramFactor(checkpoint=…)``) — its row then
+says ``"resumed": true``, its seconds are the last stretch's only, and ``time_exponent`` leaves it out.
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
 randomly shifted copies of them (timing only; said in the output) — and ``Audit(problem).scan()`` with
@@ -70,8 +71,10 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
 
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
     problem = Problem(model, cross_entropy, images(n), batch_size=20)
+    state = Path(out).with_suffix(".state")  # the factor's resumable state: an interrupted size picks up there
+    resumed = any(state.parent.glob(state.name + "*"))
     t0 = time.perf_counter()
-    factor = GramFactor(problem, path=path, memory=memory, rank=rank,
+    factor = GramFactor(problem, path=path, memory=memory, rank=rank, checkpoint=str(state),
                         progress=lambda e: print(f"  n={n}: {e.stage} {e.done}/{e.total}, "
                                                  f"{time.perf_counter() - t0:.0f} s", flush=True))
     sketch, untimed = None, time.perf_counter()
@@ -85,7 +88,7 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
                 "sketch_rank": factor.plan.rank, "seconds": seconds, "factor_seconds": factor.seconds,
                 "rank": factor.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa, "kappa_sketch": sketch, "exact_points": result.exact_points,
-                "refine_residual": result.refine_residual}, out)
+                "refine_residual": result.refine_residual, "resumed": resumed}, out)
 
 
 PEERS = {"trak": "dattri 0.3.0 TRAK (TRAKAttributor.self_attribute)"}
@@ -163,7 +166,7 @@ def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000) -> dict:
 
 def exponent(rows: list[dict]) -> float | None:
     """The log–log slope of seconds against n (least squares), None under two sizes."""
-    timed = sorted({(row["n"], row["seconds"]) for row in rows})
+    timed = sorted({(row["n"], row["seconds"]) for row in rows if not row.get("resumed")})
     if len(timed) < 2:
         return None
     xs, ys = [math.log(n) for n, _ in timed], [math.log(s) for _, s in timed]
@@ -213,7 +216,7 @@ def main() -> None:
         rows.append({"role": "scan", "model": "resnet56", "n": n, "p": r["p"], "K": r["K"], "path": r["path"],
                      "panel": r["panel"],
                      "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
-                     "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"],
+                     "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"], "resumed": r.get("resumed", False),
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
                      "spearman_vs_exact": spearman(r["kappa"], against["kappa"]) if against else None,
                      "top20_max_relative_error": top20_error(r["kappa"], against["kappa"]) if against else None,
