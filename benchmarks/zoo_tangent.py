@@ -147,6 +147,8 @@ def figure(rows: list[dict], out: Path) -> None:
             if own == "secant_median":  # the floor over the change: below 1/FLOOR_THRESHOLD inside the range
                 bottom.loglog([r["step_percent"] for r in rs], [1 / r["above_floor"] for r in rs], "^--",
                               color=colour, ms=4)
+        steps = [r["step_percent"] for r in rows if model_name(r) == model]
+        top.set_xlim(min(steps) / 1.5, max(steps) * 1.5)  # a model with a single step keeps a visible width
         top.axhline(0.9, color="k", lw=0.5)
         top.set(title=model, ylabel="Pearson vs the reference", ylim=(min(0.0, top.get_ylim()[0]), 1.02))
         top.legend(fontsize=7, title="★ auto step, dashed step_max", title_fontsize=7)
