@@ -123,6 +123,14 @@ class GramFactor(LinearOperator):
         return residual
 
     @property
+    def exact_points(self) -> Tensor:
+        """The points whose block of ``(GGᵀ)⁺`` is exact: all of them with an exact path; with ``"nystrom"`` those
+        of the last :meth:`refine` that reached its residual (none before)."""
+        if not self.gram_inverse.approximate:
+            return torch.arange(self.problem.n)
+        return self.gram_inverse.exact_rows[::self.k] // self.k
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.problem.dtype
 
@@ -227,14 +235,12 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
             kappa[k], directions[k] = _largest_move(factor, torch.tensor([k]), A[k])
 
     measure(torch.arange(problem.n))
-    exact, residual = torch.arange(problem.n), 0.0
-    if factor.gram_inverse.approximate:
-        exact = kappa.argsort(descending=True)[:refine].sort().values
-        residual = factor.refine(exact, progress=progress) if len(exact) else 0.0
-        exact = exact if residual <= REFINE_RTOL else exact[:0]
-        measure(exact)
+    residual = 0.0
+    if factor.gram_inverse.approximate and refine:
+        residual = factor.refine(kappa.argsort(descending=True)[:refine].sort().values, progress=progress)
+        measure(factor.exact_points)
     return Scan(kappa, directions.reshape(problem.n, *problem.input_shape), kappa.argsort(descending=True),
-                time.perf_counter() - t0, factor.seconds, exact, residual)
+                time.perf_counter() - t0, factor.seconds, factor.exact_points, residual)
 
 
 def group_modulus(problem: Problem, points, factor: GramFactor | None = None) -> tuple[float, Tensor]:

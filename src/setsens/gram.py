@@ -26,6 +26,7 @@ iteration).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -156,9 +157,15 @@ class Resume:
             atomic_torch_save({"key": self.key, **state}, self.path)
 
 
+def fingerprint(t: Tensor) -> str:
+    """A hash of ``t``'s bytes: equal for equal tensors whatever the thread count (a float reduction such as a norm
+    is not: its rounding follows how the threads split it)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def problem_key(problem: Problem) -> tuple:
     """What identifies a problem's Jacobian: its size and a fingerprint of w̄."""
-    return (problem.n, problem.p, float(problem.params.double().norm()), float(problem.params.double().sum()))
+    return problem.n, problem.p, fingerprint(problem.params)
 
 
 def gram_matrix(problem: Problem, centered: bool, panel: int, progress: ProgressFn | None = None,
@@ -277,12 +284,12 @@ class NystromInverse:
         self.EiL = (self.E_inv @ Lb).reshape(n * k, -1)  # E⁺L, (n·K, r)
         self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype) + L.T @ self.EiL)
         self.k = k
-        self.exact, self._exact_at = None, None
+        self.exact, self.exact_rows, self._exact_at = None, torch.zeros(0, dtype=torch.long), None
 
     def refine(self, rows: Tensor, exact: Tensor) -> None:
         """Take ``exact``, the block of the true ``(GGᵀ)⁺`` on ``rows`` (:func:`gram_solve`), for every block within
         those rows from now on (``apply`` stays approximate)."""
-        self.exact = (exact + exact.T) / 2
+        self.exact, self.exact_rows = (exact + exact.T) / 2, rows
         self._exact_at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long)  # a row's place in ``exact``
         self._exact_at[rows] = torch.arange(len(rows))
 
@@ -365,9 +372,7 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
         return preconditioner.apply(R.T).T
 
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
-    weights = torch.linspace(0, 1, rhs.numel(), dtype=rhs.dtype).reshape(rhs.shape)
-    fingerprint = (tuple(rhs.shape), float(rhs.abs().sum()), float((rhs * weights).sum()))  # which columns these are
-    resume = Resume(checkpoint, problem_key(problem) + ("solve", centered) + fingerprint)
+    resume = Resume(checkpoint, problem_key(problem) + ("solve", centered, tuple(rhs.shape), fingerprint(rhs)))
     state = resume.load()
     if state:
         X, R, D, rz, done = state["X"], state["R"], state["D"], state["rz"], int(state["done"])

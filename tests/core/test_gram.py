@@ -6,7 +6,7 @@ import torch
 from problems import fitted_problem
 
 from setsens.audit import GramFactor, answer_queries, group_modulus, scan
-from setsens.gram import REFINE_RTOL, gram_matrix, gram_solve, jacobian_products, plan
+from setsens.gram import REFINE_RTOL, fingerprint, gram_matrix, gram_solve, jacobian_products, plan
 from setsens.operators import dense_output_jacobian
 from setsens.problem import Perturbation, cross_entropy, squared_error
 
@@ -82,6 +82,24 @@ def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
                         checkpoint=tmp_path / "gram.pt")
     assert seen == [3, 6] and resumed == [9, 10]  # the two saved panels were not recomputed
     assert torch.equal(again, whole)
+
+
+def test_a_checkpoint_is_keyed_by_the_weights_bytes_whatever_the_thread_count():
+    """The resume key: the same weights give the same key on 1 and 2 threads (a float64 sum of ResNet-56's weights
+    did not: it differed in its last bit, and a 2-thread rerun restarted a 1-thread run's Gram matrix), and a weight
+    one ulp away gives another."""
+    w = torch.randn(853_018, generator=torch.Generator().manual_seed(0))
+    threads, keys = torch.get_num_threads(), []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            keys.append(fingerprint(w))
+    finally:
+        torch.set_num_threads(threads)
+    nudged = w.clone()
+    nudged[12_345] = torch.nextafter(nudged[12_345], torch.tensor(float("inf")))
+    assert keys[0] == keys[1] != fingerprint(nudged)
+    assert fingerprint(w.double()) != keys[0]
 
 
 def test_the_sketch_and_its_refinement_resume_where_they_stopped(tmp_path):
@@ -233,6 +251,7 @@ def test_refined_points_get_the_exact_block_and_modulus():
     others[points] = False
     assert torch.equal(refined.kappa[others], alone[others])
     sketch.refine(points, rtol=1e-10)
+    assert torch.equal(sketch.exact_points, points) and len(dense.exact_points) == problem.n
     assert torch.allclose(sketch.block(points[:3]), dense.block(points[:3]), rtol=1e-6, atol=1e-8)
     pair = points[[0, -1]]  # the coupling between refined points is exact too
     assert group_modulus(problem, pair, sketch)[0] == pytest.approx(group_modulus(problem, pair, dense)[0], rel=1e-6)
@@ -249,6 +268,7 @@ def test_a_refinement_that_does_not_converge_is_not_taken():
     points = result.ranking[:8]
     assert float(((result.kappa[points] - exact[points]).abs() / exact[points]).max()) > 0.5  # the sketch's
     assert sketch.refine(points, rtol=1e-10, maxiter=300) < 1e-10
+    assert torch.equal(sketch.exact_points, points)
     kappa = torch.tensor([group_modulus(problem, [k], sketch)[0] for k in points.tolist()])
     assert torch.allclose(kappa.to(exact), exact[points], rtol=1e-6)
 

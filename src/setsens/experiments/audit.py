@@ -320,7 +320,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
-    from ..gram import REFINE_POINTS
+    from ..gram import REFINE_POINTS, problem_key
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -346,8 +346,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
         held_out = lambda data: data.x_test if data.x_test is not None else data.x  # noqa: E731
         problem, data, polished = load_problem(log=log, check=before_work, **inputs)
         x_eval, out = held_out(data), prepare_out_dir(out)
-    state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points, "n": problem.n,
-                           "p": problem.p, "w": float(problem.params.double().norm())})
+    state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points,
+                           "problem": problem_key(problem)})
     retrain = _retrainer(problem)
     log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
     t0 = time.perf_counter()
