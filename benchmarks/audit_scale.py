@@ -8,7 +8,11 @@ alone and after the scan's refinement of its top points (``exact_points``, solve
 
 Rows are merged into the JSON file (one per role, path and n); a size already measured (its state file) is
 reused, and an interrupted one resumes from its factor's checkpoint (``GramFactor(checkpoint=…)``) — its row then
-says ``"resumed": true``, its seconds are the last stretch's only, and ``time_exponent`` leaves it out.
+says ``"resumed": true`` and its seconds add up the stretches: each stretch's time up to its last progress event (a
+panel, a Jacobian pass of the sketch or a CG iteration, each saved when reported; a clock file beside the
+checkpoint) plus the last stretch, so what an interruption loses is counted once (within one Jacobian pass of the
+sketch, whose checkpoint is saved every second pass).  A row resumed without that clock (``"seconds_whole":
+false``: its seconds are the last stretch's only) is left out of ``time_exponent``.
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
 randomly shifted copies of them (timing only; said in the output) — and ``Audit(problem).scan()`` with
@@ -72,23 +76,32 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
     problem = Problem(model, cross_entropy, images(n), batch_size=20)
     state = Path(out).with_suffix(".state")  # the factor's resumable state: an interrupted size picks up there
+    clock = Path(out).with_suffix(".clock")  # the earlier stretches' seconds, as of their last progress event
     resumed = any(state.parent.glob(state.name + "*"))
-    t0 = time.perf_counter()
-    factor = GramFactor(problem, path=path, memory=memory, rank=rank, checkpoint=str(state),
-                        progress=lambda e: print(f"  n={n}: {e.stage} {e.done}/{e.total}, "
-                                                 f"{time.perf_counter() - t0:.0f} s", flush=True))
-    sketch, untimed = None, time.perf_counter()
+    earlier = float(clock.read_text()) if resumed and clock.is_file() else 0.0
+    t0, untimed = time.perf_counter(), 0.0
+
+    def progress(event) -> None:
+        seconds = earlier + time.perf_counter() - t0 - untimed
+        clock.with_suffix(".tmp").write_text(repr(seconds))
+        clock.with_suffix(".tmp").replace(clock)
+        print(f"  n={n}: {event.stage} {event.done}/{event.total}, {seconds:.0f} s"
+              + (f", residual {event.info['residual']:.2g}" if "residual" in event.info else ""), flush=True)
+
+    factor = GramFactor(problem, path=path, memory=memory, rank=rank, checkpoint=str(state), progress=progress)
+    sketch = None
     if factor.gram_inverse.approximate:  # κ before the refinement, for the table (not timed)
+        start = time.perf_counter()
         sketch = scan(problem, factor, refine=0).kappa
-    untimed = time.perf_counter() - untimed
-    result = scan(problem, factor, progress=lambda e: print(f"  n={n}: {e.stage} {e.done}, residual "
-                                                            f"{e.info['residual']:.2g}", flush=True))
-    seconds = time.perf_counter() - t0 - untimed
+        untimed = time.perf_counter() - start
+    result = scan(problem, factor, progress=progress)
+    seconds = earlier + time.perf_counter() - t0 - untimed
     torch.save({"n": n, "p": problem.p, "K": factor.k, "path": factor.plan.path, "panel": factor.plan.panel,
                 "sketch_rank": factor.plan.rank, "seconds": seconds, "factor_seconds": factor.seconds,
                 "rank": factor.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa, "kappa_sketch": sketch, "exact_points": result.exact_points,
-                "refine_residual": result.refine_residual, "resumed": resumed}, out)
+                "refine_residual": result.refine_residual, "resumed": resumed,
+                "seconds_whole": not resumed or clock.is_file()}, out)
 
 
 PEERS = {"trak": "dattri 0.3.0 TRAK (TRAKAttributor.self_attribute)"}
@@ -166,7 +179,7 @@ def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000) -> dict:
 
 def exponent(rows: list[dict]) -> float | None:
     """The log–log slope of seconds against n (least squares), None under two sizes."""
-    timed = sorted({(row["n"], row["seconds"]) for row in rows if not row.get("resumed")})
+    timed = sorted({(row["n"], row["seconds"]) for row in rows if row.get("seconds_whole", not row.get("resumed"))})
     if len(timed) < 2:
         return None
     xs, ys = [math.log(n) for n, _ in timed], [math.log(s) for _, s in timed]
@@ -217,6 +230,7 @@ def main() -> None:
                      "panel": r["panel"],
                      "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
                      "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"], "resumed": r.get("resumed", False),
+                     "seconds_whole": r.get("seconds_whole", not r.get("resumed")),
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
                      "spearman_vs_exact": spearman(r["kappa"], against["kappa"]) if against else None,
                      "top20_max_relative_error": top20_error(r["kappa"], against["kappa"]) if against else None,
