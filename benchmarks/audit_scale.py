@@ -67,14 +67,15 @@ def images(n: int, seed: int = 0):
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
-    """Scan n images on ``path`` in this process; write seconds, peak RSS and κ to ``out`` (torch file)."""
+def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str = "cpu") -> None:
+    """Scan n images on ``path`` in this process; write seconds, peak RSS (and on a GPU its peak memory) and κ to
+    ``out`` (torch file)."""
     from setsens.audit import GramFactor, scan
     from setsens.models.resnet import load_cifar_resnet
     from setsens.problem import Problem, cross_entropy
 
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
-    problem = Problem(model, cross_entropy, images(n), batch_size=20)
+    problem = Problem(model, cross_entropy, images(n), batch_size=20, device=device)
     state = Path(out).with_suffix(".state")  # the factor's resumable state: an interrupted size picks up there
     clock = Path(out).with_suffix(".clock")  # the earlier stretches' seconds, as of their last progress event
     resumed = any(state.parent.glob(state.name + "*"))
@@ -101,7 +102,8 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000) -> None:
                 "rank": factor.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa, "kappa_sketch": sketch, "exact_points": result.exact_points,
                 "refine_residual": result.refine_residual, "resumed": resumed,
-                "seconds_whole": not resumed or clock.is_file()}, out)
+                "seconds_whole": not resumed or clock.is_file(), "device": str(problem.device),
+                "peak_device_bytes": torch.cuda.max_memory_allocated() if problem.device.type == "cuda" else None}, out)
 
 
 PEERS = {"trak": "dattri 0.3.0 TRAK (TRAKAttributor.self_attribute)"}
@@ -169,11 +171,11 @@ def top20_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((approx[top] - exact[top]).abs() / exact[top]).max())
 
 
-def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000) -> dict:
-    out = tmp / f"scan-{n}-{path}.pt"
+def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000, device: str = "cpu") -> dict:
+    out = tmp / (f"scan-{n}-{path}.pt" if device == "cpu" else f"scan-{n}-{path}-{device.replace(':', '')}.pt")
     if not out.is_file():  # a rerun reuses the sizes already measured
         subprocess.run([sys.executable, __file__, "--one", str(n), "--path", path, "--memory", str(memory / 1e9),
-                        "--out", str(out), "--rank", str(rank)], check=True)
+                        "--out", str(out), "--rank", str(rank), "--device", device], check=True)
     return torch.load(out, weights_only=True)
 
 
@@ -200,13 +202,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1000, help="the Nyström sketch's rank")
     parser.add_argument("--peer", default="none", choices=["none", *PEERS],
                         help="also time this peer's per-point scan of the same images (cost only; see above)")
+    parser.add_argument("--device", default="cpu", help="where the scan runs (cpu, cuda); the exact reference of a "
+                        "nystrom row is the CPU auto run's")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     memory = int(args.memory * 1e9)
     if args.one and args.peer != "none":
         return peer_one(args.one, args.peer, args.out)
     if args.one:
-        return one(args.one, args.path, memory, args.out, args.rank)
+        return one(args.one, args.path, memory, args.out, args.rank, args.device)
     tmp = Path(args.json).parent / "state"
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -223,7 +227,7 @@ def main() -> None:
                      "peer": None, "peer_seconds": None})
     for n in [int(s) for s in args.sizes.split(",") if s]:
         print(f"n={n}, path {args.path}…", flush=True)
-        r = run(n, args.path, memory, tmp, args.rank)
+        r = run(n, args.path, memory, tmp, args.rank, args.device)
         exact = tmp / f"scan-{n}-auto.pt"
         against = torch.load(exact, weights_only=True) if r["path"] == "nystrom" and exact.is_file() else None
         rows.append({"role": "scan", "model": "resnet56", "n": n, "p": r["p"], "K": r["K"], "path": r["path"],
@@ -231,6 +235,8 @@ def main() -> None:
                      "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
                      "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"], "resumed": r.get("resumed", False),
                      "seconds_whole": r.get("seconds_whole", not r.get("resumed")),
+                     **({"device": r["device"], "peak_device_bytes": r["peak_device_bytes"]}
+                        if r.get("device", "cpu") != "cpu" else {}),
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
                      "spearman_vs_exact": spearman(r["kappa"], against["kappa"]) if against else None,
                      "top20_max_relative_error": top20_error(r["kappa"], against["kappa"]) if against else None,
@@ -254,12 +260,15 @@ def main() -> None:
                              "peer_settings": PEER_SETTINGS[args.peer], "peer_note": PEER_NOTE})
             print(f"  peer {args.peer}: {q['seconds']:.0f} s, peak {q['peak_rss_bytes'] / 1e9:.1f} GB", flush=True)
     old = json.loads(Path(args.json).read_text())["runs"] if Path(args.json).is_file() else []
-    key = lambda row: (row.get("role", "scan"), row["path"], row["n"])  # noqa: E731
+    key = lambda row: (row.get("role", "scan"), row["path"], row["n"], row.get("device", "cpu"))  # noqa: E731
     new = {key(row) for row in rows}
     rows = sorted([row for row in old if key(row) not in new] + rows, key=key)
-    scans = lambda path: [row for row in rows if row.get("role", "scan") == "scan" and row["path"] == path]  # noqa: E731
+    scans = lambda path, device="cpu": [row for row in rows if row.get("role", "scan") == "scan"  # noqa: E731
+                                        and row["path"] == path and row.get("device", "cpu") == device]
     record = {"time_exponent": exponent(scans("nystrom")), "time_exponent_exact": exponent(scans("streamed")),
               "threads": torch.get_num_threads(), "runs": rows}
+    for device in sorted({row["device"] for row in rows if "device" in row}):
+        record[f"time_exponent_{device}"] = exponent(scans("nystrom", device))
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}), flush=True)
 

@@ -112,8 +112,9 @@ class GramFactor(LinearOperator):
             return 0.0
         t0 = time.perf_counter()
         rows = (points[:, None] * self.k + torch.arange(self.k)).reshape(-1)
-        rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64)
-        rhs[rows, torch.arange(len(rows))] = 1.0
+        rows = rows.to(self.device)
+        rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64, device=self.device)
+        rhs[rows, torch.arange(len(rows), device=self.device)] = 1.0
         rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is
         X, residual, _ = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, rtol, maxiter, progress,
                                     None if self.checkpoint is None else f"{self.checkpoint}-refine")
@@ -128,7 +129,7 @@ class GramFactor(LinearOperator):
         of the last :meth:`refine` that reached its residual (none before)."""
         if not self.gram_inverse.approximate:
             return torch.arange(self.problem.n)
-        return self.gram_inverse.exact_rows[::self.k] // self.k
+        return self.gram_inverse.exact_rows[::self.k].cpu() // self.k
 
     @property
     def dtype(self) -> torch.dtype:

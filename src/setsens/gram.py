@@ -282,16 +282,17 @@ class NystromInverse:
         Q, inv, self.rank = _pinv_psd(residual, rcond, float(torch.linalg.eigvalsh(blocks).max()))
         self.E_inv = (Q * inv[:, None, :]) @ Q.transpose(1, 2)  # (n, K, K)
         self.EiL = (self.E_inv @ Lb).reshape(n * k, -1)  # E⁺L, (n·K, r)
-        self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype) + L.T @ self.EiL)
+        self.S = torch.linalg.inv(torch.eye(L.shape[1], dtype=L.dtype, device=L.device) + L.T @ self.EiL)
         self.k = k
-        self.exact, self.exact_rows, self._exact_at = None, torch.zeros(0, dtype=torch.long), None
+        self.exact, self.exact_rows, self._exact_at = None, torch.zeros(0, dtype=torch.long, device=L.device), None
 
     def refine(self, rows: Tensor, exact: Tensor) -> None:
         """Take ``exact``, the block of the true ``(GGᵀ)⁺`` on ``rows`` (:func:`gram_solve`), for every block within
         those rows from now on (``apply`` stays approximate)."""
         self.exact, self.exact_rows = (exact + exact.T) / 2, rows
-        self._exact_at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long)  # a row's place in ``exact``
-        self._exact_at[rows] = torch.arange(len(rows))
+        at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long, device=rows.device)  # a row's place in exact
+        at[rows] = torch.arange(len(rows), device=rows.device)
+        self._exact_at = at
 
     def block(self, rows: Tensor) -> Tensor:
         """The block of the approximate ``(GGᵀ)⁺`` on ``rows`` (whole points' outputs, as :class:`EigenInverse`);
@@ -333,6 +334,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     omega = state.get("omega")
     if omega is None:
         omega = torch.randn(rank, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        omega = omega.to(problem.params.device)  # drawn on the CPU: the same Ω on every device
         if centered:
             omega = center_classes(omega.reshape(rank, n, k)).reshape(rank, N)
     Z = jacobian_products(problem, centered, left=omega)[1]  # Ωᵀ G, (r, p)
