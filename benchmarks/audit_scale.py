@@ -16,7 +16,9 @@ false``: its seconds are the last stretch's only) is left out of ``time_exponent
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
 randomly shifted copies of them (timing only; said in the output) — and ``Audit(problem).scan()`` with
-the factor path the memory plan picks.  At ``--exact`` images the dense factor (G held) is the reference
+the factor path the memory plan picks.  An exact (CPU) row also writes its κ beside the JSON
+(``kappa-exact-<n>.json``, committed with it): the reference of a later ``--path nystrom`` row of the same n.  At
+``--exact`` images the dense factor (G held) is the reference
 of the streamed one: Spearman of κ and the largest relative error on the top 20.  ``time_exponent`` is
 the log–log slope of the scan's seconds against n.
 
@@ -171,6 +173,24 @@ def top20_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((approx[top] - exact[top]).abs() / exact[top]).max())
 
 
+def exact_file(folder: Path, n: int) -> Path:
+    """The committed exact κ of the first n images: the reference of a later Nyström row or refinement check."""
+    return folder / f"kappa-exact-{n}.json"
+
+
+def save_exact(folder: Path, n: int, kappa: torch.Tensor, seconds: float) -> None:
+    exact_file(folder, n).write_text(json.dumps({"model": "resnet56", "n": n, "threads": torch.get_num_threads(),
+                                                 "seconds": seconds, "kappa": kappa.tolist()}) + "\n")
+
+
+def load_exact(folder: Path, n: int) -> dict | None:
+    file = exact_file(folder, n)
+    if not file.is_file():
+        return None
+    saved = json.loads(file.read_text())
+    return {**saved, "kappa": torch.tensor(saved["kappa"], dtype=torch.float64)}
+
+
 def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000, device: str = "cpu") -> dict:
     out = tmp / (f"scan-{n}-{path}.pt" if device == "cpu" else f"scan-{n}-{path}-{device.replace(':', '')}.pt")
     if not out.is_file():  # a rerun reuses the sizes already measured
@@ -197,8 +217,8 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "docs/runs/audit-scale/audit_scale.json"))
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", default="auto", choices=["auto", "streamed", "nystrom", "dense"],
-                        help="the factor's path for --sizes (nystrom rows are compared with the exact ones of a "
-                             "previous auto run on the same sizes)")
+                        help="the factor's path for --sizes (nystrom rows are compared with the exact κ of a previous "
+                             "auto run on the same sizes, kappa-exact-<n>.json beside --json)")
     parser.add_argument("--rank", type=int, default=1000, help="the Nyström sketch's rank")
     parser.add_argument("--peer", default="none", choices=["none", *PEERS],
                         help="also time this peer's per-point scan of the same images (cost only; see above)")
@@ -211,7 +231,8 @@ def main() -> None:
         return peer_one(args.one, args.peer, args.out)
     if args.one:
         return one(args.one, args.path, memory, args.out, args.rank, args.device)
-    tmp = Path(args.json).parent / "state"
+    folder = Path(args.json).parent
+    tmp = folder / "state"
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.exact:
@@ -228,8 +249,9 @@ def main() -> None:
     for n in [int(s) for s in args.sizes.split(",") if s]:
         print(f"n={n}, path {args.path}…", flush=True)
         r = run(n, args.path, memory, tmp, args.rank, args.device)
-        exact = tmp / f"scan-{n}-auto.pt"
-        against = torch.load(exact, weights_only=True) if r["path"] == "nystrom" and exact.is_file() else None
+        if r["path"] != "nystrom" and args.device == "cpu" and not exact_file(folder, n).is_file():
+            save_exact(folder, n, r["kappa"], r["seconds"])
+        against = load_exact(folder, n) if r["path"] == "nystrom" else None
         rows.append({"role": "scan", "model": "resnet56", "n": n, "p": r["p"], "K": r["K"], "path": r["path"],
                      "panel": r["panel"],
                      "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
@@ -240,7 +262,8 @@ def main() -> None:
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
                      "spearman_vs_exact": spearman(r["kappa"], against["kappa"]) if against else None,
                      "top20_max_relative_error": top20_error(r["kappa"], against["kappa"]) if against else None,
-                     "exact_reference": ("the streamed exact scan of the same images (this file)" if against else
+                     "exact_reference": (f"the streamed exact scan of the same images ({exact_file(folder, n).name})"
+                                         if against else
                                          "the streamed factor is exact (equal to the dense one to rounding: "
                                          "tests/core/test_gram.py, and the row at n = --exact)"
                                          if r["path"] != "nystrom" else None),

@@ -7,6 +7,8 @@ matrix (``GramFactor(path="streamed")``, equal to the dense factor to rounding: 
 Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after refining the top 40 points by
 preconditioned CG (``scan``'s default).  Writes ``refine-<n>.json`` beside this file: Spearman and the largest
 relative error on the exact top 20, for the sketch and for the refined scan, the CG residual and the seconds.
+The exact κ is written to ``kappa-exact-<n>.json`` as soon as it is known and read back on a rerun, so a run cut
+off during the sketch or the refinement does not repeat the exact scan.
 """
 
 import argparse
@@ -19,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
-from audit_scale import DATA, images, spearman, top20_error  # noqa: E402
+from audit_scale import DATA, images, load_exact, save_exact, spearman, top20_error  # noqa: E402
 
 from setsens.audit import GramFactor, scan  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
@@ -36,8 +38,12 @@ def main() -> None:
     t0 = time.perf_counter()
     log = lambda e: print(f"{e.stage} {e.done}/{e.total} {dict(e.info)} {time.perf_counter() - t0:.0f} s",  # noqa: E731
                           flush=True)
-    exact = scan(problem, GramFactor(problem, path="streamed", progress=log)).kappa.double()
-    t_exact = time.perf_counter() - t0
+    if saved := load_exact(HERE, args.n):
+        exact, t_exact = saved["kappa"], saved["seconds"]
+    else:
+        exact = scan(problem, GramFactor(problem, path="streamed", progress=log)).kappa.double()
+        t_exact = time.perf_counter() - t0
+        save_exact(HERE, args.n, exact, t_exact)
     t0 = time.perf_counter()
     factor = GramFactor(problem, path="nystrom", rank=args.rank, progress=log)
     t_sketch = time.perf_counter() - t0
