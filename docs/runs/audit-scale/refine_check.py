@@ -4,10 +4,11 @@
 
 The shared ResNet-56 on the first n shared CIFAR-10 training images, K = 10: the exact κ from the streamed Gram
 matrix (``GramFactor(path="streamed")``, equal to the dense factor to rounding: tests/core/test_gram.py), then the
-Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after refining the top 40 points by
-preconditioned CG (``scan``'s default).  Writes ``refine-<n>.json`` beside this file: Spearman and the largest
-relative error on the exact top 20, for the sketch and for the refined scan, the CG residual and the seconds
-(the sketch's figures first, with ``"refined": null``, so a run cut off while refining keeps them).
+Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after refining the top ``--refine``
+points by preconditioned CG (default 40, ``scan``'s).  Writes ``refine-<n>.json`` beside this file: Spearman and
+the largest relative error on the exact top 20, for the sketch and for the refined scan, where the sketch ranks
+the exact top 20 (how many points the refinement needs to hold them all), the CG residual, the seconds and both
+κ (the sketch's figures first, with ``"refined": null``, so a run cut off while refining keeps them).
 The exact κ is written to ``kappa-exact-<n>.json`` as soon as it is known and read back on a rerun, so a run cut
 off during the sketch or the refinement does not repeat the exact scan.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from audit_scale import DATA, images, load_exact, save_exact, spearman, top20_error  # noqa: E402
 
 from setsens.audit import GramFactor, scan  # noqa: E402
+from setsens.gram import REFINE_POINTS  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.problem import Problem, cross_entropy  # noqa: E402
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--rank", type=int, default=500)
+    parser.add_argument("--refine", type=int, default=REFINE_POINTS, help="the sketch's top points to refine")
     args = parser.parse_args()
     problem = Problem(load_cifar_resnet(DATA / "resnet56-cifar10.th", 56), cross_entropy, images(args.n),
                       batch_size=20)
@@ -49,23 +52,27 @@ def main() -> None:
     factor = GramFactor(problem, path="nystrom", rank=args.rank, progress=log)
     t_sketch = time.perf_counter() - t0
     sketch = scan(problem, factor, refine=0).kappa.double()
+    top = exact.argsort(descending=True)[:20]
+    places = (sketch.argsort(descending=True).argsort()[top] + 1).tolist()  # 1 = the sketch's highest
     out = {"model": "resnet56", "n": args.n, "K": factor.k, "p": problem.p, "sketch_rank": factor.plan.rank,
            "threads": torch.get_num_threads(), "exact_seconds": t_exact, "sketch_seconds": t_sketch,
            "sketch": {"spearman_vs_exact": spearman(sketch, exact),
-                      "top20_max_relative_error": top20_error(sketch, exact)},
+                      "top20_max_relative_error": top20_error(sketch, exact),
+                      "places_of_exact_top20": places, "refine_to_hold_exact_top20": max(places)},
            "refined": None, "exact_reference": "the streamed exact scan of the same images "
                                                f"(GramFactor(path='streamed'), kappa-exact-{args.n}.json)"}
     write = lambda: (HERE / f"refine-{args.n}.json").write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
     write()  # the sketch's figures stand even if the refinement is cut off
     t0 = time.perf_counter()
-    refined = scan(problem, factor, progress=log)
-    kappa, top = refined.kappa.double(), exact.argsort(descending=True)[:20]
+    refined = scan(problem, factor, refine=args.refine, progress=log)
+    kappa = refined.kappa.double()
     out.update({"refine_seconds": time.perf_counter() - t0, "refine_residual": refined.refine_residual,
                 "refined_points": len(refined.exact_points),
                 "exact_top20_refined": len(set(top.tolist()) & set(refined.exact_points.tolist())),
                 "refined": {"spearman_vs_exact": spearman(kappa, exact),
-                            "top20_max_relative_error": top20_error(kappa, exact)}})
-    print(json.dumps(out, indent=1))
+                            "top20_max_relative_error": top20_error(kappa, exact)},
+                "kappa": {"sketch": sketch.tolist(), "refined": kappa.tolist()}})
+    print(json.dumps({k: v for k, v in out.items() if k != "kappa"}, indent=1))
     write()
 
 if __name__ == "__main__":
