@@ -60,7 +60,8 @@ def main() -> None:
                       "top20_max_relative_error": top20_error(sketch, exact),
                       "places_of_exact_top20": places, "refine_to_hold_exact_top20": max(places)},
            "refined": None, "exact_reference": "the streamed exact scan of the same images "
-                                               f"(GramFactor(path='streamed'), kappa-exact-{args.n}.json)"}
+                                               f"(GramFactor(path='streamed'), kappa-exact-{args.n}.json)",
+           "kappa": {"sketch": sketch.tolist(), "refined": None}}
     write = lambda: (HERE / f"refine-{args.n}.json").write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
     write()  # the sketch's figures stand even if the refinement is cut off
     t0 = time.perf_counter()
@@ -70,8 +71,8 @@ def main() -> None:
                 "refined_points": len(refined.exact_points),
                 "exact_top20_refined": len(set(top.tolist()) & set(refined.exact_points.tolist())),
                 "refined": {"spearman_vs_exact": spearman(kappa, exact),
-                            "top20_max_relative_error": top20_error(kappa, exact)},
-                "kappa": {"sketch": sketch.tolist(), "refined": kappa.tolist()}})
+                            "top20_max_relative_error": top20_error(kappa, exact)}})
+    out["kappa"]["refined"] = kappa.tolist()
     print(json.dumps({k: v for k, v in out.items() if k != "kappa"}, indent=1))
     write()
 
