@@ -24,7 +24,7 @@ matrix-free reference.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
-from .gram import (CHUNK, REFINE_POINTS, REFINE_RTOL, EigenInverse, center_gram, float64_product, gram_matrix,
-                   gram_solve, jacobian_products, nystrom_inverse, output_width, plan)
+from .gram import (CHUNK, REFINE_POINTS, REFINE_ROUNDS, REFINE_RTOL, REFINE_SAMPLE, REFINE_TOP, EigenInverse,
+                   center_gram, float64_product, gram_matrix, gram_solve, jacobian_products, nystrom_inverse,
+                   output_width, plan)
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
@@ -94,13 +95,14 @@ class GramFactor(LinearOperator):
             self.gram_inverse = EigenInverse(center_gram(gram, problem.n) if self.centered else gram, rcond)
         self.rank = self.gram_inverse.rank
         self.shape = (problem.p, rows)
-        self.calls = 0
+        self.calls = self._refinements = 0
         self.seconds = time.perf_counter() - t0
 
     def refine(self, points: Tensor, rtol: float = REFINE_RTOL, maxiter: int = 50,
                progress: ProgressFn | None = None) -> float:
-        """Make an approximate (``"nystrom"``) factor exact on the block of ``points`` (every block within them
-        from now on; products with many points stay approximate): its columns of ``(GGᵀ)⁺`` by
+        """Make an approximate (``"nystrom"``) factor exact on the block of ``points`` and their coupling to the points
+        refined before (every block within all of them from now on; products with many points stay approximate): its
+        columns of ``(GGᵀ)⁺`` by
         :func:`setsens.gram.gram_solve`, preconditioned with the sketch, to relative residual ``rtol`` — taken
         only if reached within ``maxiter`` iterations.  Returns the residual reached (0 for the exact paths, which
         need nothing).  Cost: two Jacobian passes per iteration, with |points|·K vectors each (measured on
@@ -117,20 +119,21 @@ class GramFactor(LinearOperator):
         rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64, device=self.device)
         rhs[rows, torch.arange(len(rows), device=self.device)] = 1.0
         rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is
+        self._refinements += 1  # each call its own checkpoint: a rerun of the same calls resumes each
         X, residual, _ = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, rtol, maxiter, progress,
-                                    None if self.checkpoint is None else f"{self.checkpoint}-refine")
+                                    None if self.checkpoint is None else f"{self.checkpoint}-refine{self._refinements}")
         if residual <= rtol:
-            self.gram_inverse.refine(rows, X[rows])
+            self.gram_inverse.refine(rows, X)
         self.seconds += time.perf_counter() - t0
         return residual
 
     @property
     def exact_points(self) -> Tensor:
         """The points whose block of ``(GGᵀ)⁺`` is exact: all of them with an exact path; with ``"nystrom"`` those
-        of the last :meth:`refine` that reached its residual (none before)."""
+        of every :meth:`refine` that reached its residual (none before)."""
         if not self.gram_inverse.approximate:
             return torch.arange(self.problem.n)
-        return self.gram_inverse.exact_rows[::self.k].cpu() // self.k
+        return (self.gram_inverse.exact_rows[::self.k].cpu() // self.k).sort().values
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,22 +214,30 @@ class Scan:
     factor_seconds: float
     exact_points: Tensor  # the points whose κ_k is exact (to the refinement's residual): all with an exact factor
     refine_residual: float = 0.0
+    #: with an approximate factor, the points not refined that could still belong to the top (:func:`scan`'s rule)
+    unresolved: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def top(self, m: int) -> Tensor:
         return self.ranking[:m]
 
 
-def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFINE_POINTS,
-         progress: ProgressFn | None = None) -> Scan:
-    """κ_k and the worst Δx_k for every training point from one :class:`GramFactor`.  With an approximate factor
-    (``factor.gram_inverse.approximate``) every κ_k is the sketch's but those of the ``refine`` points it ranks
-    highest, which are exact (:meth:`GramFactor.refine`; ``exact_points``, empty with ``refine_residual`` above
-    :data:`REFINE_RTOL` when its solve did not converge): a point the sketch underrates by more than the gap to its
-    ``refine``-th can still be missing from the top (ResNet-56, 1000 CIFAR images, rank 500: two of the exact top
-    20 were the sketch's 41st and 72nd, docs/runs/audit-scale/refine-1000.json).
+def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFINE_POINTS, top: int = REFINE_TOP,
+         rounds: int = REFINE_ROUNDS, sample: int = REFINE_SAMPLE, progress: ProgressFn | None = None) -> Scan:
+    """κ_k and the worst Δx_k for every training point from one :class:`GramFactor`.
 
-    Cost: the factor, n·K per-sample input gradients, n small (K × d) SVDs, and with an approximate factor its
-    refinement (a few Jacobian passes).
+    With an approximate factor (``factor.gram_inverse.approximate``) every κ_k is the sketch's but those of the
+    points refined (:meth:`GramFactor.refine`; ``exact_points``), in up to ``rounds`` rounds: first the ``refine``
+    points the sketch ranks highest and ``sample`` others drawn at random (seeded), which show how far the sketch
+    underrates points it does not rank high; then, while any is left, every other point whose sketch κ times ρ —
+    the largest exact ÷ sketch ratio among the points refined so far — reaches the ``top``-th largest exact κ.  The
+    rule is a heuristic, not a bound (a point the sketch underrates by more than ρ can be missed); the points it
+    still names after the last round are ``unresolved``.  A round whose solve does not converge is not taken
+    (``refine_residual`` above :data:`REFINE_RTOL`).  ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch
+    places the exact top 20 within its top 36, at 1000 within its top 72 (docs/runs/audit-scale/refine-200.json,
+    refine-1000.json).
+
+    Cost: the factor, n·K per-sample input gradients, n small (K × d) SVDs, and with an approximate factor each
+    round's refinement (per CG iteration two Jacobian passes, plus products linear in the points refined).
     """
     t0 = time.perf_counter()
     factor = factor or GramFactor(problem)
@@ -238,12 +249,30 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
             kappa[k], directions[k] = _largest_move(factor, torch.tensor([k]), A[k])
 
     measure(torch.arange(problem.n))
-    residual = 0.0
+    residual, unresolved = 0.0, torch.zeros(0, dtype=torch.long)
     if factor.gram_inverse.approximate and refine:
-        residual = factor.refine(kappa.argsort(descending=True)[:refine].sort().values, progress=progress)
-        measure(factor.exact_points)
+        sketch = kappa.clone()
+        order = sketch.argsort(descending=True)
+        rest = order[refine:]
+        drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:sample]]
+        points = torch.cat([order[:refine], drawn])
+        for _ in range(rounds):
+            residual = max(residual, factor.refine(points.sort().values, progress=progress))
+            exact = factor.exact_points
+            if residual > REFINE_RTOL or not len(exact):
+                break
+            measure(points)
+            ratio = float((kappa[exact] / sketch[exact]).max())
+            threshold = kappa[exact].topk(min(top, len(exact))).values[-1]
+            outside = torch.ones(problem.n, dtype=torch.bool)
+            outside[exact] = False
+            points = (outside & (sketch * ratio >= threshold)).nonzero()[:, 0]
+            if not len(points):
+                break
+        else:
+            unresolved = points
     return Scan(kappa, directions.reshape(problem.n, *problem.input_shape), kappa.argsort(descending=True),
-                time.perf_counter() - t0, factor.seconds, factor.exact_points, residual)
+                time.perf_counter() - t0, factor.seconds, factor.exact_points, residual, unresolved)
 
 
 def group_modulus(problem: Problem, points, factor: GramFactor | None = None) -> tuple[float, Tensor]:

@@ -46,9 +46,10 @@ __all__ = ["GramPlan", "plan", "output_width", "jacobian_chunks", "float64_produ
 #: K copies of one sample's activations per point)
 CHUNK = 16
 _PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
-#: with the Nyström path, :func:`setsens.audit.scan` makes the blocks of this many points exact — those the sketch
-#: ranks most sensitive — solved to this relative residual (:func:`gram_solve`)
-REFINE_POINTS, REFINE_RTOL = 40, 0.1
+#: with the Nyström path, :func:`setsens.audit.scan` makes exact the blocks of the ``REFINE_POINTS`` points the sketch
+#: ranks most sensitive and ``REFINE_SAMPLE`` drawn at random, then, in up to ``REFINE_ROUNDS`` rounds in all, those
+#: that could still belong to the top ``REFINE_TOP`` — solved to relative residual ``REFINE_RTOL`` (:func:`gram_solve`)
+REFINE_POINTS, REFINE_SAMPLE, REFINE_TOP, REFINE_ROUNDS, REFINE_RTOL = 100, 10, 20, 3, 0.1
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,9 @@ def jacobian_products(problem: Problem, centered: bool, right: Tensor | None = N
         k, J = J.shape[1], J.reshape(-1, problem.p)
         if right is not None:
             outs.append(right.to(J) @ J.T)
-        if left is not None:
-            part = left[:, s * k:s * k + J.shape[0]].to(J) @ J
-            back = part if back is None else back + part
+        if left is not None:  # accumulated in place: a new (m, p) sum per chunk cost 5× the products
+            back = J.new_zeros(left.shape[0], problem.p) if back is None else back
+            back.addmm_(left[:, s * k:s * k + J.shape[0]].to(J), J)
     return (torch.cat(outs, 1) if right is not None else None), back, (torch.cat(blocks) if diagonal else None)
 
 
@@ -287,12 +288,20 @@ class NystromInverse:
         self.k = k
         self.exact, self.exact_rows, self._exact_at = None, torch.zeros(0, dtype=torch.long, device=L.device), None
 
-    def refine(self, rows: Tensor, exact: Tensor) -> None:
-        """Take ``exact``, the block of the true ``(GGᵀ)⁺`` on ``rows`` (:func:`gram_solve`), for every block within
-        those rows from now on (``apply`` stays approximate)."""
-        self.exact, self.exact_rows = (exact + exact.T) / 2, rows
+    def refine(self, rows: Tensor, columns: Tensor) -> None:
+        """Take ``columns``, the true ``(GGᵀ)⁺``'s columns on ``rows`` ((n·K, len(rows)), :func:`gram_solve`): every
+        block within these rows and those refined before is exact from now on, the coupling to the earlier ones
+        taken from these columns (rows refined again are replaced; ``apply`` stays approximate)."""
+        block = columns[rows]
+        block = (block + block.T) / 2
+        kept = self.exact_rows[~torch.isin(self.exact_rows, rows)]
+        if len(kept):
+            old = self._exact_at[kept]
+            cross = columns[kept]  # (kept, rows): the coupling from the new columns
+            block = torch.cat([torch.cat([self.exact[old][:, old], cross], 1), torch.cat([cross.T, block], 1)])
+        self.exact, self.exact_rows = block, torch.cat([kept, rows])
         at = torch.full((self.EiL.shape[0],), -1, dtype=torch.long, device=rows.device)  # a row's place in exact
-        at[rows] = torch.arange(len(rows), device=rows.device)
+        at[self.exact_rows] = torch.arange(len(self.exact_rows), device=rows.device)
         self._exact_at = at
 
     def block(self, rows: Tensor) -> Tensor:

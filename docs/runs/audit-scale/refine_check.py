@@ -4,8 +4,9 @@
 
 The shared ResNet-56 on the first n shared CIFAR-10 training images, K = 10: the exact κ from the streamed Gram
 matrix (``GramFactor(path="streamed")``, equal to the dense factor to rounding: tests/core/test_gram.py), then the
-Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after refining the top ``--refine``
-points by preconditioned CG (default 40, ``scan``'s).  Writes ``refine-<n>.json`` beside this file: Spearman and
+Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after its refinement by preconditioned
+CG (``scan``'s rounds: the sketch's top ``--refine`` points and ``--sample`` random ones, then any the rule names;
+defaults ``scan``'s).  Writes ``refine-<n>.json`` beside this file: Spearman and
 the largest relative error on the exact top 20, for the sketch and for the refined scan, where the sketch ranks
 the exact top 20 (how many points the refinement needs to hold them all), the CG residual, the seconds and both
 κ (the sketch's figures first, with ``"refined": null``, so a run cut off while refining keeps them).
@@ -26,7 +27,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from audit_scale import DATA, images, load_exact, save_exact, spearman, top20_error  # noqa: E402
 
 from setsens.audit import GramFactor, scan  # noqa: E402
-from setsens.gram import REFINE_POINTS  # noqa: E402
+from setsens.gram import REFINE_POINTS, REFINE_SAMPLE  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.problem import Problem, cross_entropy  # noqa: E402
 
@@ -35,7 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--rank", type=int, default=500)
-    parser.add_argument("--refine", type=int, default=REFINE_POINTS, help="the sketch's top points to refine")
+    parser.add_argument("--refine", type=int, default=REFINE_POINTS, help="the sketch's top points to refine first")
+    parser.add_argument("--sample", type=int, default=REFINE_SAMPLE, help="random points refined with them")
     args = parser.parse_args()
     problem = Problem(load_cifar_resnet(DATA / "resnet56-cifar10.th", 56), cross_entropy, images(args.n),
                       batch_size=20)
@@ -65,10 +67,11 @@ def main() -> None:
     write = lambda: (HERE / f"refine-{args.n}.json").write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
     write()  # the sketch's figures stand even if the refinement is cut off
     t0 = time.perf_counter()
-    refined = scan(problem, factor, refine=args.refine, progress=log)
+    refined = scan(problem, factor, refine=args.refine, sample=args.sample, progress=log)
     kappa = refined.kappa.double()
     out.update({"refine_seconds": time.perf_counter() - t0, "refine_residual": refined.refine_residual,
-                "refined_points": len(refined.exact_points),
+                "refine": args.refine, "sample": args.sample, "refined_points": len(refined.exact_points),
+                "unresolved": refined.unresolved.tolist(),
                 "exact_top20_refined": len(set(top.tolist()) & set(refined.exact_points.tolist())),
                 "refined": {"spearman_vs_exact": spearman(kappa, exact),
                             "top20_max_relative_error": top20_error(kappa, exact)}})

@@ -320,7 +320,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
-    from ..gram import REFINE_POINTS, problem_key
+    from ..gram import REFINE_POINTS, REFINE_SAMPLE, problem_key
     from ..perturb import gradient_perturbation
     from ..poisoning import AttackOptions
     from ..report import prepare_out_dir, to_jsonable, write_json, write_text
@@ -356,7 +356,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     plan = _gram_plan(problem, check)
     how = {"dense": "G held", "streamed": f"Jacobians in panels of {plan.panel} points, G never held",
            "nystrom": f"the exact Gram matrix does not fit: a rank-{plan.rank} Nyström sketch, approximate, its top "
-                      f"{REFINE_POINTS} points then solved exactly"}[plan.path]
+                      f"{REFINE_POINTS} points, {REFINE_SAMPLE} at random and those they show it may underrate then "
+                      "solved exactly"}[plan.path]
     log(f"scan: factorising G Gᵀ ({plan.path}: {how}, about {plan.bytes / 1e9:.1f} GB) and every point's modulus…")
     t0 = time.perf_counter()
     with Bars({"gram": "Gram matrix (points)", "sketch": "Nyström sketch (Jacobian passes)",
@@ -370,6 +371,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
                         "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes,
                                    "sketch_rank": factor.plan.rank},
                         "exact_points": len(result.exact_points), "refine_residual": result.refine_residual,
+                        "unresolved": result.unresolved.tolist(),
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
                                   "max": float(result.kappa.max())},
                         "ranking": result.ranking[:20].tolist(), "kappa_top": result.kappa[result.top(20)].tolist()}}
@@ -488,8 +490,10 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
              f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"
              + ("" if s["factor"]["path"] != "nystrom" else
                 f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; " +
-                (f"κ exact for the {s['exact_points']} points it ranks highest, CG residual "
-                 f"{s['refine_residual']:.1e})" if s["exact_points"] else
+                (f"κ exact for the {s['exact_points']} points it ranks highest or may underrate, CG residual "
+                 f"{s['refine_residual']:.1e}" + (f"; {len(s['unresolved'])} more may belong to the top, not refined "
+                                                  f"(rounds exhausted): {s['unresolved'][:10]}" if s["unresolved"]
+                                                  else "") + ")" if s["exact_points"] else
                  f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
                  "every κ is the sketch's)")),
              f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
