@@ -231,10 +231,10 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
     underrates points it does not rank high; then, while any is left, every other point whose sketch κ times ρ —
     the largest exact ÷ sketch ratio among the points refined so far — reaches the ``top``-th largest exact κ.  The
     rule is a heuristic, not a bound (a point the sketch underrates by more than ρ can be missed); the points it
-    still names after the last round are ``unresolved``.  A round whose solve does not converge is not taken
-    (``refine_residual`` above :data:`REFINE_RTOL`).  ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch
-    places the exact top 20 within its top 36, at 1000 within its top 72 (docs/runs/audit-scale/refine-200.json,
-    refine-1000.json).
+    names but did not refine are ``unresolved`` (when the rounds run out, or a round's solve does not converge: that
+    round is not taken, ``refine_residual`` above :data:`REFINE_RTOL`).  ResNet-56, rank-500 sketch: at 200 CIFAR
+    images the sketch places the exact top 20 within its top 36, at 1000 within its top 72
+    (docs/runs/audit-scale/refine-200.json, refine-1000.json).
 
     Cost: the factor, n·K per-sample input gradients, n small (K × d) SVDs, and with an approximate factor each
     round's refinement (per CG iteration two Jacobian passes, plus products linear in the points refined).
@@ -258,10 +258,10 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
         points = torch.cat([order[:refine], drawn])
         for _ in range(rounds):
             residual = max(residual, factor.refine(points.sort().values, progress=progress))
-            exact = factor.exact_points
-            if residual > REFINE_RTOL or not len(exact):
+            if residual > REFINE_RTOL:  # not taken: these points keep the sketch's κ
                 break
             measure(points)
+            exact = factor.exact_points
             ratio = float((kappa[exact] / sketch[exact]).max())
             threshold = kappa[exact].topk(min(top, len(exact))).values[-1]
             outside = torch.ones(problem.n, dtype=torch.bool)
@@ -269,8 +269,7 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
             points = (outside & (sketch * ratio >= threshold)).nonzero()[:, 0]
             if not len(points):
                 break
-        else:
-            unresolved = points
+        unresolved = points
     return Scan(kappa, directions.reshape(problem.n, *problem.input_shape), kappa.argsort(descending=True),
                 time.perf_counter() - t0, factor.seconds, factor.exact_points, residual, unresolved)
 

@@ -303,6 +303,7 @@ def test_a_refinement_that_does_not_converge_is_not_taken():
     sketch = GramFactor(problem, path="nystrom", rank=10)
     result = scan(problem, sketch, refine=8)
     assert len(result.exact_points) == 0 and result.refine_residual > REFINE_RTOL and sketch.gram_inverse.exact is None
+    assert set(result.ranking[:8].tolist()) <= set(result.unresolved.tolist())  # named, not refined
     points = result.ranking[:8]
     assert float(((result.kappa[points] - exact[points]).abs() / exact[points]).max()) > 0.5  # the sketch's
     assert sketch.refine(points, rtol=1e-10, maxiter=300) < 1e-10

@@ -491,8 +491,8 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
              + ("" if s["factor"]["path"] != "nystrom" else
                 f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; " +
                 (f"κ exact for the {s['exact_points']} points it ranks highest or may underrate, CG residual "
-                 f"{s['refine_residual']:.1e}" + (f"; {len(s['unresolved'])} more may belong to the top, not refined "
-                                                  f"(rounds exhausted): {s['unresolved'][:10]}" if s["unresolved"]
+                 f"{s['refine_residual']:.1e}" + (f"; {len(s['unresolved'])} more may belong to the top but were not "
+                                                  f"refined: {s['unresolved'][:10]}" if s["unresolved"]
                                                   else "") + ")" if s["exact_points"] else
                  f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
                  "every κ is the sketch's)")),
