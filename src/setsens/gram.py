@@ -214,7 +214,7 @@ def jacobian_products(problem: Problem, centered: bool, right: Tensor | None = N
         k, J = J.shape[1], J.reshape(-1, problem.p)
         if right is not None:
             outs.append(right.to(J) @ J.T)
-        if left is not None:  # accumulated in place: a new (m, p) sum per chunk cost 5× the products
+        if left is not None:  # accumulated in place: a new (m, p) sum per chunk costs more than the product
             back = J.new_zeros(left.shape[0], problem.p) if back is None else back
             back.addmm_(left[:, s * k:s * k + J.shape[0]].to(J), J)
     return (torch.cat(outs, 1) if right is not None else None), back, (torch.cat(blocks) if diagonal else None)
