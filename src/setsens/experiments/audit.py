@@ -483,19 +483,27 @@ def _gram_plan(problem, check: bool):
     return chosen
 
 
+def _sketch_note(s: dict) -> str:
+    """What a Nyström scan's κ are (empty for the exact paths): which points were refined, and which it names but
+    did not refine."""
+    if s["factor"]["path"] != "nystrom":
+        return ""
+    head = f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; "
+    if not s["exact_points"]:
+        return (head + f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
+                "every κ is the sketch's)")
+    left = (f"; {len(s['unresolved'])} more may belong to the top but were not refined: {s['unresolved'][:10]}"
+            if s["unresolved"] else "")
+    return (head + f"κ exact for the {s['exact_points']} points it ranks highest or may underrate, CG residual "
+            f"{s['refine_residual']:.1e}{left})")
+
+
 def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[str]:
     s, t_one = summary["scan"], summary["one_estimate_seconds"]
     lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
              f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
              f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"
-             + ("" if s["factor"]["path"] != "nystrom" else
-                f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; " +
-                (f"κ exact for the {s['exact_points']} points it ranks highest or may underrate, CG residual "
-                 f"{s['refine_residual']:.1e}" + (f"; {len(s['unresolved'])} more may belong to the top but were not "
-                                                  f"refined: {s['unresolved'][:10]}" if s["unresolved"]
-                                                  else "") + ")" if s["exact_points"] else
-                 f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
-                 "every κ is the sketch's)")),
+             + _sketch_note(s),
              f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
              f"(group modulus), {top} random points {s['group']['kappa_random']:.3g} (median of 5 draws)"]
     if check:
