@@ -69,10 +69,12 @@ def images(n: int, seed: int = 0):
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str = "cpu") -> None:
+def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str = "cpu",
+        refine_iterations: int | None = None) -> None:
     """Scan n images on ``path`` in this process; write seconds, peak RSS (and on a GPU its peak memory) and κ to
-    ``out`` (torch file)."""
-    from setsens.audit import GramFactor, scan
+    ``out`` (torch file).  ``refine_iterations`` (Nyström only): time the sketch-only scan, then that many CG
+    iterations of a first refinement round (its 110·K columns), instead of ``scan``'s rounds."""
+    from setsens.audit import REFINE_POINTS, REFINE_SAMPLE, GramFactor, scan
     from setsens.models.resnet import load_cifar_resnet
     from setsens.problem import Problem, cross_entropy
 
@@ -82,28 +84,43 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str 
     clock = Path(out).with_suffix(".clock")  # the earlier stretches' seconds, as of their last progress event
     resumed = any(state.parent.glob(state.name + "*"))
     earlier = float(clock.read_text()) if resumed and clock.is_file() else 0.0
-    t0, untimed = time.perf_counter(), 0.0
+    t0, untimed, refined_at = time.perf_counter(), 0.0, []
 
     def progress(event) -> None:
         seconds = earlier + time.perf_counter() - t0 - untimed
+        if event.stage == "refine":
+            refined_at.append(time.perf_counter())
         clock.with_suffix(".tmp").write_text(repr(seconds))
         clock.with_suffix(".tmp").replace(clock)
         print(f"  n={n}: {event.stage} {event.done}/{event.total}, {seconds:.0f} s"
               + (f", residual {event.info['residual']:.2g}" if "residual" in event.info else ""), flush=True)
 
     factor = GramFactor(problem, path=path, memory=memory, rank=rank, checkpoint=str(state), progress=progress)
-    sketch = None
-    if factor.gram_inverse.approximate:  # κ before the refinement, for the table (not timed)
+    sketch, iteration = None, None
+    if refine_iterations is not None and factor.gram_inverse.approximate:
+        result = scan(problem, factor, refine=0)
+        seconds = earlier + time.perf_counter() - t0
+        # the cost of a CG iteration depends on the number of columns, not on which points: the sketch's top 110
         start = time.perf_counter()
-        sketch = scan(problem, factor, refine=0).kappa
-        untimed = time.perf_counter() - start
-    result = scan(problem, factor, progress=progress)
-    seconds = earlier + time.perf_counter() - t0 - untimed
+        factor.refine(result.ranking[:REFINE_POINTS + REFINE_SAMPLE].sort().values, maxiter=refine_iterations,
+                      progress=progress)
+        if refined_at:  # none when a resumed run had already done them (then not timed)
+            iteration = (refined_at[-1] - start) / len(refined_at)
+    else:
+        if factor.gram_inverse.approximate:  # κ before the refinement, for the table (not timed)
+            start = time.perf_counter()
+            sketch = scan(problem, factor, refine=0).kappa
+            untimed = time.perf_counter() - start
+        result = scan(problem, factor, progress=progress)
+        seconds = earlier + time.perf_counter() - t0 - untimed
     torch.save({"n": n, "p": problem.p, "K": factor.k, "path": factor.plan.path, "panel": factor.plan.panel,
                 "sketch_rank": factor.plan.rank, "seconds": seconds, "factor_seconds": factor.seconds,
                 "rank": factor.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa, "kappa_sketch": sketch, "exact_points": result.exact_points,
                 "refine_residual": result.refine_residual, "resumed": resumed,
+                "refined": refine_iterations is None and factor.gram_inverse.approximate,
+                "refine_iteration_seconds": iteration,
+                "refine_columns": min(REFINE_POINTS + REFINE_SAMPLE, n) * factor.k if iteration else None,
                 "seconds_whole": not resumed or clock.is_file(), "device": str(problem.device),
                 "peak_device_bytes": torch.cuda.max_memory_allocated() if problem.device.type == "cuda" else None}, out)
 
@@ -191,17 +208,23 @@ def load_exact(folder: Path, n: int) -> dict | None:
     return {**saved, "kappa": torch.tensor(saved["kappa"], dtype=torch.float64)}
 
 
-def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000, device: str = "cpu") -> dict:
-    out = tmp / (f"scan-{n}-{path}.pt" if device == "cpu" else f"scan-{n}-{path}-{device.replace(':', '')}.pt")
+def run(n: int, path: str, memory: int, tmp: Path, rank: int = 1000, device: str = "cpu",
+        refine_iterations: int | None = None) -> dict:
+    name = f"scan-{n}-{path}" + (f"-{device.replace(':', '')}" if device != "cpu" else "") + (
+        f"-cg{refine_iterations}" if refine_iterations is not None else "")
+    out = tmp / f"{name}.pt"
     if not out.is_file():  # a rerun reuses the sizes already measured
         subprocess.run([sys.executable, __file__, "--one", str(n), "--path", path, "--memory", str(memory / 1e9),
-                        "--out", str(out), "--rank", str(rank), "--device", device], check=True)
+                        "--out", str(out), "--rank", str(rank), "--device", device]
+                       + (["--refine-iterations", str(refine_iterations)] if refine_iterations is not None else []),
+                       check=True)
     return torch.load(out, weights_only=True)
 
 
-def exponent(rows: list[dict]) -> float | None:
-    """The log–log slope of seconds against n (least squares), None under two sizes."""
-    timed = sorted({(row["n"], row["seconds"]) for row in rows if row.get("seconds_whole", not row.get("resumed"))})
+def exponent(rows: list[dict], seconds: str = "seconds") -> float | None:
+    """The log–log slope of ``seconds`` against n (least squares), None under two sizes."""
+    timed = sorted({(row["n"], row[seconds]) for row in rows
+                    if row.get(seconds) and row.get("seconds_whole", not row.get("resumed"))})
     if len(timed) < 2:
         return None
     xs, ys = [math.log(n) for n, _ in timed], [math.log(s) for _, s in timed]
@@ -224,13 +247,16 @@ def main() -> None:
                         help="also time this peer's per-point scan of the same images (cost only; see above)")
     parser.add_argument("--device", default="cpu", help="where the scan runs (cpu, cuda); the exact reference of a "
                         "nystrom row is the CPU auto run's")
+    parser.add_argument("--refine-iterations", type=int, help="Nyström rows: time the sketch-only scan (the row's "
+                        "seconds) and this many CG iterations of a first refinement round (refine_iteration_seconds), "
+                        "not scan's rounds — the cost curve where a whole refinement does not fit the session")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     memory = int(args.memory * 1e9)
     if args.one and args.peer != "none":
         return peer_one(args.one, args.peer, args.out)
     if args.one:
-        return one(args.one, args.path, memory, args.out, args.rank, args.device)
+        return one(args.one, args.path, memory, args.out, args.rank, args.device, args.refine_iterations)
     folder = Path(args.json).parent
     tmp = folder / "state"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -248,7 +274,7 @@ def main() -> None:
                      "peer": None, "peer_seconds": None})
     for n in [int(s) for s in args.sizes.split(",") if s]:
         print(f"n={n}, path {args.path}…", flush=True)
-        r = run(n, args.path, memory, tmp, args.rank, args.device)
+        r = run(n, args.path, memory, tmp, args.rank, args.device, args.refine_iterations)
         if r["path"] != "nystrom" and args.device == "cpu" and not exact_file(folder, n).is_file():
             save_exact(folder, n, r["kappa"], r["seconds"])
         against = load_exact(folder, n) if r["path"] == "nystrom" else None
@@ -257,6 +283,9 @@ def main() -> None:
                      "sketch_rank": r.get("sketch_rank") or None, "seconds": r["seconds"],
                      "peak_rss_bytes": r["peak_rss_bytes"], "rank": r["rank"], "resumed": r.get("resumed", False),
                      "seconds_whole": r.get("seconds_whole", not r.get("resumed")),
+                     **({"refined": r["refined"]} if r["path"] == "nystrom" else {}),
+                     **({"refine_iteration_seconds": r["refine_iteration_seconds"],
+                         "refine_columns": r["refine_columns"]} if r.get("refine_iteration_seconds") else {}),
                      **({"device": r["device"], "peak_device_bytes": r["peak_device_bytes"]}
                         if r.get("device", "cpu") != "cpu" else {}),
                      "data": "shared images" if n <= 1000 else "shared images + flipped/shifted copies (timing)",
@@ -283,12 +312,16 @@ def main() -> None:
                              "peer_settings": PEER_SETTINGS[args.peer], "peer_note": PEER_NOTE})
             print(f"  peer {args.peer}: {q['seconds']:.0f} s, peak {q['peak_rss_bytes'] / 1e9:.1f} GB", flush=True)
     old = json.loads(Path(args.json).read_text())["runs"] if Path(args.json).is_file() else []
-    key = lambda row: (row.get("role", "scan"), row["path"], row["n"], row.get("device", "cpu"))  # noqa: E731
+    key = lambda row: (row.get("role", "scan"), row["path"], row["n"], row.get("device", "cpu"),  # noqa: E731
+                       row.get("refined", False))
     new = {key(row) for row in rows}
     rows = sorted([row for row in old if key(row) not in new] + rows, key=key)
-    scans = lambda path, device="cpu": [row for row in rows if row.get("role", "scan") == "scan"  # noqa: E731
-                                        and row["path"] == path and row.get("device", "cpu") == device]
+    scans = lambda path, device="cpu", refined=False: [  # noqa: E731
+        row for row in rows if row.get("role", "scan") == "scan" and row["path"] == path
+        and row.get("device", "cpu") == device and row.get("refined", False) == refined]
     record = {"time_exponent": exponent(scans("nystrom")), "time_exponent_exact": exponent(scans("streamed")),
+              "time_exponent_refine_iteration": exponent(scans("nystrom"), "refine_iteration_seconds"),
+              "time_exponent_refined": exponent(scans("nystrom", refined=True)),
               "threads": torch.get_num_threads(), "runs": rows}
     for device in sorted({row["device"] for row in rows if "device" in row}):
         record[f"time_exponent_{device}"] = exponent(scans("nystrom", device))
