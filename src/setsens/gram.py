@@ -327,13 +327,18 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     """:class:`NystromInverse` of rank ``rank`` (at most half the n·K outputs: beyond, the residual blocks vanish
     and the exact paths are the better buy) with ``power`` power iterations, Ω seeded by
     ``seed``.  ``progress``: stage ``"sketch"``, Jacobian passes done, after each.  ``checkpoint``: Ω is saved
-    there after each power iteration, and a rerun resumes from it (one Jacobian pass redone)."""
+    there after each power iteration and the finished sketch at the end (N × rank); a rerun resumes from Ω (one
+    Jacobian pass redone) or takes the finished sketch (none)."""
     n = problem.n
     k = output_width(problem)
     N, rank = n * k, min(rank, n * k // 2)
     resume = Resume(checkpoint, problem_key(problem) + ("sketch", k, centered, rank, power, seed))
     state = resume.load()
     passes, iteration = 2 + 2 * power, int(state.get("iteration", 0))
+    if state.get("rcond") == rcond:  # finished
+        report(progress, "sketch", passes, passes)
+        device = problem.params.device
+        return NystromInverse(state["blocks"].to(device), state["L"].to(device), rcond, centered)
     done = 2 * iteration
 
     def tick():
@@ -363,6 +368,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     L = Y.double().T @ (V * inv.sqrt())  # M_nys = L Lᵀ
     if centered:
         blocks = center_gram_blocks(blocks)
+    resume.save(omega=omega, iteration=power, blocks=blocks, L=L, rcond=rcond)
     return NystromInverse(blocks, L, rcond, centered)
 
 

@@ -125,6 +125,15 @@ def test_the_sketch_and_its_refinement_resume_where_they_stopped(tmp_path):
                        progress=lambda e: resumed.append(e.done))
     assert seen == [1, 2, 3, 4] and resumed == [3, 4, 5, 6]  # iteration 1's Ω was saved: its left pass is redone
     assert torch.allclose(again.gram_inverse.block(torch.arange(6)), whole.gram_inverse.block(torch.arange(6)))
+    finished = []  # the finished sketch is saved: a third run does no pass
+    third = GramFactor(problem, path="nystrom", rank=10, power=2, checkpoint=tmp_path / "f",
+                       progress=lambda e: finished.append(e.done))
+    assert finished == [6] and torch.equal(third.gram_inverse.EiL, again.gram_inverse.EiL)
+    assert torch.equal(third.gram_inverse.block(torch.arange(6)), again.gram_inverse.block(torch.arange(6)))
+    redone = []  # another rcond: the sketch's last two passes are redone from the saved Ω
+    GramFactor(problem, path="nystrom", rank=10, power=2, checkpoint=tmp_path / "f", rcond=1e-3,
+               progress=lambda e: redone.append(e.done))
+    assert redone == [5, 6]
     seen, resumed = [], []
     with pytest.raises(KeyboardInterrupt):
         gram_solve(problem, True, rhs, again.gram_inverse, 1e-12, 6, stop_at("refine", 3, seen), tmp_path / "s")
