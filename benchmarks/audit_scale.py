@@ -11,7 +11,7 @@ reused, and an interrupted one resumes from its factor's checkpoint (``GramFacto
 says ``"resumed": true`` and its seconds add up the stretches: each stretch's time up to its last progress event (a
 panel, a Jacobian pass of the sketch or a CG iteration, each saved when reported; a clock file beside the
 checkpoint) plus the last stretch, so what an interruption loses is counted once (within one Jacobian pass of the
-sketch, whose checkpoint is saved every second pass).  A row resumed without that clock (``"seconds_whole":
+sketch, whose checkpoint is saved every second pass and when it is finished).  A row resumed without that clock (``"seconds_whole":
 false``: its seconds are the last stretch's only) is left out of ``time_exponent``.
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
