@@ -11,8 +11,8 @@ reused, and an interrupted one resumes from its factor's checkpoint (``GramFacto
 says ``"resumed": true`` and its seconds add up the stretches: each stretch's time up to its last progress event (a
 panel, a Jacobian pass of the sketch or a CG iteration, each saved when reported; a clock file beside the
 checkpoint) plus the last stretch, so what an interruption loses is counted once (within one Jacobian pass of the
-sketch, whose checkpoint is saved every second pass and when it is finished).  A row resumed without that clock (``"seconds_whole":
-false``: its seconds are the last stretch's only) is left out of ``time_exponent``.
+sketch, whose checkpoint is saved every second pass and when it is finished).  A row resumed without that clock
+(``"seconds_whole": false``: its seconds are the last stretch's only) is left out of ``time_exponent``.
 Each size runs in its own process (so its peak resident memory is its own): the shared ResNet-56 on the
 first n shared CIFAR-10 training images — beyond the 1000 shared images, horizontally flipped and
 randomly shifted copies of them (timing only; said in the output) — and ``Audit(problem).scan()`` with
@@ -232,6 +232,34 @@ def exponent(rows: list[dict], seconds: str = "seconds") -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
+def plot(record: dict, file: Path) -> None:
+    """Seconds against n on log–log axes: each scan path, a CG iteration of the refinement, the peer."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    scans = [row for row in record["runs"] if row.get("role", "scan") == "scan" and row.get("device", "cpu") == "cpu"]
+    series = {"exact (streamed Gram)": ([r for r in scans if r["path"] == "streamed"], "seconds"),
+              "Nyström sketch, whole scan": ([r for r in scans if r["path"] == "nystrom" and not r.get("refined")],
+                                             "seconds"),
+              "Nyström sketch + refinement": ([r for r in scans if r["path"] == "nystrom" and r.get("refined")],
+                                              "seconds"),
+              "one CG iteration of the refinement": (scans, "refine_iteration_seconds"),
+              "peer: dattri TRAK self-influence": (scans, "peer_seconds")}
+    for label, (rows, key) in series.items():
+        points = sorted((r["n"], r[key]) for r in rows if r.get(key))
+        if points:
+            ax.loglog(*zip(*points), "o-", label=label)
+    ax.set_xlabel("training images n (beyond 1000: flipped/shifted copies)")
+    ax.set_ylabel("seconds (2 CPU threads)")
+    ax.set_title(f"ResNet-56 audit scan, p = 853 018, K = 10; sketch exponent {record['time_exponent']:.2f}"
+                 if record.get("time_exponent") else "ResNet-56 audit scan")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="250,500,1000")
@@ -326,6 +354,7 @@ def main() -> None:
     for device in sorted({row["device"] for row in rows if "device" in row}):
         record[f"time_exponent_{device}"] = exponent(scans("nystrom", device))
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    plot(record, Path(args.json).with_suffix(".png"))
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}), flush=True)
 
 
