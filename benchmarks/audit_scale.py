@@ -4,6 +4,8 @@ alone and after the scan's refinement of its top points (``exact_points``, solve
 
     python benchmarks/audit_scale.py --sizes 250,500,1000 --exact 200                 # exact paths
     python benchmarks/audit_scale.py --sizes 250,500,1000,2000 --exact 0 --path nystrom --rank 500
+    python benchmarks/audit_scale.py --sizes 250,500,1000,2000,4000 --exact 0 --path nystrom --rank 500 \
+        --refine-iterations 1                                                          # the cost curve
     python benchmarks/audit_scale.py --sizes 250,500 --exact 0 --peer trak         # a peer's scan beside ours
 
 Rows are merged into the JSON file (one per role, path and n); a size already measured (its state file) is
@@ -20,7 +22,11 @@ the factor path the memory plan picks.  An exact (CPU) row also writes its κ be
 (``kappa-exact-<n>.json``, committed with it): the reference of a later ``--path nystrom`` row of the same n.  At
 ``--exact`` images the dense factor (G held) is the reference
 of the streamed one: Spearman of κ and the largest relative error on the top 20.  ``time_exponent`` is
-the log–log slope of the scan's seconds against n.
+the log–log slope of the scan's seconds against n (Nyström rows without a refinement; ``time_exponent_refined``
+with ``scan``'s rounds, ``time_exponent_exact`` the streamed rows).  ``--refine-iterations m`` times the sketch-only
+scan and then m CG iterations of a first refinement round of ``scan``'s size (110·K columns; not taken):
+``refine_iteration_seconds``, with its own exponent — the cost curve where a whole refinement does not fit a
+session.  The figure ``audit_scale.png`` beside the JSON plots them all.
 
 ``--peer trak`` times a maintained peer's per-training-point scan on the same model and the same n images,
 each size right after ours, in its own process (its wall seconds and peak RSS: ``peer_seconds``,
@@ -239,7 +245,9 @@ def plot(record: dict, file: Path) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     scans = [row for row in record["runs"] if row.get("role", "scan") == "scan" and row.get("device", "cpu") == "cpu"]
-    series = {"exact (streamed Gram)": ([r for r in scans if r["path"] == "streamed"], "seconds"),
+    streamed = [r for r in scans if r["path"] == "streamed"]
+    loaded = ", n = " + " / ".join(str(r["n"]) for r in streamed if r.get("load")) + " on loaded cores"
+    series = {"exact (streamed Gram)" + (loaded if any(r.get("load") for r in streamed) else ""): (streamed, "seconds"),
               "Nyström sketch, whole scan": ([r for r in scans if r["path"] == "nystrom" and not r.get("refined")],
                                              "seconds"),
               "Nyström sketch + refinement": ([r for r in scans if r["path"] == "nystrom" and r.get("refined")],
