@@ -245,13 +245,11 @@ def plot(record: dict, file: Path) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     scans = [row for row in record["runs"] if row.get("role", "scan") == "scan" and row.get("device", "cpu") == "cpu"]
-    streamed = [r for r in scans if r["path"] == "streamed"]
+    streamed, nystrom = ([r for r in scans if r["path"] == path] for path in ("streamed", "nystrom"))
     loaded = ", n = " + " / ".join(str(r["n"]) for r in streamed if r.get("load")) + " on loaded cores"
     series = {"exact (streamed Gram)" + (loaded if any(r.get("load") for r in streamed) else ""): (streamed, "seconds"),
-              "Nyström sketch, whole scan": ([r for r in scans if r["path"] == "nystrom" and not r.get("refined")],
-                                             "seconds"),
-              "Nyström sketch + refinement": ([r for r in scans if r["path"] == "nystrom" and r.get("refined")],
-                                              "seconds"),
+              "Nyström sketch, scan without refinement": ([r for r in nystrom if not r.get("refined")], "seconds"),
+              "Nyström sketch + refinement": ([r for r in nystrom if r.get("refined")], "seconds"),
               "one CG iteration of the refinement": (scans, "refine_iteration_seconds"),
               "peer: dattri TRAK self-influence": (scans, "peer_seconds")}
     for label, (rows, key) in series.items():
