@@ -30,7 +30,7 @@ from .krylov import lanczos, minres
 from .operators import DataJacobian, Damped, GaussNewtonMatrix
 from .problem import Perturbation, Problem
 
-__all__ = ["Prediction", "momentum_filter", "ggn_filter", "proximal_prediction"]
+__all__ = ["Prediction", "momentum_filter", "filtered", "ggn_filter", "proximal_prediction"]
 
 
 @dataclass
@@ -61,6 +61,17 @@ def momentum_filter(values: Tensor, training: Training) -> Tensor:
     return -d
 
 
+def filtered(problem: Problem, v: Tensor, training: Training, rank: int = 40,
+             gauss_newton: GaussNewtonMatrix | None = None) -> Tensor:
+    """``φ_T(𝒢) v`` (see the module doc) by ``rank`` Lanczos steps on the Gauss–Newton matrix from ``v``; ``training``
+    with its lr resolved (:func:`~setsens.finetune.resolve_lr`).  φ_T(𝒢) is symmetric, so the same call gives the
+    adjoint (the sensitivity of an objective of the weights to b).  Cost: ``rank`` Gauss–Newton products (counted
+    in ``gauss_newton.calls`` when given)."""
+    run = lanczos(gauss_newton or GaussNewtonMatrix(problem), v, rank)
+    Y = run.basis[0]
+    return (Y @ (momentum_filter(run.values, training) * (Y.T @ v.double()))).to(v)
+
+
 def ggn_filter(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,
                rank: int = 40) -> Prediction:
     """``−φ_T(𝒢) b`` by ``rank`` Lanczos steps on the Gauss–Newton matrix from b (see the module doc); predicts
@@ -70,13 +81,7 @@ def ggn_filter(problem: Problem, perturbation: Perturbation, training: Training 
     training = resolve_lr(problem, training)
     b = DataJacobian(problem, perturbation.indices) @ perturbation.delta
     G = GaussNewtonMatrix(problem)
-
-    def filtered(k):
-        run = lanczos(G, b, k)
-        Y = run.basis[0]
-        return (Y @ (momentum_filter(run.values, training) * (Y.T @ b.double()))).to(b)
-
-    full, half = filtered(rank), filtered(max(rank // 2, 1))
+    full, half = (filtered(problem, b, training, k, G) for k in (rank, max(rank // 2, 1)))
     error = float((full - half).norm() / full.norm().clamp_min(1e-300))
     return Prediction("ggn-filter", -full, "training_response (" + training.describe() + ")", error, G.calls,
                       time.perf_counter() - t0)

@@ -9,28 +9,36 @@ change at the moved points, :func:`~setsens.function_space.output_shift`).  For 
 
 — the coderivative of the solution map applied to ∇φ.  Each gradient costs one adjoint
 least-squares solve (CGLS on Gᵀ, or two products with a :class:`~setsens.audit.GramFactor`) and one
-reverse pass over the training outputs.  The attack (:func:`poison`) is projected gradient descent
-on Δx under a per-point budget ``‖Δx_k‖ ≤ budget·‖x_k‖``; its first step is the exact optimum of the
-linearised objective.  Whether the poisoning really moves the model is for retraining to say (the
-``setsens audit --attack`` check).
+reverse pass over the training outputs.  That shift is the answer of retraining to convergence; a
+victim who fine-tunes for a budget (T steps of SGD from w̄, a network not at a minimum) moves by the
+linearised-training response ``d_T = −φ_T(𝒢) J Δx`` instead (:mod:`setsens.filters`), whose
+gradient is ``∂φ/∂Δx = −Jᵀ φ_T(𝒢) ∇φ`` (φ_T(𝒢) is symmetric): ``response="budget"`` follows it.
+
+The attack (:func:`poison`) is projected gradient descent on Δx under a per-point budget
+``‖Δx_k‖ ≤ budget·‖x_k‖``; its first step is the exact optimum of the linearised objective.  Whether
+the poisoning really moves the model is for retraining to say (the ``setsens audit --attack`` check).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .audit import GramFactor
+from .finetune import Training, resolve_lr
+from .filters import filtered
 from .function_space import OutputJacobian, gauss_newton_shift, output_shift
 from .krylov import cgls
 from .linear import LinearOperator
+from .operators import DataJacobian
 from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem
 
-__all__ = ["margin", "AttackOptions", "Poisoning", "set_shift", "input_gradient", "poison", "baselines"]
+__all__ = ["margin", "AttackOptions", "Poisoning", "set_shift", "input_gradient", "budget_shift",
+           "budget_input_gradient", "poison", "baselines"]
 
 Objective = Callable[[Tensor], Tensor]
 
@@ -55,8 +63,12 @@ class AttackOptions:
     """``points``: K training points moved (chosen by the first gradient unless given); ``budget``:
     ``‖Δx_k‖ ≤ budget·‖x_k‖`` in all; ``steps``: projected-gradient steps per stage; ``stages``: the
     budget is spent in this many equal stages, each followed by retraining and a new linearisation
-    (more than one needs ``retrain``); ``solver``: ``"factor"`` (a dense :class:`GramFactor` per
-    stage, small networks) or ``"cgls"`` (matrix-free, ``maxiter``/``rtol`` per solve)."""
+    (more than one needs ``retrain``); ``response``: the first-order move of the weights the attack
+    follows — ``"set"``, the solution set's ``−G⁺ r`` (retraining to convergence), or ``"budget"``,
+    the linearised fine-tuning ``training``'s ``−φ_T(𝒢) J Δx`` (``rank`` Lanczos steps per solve;
+    ``training`` defaults to :class:`~setsens.finetune.Training()`, its lr resolved once);
+    ``solver`` (``response="set"``): ``"factor"`` (a :class:`GramFactor` per stage) or ``"cgls"``
+    (matrix-free, ``maxiter``/``rtol`` per solve)."""
 
     points: int = 10
     budget: float = 0.1
@@ -65,12 +77,19 @@ class AttackOptions:
     solver: str = "factor"
     maxiter: int = 200
     rtol: float = 1e-8
+    response: str = "set"
+    training: Training | None = None
+    rank: int = 40
 
     def __post_init__(self):
-        if self.points < 1 or self.steps < 1 or self.stages < 1 or not self.budget > 0:
-            raise ValueError(f"points, steps and stages must be ≥ 1 and budget > 0, got {self}")
+        if self.points < 1 or self.steps < 1 or self.stages < 1 or self.rank < 1 or not self.budget > 0:
+            raise ValueError(f"points, steps, stages and rank must be ≥ 1 and budget > 0, got {self}")
         if self.solver not in ("factor", "cgls"):
             raise ValueError(f"solver must be 'factor' or 'cgls', got {self.solver!r}")
+        if self.response not in ("set", "budget"):
+            raise ValueError(f"response must be 'set' or 'budget', got {self.response!r}")
+        if self.training is not None and self.response != "budget":
+            raise ValueError("training is the budget response's: give it with response='budget'")
 
 
 @dataclass
@@ -125,6 +144,26 @@ def input_gradient(problem: Problem, objective: Objective, perturbation: Perturb
     return torch.cat(grads)
 
 
+def budget_shift(problem: Problem, perturbation: Perturbation, training: Training, rank: int = 40) -> Tensor:
+    """``d_T = −φ_T(𝒢) J Δx``: the move of the linearised fine-tuning ``training`` (lr resolved) caused by
+    Δx — :func:`~setsens.filters.ggn_filter`'s prediction without its error check.  Cost: ``rank``
+    Gauss–Newton products and one forward-over-reverse pass over the moved points."""
+    return -filtered(problem, DataJacobian(problem, perturbation.indices) @ perturbation.delta, training, rank)
+
+
+def budget_input_gradient(problem: Problem, objective: Objective, training: Training,
+                          perturbation: Perturbation | None = None, rank: int = 40) -> Tensor:
+    """``∂φ(w̄ + d_T(Δx))/∂x_k = −J_kᵀ φ_T(𝒢) ∇φ`` for every training point k (shape of the inputs,
+    (n, …)), at the move ``perturbation`` (none: Δx = 0).  Cost: one filter (``rank`` Gauss–Newton
+    products) and one more when Δx ≠ 0, and one forward-over-reverse pass over the data, a batch at a time."""
+    w = problem.params
+    if perturbation is not None:
+        w = w + budget_shift(problem, perturbation, training, rank)
+    u = filtered(problem, torch.func.grad(objective)(w), training, rank)
+    return -torch.cat([DataJacobian(problem, rows).T @ u
+                       for rows in torch.arange(problem.n).split(problem.batch_size)])
+
+
 def _project(delta: Tensor, radius: Tensor) -> Tensor:
     norms = delta.reshape(len(delta), -1).norm(dim=1).clamp(min=1e-300)
     return delta * (radius / norms).clamp(max=1.0).reshape(-1, *[1] * (delta.ndim - 1))
@@ -132,27 +171,36 @@ def _project(delta: Tensor, radius: Tensor) -> Tensor:
 
 def _stage(problem: Problem, objective: Objective, options: AttackOptions, points, radius_all: Tensor,
            budget: float, factor: GramFactor | None = None) -> tuple[Perturbation, float, int]:
-    """One stage of projected gradient descent on ``φ(w + v(Δx))`` at the problem's w: ``(Δx, φ predicted,
-    solves)``.  The first step goes to the linearised optimum ``Δx_k = −ε_k g_k/‖g_k‖``, the next ones
-    (ε_k/4, normalised gradient) follow φ's curvature; the best iterate is kept."""
-    if options.solver == "factor" and factor is None:
-        factor = GramFactor(problem)
-    solve = dict(factor=factor, maxiter=options.maxiter, rtol=options.rtol)
-    g = input_gradient(problem, objective, None, **solve)
+    """One stage of projected gradient descent on ``φ(w + v(Δx))`` at the problem's w, v the option's
+    response: ``(Δx, φ predicted, solves)``.  The first step goes to the linearised optimum
+    ``Δx_k = −ε_k g_k/‖g_k‖``, the next ones (ε_k/4, normalised gradient) follow φ's curvature; the
+    best iterate is kept."""
+    if options.response == "budget":
+        shift = lambda pert: budget_shift(problem, pert, options.training, options.rank)  # noqa: E731
+        gradient = lambda pert: budget_input_gradient(problem, objective, options.training, pert,  # noqa: E731
+                                                      options.rank)
+    else:
+        if options.solver == "factor" and factor is None:
+            factor = GramFactor(problem)
+        solve = dict(factor=factor, maxiter=options.maxiter, rtol=options.rtol)
+        shift = lambda pert: set_shift(problem, pert, **solve)  # noqa: E731
+        gradient = lambda pert: input_gradient(problem, objective, pert, **solve)  # noqa: E731
+    g = gradient(None)
     radius_all = radius_all * budget
     if points is None:
         points = (g.reshape(problem.n, -1).norm(dim=1) * radius_all).argsort(descending=True)[:options.points]
     points = problem.check_indices(points)
     radius, g = radius_all[points].reshape(-1, *[1] * (g.ndim - 1)), g[points]
     best, solves, step, delta = None, 1, 1.0, torch.zeros_like(g)
-    for _ in range(options.steps):
+    for k in range(options.steps):
         unit = g / g.reshape(len(g), -1).norm(dim=1).clamp(min=1e-300).reshape(radius.shape)
         delta = _project(delta - step * radius * unit, radius.reshape(-1))
         pert = Perturbation(points, delta)
-        value = float(objective(problem.params + set_shift(problem, pert, **solve)))
+        value, solves = float(objective(problem.params + shift(pert))), solves + 1
         if best is None or value < best[1]:
             best = (pert, value)
-        g, solves, step = input_gradient(problem, objective, pert, **solve)[points], solves + 2, 0.25
+        if k + 1 < options.steps:
+            g, solves, step = gradient(pert)[points], solves + 2, 0.25
     return best[0], best[1], solves
 
 
@@ -171,6 +219,8 @@ def poison(problem: Problem, objective: Objective, options: AttackOptions = Atta
     """
     if options.stages > 1 and retrain is None:
         raise ValueError("more than one stage needs retrain(perturbation) -> weights")
+    if options.response == "budget":
+        options = replace(options, training=resolve_lr(problem, options.training or Training()))
     if factor is not None and (options.solver != "factor" or factor.problem is not problem):
         raise ValueError("factor is for solver='factor' and must be a GramFactor of problem")
     x, y = problem.points(torch.arange(problem.n))

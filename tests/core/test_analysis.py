@@ -147,6 +147,23 @@ def test_budget_response_cancels_the_common_drift():
         budget_response(problem, pert, steps=1)
 
 
+def test_budget_response_shares_its_clean_run():
+    """With ``clean_runs`` the clean run is done once per step size and reused: the same answer as without, and a
+    second perturbation's response (a different shift) takes its clean run from the cache."""
+    problem, _ = fitted()
+    runs = {}
+    first = budget_response(problem, gradient_perturbation(problem, [1], 0.01), steps=20, clean_runs=runs)
+    assert len(runs) == 1
+    (key, (end, half)), = runs.items()
+    assert torch.equal(end, first.clean) and key[0] == first.lr
+    other = gradient_perturbation(problem, [2], 0.01)
+    shared = budget_response(problem, other, steps=20, lr=first.lr, clean_runs=runs)
+    alone = budget_response(problem, other, steps=20, lr=first.lr)
+    assert len(runs) == 1 and torch.equal(shared.shift, alone.shift)
+    assert shared.change_when_halved == alone.change_when_halved
+    assert not torch.allclose(shared.shift, first.shift)
+
+
 def test_budget_response_halves_a_step_that_diverges():
     """At 64/λ_max the plain run blows up (checked); the guard halves the step until both runs lower
     their risk, and the result is the run at the step it settled on."""

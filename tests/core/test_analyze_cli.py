@@ -170,7 +170,8 @@ def test_audit_scan_and_queries_against_their_references(user, tmp_path):
 def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path):
     args = ["audit", "--model", user / "net.py:relu_model", "--data", user / "data.npz", "--dtype", "float64",
             "--queries", "0", "--attack", "2", "--budget", "5,20", "--points", "3", "--stages", "2", "--certify",
-            "--delta", "0,1e-4,1e-2,1", "--certify-checks", "1", "--json", "--out", tmp_path / "a"]
+            "--delta", "0,1e-4,1e-2,1", "--certify-checks", "1", "--retrain-steps", "400", "--json",
+            "--out", tmp_path / "a"]
     t0 = time.perf_counter()
     res = CliRunner().invoke(main, list(map(str, args)))
     first = time.perf_counter() - t0
@@ -182,11 +183,16 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
         assert 0 <= b["flip_rate"] <= 1 and len(b["targets"]) == 2
         assert all(len(t["points"]) == 3 for t in b["targets"])
     assert {"flip_rate", "margin_drop_over_best_baseline", "smallest_budget_flipping_half"} <= set(attack)
+    assert attack["response"] == "budget"  # auto: the response its judge (the budget response) measures
     assert set(cert["kinds"]) == {"first order", "margin bounds"}
     for kind in cert["kinds"].values():
         fraction = kind["certified_fraction"]
         assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:]))
     assert cert["violations"] == 0 and cert["certified_fraction"] == cert["kinds"]["margin bounds"]["certified_fraction"]
+    judge = summary["retraining"]  # the budget response named, with how far its answers moved when halved
+    assert judge["steps"] == 400 and "400 steps" in judge["reference"] and judge["lr"] > 0
+    assert judge["change_when_halved"]["runs"] >= 2 * 2 * (2 + 2)  # targets × budgets × (stages + baselines)
+    assert "retraining (the reference" in (tmp_path / "a" / "report.md").read_text()
     for name in ("attack.png", "certificate.png", "report.md", "results.json"):
         assert (tmp_path / "a" / name).is_file()
     t0 = time.perf_counter()

@@ -166,6 +166,11 @@ def _bad(user):
         (["--points", "3"], "--points"),
         (["--delta", "1"], "--delta"),                       # certificate options without --certify
         (["--certify-checks", "2"], "--certify-checks"),
+        (["--retrain-steps", "50"], "--retrain-steps"),      # the reference's budget without anything it judges
+        (["--attack", "1", "--retrain-steps", "1"], "--retrain-steps"),
+        (["--response", "set"], "--response"),               # the attack's response without --attack
+        (["--attack", "1", "--response", "budget"], "--response"),  # the demo fits a squared error
+        (["--attack", "1", "--response", "x"], "--response"),
         (["--weight-decay", "1e-3"], "--weight-decay"),
         (["--data", d], "--data"),                           # a user's model options without --model: the demo
         (["--loss", "squared_error"], "--loss"),

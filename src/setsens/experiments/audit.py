@@ -49,21 +49,45 @@ def _demo_problem(out, log):
     return demo_problem(cfg, w), x_test[:500]
 
 
-def _retrainer(problem):
-    """Retraining on perturbed data from w̄, ``perturbation ↦ weights``: Levenberg–Marquardt onto the
-    exact fit for a squared error, else w̄ plus the same-budget response's shift."""
-    from ..retrain import budget_response, levenberg_marquardt
+class _Retrainer:
+    """Retraining on perturbed data from w̄, ``perturbation ↦ weights``: Levenberg–Marquardt onto the exact fit for
+    a squared error, else w̄ plus the budget response's shift (``steps`` of full-batch Nesterov gradient descent,
+    lr 1/λ_max(H) found by the first retraining and reused, one clean run shared by all).  ``record()`` names the
+    reference and how much its answers still moved with the budget (``change_when_halved``)."""
 
-    if problem.loss_is_squared_error:
-        return lambda pert: levenberg_marquardt(problem, None, pert, gtol=1e-13).w
-    lr = []  # 1/λ_max(H), found by the first retraining and reused
+    def __init__(self, problem, steps: int):
+        self.problem, self.steps, self.lr, self.clean_runs, self.changes = problem, steps, None, {}, []
 
-    def retrain(pert):
-        ref = budget_response(problem, pert, lr=lr[0] if lr else None)
-        lr[:] = [ref.lr]
-        return problem.params + ref.shift
+    def training(self):
+        """The fine-tuning the budget response runs, lr resolved (an attack following it needs it first)."""
+        from ..finetune import Training, resolve_lr
 
-    return retrain
+        training = Training(lr=self.lr, steps=self.steps, momentum=0.9, nesterov=True)
+        training = resolve_lr(self.problem, training)
+        self.lr = training.lr
+        return training
+
+    def __call__(self, pert):
+        from ..retrain import budget_response, levenberg_marquardt
+
+        if self.problem.loss_is_squared_error:
+            return levenberg_marquardt(self.problem, None, pert, gtol=1e-13).w
+        ref = budget_response(self.problem, pert, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs)
+        self.lr = ref.lr
+        self.changes.append(ref.change_when_halved)
+        return self.problem.params + ref.shift
+
+    def record(self) -> dict:
+        if self.problem.loss_is_squared_error:
+            return {"reference": "Levenberg–Marquardt onto the exact fit (gtol 1e-13)"}
+        lr = "lr 1/λ_max(H)" if self.lr is None else f"lr {self.lr:.3g}"
+        out = {"reference": f"budget response: {self.steps} steps of full-batch Nesterov SGD (momentum 0.9) from w̄, "
+                            f"{lr}, on the perturbed minus on the clean data", "steps": self.steps, "lr": self.lr}
+        if self.changes:
+            c = sorted(self.changes)
+            out["change_when_halved"] = {"median": statistics.median(c), "max": c[-1], "runs": len(c),
+                                         "stable_fraction": sum(x <= 0.1 for x in c) / len(c)}
+        return out
 
 
 def _retrained_move(problem, retrain, perturbation, x_eval) -> float:
@@ -108,6 +132,13 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
             "top_vs_random_direction_ratio": top_move / statistics.median(random_directions)}
 
 
+def _with_response(options, retrain):
+    """The attack's options with the training it follows when it follows the budget response."""
+    from dataclasses import replace
+
+    return replace(options, training=retrain.training()) if options.response == "budget" else options
+
+
 def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
     """The staged coderivative attack on the margins of ``targets`` held-out points at each budget,
     and the two baselines on the same points, all judged by ``retrain``; cached per target."""
@@ -127,7 +158,7 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
             row = state.load(name)
             if row is None:
                 phi = margin(problem, x_eval[t])
-                result = audit.attack(phi, replace(options, budget=budget), retrain=retrain)
+                result = audit.attack(phi, replace(_with_response(options, retrain), budget=budget), retrain=retrain)
                 row = {"target": t, "start": result.start, "predicted": result.predicted,
                        "attack": result.retrained[-1], "points": result.perturbation.indices.tolist()}
                 moves = baselines(problem, result.perturbation.indices, budget, torch.Generator().manual_seed(seed + t))
@@ -143,6 +174,7 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
             "margin_drop": {k: {"mean": mean[k], "median": statistics.median(d), "min": min(d), "max": max(d)}
                             for k, d in drop.items()},
             "predicted_drop_mean": statistics.fmean(r["start"] - r["predicted"] for r in rows),
+            "predicted_drop_median": statistics.median(r["start"] - r["predicted"] for r in rows),
             "margin_drop_over_best_baseline": mean["attack"] / best if best > 0 else math.inf,
             "targets": rows})
         log(f"attack at {100 * budget:g} %: flips {per_budget[-1]['flip_rate']:.0%} of {len(rows)} targets, "
@@ -151,6 +183,7 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     flipping = [b for b in per_budget if b["flip_rate"] >= 0.5]
     head = flipping[0] if flipping else per_budget[-1]
     return {"targets": len(chosen), "points": options.points, "stages": options.stages, "steps": options.steps,
+            "response": options.response,
             "budget": head["budget"], "flip_rate": head["flip_rate"],
             "margin_drop_over_best_baseline": head["margin_drop_over_best_baseline"],
             "smallest_budget_flipping_half": flipping[0]["budget"] if flipping else None, "budgets": per_budget}
@@ -176,7 +209,8 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
         name = f"certify-{delta:g}-{t}"
         record = state.load(name)
         if record is None:
-            attack = audit.attack(margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
+            attack = audit.attack(margin(problem, x_eval[t]), replace(_with_response(options, retrain), budget=delta),
+                                  retrain=retrain)
             record = {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
             state.save(name, record)
         return record["flipped"]
@@ -305,6 +339,10 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
               help="Training points the attacker moves (and the certificate covers).")
 @click.option("--stages", default=4, show_default=True, type=click.IntRange(1),
               help="The attack spends its budget in this many stages, retraining after each.")
+@click.option("--response", default="auto", show_default=True, type=click.Choice(["auto", "set", "budget"]),
+              help="The first-order move of the weights the attack follows: the solution set's (retraining to "
+                   "convergence) or the budget response's (linearised fine-tuning, --retrain-steps); auto: the one "
+                   "that judges it (set for a squared error, else budget).")
 @click.option("--certify", is_flag=True, help="Certify held-out predictions against any poisoning of --points points "
               "(first order; with margin bounds for bias-free ReLU networks — both first order in the set: they "
               "assume the set moves as its first-order estimate says, and only the margin step is proved).")
@@ -312,11 +350,14 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
               help="Certificate budgets δ per point, in % of the point's norm (comma-separated).")
 @click.option("--certify-checks", default=10, show_default=True, type=click.IntRange(0),
               help="Certified (and as many uncertified) held-out points attacked at each δ.")
+@click.option("--retrain-steps", default=1000, show_default=True, type=click.IntRange(2),
+              help="Steps of the budget response that judges --check, --attack and --certify (a loss other than "
+                   "squared error: full-batch Nesterov SGD from w̄ on the perturbed minus on the clean data).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--out", default="setsens-audit", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(n_queries, top, step, check, targets, budget_text, points, stages, certify, delta_text, certify_checks,
-            seed, out, as_json, **inputs):
+def command(n_queries, top, step, check, targets, budget_text, points, stages, response, certify, delta_text,
+            certify_checks, retrain_steps, seed, out, as_json, **inputs):
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
@@ -329,26 +370,28 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     from .state import RunState
 
     log = (lambda *a: click.echo(*a, err=True)) if as_json else click.echo
-    budgets, deltas = _check_options(inputs, targets, certify, budget_text, delta_text)
+    budgets, deltas = _check_options(inputs, targets, certify, check, budget_text, delta_text)
     polished = None
     if inputs["model_spec"] is None and inputs["checkpoint"] is None:
         from .demo import DemoConfig
 
         _check_counts(DemoConfig().n, top, points if targets or certify else None)
+        _check_response(response, squared_error=True)
         out = prepare_out_dir(out)
         problem, x_eval = _demo_problem(out, log)
     else:
         def before_work(problem, data):
             _check_counts(problem.n, top, points if targets or certify else None)
             _check_problem(problem, held_out(data), targets, certify, check)
+            _check_response(response, problem.loss_is_squared_error)
             prepare_out_dir(out)
 
         held_out = lambda data: data.x_test if data.x_test is not None else data.x  # noqa: E731
         problem, data, polished = load_problem(log=log, check=before_work, **inputs)
         x_eval, out = held_out(data), prepare_out_dir(out)
     state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points,
-                           "problem": problem_key(problem)})
-    retrain = _retrainer(problem)
+                           "response": response, "retrain_steps": retrain_steps, "problem": problem_key(problem)})
+    retrain = _Retrainer(problem, retrain_steps)
     log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
     t0 = time.perf_counter()
     estimate(problem, gradient_perturbation(problem, [0], step / 100))
@@ -386,7 +429,9 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
     if n_queries:
         log(f"queries: {n_queries} one-point perturbations…")
         summary["queries"] = _queries(problem, n_queries, step / 100, seed, pinv, t_one, log)
-    options = AttackOptions(points=points, stages=stages)
+    if response == "auto":
+        response = "set" if problem.loss_is_squared_error else "budget"
+    options = AttackOptions(points=points, stages=stages, response=response)
     if targets:
         log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, {stages} stages…")
         summary["attack"] = _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
@@ -394,6 +439,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, c
         log(f"certificate: any {points} points, δ = {delta_text} %…")
         summary["certificate"] = _certify(audit, x_eval, deltas, options, certify_checks, seed, retrain, state,
                                           log)
+    if check or targets or certify:
+        summary["retraining"] = retrain.record()
     figures = _figures(problem, result, summary, out, top)
     write_json(out / "results.json", summary)
     lines = ["# setsens audit", "", f"{summary['model']}: p = {problem.p}, n = {problem.n}.", ""]
@@ -420,7 +467,8 @@ def _given(*names: str) -> list[str]:
     return [flags[n] for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
 
 
-def _check_options(inputs: dict, targets: int, certify: bool, budget_text: str, delta_text: str) -> tuple:
+def _check_options(inputs: dict, targets: int, certify: bool, check: bool, budget_text: str,
+                   delta_text: str) -> tuple:
     """Every option that can be checked before anything is loaded: the budgets and δ (as fractions), the options of
     a user's model only with ``--model``, those of the attack and of the certificate only with them."""
     from .options import number_list
@@ -441,7 +489,8 @@ def _check_options(inputs: dict, targets: int, certify: bool, budget_text: str, 
         raise click.UsageError("give --data with --model")
     for names, needs, what in ((("budget_text",), targets, "--attack"),
                                (("delta_text", "certify_checks"), certify, "--certify"),
-                               (("points", "stages"), targets or certify, "--attack or --certify")):
+                               (("points", "stages", "response"), targets or certify, "--attack or --certify"),
+                               (("retrain_steps",), targets or certify or check, "--attack, --certify or --check")):
         for flag in [] if needs else _given(*names)[:1]:
             raise click.BadParameter(f"applies with {what} only", param_hint=flag)
     return budgets, deltas
@@ -451,6 +500,12 @@ def _check_counts(n: int, top: int, points: int | None) -> None:
     for option, value in (("--top", top), ("--points", points)):
         if value is not None and value > n:
             raise click.BadParameter(f"{value} points asked for, but there are {n}", param_hint=option)
+
+
+def _check_response(response: str, squared_error: bool) -> None:
+    if response == "budget" and squared_error:
+        raise click.BadParameter("a squared-error fit is judged by retraining to the exact fit, which the solution "
+                                 "set predicts: the budget response applies to other losses", param_hint="--response")
 
 
 def _check_problem(problem, x_eval, targets: int, certify: bool, check: bool) -> None:
@@ -517,18 +572,29 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
         lines.append(f"- {n_queries} queries in {q['seconds']:.2f} s = {q[f'time_{n_queries}_over_1']:.2f}× one "
                      f"estimate" + ("" if error is None else
                                     f"; largest relative error against individual solves {error:.1e}"))
+    if "retraining" in summary:
+        r = summary["retraining"]
+        moved = r.get("change_when_halved")
+        lines.append(f"- retraining (the reference of the checks below): {r['reference']}" + (
+            "" if moved is None else f"; its answer moved by {moved['median']:.0%} (median; max {moved['max']:.0%}) "
+            f"when its budget was halved, {moved['stable_fraction']:.0%} of {moved['runs']} runs within 10 %"))
     if "attack" in summary:
         a = summary["attack"]
-        lines.append(f"- attack ({a['points']} points, {a['stages']} stages, judged by retraining) on {a['targets']} "
-                     "held-out targets:")
+        follows, predictor = {"set": ("the solution set", "the last stage's first-order set (its reference: "
+                                                       "converged retraining)"),
+                              "budget": ("the budget response", "the last stage's linearised fine-tuning (its "
+                                                                "reference: the budget response)")}[a["response"]]
+        lines.append(f"- attack ({a['points']} points, {a['stages']} stages, following {follows}, judged by "
+                     f"retraining) on {a['targets']} held-out targets:")
         for b in a["budgets"]:
             d = b["margin_drop"]
             lines.append(f"  - budget {100 * b['budget']:g} %: flips {b['flip_rate']:.0%} (random "
                          f"{b['baseline_flip_rate']['random']:.0%}, loss gradient "
                          f"{b['baseline_flip_rate']['loss-gradient']:.0%}); mean margin drop {d['attack']['mean']:.3f}"
                          f" = {b['margin_drop_over_best_baseline']:.1f}× the best baseline (random "
-                         f"{d['random']['mean']:.3f}, loss gradient {d['loss-gradient']['mean']:.3f}); first-order "
-                         f"prediction of the last stage {b['predicted_drop_mean']:.3f}")
+                         f"{d['random']['mean']:.3f}, loss gradient {d['loss-gradient']['mean']:.3f}); drop "
+                         f"predicted by {predictor} {b['predicted_drop_mean']:.3g} (median "
+                         f"{b['predicted_drop_median']:.3g})")
     if "certificate" in summary:
         c = summary["certificate"]
         for kind, k in c["kinds"].items():
