@@ -339,6 +339,8 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
               help="Training points the attacker moves (and the certificate covers).")
 @click.option("--stages", default=4, show_default=True, type=click.IntRange(1),
               help="The attack spends its budget in this many stages, retraining after each.")
+@click.option("--attack-steps", default=10, show_default=True, type=click.IntRange(1),
+              help="Projected-gradient steps of the attack per stage (1: the linearised optimum only).")
 @click.option("--response", default="auto", show_default=True, type=click.Choice(["auto", "set", "budget"]),
               help="The first-order move of the weights the attack follows: the solution set's (retraining to "
                    "convergence) or the budget response's (linearised fine-tuning, --retrain-steps); auto: the one "
@@ -356,8 +358,8 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--out", default="setsens-audit", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def command(n_queries, top, step, check, targets, budget_text, points, stages, response, certify, delta_text,
-            certify_checks, retrain_steps, seed, out, as_json, **inputs):
+def command(n_queries, top, step, check, targets, budget_text, points, stages, attack_steps, response, certify,
+            delta_text, certify_checks, retrain_steps, seed, out, as_json, **inputs):
     """Rank the training points by how far they can move the solution set (Gauss–Newton form); with
     --attack, poison them against held-out predictions; with --certify, certify predictions."""
     from ..audit import Audit, GramFactor
@@ -390,7 +392,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, r
         problem, data, polished = load_problem(log=log, check=before_work, **inputs)
         x_eval, out = held_out(data), prepare_out_dir(out)
     state = RunState(out, {"model": inputs, "seed": seed, "stages": stages, "points": points,
-                           "response": response, "retrain_steps": retrain_steps, "problem": problem_key(problem)})
+                           "attack_steps": attack_steps, "response": response, "retrain_steps": retrain_steps,
+                           "problem": problem_key(problem)})
     retrain = _Retrainer(problem, retrain_steps)
     log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
     t0 = time.perf_counter()
@@ -431,7 +434,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, r
         summary["queries"] = _queries(problem, n_queries, step / 100, seed, pinv, t_one, log)
     if response == "auto":
         response = "set" if problem.loss_is_squared_error else "budget"
-    options = AttackOptions(points=points, stages=stages, response=response)
+    options = AttackOptions(points=points, stages=stages, steps=attack_steps, response=response)
     if targets:
         log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, {stages} stages…")
         summary["attack"] = _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
@@ -489,7 +492,8 @@ def _check_options(inputs: dict, targets: int, certify: bool, check: bool, budge
         raise click.UsageError("give --data with --model")
     for names, needs, what in ((("budget_text",), targets, "--attack"),
                                (("delta_text", "certify_checks"), certify, "--certify"),
-                               (("points", "stages", "response"), targets or certify, "--attack or --certify"),
+                               (("points", "stages", "attack_steps", "response"), targets or certify,
+                                "--attack or --certify"),
                                (("retrain_steps",), targets or certify or check, "--attack, --certify or --check")):
         for flag in [] if needs else _given(*names)[:1]:
             raise click.BadParameter(f"applies with {what} only", param_hint=flag)
