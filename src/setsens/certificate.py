@@ -36,7 +36,7 @@ from torch import Tensor
 from .audit import GramFactor, Scan, input_jacobians
 from .problem import Problem
 from .weights.certify import certified_prediction
-from .weights.network import network_from_model
+from .weights.network import is_structured, network_from_model
 
 __all__ = ["Certificate", "poisoning_certificate", "first_order_certificate", "layer_weights"]
 
@@ -44,6 +44,10 @@ __all__ = ["Certificate", "poisoning_certificate", "first_order_certificate", "l
 def layer_weights(problem: Problem, w: Tensor | None = None) -> list[Tensor]:
     """The weight matrices of the problem's bias-free ReLU network at ``w`` (default w̄), input layer
     first; raises :class:`~setsens.weights.network.UnsupportedNetworkError` outside that setting."""
+    if is_structured(problem.model):
+        raise ValueError("the certificate's margin bounds need a bias-free ReLU MLP (nn.Sequential of nn.Linear and "
+                         f"nn.ReLU), not a {type(problem.model).__name__} with convolutions, BatchNorm or residual "
+                         "blocks")
     matrices, _, activation = network_from_model(problem.model)
     if activation != "relu":
         raise ValueError(f"the certificate's margin bounds need ReLU activations, got {activation}")

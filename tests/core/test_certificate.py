@@ -5,12 +5,13 @@ first-order radius is attained by the linearised attack."""
 import pytest
 import torch
 from problems import dfcnn_problem, small_problem
+from torch import nn
 
 from setsens.audit import GramFactor, input_jacobians, scan
 from setsens.certificate import first_order_certificate, layer_weights, poisoning_certificate
 from setsens.function_space import output_shift
 from setsens.models.mlp import UnsupportedNetworkError
-from setsens.problem import Perturbation
+from setsens.problem import Perturbation, Problem, cross_entropy
 from setsens.weights import forward
 
 
@@ -78,6 +79,11 @@ def test_outside_the_setting_is_refused():
         layer_weights(problem)
     with pytest.raises(ValueError, match="ReLU"):
         layer_weights(small_problem(loss="se", bias=False))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3, bias=False))
+    images = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    problem = Problem(conv, cross_entropy, (images, torch.tensor([0, 1, 2, 0])))
+    with pytest.raises(ValueError, match="need a bias-free ReLU MLP.*not a Sequential with convolutions"):
+        layer_weights(problem)  # one line, not an unpacking error
 
 
 def test_first_order_radius_is_attained_by_the_linearised_attack():

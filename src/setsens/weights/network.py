@@ -281,6 +281,12 @@ _STRUCTURED = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.AvgPool2d, nn.Adap
                nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 
 
+def is_structured(model: nn.Module) -> bool:
+    """Whether ``model`` has convolutions, BatchNorm, pooling or the CIFAR ResNet blocks (a :class:`Network`, not
+    an MLP's weight matrices, for :func:`network_from_model`)."""
+    return any(isinstance(m, _STRUCTURED) or type(m).__name__ in ("CifarResNet", "BasicBlock") for m in model.modules())
+
+
 def network_from_model(model: nn.Module, allow_bias: bool = False, input_shape=None):
     """``(weights, biases, activation)`` of an ``nn.Sequential`` MLP inside the setting, else a :class:`Network`.
 
@@ -307,10 +313,7 @@ def network_from_model(model: nn.Module, allow_bias: bool = False, input_shape=N
     ...
     setsens.models.mlp.UnsupportedNetworkError: the last layer must be a dense nn.Linear (the logits), got Conv2d...
     """
-    structured = input_shape is not None or any(
-        isinstance(m, _STRUCTURED) or type(m).__name__ in ("CifarResNet", "BasicBlock") for m in model.modules()
-    )
-    if structured:
+    if input_shape is not None or is_structured(model):
         net = build_network(model, input_shape)
         check_weights(net.detach())
         return net
