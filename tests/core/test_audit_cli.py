@@ -213,3 +213,14 @@ def test_the_report_names_the_points_a_sketch_scan_did_not_refine():
     assert "2 more may belong to the top but were not refined: [7, 41]" in _sketch_note(scan)
     assert "did not converge" in _sketch_note({**scan, "exact_points": 0})
     assert _sketch_note({**scan, "factor": {"path": "streamed"}}) == ""
+
+
+def test_one_budget_draws_every_target(tmp_path):
+    """With one budget the attack figure shows each target's margin before and after (no one-point curves)."""
+    from setsens.experiments.audit import _attack_figure
+
+    rows = [{"target": t, "start": 3.0 + t, "attack": -1.0, "random": 2.0, "loss-gradient": 1.0} for t in range(4)]
+    budget = {"budget": 0.1, "flip_rate": 1.0, "baseline_flip_rate": {"random": 0.0, "loss-gradient": 0.25},
+              "targets": rows}
+    assert _attack_figure({"response": "budget", "budgets": [budget]}, tmp_path) == "attack.png"
+    assert (tmp_path / "attack.png").stat().st_size > 10_000

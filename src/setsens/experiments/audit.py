@@ -273,6 +273,49 @@ def _queries(problem, count: int, step: float, seed: int, pinv, t_one: float, lo
     return record
 
 
+def _attack_figure(attack: dict, out) -> str:
+    """The attack against its baselines after retraining: per budget (median, min–max drop, flip rates), or with
+    one budget every target's margin before and after."""
+    import matplotlib.pyplot as plt
+
+    from ..report import save_figure
+
+    budgets = attack["budgets"]
+    pct = [100 * b["budget"] for b in budgets]
+    follows = {"set": "solution set", "budget": "budget response"}[attack.get("response", "set")]
+    kinds = (("attack", f"attack (along the {follows})"), ("loss-gradient", "own loss gradient"),
+             ("random", "random directions"))
+    rate = lambda b, kind: b["flip_rate"] if kind == "attack" else b["baseline_flip_rate"][kind]  # noqa: E731
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    if len(budgets) == 1:  # one budget: every target's margin before and after, and the flip rates as bars
+        rows = budgets[0]["targets"]
+        at = range(len(rows))
+        ax.plot(at, [r["start"] for r in rows], "k_", markersize=12, label="before (w̄)")
+        for i, (kind, label) in enumerate(kinds):
+            ax.plot([t + 0.15 * (i - 1) for t in at], [r[kind] for r in rows], "o", label=label)
+        ax.axhline(0, color="grey", lw=0.8)
+        top = max(max(r["start"], r["attack"], r["random"], r["loss-gradient"]) for r in rows)
+        ax.set_ylim(top=1.45 * top if top > 0 else None)
+        ax.set(xticks=list(at), xticklabels=[r["target"] for r in rows], xlabel="held-out target",
+               ylabel=f"margin after retraining\n(budget {pct[0]:g} % per point; < 0: flipped)")
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax2.bar(["attack", "own loss\ngradient", "random\ndirections"], [rate(budgets[0], k) for k, _ in kinds],
+                color=["C0", "C1", "C2"])
+        ax2.set(ylabel="targets flipped after retraining", ylim=(0, 1.05))
+    else:
+        for kind, label in kinds:
+            drop = [b["margin_drop"][kind] for b in budgets]
+            spread = [[d["median"] - d["min"] for d in drop], [d["max"] - d["median"] for d in drop]]
+            ax.errorbar(pct, [d["median"] for d in drop], yerr=spread, marker="o", label=label, capsize=3)
+        ax.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="margin drop after retraining\n(median, min–max)")
+        ax.legend(fontsize=7)
+        for kind, label in kinds:
+            ax2.plot(pct, [rate(b, kind) for b in budgets], marker="o", label=label)
+        ax2.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="targets flipped after retraining",
+                ylim=(-0.05, 1.05))
+    return save_figure(fig, out / "attack.png").name
+
+
 def _figures(problem, result, summary, out, top: int) -> list[str]:
     import matplotlib.pyplot as plt
 
@@ -295,21 +338,7 @@ def _figures(problem, result, summary, out, top: int) -> list[str]:
             axes[r, 0].text(-0.5, 0.5, label, transform=axes[r, 0].transAxes, ha="right", fontsize=7)
         names.append(save_figure(fig, out / "points.png").name)
     if "attack" in summary:
-        budgets = summary["attack"]["budgets"]
-        pct = [100 * b["budget"] for b in budgets]
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for kind, label in (("attack", "coderivative attack"), ("loss-gradient", "own loss gradient"),
-                            ("random", "random directions")):
-            drop = [b["margin_drop"][kind] for b in budgets]
-            spread = [[d["median"] - d["min"] for d in drop], [d["max"] - d["median"] for d in drop]]
-            ax.errorbar(pct, [d["median"] for d in drop], yerr=spread, marker="o", label=label, capsize=3)
-        ax.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="margin drop after retraining\n(median, min–max)")
-        ax.legend(fontsize=7)
-        ax2.plot(pct, [b["flip_rate"] for b in budgets], marker="o", label="coderivative attack")
-        for kind, label in (("loss-gradient", "own loss gradient"), ("random", "random directions")):
-            ax2.plot(pct, [b["baseline_flip_rate"][kind] for b in budgets], marker="o", label=label)
-        ax2.set(xlabel="budget per point (% of ‖x_k‖)", ylabel="targets flipped after retraining", ylim=(-0.05, 1.05))
-        names.append(save_figure(fig, out / "attack.png").name)
+        names.append(_attack_figure(summary["attack"], out))
     if "certificate" in summary:
         c = summary["certificate"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
