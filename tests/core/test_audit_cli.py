@@ -224,3 +224,22 @@ def test_one_budget_draws_every_target(tmp_path):
               "targets": rows}
     assert _attack_figure({"response": "budget", "budgets": [budget]}, tmp_path) == "attack.png"
     assert (tmp_path / "attack.png").stat().st_size > 10_000
+
+
+def test_the_reference_record_says_when_the_budget_still_matters():
+    """The audit's retraining record counts a budget response as stable only where halving its budget moved it by
+    ≤ 10 %: after 2 steps it is not (the run is still moving), after 5000 it is, on the same problem and move."""
+    from problems import fitted_problem
+
+    from setsens.experiments.audit import _Retrainer
+    from setsens.perturb import gradient_perturbation
+    from setsens.problem import cross_entropy
+
+    problem = fitted_problem(cross_entropy, k=3)  # judged by the budget response, not Levenberg–Marquardt
+    pert = gradient_perturbation(problem, [1], 0.01)
+    for steps, stable in ((2, 0.0), (5000, 1.0)):
+        judge = _Retrainer(problem, steps)
+        judge(pert)
+        record = judge.record()
+        assert record["change_when_halved"]["stable_fraction"] == stable, record
+        assert f"{steps} steps of SGD" in record["reference"]

@@ -58,12 +58,16 @@ class _Retrainer:
     def __init__(self, problem, steps: int):
         self.problem, self.steps, self.lr, self.clean_runs, self.changes = problem, steps, None, {}, []
 
+    def _training(self):
+        from ..finetune import Training
+
+        return Training(lr=self.lr, steps=self.steps, momentum=0.9, nesterov=True)
+
     def training(self):
         """The fine-tuning the budget response runs, lr resolved (an attack following it needs it first)."""
-        from ..finetune import Training, resolve_lr
+        from ..finetune import resolve_lr
 
-        training = Training(lr=self.lr, steps=self.steps, momentum=0.9, nesterov=True)
-        training = resolve_lr(self.problem, training)
+        training = resolve_lr(self.problem, self._training())
         self.lr = training.lr
         return training
 
@@ -80,9 +84,8 @@ class _Retrainer:
     def record(self) -> dict:
         if self.problem.loss_is_squared_error:
             return {"reference": "Levenberg–Marquardt onto the exact fit (gtol 1e-13)"}
-        lr = "lr 1/λ_max(H)" if self.lr is None else f"lr {self.lr:.3g}"
-        out = {"reference": f"budget response: {self.steps} steps of full-batch Nesterov SGD (momentum 0.9) from w̄, "
-                            f"{lr}, on the perturbed minus on the clean data", "steps": self.steps, "lr": self.lr}
+        out = {"reference": f"budget response: {self._training().describe()}, from w̄ on the perturbed minus on the "
+                            "clean data", "steps": self.steps, "lr": self.lr}
         if self.changes:
             c = sorted(self.changes)
             out["change_when_halved"] = {"median": statistics.median(c), "max": c[-1], "runs": len(c),
