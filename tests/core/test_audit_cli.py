@@ -63,6 +63,7 @@ def test_default_options_on_a_model_file(user, tmp_path):
     assert res.exit_code == 0, res.output
     assert (warnings.showwarning, list(warnings.filters)) == before  # the command line's edge only
     assert "100 queries in" in res.output and "individual solves" not in res.output
+    assert "× one estimate (" in res.output  # queries asked for: the scan in units of one estimate
     warned = [line for line in res.stderr.splitlines() if "NotStationaryWarning" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: NotStationaryWarning: w̄ is not a stationary point")
     assert "stationarity = problem" not in res.stderr  # no source line
@@ -80,6 +81,9 @@ def test_where_the_gram_matrix_does_not_fit_the_audit_sketches_it_says_so_and_re
 
     exact = CliRunner().invoke(main, _args(user, "--queries", "0", "--out", tmp_path / "e"))
     assert exact.exit_code == 0, exact.output
+    # no queries, no unit of cost: one estimate is not solved (on ResNet-56 it took 50× the scan)
+    assert "one estimate" not in exact.output
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["one_estimate_seconds"] is None
     real = setsens.gram.plan
     sketch = lambda n, k, p, itemsize, memory="auto", path="auto", rank=1000: real(  # noqa: E731
         n, k, p, itemsize, memory, "nystrom", 24)

@@ -427,10 +427,12 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, a
                            "attack_steps": attack_steps, "response": response, "retrain_steps": retrain_steps,
                            "problem": problem_key(problem)})
     retrain = _Retrainer(problem, retrain_steps)
-    log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
-    t0 = time.perf_counter()
-    estimate(problem, gradient_perturbation(problem, [0], step / 100))
-    t_one = time.perf_counter() - t0
+    t_one = None  # the unit of cost of the scan and the queries, timed only when queries are asked for
+    if n_queries:
+        log(f"one estimate (the unit of cost), p = {problem.p}, n = {problem.n}…")
+        t0 = time.perf_counter()
+        estimate(problem, gradient_perturbation(problem, [0], step / 100))
+        t_one = time.perf_counter() - t0
     plan = _gram_plan(problem, check)
     how = {"dense": "G held", "streamed": f"Jacobians in panels of {plan.panel} points, G never held",
            "nystrom": f"the exact Gram matrix does not fit: a rank-{plan.rank} Nyström sketch, approximate, its top "
@@ -445,7 +447,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, a
     t_scan = time.perf_counter() - t0
     summary = {"model": inputs["model_spec"] or "digits demo network", "p": problem.p, "n": problem.n,
                "polish": polished, "one_estimate_seconds": t_one,
-               "scan": {"seconds": t_scan, "seconds_over_one_estimate": t_scan / t_one, "factor_rank": factor.rank,
+               "scan": {"seconds": t_scan, "seconds_over_one_estimate": t_one and t_scan / t_one,
+                        "factor_rank": factor.rank,
                         "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes,
                                    "sketch_rank": factor.plan.rank},
                         "exact_points": len(result.exact_points), "refine_residual": result.refine_residual,
@@ -591,8 +594,9 @@ def _sketch_note(s: dict) -> str:
 
 def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[str]:
     s, t_one = summary["scan"], summary["one_estimate_seconds"]
-    lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s = {s['seconds_over_one_estimate']:.2f}× one "
-             f"estimate ({t_one:.2f} s); κ_k median {s['kappa']['median']:.3g}, range "
+    unit = "" if t_one is None else f" = {s['seconds_over_one_estimate']:.2f}× one estimate ({t_one:.2f} s)"
+    lines = [f"- scan of all {summary['n']} points in {s['seconds']:.2f} s{unit}; κ_k median "
+             f"{s['kappa']['median']:.3g}, range "
              f"[{s['kappa']['min']:.3g}, {s['kappa']['max']:.3g}]; most sensitive points {s['ranking'][:top]}"
              + _sketch_note(s),
              f"- moved together, the top {top} points move the set up to {s['group']['kappa_top']:.3g} per unit ‖Δx‖ "
