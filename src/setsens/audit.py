@@ -42,6 +42,7 @@ from .progress import ProgressFn
 
 if TYPE_CHECKING:
     from .certificate import Certificate
+    from .finetune import Training
     from .poisoning import AttackOptions, Poisoning
 
 __all__ = ["GramFactor", "Scan", "scan", "group_modulus", "input_jacobians", "exact_modulus", "answer_queries",
@@ -156,31 +157,54 @@ class GramFactor(LinearOperator):
     def matvec(self, r: Tensor) -> Tensor:
         """``G⁺ r`` for output changes ``r`` of shape (n, K) (or flat), or (m, n, K) for m at once (then (m, p))."""
         self.calls += 1
-        v = self._pull(self.gram_inverse.apply(self.rows(r)))
+        v = self.vjp(self.gram_inverse.apply(self.rows(r)))
         return v if r.ndim == 3 else v[0]
 
     def rmatvec(self, g: Tensor) -> Tensor:
         """``u = (Gᵀ)⁺ g = (GGᵀ)⁺ G g`` for a weight-space vector ``g`` (p; then (n, K)) or rows (m, p)
         (then (m, n, K)), in G's row space."""
         self.calls += 1
-        u = self.gram_inverse.apply(self._push(g.reshape(-1, self.problem.p))).to(self.dtype)  # the weights' dtype
+        u = self.gram_inverse.apply(self.jvp(g.reshape(-1, self.problem.p))).to(self.dtype)  # the weights' dtype
         return u.reshape(*g.shape[:-1], self.problem.n, self.k)
 
-    def _push(self, g: Tensor) -> Tensor:
-        """``G g`` for weight-space rows g (m, p): (m, n·K) in float64 (the inverse's dtype)."""
+    def jvp(self, g: Tensor) -> Tensor:
+        """``G g`` for weight-space rows g (m, p): (m, n·K) in float64 (the inverse's dtype).  Cost: G held, one
+        product; else m JVP passes, or from m = K on one per-sample Jacobian pass."""
         if self.G is not None:
             return (g.to(self.G) @ self.G.T).double()
         if g.shape[0] < self.k:  # a few JVP passes cost less than one per-sample Jacobian pass
             return torch.stack([(self._operator @ row).reshape(-1) for row in g]).double()
         return jacobian_products(self.problem, self.centered, right=g)[0].double()
 
-    def _pull(self, u: Tensor) -> Tensor:
-        """``Gᵀ u`` for output rows u (m, n·K): (m, p) in the problem's dtype."""
+    def vjp(self, u: Tensor) -> Tensor:
+        """``Gᵀ u`` for output rows u (m, n·K): (m, p) in the problem's dtype.  Cost: as :meth:`jvp`."""
         if self.G is not None:
             return u.to(self.G) @ self.G
         if u.shape[0] < self.k:
             return torch.stack([self._operator.T @ row.to(self.dtype) for row in u])
         return jacobian_products(self.problem, self.centered, left=u)[1]
+
+    @cached_property
+    def gauss_newton_spectrum(self) -> tuple[Tensor, Tensor]:
+        """``(μ, R)``: the nonzero eigenvalues μ of the Gauss–Newton matrix 𝒢 = Gᵀ C G (C block diagonal, each
+        point's loss Hessian in its outputs times the risk's weight; without weight decay) and R (n·K × r) with
+        its eigenvectors ``Gᵀ R diag(μ)^-½``, from ``C^½ GGᵀ C^½ = U diag(μ) Uᵀ``, R = C^½ U.  Exact paths
+        only (it needs GGᵀ itself); eigenvalues below the factor's rcond of the largest are dropped.  Cost: n
+        small Hessians, an SVD of n·K × rank(GGᵀ) (n·K = 9000: about a minute on 2 cores); cached."""
+        from .operators import output_hessians
+
+        if self.gram_inverse.approximate:
+            raise ValueError("the Gauss–Newton spectrum needs GGᵀ itself: an exact path (dense or streamed), not "
+                             "the Nyström sketch")
+        lam, Q = torch.linalg.eigh(output_hessians(self.problem).double())
+        root = (Q * lam.clamp(min=0).sqrt()[:, None, :]) @ Q.transpose(1, 2)  # C^½, (n, K, K)
+        half = lambda M: (root @ M.reshape(self.problem.n, self.k, -1)).reshape(M.shape)  # noqa: E731
+        keep = self.gram_inverse.values > 0
+        U, S, _ = torch.linalg.svd(half(self.gram_inverse.Q[:, keep] * self.gram_inverse.values[keep].sqrt()),
+                                   full_matrices=False)
+        mu = S ** 2
+        kept = mu > self.rcond * mu[0]
+        return mu[kept], half(U[:, kept])
 
     @cached_property
     def _operator(self) -> OutputJacobian:
@@ -397,14 +421,21 @@ class Audit:
         factor = self.factor if options.solver == "factor" else None
         return poison(self.problem, objective, options, points, retrain, factor=factor)
 
-    def certificates(self, x: Tensor, deltas, points: int) -> Certificates:
+    def certificates(self, x: Tensor, deltas, points: int, training: Training | None = None,
+                     progress: ProgressFn | None = None) -> Certificates:
         """Both certificates of the predictions at ``x`` against any move of ``points`` training points by
         ``δ‖x_k‖``, δ in ``deltas``: first order (:func:`~setsens.certificate.first_order_certificate`,
-        per held-out point K reverse passes and K adjoint products) and, for bias-free ReLU networks, the
-        margin bounds (:func:`~setsens.certificate.poisoning_certificate`, the scan and one bound per δ)."""
+        per held-out point K reverse passes and K adjoint products; with ``training``, of the budget response
+        instead of the set) and, for bias-free ReLU networks, the margin bounds
+        (:func:`~setsens.certificate.poisoning_certificate`, the scan and one bound per δ; they bound the set's
+        move, so not with ``training``)."""
         from .certificate import first_order_certificate, poisoning_certificate
 
-        result = Certificates(first_order_certificate(self.problem, x, deltas, points, self.factor))
+        result = Certificates(first_order_certificate(self.problem, x, deltas, points, self.factor,
+                                                      training=training, progress=progress))
+        if training is not None:
+            result.skipped = "the margin bounds bound the solution set's move, not the budget response's"
+            return result
         try:  # outside bias-free ReLU networks, layer_weights refuses with a one-line reason
             result.margin_bounds = poisoning_certificate(self.problem, self.scan(), x, deltas, points)
         except ValueError as err:

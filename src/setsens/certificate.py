@@ -34,7 +34,11 @@ import torch
 from torch import Tensor
 
 from .audit import GramFactor, Scan, input_jacobians
+from .filters import budget_filter
+from .finetune import Training
+from .operators import DataJacobian
 from .problem import Problem
+from .progress import ProgressFn, report
 from .weights.certify import certified_prediction
 from .weights.network import is_structured, network_from_model
 
@@ -107,17 +111,40 @@ def poisoning_certificate(problem: Problem, scan: Scan, x: Tensor, deltas, point
 
 
 def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, factor: GramFactor | None = None,
-                            chunk: int = 32) -> Certificate:
+                            chunk: int = 32, training: Training | None = None,
+                            progress: ProgressFn | None = None) -> Certificate:
     """Each prediction at ``x`` with its first-order radius against any poisoning of ``points``
     training points (any network, Gauss–Newton form), certified at each δ below it.
 
-    Cost: the factor, then per held-out point K reverse passes (its output Jacobian) and K adjoint
-    products; memory bounded by ``chunk`` held-out points at a time.
+    Without ``training`` it predicts the solution set's move (retraining to convergence): ``u = (Gᵀ)⁺ ∇m``
+    and point k's sensitivity ``‖A_kᵀ u_k‖``.  With ``training`` (lr resolved) the budget response's
+    (fine-tuning from w̄ by that training, :mod:`setsens.filters`): ``u = φ_T(𝒢) ∇m`` and ``‖J_kᵀ u‖``, J the
+    data Jacobian of the loss gradient — exact from ``factor`` on an exact path, else Lanczos.
+
+    Cost: the factor, then per held-out point K reverse passes (its output Jacobian) and K adjoint products;
+    with ``training`` also K − 1 reverse-over-forward passes over the training data (the certificate's main
+    cost on a large network).  Memory bounded by ``chunk`` held-out points at a time.  ``progress``: stage
+    ``"certificate"``, held-out points done.
     """
     deltas, norms = _checked(problem, deltas, points)
     factor = factor or GramFactor(problem)
-    A = input_jacobians(problem)  # (n, K, d), centred as G is
-    one = lambda w, x_: problem.outputs(w, x_[None]).reshape(-1)
+    if training is None:
+        A = input_jacobians(problem)  # (n, K, d), centred as G is
+
+        def sensitivity(grads: Tensor) -> Tensor:  # (m, p) margin gradients → (m, n) per-point sensitivities
+            u = (factor.T @ grads).reshape(len(grads), problem.n, -1)  # (Gᵀ)⁺ ∇m
+            return torch.einsum("nkd,mnk->mnd", A, u).norm(dim=2)
+    else:
+        apply = budget_filter(problem, training, factor=factor)
+        blocks = [DataJacobian(problem, rows) for rows in torch.arange(problem.n).split(problem.batch_size)]
+
+        def sensitivity(grads: Tensor) -> Tensor:
+            s = torch.zeros(len(grads), problem.n, dtype=torch.float64, device=grads.device)
+            moving = grads.abs().amax(1) > 0  # the margin of c over itself is 0: no pass for it
+            for i, u in zip(moving.nonzero().reshape(-1).tolist(), apply(grads[moving])):
+                s[i] = torch.cat([(J.T @ u).flatten(1).norm(dim=1) for J in blocks]).double()
+            return s
+    one = lambda w, x_: problem.outputs(w, x_[None]).reshape(-1)  # noqa: E731
     predictions, radii = [], []
     for xs in x.to(problem.params).split(chunk):
         with torch.no_grad():
@@ -125,14 +152,14 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
         c = f.argmax(1)
         jac = torch.func.vmap(torch.func.jacrev(one), (None, 0))(problem.params, xs)  # (b, K, p)
         grads = (jac[torch.arange(len(xs)), c][:, None] - jac).reshape(-1, problem.p)  # ∇ m_cj, (b·K, p)
-        u = factor.T @ grads  # (Gᵀ)⁺ ∇m, (b·K, n, K)
-        s = torch.einsum("nkd,mnk->mnd", A, u.reshape(len(grads), problem.n, -1)).norm(dim=2)  # ‖A_kᵀ u_k‖
+        s = sensitivity(grads)
         worst = (s * norms.to(s)).topk(points, dim=1).values.sum(1).reshape(len(xs), -1)  # per unit δ
         m = f[torch.arange(len(xs)), c][:, None] - f
-        ratio = torch.where(worst > 0, m / worst, torch.full_like(m, float("inf")))
+        ratio = torch.where(worst > 0, m / worst.to(m), torch.full_like(m, float("inf")))
         ratio[torch.arange(len(xs)), c] = float("inf")
         predictions.append(c)
         radii.append(ratio.amin(1))
+        report(progress, "certificate", sum(map(len, predictions)), len(x))
     radius = torch.cat(radii)
     return Certificate(deltas, points, torch.cat(predictions), radius[None] > deltas[:, None], radius=radius)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from .krylov import lanczos, minres
 from .operators import DataJacobian, Damped, GaussNewtonMatrix
 from .problem import Perturbation, Problem
 
-__all__ = ["Prediction", "momentum_filter", "filtered", "ggn_filter", "proximal_prediction"]
+__all__ = ["Prediction", "momentum_filter", "filtered", "budget_filter", "ggn_filter", "proximal_prediction"]
 
 
 @dataclass
@@ -70,6 +71,29 @@ def filtered(problem: Problem, v: Tensor, training: Training, rank: int = 40,
     run = lanczos(gauss_newton or GaussNewtonMatrix(problem), v, rank)
     Y = run.basis[0]
     return (Y @ (momentum_filter(run.values, training) * (Y.T @ v.double()))).to(v)
+
+
+def budget_filter(problem: Problem, training: Training, rank: int = 40, factor=None) -> Callable[[Tensor], Tensor]:
+    """``v ↦ φ_T(𝒢) v`` for v (p,) or rows (m, p), ``training`` with its lr resolved.  Given a
+    :class:`~setsens.audit.GramFactor` on an exact path: exactly, ``φ_T(λ) v + Gᵀ R diag((φ_T(λ + μ) −
+    φ_T(λ))/μ) Rᵀ G v`` from its Gauss–Newton spectrum (μ, R; λ the weight decay) — φ_T on 𝒢's range, φ_T(λ)
+    on the rest; cost per call a G and a Gᵀ product (one per-sample Jacobian pass each for m ≥ K rows).
+    Otherwise (no factor, or the Nyström sketch) :func:`filtered`: ``rank`` Lanczos steps from each v, exact
+    only once ``rank`` reaches 𝒢's rank."""
+    if factor is None or factor.gram_inverse.approximate:
+        return lambda v: (torch.stack([filtered(problem, row, training, rank) for row in v]) if v.ndim == 2
+                          else filtered(problem, v, training, rank))
+    mu, R = factor.gauss_newton_spectrum
+    floor = torch.full((1,), problem.weight_decay, dtype=torch.float64)
+    at_zero = float(momentum_filter(floor, training))
+    coefficient = (momentum_filter(mu + problem.weight_decay, training) - at_zero) / mu
+
+    def apply(v: Tensor) -> Tensor:
+        rows = v.reshape(-1, problem.p)
+        out = at_zero * rows + factor.vjp(((factor.jvp(rows) @ R) * coefficient) @ R.T).to(rows)
+        return out.reshape(v.shape)
+
+    return apply
 
 
 def ggn_filter(problem: Problem, perturbation: Perturbation, training: Training = Training(), *,

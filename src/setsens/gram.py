@@ -244,6 +244,7 @@ class EigenInverse:
 
     def __init__(self, gram: Tensor, rcond: float):
         self.Q, self.inverse, self.rank = _pinv_psd(gram, rcond)
+        self.values = torch.where(self.inverse > 0, self.inverse.reciprocal(), 0.0)  # Λ, dropped ones 0
 
     def block(self, rows: Tensor) -> Tensor:
         """The block of ``(GGᵀ)⁺`` on ``rows`` (indices into the n·K outputs)."""

@@ -31,6 +31,7 @@ from .linear import LinearOperator
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
+           "output_hessians",
            "per_sample_jacobian", "J_SCALES", "HVP_MODES", "cache_budget", "graph_bytes", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
@@ -235,18 +236,26 @@ class GaussNewtonMatrix(LinearOperator):
         return problem.reduce(out) + problem.weight_decay * v
 
 
-def dense_gauss_newton(problem: Problem, w: Tensor | None = None) -> Tensor:
-    """The p × p generalised Gauss–Newton matrix from the dense output Jacobian and each point's loss Hessian in
-    the outputs (``torch.func.hessian``).  Small only: the reference of :class:`GaussNewtonMatrix`."""
+def output_hessians(problem: Problem, w: Tensor | None = None) -> Tensor:
+    """``c Λ_i``: each point's loss Hessian in its outputs (``torch.func.hessian``) times the risk's weight c,
+    (n, K, K) — the blocks of the Gauss–Newton matrix's middle factor.  Cost: one forward pass and n small
+    Hessians."""
     w = problem.params if w is None else w
-    J = dense_output_jacobian(problem, w)
     blocks = []
     for x, y in problem.batches():
-        out = problem.outputs(w, x)
+        with torch.no_grad():
+            out = problem.outputs(w, x)
         for o, t in zip(out, y):
             blocks.append(torch.func.hessian(lambda z: problem.loss(z[None], t[None]).sum())(o).reshape(o.numel(), -1))
-    L = torch.block_diag(*blocks) * problem.weight
-    return J.T @ L @ J + problem.weight_decay * torch.eye(problem.p, dtype=J.dtype)
+    return torch.stack(blocks) * problem.weight
+
+
+def dense_gauss_newton(problem: Problem, w: Tensor | None = None) -> Tensor:
+    """The p × p generalised Gauss–Newton matrix from the dense output Jacobian and each point's loss Hessian in
+    the outputs (:func:`output_hessians`).  Small only: the reference of :class:`GaussNewtonMatrix`."""
+    J = dense_output_jacobian(problem, w)
+    return J.T @ torch.block_diag(*output_hessians(problem, w)) @ J + problem.weight_decay * torch.eye(problem.p,
+                                                                                                       dtype=J.dtype)
 
 
 class Damped(LinearOperator):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .audit import GramFactor
 from .finetune import Training, resolve_lr
-from .filters import filtered
+from .filters import budget_filter
 from .function_space import OutputJacobian, gauss_newton_shift, output_shift
 from .krylov import cgls
 from .linear import LinearOperator
@@ -65,7 +65,8 @@ class AttackOptions:
     budget is spent in this many equal stages, each followed by retraining and a new linearisation
     (more than one needs ``retrain``); ``response``: the first-order move of the weights the attack
     follows — ``"set"``, the solution set's ``−G⁺ r`` (retraining to convergence), or ``"budget"``,
-    the linearised fine-tuning ``training``'s ``−φ_T(𝒢) J Δx`` (``rank`` Lanczos steps per solve;
+    the linearised fine-tuning ``training``'s ``−φ_T(𝒢) J Δx`` (exact from a :class:`GramFactor` on an exact
+    path when :func:`poison` is given one, else ``rank`` Lanczos steps per solve;
     ``training`` defaults to :class:`~setsens.finetune.Training()`, its lr resolved once);
     ``solver`` (``response="set"``): ``"factor"`` (a :class:`GramFactor` per stage) or ``"cgls"``
     (matrix-free, ``maxiter``/``rtol`` per solve)."""
@@ -144,22 +145,26 @@ def input_gradient(problem: Problem, objective: Objective, perturbation: Perturb
     return torch.cat(grads)
 
 
-def budget_shift(problem: Problem, perturbation: Perturbation, training: Training, rank: int = 40) -> Tensor:
+def budget_shift(problem: Problem, perturbation: Perturbation, training: Training, rank: int = 40,
+                 factor: GramFactor | None = None) -> Tensor:
     """``d_T = −φ_T(𝒢) J Δx``: the move of the linearised fine-tuning ``training`` (lr resolved) caused by
-    Δx — :func:`~setsens.filters.ggn_filter`'s prediction without its error check.  Cost: ``rank``
-    Gauss–Newton products and one forward-over-reverse pass over the moved points."""
-    return -filtered(problem, DataJacobian(problem, perturbation.indices) @ perturbation.delta, training, rank)
+    Δx — :func:`~setsens.filters.ggn_filter`'s prediction without its error check; exact from ``factor`` on an
+    exact path, else ``rank`` Lanczos steps (:func:`~setsens.filters.budget_filter`).  Cost: one filter and one
+    forward-over-reverse pass over the moved points."""
+    apply = budget_filter(problem, training, rank, factor)
+    return -apply(DataJacobian(problem, perturbation.indices) @ perturbation.delta)
 
 
 def budget_input_gradient(problem: Problem, objective: Objective, training: Training,
-                          perturbation: Perturbation | None = None, rank: int = 40) -> Tensor:
+                          perturbation: Perturbation | None = None, rank: int = 40,
+                          factor: GramFactor | None = None) -> Tensor:
     """``∂φ(w̄ + d_T(Δx))/∂x_k = −J_kᵀ φ_T(𝒢) ∇φ`` for every training point k (shape of the inputs,
-    (n, …)), at the move ``perturbation`` (none: Δx = 0).  Cost: one filter (``rank`` Gauss–Newton
-    products) and one more when Δx ≠ 0, and one forward-over-reverse pass over the data, a batch at a time."""
+    (n, …)), at the move ``perturbation`` (none: Δx = 0); the filter as :func:`budget_shift`'s.  Cost: one
+    filter, and one more when Δx ≠ 0, and one forward-over-reverse pass over the data, a batch at a time."""
     w = problem.params
     if perturbation is not None:
-        w = w + budget_shift(problem, perturbation, training, rank)
-    u = filtered(problem, torch.func.grad(objective)(w), training, rank)
+        w = w + budget_shift(problem, perturbation, training, rank, factor)
+    u = budget_filter(problem, training, rank, factor)(torch.func.grad(objective)(w))
     return -torch.cat([DataJacobian(problem, rows).T @ u
                        for rows in torch.arange(problem.n).split(problem.batch_size)])
 
@@ -176,9 +181,9 @@ def _stage(problem: Problem, objective: Objective, options: AttackOptions, point
     ``Δx_k = −ε_k g_k/‖g_k‖``, the next ones (ε_k/4, normalised gradient) follow φ's curvature; the
     best iterate is kept."""
     if options.response == "budget":
-        shift = lambda pert: budget_shift(problem, pert, options.training, options.rank)  # noqa: E731
-        gradient = lambda pert: budget_input_gradient(problem, objective, options.training, pert,  # noqa: E731
-                                                      options.rank)
+        follows = dict(training=options.training, rank=options.rank, factor=factor)
+        shift = lambda pert: budget_shift(problem, pert, **follows)  # noqa: E731
+        gradient = lambda pert: budget_input_gradient(problem, objective, perturbation=pert, **follows)  # noqa: E731
     else:
         if options.solver == "factor" and factor is None:
             factor = GramFactor(problem)

@@ -184,11 +184,12 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
         assert all(len(t["points"]) == 3 for t in b["targets"])
     assert {"flip_rate", "margin_drop_over_best_baseline", "smallest_budget_flipping_half"} <= set(attack)
     assert attack["response"] == "budget"  # auto: the response its judge (the budget response) measures
-    assert set(cert["kinds"]) == {"first order", "margin bounds"}
-    for kind in cert["kinds"].values():
-        fraction = kind["certified_fraction"]
-        assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:]))
-    assert cert["violations"] == 0 and cert["certified_fraction"] == cert["kinds"]["margin bounds"]["certified_fraction"]
+    # the certificate predicts the same response: the budget response's, without the margin bounds (the set's)
+    assert cert["response"] == "budget" and set(cert["kinds"]) == {"first order"}
+    fraction = cert["kinds"]["first order"]["certified_fraction"]
+    assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:]))
+    assert cert["violations"] == 0 and cert["certified_fraction"] == fraction
+    assert "certificate (first order, of the budget response)" in (tmp_path / "a" / "report.md").read_text()
     judge = summary["retraining"]  # the budget response named, with how far its answers moved when halved
     assert judge["steps"] == 400 and "400 steps" in judge["reference"] and judge["lr"] > 0
     assert judge["change_when_halved"]["runs"] >= 2 * 2 * (2 + 2)  # targets × budgets × (stages + baselines)
@@ -203,10 +204,20 @@ def test_audit_attack_and_certificate_resume_and_refuse_bad_input(user, tmp_path
                            (["--delta", "x"], "--delta"), (["--points", "99"], "there are 30")):
         bad = CliRunner().invoke(main, list(map(str, args[:-2] + extra + ["--out", tmp_path / "b"])))
         assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+    certify_set = ["--certify", "--certify-checks", "0", "--response", "set", "--queries", "0", "--json"]
+    relu = CliRunner().invoke(main, list(map(str, ["audit", "--model", user / "net.py:relu_model", "--data",
+                                                    user / "data.npz", *certify_set, "--out", tmp_path / "r"])))
+    cert = json.loads(relu.stdout[relu.stdout.index("{"):])["certificate"]
+    assert relu.exit_code == 0 and cert["response"] == "set", relu.output
+    assert set(cert["kinds"]) == {"first order", "margin bounds"}
+    for kind in cert["kinds"].values():
+        fraction = kind["certified_fraction"]
+        assert fraction[0] == 1.0 and all(a >= b for a, b in zip(fraction, fraction[1:]))
+    assert cert["certified_fraction"] == cert["kinds"]["margin bounds"]["certified_fraction"]
     tanh = CliRunner().invoke(main, list(map(str, ["audit", "--model", user / "net.py:model", "--data",
-                                                    user / "data.npz", "--certify", "--certify-checks", "0",
-                                                    "--queries", "0", "--json", "--out", tmp_path / "c"])))
-    assert tanh.exit_code == 0 and "margin bounds skipped" in tanh.output, tanh.output  # first order only
+                                                    user / "data.npz", *certify_set, "--out", tmp_path / "c"])))
+    assert tanh.exit_code == 0 and "margin bounds skipped (activation Tanh is outside the setting" in tanh.output, \
+        tanh.output  # first order only
     assert set(json.loads(tanh.stdout[tanh.stdout.index("{"):])["certificate"]["kinds"]) == {"first order"}
 
 

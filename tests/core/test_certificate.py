@@ -106,3 +106,39 @@ def test_first_order_radius_is_attained_by_the_linearised_attack():
             v = dense_shift(problem, Perturbation(points, float(cert.radius[t]) * delta))
             worst = min(worst, float(out[c] - out[j] + (jac[c] - jac[j]) @ v))
         assert abs(worst) < 1e-8 * float(out.abs().max())  # at its radius the prediction is on the edge
+
+
+def test_the_budget_response_radius_is_attained_by_the_linearised_fine_tuning():
+    """With ``training``: the radius of the budget response d_T = −φ_T(𝒢) J Δx (non-stationary tanh network,
+    cross-entropy): at it, the best move of the best 2 points — from the dense 𝒢's eigendecomposition and the dense
+    data Jacobian — puts the prediction on the edge; the set's radius is another number here."""
+    from problems import smooth_mlp
+
+    from setsens.filters import momentum_filter
+    from setsens.finetune import Training
+    from setsens.operators import dense_data_jacobian, dense_gauss_newton
+
+    problem, (x_eval, _) = smooth_mlp()
+    training = Training(steps=40, lr=0.5)
+    cert = first_order_certificate(problem, x_eval, [0.0, 1e-2], points=2, training=training)
+    assert cert.fraction[0] == 1.0 and 0 < float(cert.radius.median()) < float("inf")
+    values, vectors = torch.linalg.eigh(dense_gauss_newton(problem))
+    phi = vectors @ torch.diag(momentum_filter(values, training)) @ vectors.T  # φ_T(𝒢)
+    J = dense_data_jacobian(problem, torch.arange(problem.n))  # (p, n·d)
+    x, _ = problem.points(torch.arange(problem.n))
+    for t in cert.radius.argsort()[:3].tolist():
+        f = lambda w: problem.outputs(w, x_eval[t][None])[0]  # noqa: E731
+        out, c = f(problem.params), int(cert.predictions[t])
+        jac = torch.func.jacrev(f)(problem.params)
+        worst = float("inf")
+        for j in set(range(3)) - {c}:
+            steps = (J.T @ (phi @ (jac[c] - jac[j]))).reshape(problem.n, -1)  # ∂m/∂Δx_k = −J_kᵀ φ_T ∇m
+            points = (steps.norm(dim=1) * x.norm(dim=1)).topk(2).indices
+            move = torch.zeros_like(x)
+            move[points] = float(cert.radius[t]) * steps[points] / steps[points].norm(dim=1, keepdim=True) \
+                * x[points].norm(dim=1, keepdim=True)
+            d = -phi @ (J @ move.reshape(-1))
+            worst = min(worst, float(out[c] - out[j] + (jac[c] - jac[j]) @ d))
+        assert abs(worst) < 1e-8 * float(out.abs().max())
+    set_radius = first_order_certificate(problem, x_eval, [0.0], points=2).radius
+    assert float(((set_radius - cert.radius).abs() / cert.radius).median()) > 0.1

@@ -60,3 +60,31 @@ def test_the_proximal_prediction_predicts_the_proximal_response():
     # comparison can fail
     plain = proximal_response(problem, pert, lam, gtol=1e-8).shift
     assert float((pred.shift - plain).norm() / plain.norm()) > 0.3
+
+
+@pytest.mark.parametrize("loss, decay", [("ce", 0.0), ("se", 0.0), ("ce", 0.02)])
+def test_the_budget_filter_from_the_gram_factor_is_the_dense_filter(loss, decay):
+    """φ_T(𝒢) from an exact Gram factor's Gauss–Newton spectrum against the eigendecomposition of the dense 𝒢 —
+    on 𝒢's range and off it (rank 𝒢 < p here), with and without weight decay; Lanczos is exact only at full rank,
+    and a Nyström factor falls back to it."""
+    from setsens.audit import GramFactor
+    from setsens.filters import budget_filter
+
+    problem, _ = smooth(loss=loss)
+    problem.weight_decay = decay
+    training = Training(steps=40, lr=0.5)
+    values, vectors = torch.linalg.eigh(dense_gauss_newton(problem))
+    factor = GramFactor(problem)
+    mu, _ = factor.gauss_newton_spectrum
+    nonzero = (values - decay)[values - decay > 1e-10 * values.max()]
+    assert len(mu) == len(nonzero) < problem.p and torch.allclose(mu.sort().values, nonzero, rtol=1e-8)
+    V = torch.randn(4, problem.p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dense = ((V @ vectors) * momentum_filter(values, training)) @ vectors.T
+    error = lambda got: float((got - dense).norm() / dense.norm())  # noqa: E731
+    exact = budget_filter(problem, training, factor=factor)
+    assert error(exact(V)) < 1e-8 and error(torch.stack([exact(v) for v in V])) < 1e-8
+    assert error(budget_filter(problem, training, rank=3)(V)) > 1e-3
+    nystrom = GramFactor(problem, path="nystrom", rank=8)
+    assert error(budget_filter(problem, training, rank=problem.p, factor=nystrom)(V)) < 1e-8
+    with pytest.raises(ValueError, match="exact path"):
+        nystrom.gauss_newton_spectrum

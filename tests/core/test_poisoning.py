@@ -116,6 +116,10 @@ def test_the_budget_gradient_is_the_dense_filtered_coderivative():
     assert (value(h) - value(-h)) / (2 * h) == pytest.approx(float((moved[points] * d).sum()), rel=1e-5)
     set_g = input_gradient(problem, phi, maxiter=500, rtol=1e-13)
     assert float((set_g - g).norm() / g.norm()) > 0.1
+    factor = GramFactor(problem)  # the exact filter from the Gram factor: no Lanczos
+    assert float((budget_input_gradient(problem, phi, TRAINING, factor=factor) - dense).norm() / dense.norm()) < 1e-8
+    moved_exact = budget_input_gradient(problem, phi, TRAINING, base, factor=factor)
+    assert float((moved_exact - moved).norm() / moved.norm()) < 1e-8
 
 
 def test_the_budget_attack_predicts_and_moves_the_fine_tuning_it_follows():

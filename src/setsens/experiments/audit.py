@@ -203,7 +203,9 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
     from .bars import Bars
 
     problem = audit.problem
-    computed = audit.certificates(x_eval, deltas, options.points)
+    options = _with_response(options, retrain)
+    with Bars({"certificate": "first-order certificate (held-out points)"}) as bars:
+        computed = audit.certificates(x_eval, deltas, options.points, options.training, progress=bars)
     if computed.skipped is not None:
         log(f"certificate: margin bounds skipped ({computed.skipped})")
     certificates = computed.kinds()
@@ -212,8 +214,7 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
         name = f"certify-{delta:g}-{t}"
         record = state.load(name)
         if record is None:
-            attack = audit.attack(margin(problem, x_eval[t]), replace(_with_response(options, retrain), budget=delta),
-                                  retrain=retrain)
+            attack = audit.attack(margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
             record = {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
             state.save(name, record)
         return record["flipped"]
@@ -247,7 +248,8 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
             r = cert.radius
             kinds[kind]["radius"] = {"median": float(r.median()), "min": float(r.min()), "max": float(r.max())}
     main = kinds.get("margin bounds", kinds["first order"])
-    return {"points": options.points, "deltas": list(deltas), "certified_fraction": main["certified_fraction"],
+    return {"points": options.points, "response": options.response, "deltas": list(deltas),
+            "certified_fraction": main["certified_fraction"],
             "violations": sum(k["violations"] for k in kinds.values()), "kinds": kinds}
 
 def _queries(problem, count: int, step: float, seed: int, pinv, t_one: float, log) -> dict:
@@ -639,7 +641,8 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
         c = summary["certificate"]
         for kind, k in c["kinds"].items():
             fractions = zip(c["deltas"], k["certified_fraction"])
-            lines.append(f"- certificate ({kind}) against any {c['points']} poisoned points: certified "
+            predicts = {"set": "the solution set", "budget": "the budget response"}[c.get("response", "set")]
+            lines.append(f"- certificate ({kind}, of {predicts}) against any {c['points']} poisoned points: certified "
                          + ", ".join(f"{f:.0%} at δ = {100 * d:g} %" for d, f in fractions)
                          + f"; {k['violations']} violations after attacking certified points and retraining")
     return lines
