@@ -23,7 +23,9 @@ network: the margin ``m_cj`` of a held-out prediction c over class j changes by 
 ``δ Σ_{K largest} ‖A_kᵀ u_k‖‖x_k‖`` with ``u = (Gᵀ)⁺ ∇_w m_cj`` (the coderivative: the attack's
 linearised optimum attains it), so each point gets a radius — the largest δ no poisoning of K
 points can flip it at, to first order.  Tight where the margin bounds are loose; its only check is
-the attack followed by retraining.
+the attack followed by retraining.  Given a ``training``, the same radius for the budget response
+(fine-tuning from w̄, :mod:`setsens.filters`): ``u = φ_T(𝒢) ∇_w m_cj`` and ``‖J_kᵀ u‖`` (J the data Jacobian
+of the loss gradient) in place of ``‖A_kᵀ u_k‖``.
 """
 
 from __future__ import annotations
