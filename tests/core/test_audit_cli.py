@@ -247,3 +247,23 @@ def test_the_reference_record_says_when_the_budget_still_matters():
         record = judge.record()
         assert record["change_when_halved"]["stable_fraction"] == stable, record
         assert f"{steps} steps of SGD" in record["reference"]
+
+
+def test_what_follows_the_reference_runs_at_its_lr():
+    """The attack and the certificate take the reference's training before any retraining; the reference halves
+    its lr after a diverged run, so that training must already carry the lr its clean run converged at (a 100×
+    too large lr here): once a mismatch, the first ResNet target's attack followed lr 1/λ_max(H) while its judge
+    ran at a 16th of it."""
+    from problems import fitted_problem
+
+    from setsens.experiments.audit import _Retrainer
+    from setsens.perturb import gradient_perturbation
+    from setsens.problem import cross_entropy
+
+    problem = fitted_problem(cross_entropy, k=3)
+    judge = _Retrainer(problem, 200)
+    judge.lr = 100.0
+    training = judge.training()
+    assert training.lr < 100.0 and judge.clean_runs[(training.lr, 200, 0.9)]  # halved till the clean run converged
+    judge(gradient_perturbation(problem, [1], 0.01))  # a perturbed run may still halve it (here: at a 100× lr)
+    assert judge.lr <= training.lr and judge.training().lr == judge.lr

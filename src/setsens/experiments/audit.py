@@ -57,6 +57,7 @@ class _Retrainer:
 
     def __init__(self, problem, steps: int):
         self.problem, self.steps, self.lr, self.clean_runs, self.changes = problem, steps, None, {}, []
+        self.settled = False
 
     def _training(self):
         from ..finetune import Training
@@ -64,12 +65,21 @@ class _Retrainer:
         return Training(lr=self.lr, steps=self.steps, momentum=0.9, nesterov=True)
 
     def training(self):
-        """The fine-tuning the budget response runs, lr resolved (an attack following it needs it first)."""
+        """The fine-tuning the budget response runs (an attack or a certificate following it needs it first), at the
+        lr it really runs at: 1/λ_max(H), halved while the clean run diverges — settled once by retraining on a move
+        of nothing, whose clean run every later retraining reuses."""
         from ..finetune import resolve_lr
+        from ..problem import Perturbation
+        from ..retrain import budget_response
 
-        training = resolve_lr(self.problem, self._training())
-        self.lr = training.lr
-        return training
+        if not self.settled:
+            self.lr = resolve_lr(self.problem, self._training()).lr
+            first = torch.tensor([0])
+            nothing = Perturbation(first, torch.zeros_like(self.problem.points(first)[0]))
+            self.lr = budget_response(self.problem, nothing, steps=self.steps, lr=self.lr,
+                                      clean_runs=self.clean_runs).lr
+            self.settled = True
+        return self._training()
 
     def __call__(self, pert):
         from ..retrain import budget_response, levenberg_marquardt
