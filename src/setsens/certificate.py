@@ -38,7 +38,7 @@ from torch import Tensor
 from .audit import GramFactor, Scan, input_jacobians
 from .filters import budget_filter
 from .finetune import Training
-from .operators import DataJacobian
+from .operators import data_jacobian_adjoint
 from .problem import Problem
 from .progress import ProgressFn, report
 from .weights.certify import certified_prediction
@@ -138,13 +138,12 @@ def first_order_certificate(problem: Problem, x: Tensor, deltas, points: int, fa
             return torch.einsum("nkd,mnk->mnd", A, u).norm(dim=2)
     else:
         apply = budget_filter(problem, training, factor=factor)
-        blocks = [DataJacobian(problem, rows) for rows in torch.arange(problem.n).split(problem.batch_size)]
 
         def sensitivity(grads: Tensor) -> Tensor:
             s = torch.zeros(len(grads), problem.n, dtype=torch.float64, device=grads.device)
             moving = grads.abs().amax(1) > 0  # the margin of c over itself is 0: no pass for it
             for i, u in zip(moving.nonzero().reshape(-1).tolist(), apply(grads[moving])):
-                s[i] = torch.cat([(J.T @ u).flatten(1).norm(dim=1) for J in blocks]).double()
+                s[i] = data_jacobian_adjoint(problem, u).flatten(1).norm(dim=1).double()
             return s
     one = lambda w, x_: problem.outputs(w, x_[None]).reshape(-1)  # noqa: E731
     predictions, radii = [], []

@@ -31,7 +31,7 @@ from .linear import LinearOperator
 from .problem import Perturbation, Problem, center_classes
 
 __all__ = ["Hessian", "Damped", "DataJacobian", "dense_hessian", "dense_data_jacobian", "dense_output_jacobian",
-           "output_hessians",
+           "output_hessians", "data_jacobian_adjoint",
            "per_sample_jacobian", "J_SCALES", "HVP_MODES", "cache_budget", "graph_bytes", "linearized", "memory_in_use"]
 
 J_SCALES = ("exact", "paper")
@@ -323,6 +323,12 @@ class DataJacobian(LinearOperator):
 
             out[self.mine.to(out.device)] = grad(directional)(self.x) * self.factor
         return self.problem.reduce(out)
+
+
+def data_jacobian_adjoint(problem: Problem, u: Tensor) -> Tensor:
+    """``J_kᵀ u`` for every training point k, (n, *input_shape): :class:`DataJacobian`'s adjoint over all the
+    points, a batch of them at a time.  Cost: one reverse-over-forward pass over the data."""
+    return torch.cat([DataJacobian(problem, rows).T @ u for rows in torch.arange(problem.n).split(problem.batch_size)])
 
 
 def dense_hessian(problem: Problem, w: Tensor | None = None, perturbation: Perturbation | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from .filters import budget_filter
 from .function_space import OutputJacobian, gauss_newton_shift, output_shift
 from .krylov import cgls
 from .linear import LinearOperator
-from .operators import DataJacobian
+from .operators import DataJacobian, data_jacobian_adjoint
 from .perturb import gradient_perturbation, random_perturbation
 from .problem import Perturbation, Problem
 
@@ -165,8 +165,7 @@ def budget_input_gradient(problem: Problem, objective: Objective, training: Trai
     if perturbation is not None:
         w = w + budget_shift(problem, perturbation, training, rank, factor)
     u = budget_filter(problem, training, rank, factor)(torch.func.grad(objective)(w))
-    return -torch.cat([DataJacobian(problem, rows).T @ u
-                       for rows in torch.arange(problem.n).split(problem.batch_size)])
+    return -data_jacobian_adjoint(problem, u)
 
 
 def _project(delta: Tensor, radius: Tensor) -> Tensor:

@@ -254,7 +254,7 @@ class BudgetResponse:
         return self.perturbed - self.clean
 
 
-def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1000,
+def budget_response(problem: Problem, perturbation: Perturbation | None, steps: int = 1000,
                     lr: float | None = None, momentum: float = 0.9, progress=None,
                     max_halvings: int = 10, clean_runs: dict | None = None) -> BudgetResponse:
     """The perturbation-induced change under a fixed training budget (see the module doc).
@@ -266,8 +266,10 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
     ``max_halvings`` times, then a ``RuntimeError``): on ResNet-56, 1/λ_max(H) at w̄ blows up within
     200 steps.  Cost: ``2·steps`` gradient passes over the data and two risk passes, per attempt.
     ``progress``: ``Progress("retrain", k, 2·steps)`` after each step of the two runs (of each attempt).
-    ``clean_runs``: a dict in which the clean runs are kept (by step size, budget and momentum) and reused, so that
-    responses to several perturbations of the same problem share one clean run per step size (half the cost).
+    ``perturbation`` None: the clean data (a zero response, one run per attempt: the step size the clean run
+    converges at).  ``clean_runs``: a dict in which the clean runs are kept (by step size, budget and momentum)
+    and reused, so that responses to several perturbations of the same problem share one clean run per step size
+    (half the cost).
     """
     from .finetune import Training, fine_tune, resolve_lr
 
@@ -282,16 +284,16 @@ def budget_response(problem: Problem, perturbation: Perturbation, steps: int = 1
                                                                           2 * steps), snapshot=steps // 2)
         return None if run.diverged else (run.w, run.snapshot)
 
+    clean_runs = {} if clean_runs is None else clean_runs
+
     def clean_run(lr):
-        if clean_runs is None:
-            return run(None, lr)
         key = (lr, steps, momentum)
         if key not in clean_runs:
             clean_runs[key] = run(None, lr)
         return clean_runs[key]
 
     for halvings in range(max_halvings + 1):
-        perturbed = run(perturbation, lr)
+        perturbed = clean_run(lr) if perturbation is None else run(perturbation, lr)
         clean = perturbed and clean_run(lr)
         if clean:
             break

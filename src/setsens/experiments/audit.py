@@ -66,18 +66,12 @@ class _Retrainer:
 
     def training(self):
         """The fine-tuning the budget response runs (an attack or a certificate following it needs it first), at the
-        lr it really runs at: 1/λ_max(H), halved while the clean run diverges — settled once by retraining on a move
-        of nothing, whose clean run every later retraining reuses."""
-        from ..finetune import resolve_lr
-        from ..problem import Perturbation
+        lr it really runs at: 1/λ_max(H), halved while the clean run diverges — settled once by the clean run, which
+        every later retraining reuses."""
         from ..retrain import budget_response
 
         if not self.settled:
-            self.lr = resolve_lr(self.problem, self._training()).lr
-            first = torch.tensor([0])
-            nothing = Perturbation(first, torch.zeros_like(self.problem.points(first)[0]))
-            self.lr = budget_response(self.problem, nothing, steps=self.steps, lr=self.lr,
-                                      clean_runs=self.clean_runs).lr
+            self.lr = budget_response(self.problem, None, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs).lr
             self.settled = True
         return self._training()
 
