@@ -140,5 +140,8 @@ def test_the_budget_response_radius_is_attained_by_the_linearised_fine_tuning():
             d = -phi @ (J @ move.reshape(-1))
             worst = min(worst, float(out[c] - out[j] + (jac[c] - jac[j]) @ d))
         assert abs(worst) < 1e-8 * float(out.abs().max())
+    middle = float(cert.radius.median())  # certified exactly where the radius exceeds δ: some are not
+    halves = first_order_certificate(problem, x_eval, [middle], points=2, training=training)
+    assert torch.equal(halves.certified[0], cert.radius > middle) and 0 < float(halves.fraction[0]) < 1
     set_radius = first_order_certificate(problem, x_eval, [0.0], points=2).radius
     assert float(((set_radius - cert.radius).abs() / cert.radius).median()) > 0.1
