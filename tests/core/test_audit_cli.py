@@ -267,3 +267,4 @@ def test_what_follows_the_reference_runs_at_its_lr():
     assert training.lr < 100.0 and judge.clean_runs[(training.lr, 200, 0.9)]  # halved till the clean run converged
     judge(gradient_perturbation(problem, [1], 0.01))  # a perturbed run may still halve it (here: at a 100× lr)
     assert judge.lr <= training.lr and judge.training().lr == judge.lr
+    assert 2 ** judge.record()["lr_halvings"] == 100.0 / judge.lr > 1  # every halving counted, the clean run's too

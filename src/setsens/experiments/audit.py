@@ -52,12 +52,13 @@ def _demo_problem(out, log):
 class _Retrainer:
     """Retraining on perturbed data from w̄, ``perturbation ↦ weights``: Levenberg–Marquardt onto the exact fit for
     a squared error, else w̄ plus the budget response's shift (``steps`` of full-batch Nesterov gradient descent,
-    lr 1/λ_max(H) found by the first retraining and reused, one clean run shared by all).  ``record()`` names the
-    reference and how much its answers still moved with the budget (``change_when_halved``)."""
+    lr 1/λ_max(H) halved while a run diverges, found by the first retraining and reused, one clean run shared by
+    all).  ``record()`` names the reference, how often its lr was halved (``lr_halvings``) and how much its answers
+    still moved with the budget (``change_when_halved``)."""
 
     def __init__(self, problem, steps: int):
         self.problem, self.steps, self.lr, self.clean_runs, self.changes = problem, steps, None, {}, []
-        self.settled = False
+        self.settled, self.halvings = False, 0
 
     def _training(self):
         from ..finetune import Training
@@ -71,7 +72,7 @@ class _Retrainer:
         from ..retrain import budget_response
 
         if not self.settled:
-            self.lr = budget_response(self.problem, None, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs).lr
+            self._settle(budget_response(self.problem, None, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs))
             self.settled = True
         return self._training()
 
@@ -81,15 +82,18 @@ class _Retrainer:
         if self.problem.loss_is_squared_error:
             return levenberg_marquardt(self.problem, None, pert, gtol=1e-13).w
         ref = budget_response(self.problem, pert, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs)
-        self.lr = ref.lr
+        self._settle(ref)
         self.changes.append(ref.change_when_halved)
         return self.problem.params + ref.shift
+
+    def _settle(self, ref):
+        self.lr, self.halvings = ref.lr, self.halvings + ref.halvings
 
     def record(self) -> dict:
         if self.problem.loss_is_squared_error:
             return {"reference": "Levenberg–Marquardt onto the exact fit (gtol 1e-13)"}
         out = {"reference": f"budget response: {self._training().describe()}, from w̄ on the perturbed minus on the "
-                            "clean data", "steps": self.steps, "lr": self.lr}
+                            "clean data", "steps": self.steps, "lr": self.lr, "lr_halvings": self.halvings}
         if self.changes:
             c = sorted(self.changes)
             out["change_when_halved"] = {"median": statistics.median(c), "max": c[-1], "runs": len(c),
@@ -621,7 +625,8 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
     if "retraining" in summary:
         r = summary["retraining"]
         moved = r.get("change_when_halved")
-        lines.append(f"- retraining (the reference of the checks below): {r['reference']}" + (
+        halved = f" (1/λ_max(H) halved {r['lr_halvings']}× after diverged runs)" if r.get("lr_halvings") else ""
+        lines.append(f"- retraining (the reference of the checks below): {r['reference']}{halved}" + (
             "" if moved is None else f"; its answer moved by {moved['median']:.0%} (median; max {moved['max']:.0%}) "
             f"when its budget was halved, {moved['stable_fraction']:.0%} of {moved['runs']} runs within 10 %"))
     if "attack" in summary:
