@@ -1,0 +1,59 @@
+"""The ResNet-56 budget attack over seeds: median, min and max of its headline figures.
+
+Reads ``seed*/results.json`` beside this file (each a ``setsens audit ... --seed S --out seedS`` run; the command
+is in docs/runs/README.md) and writes ``summary.json`` and ``summary.md`` here.
+Run: ``.venv/bin/python docs/runs/audit-resnet56-budget-seeds/summarize.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from setsens.experiments.seeds import distribution
+
+here = Path(__file__).parent
+runs = {int(p.parent.name.removeprefix("seed")): json.loads(p.read_text())
+        for p in sorted(here.glob("seed*/results.json"))}
+if not runs:
+    raise SystemExit(f"no seed*/results.json under {here}")
+seeds = sorted(runs)
+budget = lambda r: r["attack"]["budgets"][0]  # noqa: E731  one budget per run
+figures = {
+    "flip_rate": {"attack": [budget(runs[s])["flip_rate"] for s in seeds],
+                  **{k: [budget(runs[s])["baseline_flip_rate"][k] for s in seeds]
+                     for k in ("random", "loss-gradient")}},
+    "mean_margin_drop": {k: [budget(runs[s])["margin_drop"][k]["mean"] for s in seeds]
+                         for k in ("attack", "random", "loss-gradient")},
+    "margin_drop_over_best_baseline": [runs[s]["attack"]["margin_drop_over_best_baseline"] for s in seeds],
+    "predicted_drop_median": [budget(runs[s])["predicted_drop_median"] for s in seeds],
+    "reference_change_when_halved_median": [runs[s]["retraining"]["change_when_halved"]["median"] for s in seeds],
+}
+summary = {"seeds": seeds, "budget": budget(runs[seeds[0]])["budget"],
+           "targets": runs[seeds[0]]["attack"]["targets"], "retraining": runs[seeds[0]]["retraining"]["reference"],
+           "lr_halvings": runs[seeds[0]]["retraining"].get("lr_halvings"),
+           **{name: ({k: distribution(v) for k, v in f.items()} if isinstance(f, dict) else distribution(f))
+              for name, f in figures.items()}}
+certified = [s for s in seeds if "certificate" in runs[s]]
+if certified:
+    summary["certificate"] = {s: runs[s]["certificate"] for s in certified}
+(here / "summary.json").write_text(json.dumps(summary, indent=1))
+
+fmt = lambda d, f="{:.2f}": f"{f.format(d['median'])} [{f.format(d['min'])}, {f.format(d['max'])}]"  # noqa: E731
+lines = [f"# ResNet-56 budget attack over seeds {seeds}",
+         "",
+         f"{summary['targets']} held-out targets a seed, 10 points, budget {100 * summary['budget']:g} % per point, "
+         f"judged by the {summary['retraining']}. Median [min, max] over seeds:",
+         "",
+         "| | attack (budget response) | random directions | own loss gradient |",
+         "|---|---|---|---|",
+         "| targets flipped | " + " | ".join(fmt(summary["flip_rate"][k], "{:.0%}")
+                                          for k in ("attack", "random", "loss-gradient")) + " |",
+         "| mean margin drop | " + " | ".join(fmt(summary["mean_margin_drop"][k])
+                                           for k in ("attack", "random", "loss-gradient")) + " |",
+         "",
+         f"Attack's mean drop over the best baseline's: {fmt(summary['margin_drop_over_best_baseline'])}; "
+         f"the reference's change when its budget was halved (median of each run): "
+         f"{fmt(summary['reference_change_when_halved_median'], '{:.1%}')}."]
+(here / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
