@@ -34,6 +34,7 @@ summary = {"seeds": seeds, "budget": budget(runs[seeds[0]])["budget"],
            "lr_halvings": runs[seeds[0]]["retraining"].get("lr_halvings"),
            **{name: ({k: distribution(v) for k, v in f.items()} if isinstance(f, dict) else distribution(f))
               for name, f in figures.items()}}
+summary["flipped_pooled"] = {k: round(sum(v) * summary["targets"]) for k, v in figures["flip_rate"].items()}
 certified = [s for s in seeds if "certificate" in runs[s]]
 if certified:
     summary["certificate"] = {s: runs[s]["certificate"] for s in certified}
@@ -51,6 +52,9 @@ lines = [f"# ResNet-56 budget attack over seeds {seeds}",
                                           for k in ("attack", "random", "loss-gradient")) + " |",
          "| mean margin drop | " + " | ".join(fmt(summary["mean_margin_drop"][k])
                                            for k in ("attack", "random", "loss-gradient")) + " |",
+         "| targets flipped, all seeds | " + " | ".join(f"{summary['flipped_pooled'][k]} of "
+                                                       f"{summary['targets'] * len(seeds)}"
+                                                       for k in ("attack", "random", "loss-gradient")) + " |",
          "",
          f"Attack's mean drop over the best baseline's: {fmt(summary['margin_drop_over_best_baseline'])}; "
          f"the reference's change when its budget was halved (median of each run): "
