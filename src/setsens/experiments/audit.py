@@ -65,14 +65,16 @@ class _Retrainer:
 
         return Training(lr=self.lr, steps=self.steps, momentum=0.9, nesterov=True)
 
-    def training(self):
+    def training(self, probe=None):
         """The fine-tuning the budget response runs (an attack or a certificate following it needs it first), at the
-        lr it really runs at: 1/λ_max(H), halved while the clean run diverges — settled once by the clean run, which
-        every later retraining reuses."""
+        lr it really runs at: 1/λ_max(H), halved while a run diverges — settled once, before anything follows it, by
+        the clean run and by ``probe`` (a perturbation as large as those to be judged: on ResNet-56 the clean run
+        converges at 1/λ_max(H) and the perturbed ones only at a 32nd of it).  Later retrainings reuse the lr."""
         from ..retrain import budget_response
 
         if not self.settled:
-            self._settle(budget_response(self.problem, None, steps=self.steps, lr=self.lr, clean_runs=self.clean_runs))
+            self._settle(budget_response(self.problem, probe, steps=self.steps, lr=self.lr,
+                                         clean_runs=self.clean_runs))
             self.settled = True
         return self._training()
 
@@ -143,11 +145,17 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
             "top_vs_random_direction_ratio": top_move / statistics.median(random_directions)}
 
 
-def _with_response(options, retrain):
-    """The attack's options with the training it follows when it follows the budget response."""
+def _with_response(audit, options, retrain, budget: float):
+    """The attack's options with the training it follows when it follows the budget response, its lr settled on the
+    largest move it will judge: the scan's top points moved along their own loss gradient by ``budget``."""
     from dataclasses import replace
 
-    return replace(options, training=retrain.training()) if options.response == "budget" else options
+    from ..perturb import gradient_perturbation
+
+    if options.response != "budget":
+        return options
+    probe = gradient_perturbation(audit.problem, audit.scan().top(options.points), budget)
+    return replace(options, training=retrain.training(probe))
 
 
 def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
@@ -161,7 +169,7 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
 
     problem = audit.problem
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
-    per_budget = []
+    options, per_budget = _with_response(audit, options, retrain, max(budgets)), []
     for budget in budgets:
         rows = []
         for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)"):
@@ -169,11 +177,12 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
             row = state.load(name)
             if row is None:
                 phi = margin(problem, x_eval[t])
-                result = audit.attack(phi, replace(_with_response(options, retrain), budget=budget), retrain=retrain)
+                result = audit.attack(phi, replace(options, budget=budget), retrain=retrain)
                 row = {"target": t, "start": result.start, "predicted": result.predicted,
                        "attack": result.retrained[-1], "points": result.perturbation.indices.tolist()}
                 moves = baselines(problem, result.perturbation.indices, budget, torch.Generator().manual_seed(seed + t))
                 row.update({kind: float(phi(retrain(move))) for kind, move in moves.items()})
+                row["lr"] = retrain.lr  # the reference's: halved further if one of these runs diverged
                 state.save(name, row)
             rows.append(row)
         drop = {kind: [r["start"] - r[kind] for r in rows] for kind in ("attack", "random", "loss-gradient")}
@@ -187,6 +196,8 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
             "predicted_drop_mean": statistics.fmean(r["start"] - r["predicted"] for r in rows),
             "predicted_drop_median": statistics.median(r["start"] - r["predicted"] for r in rows),
             "margin_drop_over_best_baseline": mean["attack"] / best if best > 0 else math.inf,
+            "judged_at_a_smaller_lr": sum(options.training is not None and r.get("lr", math.inf) < options.training.lr
+                                          for r in rows),
             "targets": rows})
         log(f"attack at {100 * budget:g} %: flips {per_budget[-1]['flip_rate']:.0%} of {len(rows)} targets, "
             f"mean margin drop {mean['attack']:.3f} (random {mean['random']:.3f}, loss gradient "
@@ -211,7 +222,7 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
     from .bars import Bars
 
     problem = audit.problem
-    options = _with_response(options, retrain)
+    options = _with_response(audit, options, retrain, max(deltas))
     with Bars({"certificate": "first-order certificate (held-out points)"}) as bars:
         computed = audit.certificates(x_eval, deltas, options.points, options.training, progress=bars)
     if computed.skipped is not None:
@@ -602,6 +613,15 @@ def _sketch_note(s: dict) -> str:
             f"{s['refine_residual']:.1e}{left})")
 
 
+def _size_verdict(b: dict) -> str:
+    """Where the predicted drop is off by more than 10× the measured one (medians), say so: the first-order model
+    is then outside its range at this budget, and only its direction is used."""
+    ratio = b["predicted_drop_median"] / b["margin_drop"]["attack"]["median"]
+    if not math.isfinite(ratio) or 0.1 <= ratio <= 10:
+        return ""
+    return f", {ratio:.2g}× the measured drop (medians): outside its range at this budget, only its direction is used"
+
+
 def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[str]:
     s, t_one = summary["scan"], summary["one_estimate_seconds"]
     unit = "" if t_one is None else f" = {s['seconds_over_one_estimate']:.2f}× one estimate ({t_one:.2f} s)"
@@ -645,7 +665,10 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
                          f" = {b['margin_drop_over_best_baseline']:.1f}× the best baseline (random "
                          f"{d['random']['mean']:.3f}, loss gradient {d['loss-gradient']['mean']:.3f}); drop "
                          f"predicted by {predictor} {b['predicted_drop_mean']:.3g} (median "
-                         f"{b['predicted_drop_median']:.3g})")
+                         f"{b['predicted_drop_median']:.3g}){_size_verdict(b)}")
+            if b.get("judged_at_a_smaller_lr"):
+                lines.append(f"  - {b['judged_at_a_smaller_lr']} of {len(b['targets'])} targets judged at a smaller lr "
+                             "than the attack followed (a run diverged and the reference halved its lr)")
     if "certificate" in summary:
         c = summary["certificate"]
         for kind, k in c["kinds"].items():
