@@ -8,6 +8,7 @@ Run: ``.venv/bin/python docs/runs/audit-resnet56-budget-seeds/summarize.py``.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from setsens.experiments.seeds import distribution
@@ -35,6 +36,12 @@ summary = {"seeds": seeds, "budget": budget(runs[seeds[0]])["budget"],
            **{name: ({k: distribution(v) for k, v in f.items()} if isinstance(f, dict) else distribution(f))
               for name, f in figures.items()}}
 summary["flipped_pooled"] = {k: round(sum(v) * summary["targets"]) for k, v in figures["flip_rate"].items()}
+rows = [r for s in seeds for r in budget(runs[s])["targets"]]
+summary["paired"] = {k: {"attack_drops_more": sum(r[k] > r["attack"] for r in rows), "of": len(rows),
+                         "median_difference": statistics.median((r[k] - r["attack"]) for r in rows)}
+                     for k in ("random", "loss-gradient")}  # per target: the attack's drop minus the baseline's
+summary["judged_at"] = {s: {"lr": runs[s]["retraining"]["lr"], "lr_halvings": runs[s]["retraining"].get("lr_halvings"),
+                            "targets_at_a_smaller_lr": budget(runs[s]).get("judged_at_a_smaller_lr")} for s in seeds}
 certified = [s for s in seeds if "certificate" in runs[s]]
 if certified:
     summary["certificate"] = {s: runs[s]["certificate"] for s in certified}
@@ -58,6 +65,23 @@ lines = [f"# ResNet-56 budget attack over seeds {seeds}",
          "",
          f"Attack's mean drop over the best baseline's: {fmt(summary['margin_drop_over_best_baseline'])}; "
          f"the reference's change when its budget was halved (median of each run): "
-         f"{fmt(summary['reference_change_when_halved_median'], '{:.1%}')}."]
+         f"{fmt(summary['reference_change_when_halved_median'], '{:.1%}')}.",
+         "",
+         "Paired, per target (all seeds): the attack's margin drop exceeds the random directions' on "
+         f"{summary['paired']['random']['attack_drops_more']} of {len(rows)} targets (median difference "
+         f"{summary['paired']['random']['median_difference']:.2f}), the own loss gradient's on "
+         f"{summary['paired']['loss-gradient']['attack_drops_more']} of {len(rows)} "
+         f"({summary['paired']['loss-gradient']['median_difference']:.2f}).",
+         "",
+         "Judged at lr (halvings of 1/λ_max(H); targets judged at a smaller lr than the attack followed): "
+         + "; ".join(f"seed {s}: {j['lr']:.3g} ({j['lr_halvings']}; {j['targets_at_a_smaller_lr']})"
+                     for s, j in summary["judged_at"].items()) + "."]
+for s, c in summary.get("certificate", {}).items():
+    k = c["kinds"]["first order"]
+    lines += ["", f"Seed {s}'s first-order certificate (of the budget response) against any {c['points']} poisoned "
+              "points: certified " + ", ".join(f"{f:.0%} at δ = {100 * d:g} %" for d, f in
+                                             zip(c["deltas"], k["certified_fraction"]))
+              + f" of the held-out predictions (median radius {100 * k['radius']['median']:.2g} %); "
+              f"{k['violations']} violations after attacking certified points and retraining"]
 (here / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -492,7 +492,8 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, a
         response = "set" if problem.loss_is_squared_error else "budget"
     options = AttackOptions(points=points, stages=stages, steps=attack_steps, response=response)
     if targets:
-        log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, {stages} stages…")
+        log(f"attack: {targets} held-out targets, {points} points, budgets {budget_text} %, "
+            f"{stages} stage{'s' * (stages != 1)}…")
         summary["attack"] = _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     if certify:
         log(f"certificate: any {points} points, δ = {delta_text} %…")
@@ -655,8 +656,9 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
                                                        "converged retraining)"),
                               "budget": ("the budget response", "the last stage's linearised fine-tuning (its "
                                                                 "reference: the budget response)")}[a["response"]]
-        lines.append(f"- attack ({a['points']} points, {a['stages']} stages, following {follows}, judged by "
-                     f"retraining) on {a['targets']} held-out targets:")
+        stages = f"{a['stages']} stage{'s' * (a['stages'] != 1)}"
+        lines.append(f"- attack ({a['points']} points, {stages}, following {follows}, judged by retraining) on "
+                     f"{a['targets']} held-out targets:")
         for b in a["budgets"]:
             d = b["margin_drop"]
             lines.append(f"  - budget {100 * b['budget']:g} %: flips {b['flip_rate']:.0%} (random "
