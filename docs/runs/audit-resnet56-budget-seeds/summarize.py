@@ -1,7 +1,8 @@
 """The ResNet-56 budget attack over seeds: median, min and max of its headline figures.
 
 Reads ``seed*/results.json`` beside this file (each a ``setsens audit ... --seed S --out seedS`` run; the command
-is in docs/runs/README.md) and writes ``summary.json`` and ``summary.md`` here.
+is in docs/runs/README.md), and a certificate kept apart in ``certificate-seedS/results.json``, and writes
+``summary.json`` and ``summary.md`` here.
 Run: ``.venv/bin/python docs/runs/audit-resnet56-budget-seeds/summarize.py``.
 """
 
@@ -42,9 +43,12 @@ summary["paired"] = {k: {"attack_drops_more": sum(r[k] > r["attack"] for r in ro
                      for k in ("random", "loss-gradient")}  # per target: the attack's drop minus the baseline's
 summary["judged_at"] = {s: {"lr": runs[s]["retraining"]["lr"], "lr_halvings": runs[s]["retraining"].get("lr_halvings"),
                             "targets_at_a_smaller_lr": budget(runs[s]).get("judged_at_a_smaller_lr")} for s in seeds}
-certified = [s for s in seeds if "certificate" in runs[s]]
-if certified:
-    summary["certificate"] = {s: runs[s]["certificate"] for s in certified}
+# a certificate from a seed's run, or kept apart from a superseded run of it (certificate-seedS/, its lr stated)
+certificates = {int(p.parent.name.removeprefix("certificate-seed")): json.loads(p.read_text())
+                for p in sorted(here.glob("certificate-seed*/results.json"))}
+certificates.update({s: runs[s] for s in seeds if "certificate" in runs[s]})
+if certificates:
+    summary["certificate"] = {s: {**r["certificate"], "lr": r["retraining"]["lr"]} for s, r in certificates.items()}
 (here / "summary.json").write_text(json.dumps(summary, indent=1))
 
 fmt = lambda d, f="{:.2f}": f"{f.format(d['median'])} [{f.format(d['min'])}, {f.format(d['max'])}]"  # noqa: E731
@@ -82,6 +86,7 @@ for s, c in summary.get("certificate", {}).items():
               "points: certified " + ", ".join(f"{f:.0%} at δ = {100 * d:g} %" for d, f in
                                              zip(c["deltas"], k["certified_fraction"]))
               + f" of the held-out predictions (median radius {100 * k['radius']['median']:.2g} %); "
-              f"{k['violations']} violations after attacking certified points and retraining"]
+              f"{k['violations']} violations after attacking certified points and retraining; at lr {c['lr']:.3g}"
+              + ("" if s in runs and "certificate" in runs[s] else f" (certificate-seed{s}/)")]
 (here / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
