@@ -269,3 +269,23 @@ def test_what_follows_the_reference_runs_at_its_lr():
     judge(gradient_perturbation(problem, [0, 1], 0.1))  # a judged move: no further halving
     assert judge.lr == training.lr and judge.training().lr == training.lr
     assert 2 ** judge.record()["lr_halvings"] == 100.0 / judge.lr  # every halving counted
+
+
+def test_a_resumed_attack_keeps_its_reference_record(user, tmp_path):
+    """Rerun into the same --out, every target comes from the cache: the record still says how much the reference's
+    runs moved when their budget was halved and the lr it ended at (once lost on a resumed ResNet-56 run), and each
+    target names the lr it was judged at: here below the one the attack followed (the probe's run converged at
+    1/λ_max(H) = 0.915, the attack's moves did not), which the attack's record counts."""
+    args = _args(user, "--queries", 0, "--attack", 2, "--budget", 10, "--retrain-steps", 20, "--out", tmp_path / "a")
+    records = []
+    for _ in range(2):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        records.append(json.loads((tmp_path / "a" / "results.json").read_text()))
+    first, resumed = records
+    assert resumed["retraining"] == first["retraining"] and first["retraining"]["change_when_halved"]["runs"] > 0
+    assert resumed["attack"] == first["attack"]
+    # here the attack's moves diverged where the probe's did not: the targets say so
+    rows = first["attack"]["budgets"][0]["targets"]
+    assert rows[-1]["lr"] == first["retraining"]["lr"] < rows[0]["lr"] or rows[0]["lr"] < 0.9152
+    assert first["attack"]["budgets"][0]["judged_at_a_smaller_lr"] == sum(r["lr"] < 0.9152 for r in rows) > 0

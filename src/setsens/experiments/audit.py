@@ -88,6 +88,22 @@ class _Retrainer:
         self.changes.append(ref.change_when_halved)
         return self.problem.params + ref.shift
 
+    def cached(self, state, name: str, compute) -> dict:
+        """``state``'s record ``name``, else ``compute()`` saved with how much the reference's runs it made moved
+        when their budget was halved and the lr the reference ran at after them (``lr``, ``lr_halvings``: it
+        halves after a diverged run), which a resumed run takes back."""
+        record = state.load(name)
+        if record is None:
+            start = len(self.changes)
+            record = compute()
+            record.update(reference_changes=self.changes[start:], lr=self.lr, lr_halvings=self.halvings)
+            state.save(name, record)
+        else:
+            self.changes += record.get("reference_changes", [])  # absent from caches older than 2026-12-06
+            if "lr_halvings" in record:
+                self.lr, self.halvings = record["lr"], record["lr_halvings"]
+        return record
+
     def _settle(self, ref):
         self.lr, self.halvings = ref.lr, self.halvings + ref.halvings
 
@@ -158,33 +174,35 @@ def _with_response(audit, options, retrain, budget: float):
     return replace(options, training=retrain.training(probe))
 
 
+def _attack_row(audit, x_eval, t: int, options, seed: int, retrain) -> dict:
+    """The attack on target ``t``'s margin and the two baselines on the same points, each judged by ``retrain``."""
+    from ..poisoning import baselines, margin
+
+    phi = margin(audit.problem, x_eval[t])
+    result = audit.attack(phi, options, retrain=retrain)
+    points = result.perturbation.indices
+    row = {"target": t, "start": result.start, "predicted": result.predicted, "attack": result.retrained[-1],
+           "points": points.tolist()}
+    moves = baselines(audit.problem, points, options.budget, torch.Generator().manual_seed(seed + t))
+    row.update({kind: float(phi(retrain(move))) for kind, move in moves.items()})
+    return row
+
+
 def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log) -> dict:
     """The staged coderivative attack on the margins of ``targets`` held-out points at each budget,
     and the two baselines on the same points, all judged by ``retrain``; cached per target."""
     from dataclasses import replace
 
-    from ..poisoning import baselines, margin
     from ..progress import counted
     from .bars import Bars
 
-    problem = audit.problem
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
     options, per_budget = _with_response(audit, options, retrain, max(budgets)), []
     for budget in budgets:
         rows = []
         for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)"):
-            name = f"attack-{budget:g}-{t}"
-            row = state.load(name)
-            if row is None:
-                phi = margin(problem, x_eval[t])
-                result = audit.attack(phi, replace(options, budget=budget), retrain=retrain)
-                row = {"target": t, "start": result.start, "predicted": result.predicted,
-                       "attack": result.retrained[-1], "points": result.perturbation.indices.tolist()}
-                moves = baselines(problem, result.perturbation.indices, budget, torch.Generator().manual_seed(seed + t))
-                row.update({kind: float(phi(retrain(move))) for kind, move in moves.items()})
-                row["lr"] = retrain.lr  # the reference's: halved further if one of these runs diverged
-                state.save(name, row)
-            rows.append(row)
+            attacked = lambda: _attack_row(audit, x_eval, t, replace(options, budget=budget), seed, retrain)  # noqa: E731
+            rows.append(retrain.cached(state, f"attack-{budget:g}-{t}", attacked))
         drop = {kind: [r["start"] - r[kind] for r in rows] for kind in ("attack", "random", "loss-gradient")}
         mean = {kind: statistics.fmean(d) for kind, d in drop.items()}
         best = max(mean["random"], mean["loss-gradient"])
@@ -230,13 +248,11 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
     certificates = computed.kinds()
 
     def flipped(delta: float, t: int) -> bool:
-        name = f"certify-{delta:g}-{t}"
-        record = state.load(name)
-        if record is None:
+        def attacked():
             attack = audit.attack(margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
-            record = {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
-            state.save(name, record)
-        return record["flipped"]
+            return {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
+
+        return retrain.cached(state, f"certify-{delta:g}-{t}", attacked)["flipped"]
 
     g = torch.Generator().manual_seed(seed + 3)
     kinds = {}
