@@ -66,7 +66,8 @@ fmt = lambda d, f="{:.2f}": f"{f.format(d['median'])} [{f.format(d['min'])}, {f.
 lines = [f"# ResNet-56 budget attack over seeds {seeds}",
          "",
          f"{summary['targets']} held-out targets a seed, 10 points, budget {100 * summary['budget']:g} % per point, "
-         f"judged by the {summary['retraining']}. Median [min, max] over seeds:",
+         f"judged by the budget response ({runs[seeds[0]]['retraining']['steps']} steps of full-batch Nesterov SGD "
+         "from w̄, perturbed minus clean) at the lrs listed below. Median [min, max] over seeds:",
          "",
          "| | attack (budget response) | random directions | own loss gradient |",
          "|---|---|---|---|",
