@@ -273,9 +273,9 @@ def test_what_follows_the_reference_runs_at_its_lr():
 
 def test_a_resumed_attack_keeps_its_reference_record(user, tmp_path):
     """Rerun into the same --out, every target comes from the cache: the record still says how much the reference's
-    runs moved when their budget was halved and the lr it ended at (once lost on a resumed ResNet-56 run), and each
-    target names the lr it was judged at: here below the one the attack followed (the probe's run converged at
-    1/λ_max(H) = 0.915, the attack's moves did not), which the attack's record counts."""
+    runs moved when their budget was halved and the lr it ended at (once lost on a resumed ResNet-56 run).  Here the
+    probe's run converged at 1/λ_max(H) = 0.915 and the attack's moves did not: every target is attacked and judged
+    again at the smaller lr, so all follow and are judged at one (on ResNet-56, 11 of 30 targets were not)."""
     args = _args(user, "--queries", 0, "--attack", 2, "--budget", 10, "--retrain-steps", 20, "--out", tmp_path / "a")
     records = []
     for _ in range(2):
@@ -285,7 +285,6 @@ def test_a_resumed_attack_keeps_its_reference_record(user, tmp_path):
     first, resumed = records
     assert resumed["retraining"] == first["retraining"] and first["retraining"]["change_when_halved"]["runs"] > 0
     assert resumed["attack"] == first["attack"]
-    # here the attack's moves diverged where the probe's did not: the targets say so
-    rows = first["attack"]["budgets"][0]["targets"]
-    assert rows[-1]["lr"] == first["retraining"]["lr"] < rows[0]["lr"] or rows[0]["lr"] < 0.9152
-    assert first["attack"]["budgets"][0]["judged_at_a_smaller_lr"] == sum(r["lr"] < 0.9152 for r in rows) > 0
+    # here the attack's moves diverged where the probe's did not: every target again at the smaller lr
+    assert first["attack"]["passes"] > 1 and first["retraining"]["lr"] < 0.9152
+    assert {row["lr"] for row in first["attack"]["budgets"][0]["targets"]} == {first["retraining"]["lr"]}

@@ -162,16 +162,17 @@ def _check_scan(problem, factor, pinv, result, x_eval, top: int, step: float, se
 
 
 def _with_response(audit, options, retrain, budget: float):
-    """The attack's options with the training it follows when it follows the budget response, its lr settled on the
-    largest move it will judge: the scan's top points moved along their own loss gradient by ``budget``."""
+    """The attack's options with the training it follows when it follows the budget response.  Where the judge is
+    the budget response, its lr is first settled on the largest move it will judge: the scan's top points moved
+    along their own loss gradient by ``budget``."""
     from dataclasses import replace
 
     from ..perturb import gradient_perturbation
 
-    if options.response != "budget":
+    if audit.problem.loss_is_squared_error:  # judged by Levenberg–Marquardt: no lr
         return options
-    probe = gradient_perturbation(audit.problem, audit.scan().top(options.points), budget)
-    return replace(options, training=retrain.training(probe))
+    training = retrain.training(gradient_perturbation(audit.problem, audit.scan().top(options.points), budget))
+    return replace(options, training=training) if options.response == "budget" else options
 
 
 def _attack_row(audit, x_eval, t: int, options, seed: int, retrain) -> dict:
@@ -197,12 +198,21 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     from .bars import Bars
 
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
-    options, per_budget = _with_response(audit, options, retrain, max(budgets)), []
-    for budget in budgets:
-        rows = []
-        for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)"):
-            attacked = lambda: _attack_row(audit, x_eval, t, replace(options, budget=budget), seed, retrain)  # noqa: E731
-            rows.append(retrain.cached(state, f"attack-{budget:g}-{t}", attacked))
+    options, passes = _with_response(audit, options, retrain, max(budgets)), 0
+    while True:  # again while the judge halves its lr: every target follows, and is judged at, one lr
+        lr, passes = retrain.lr, passes + 1
+        tag = "" if lr is None else f"-lr{lr:.6g}"
+        table = {budget: [retrain.cached(state, f"attack-{budget:g}-{t}{tag}", lambda: _attack_row(
+                     audit, x_eval, t, replace(options, budget=budget), seed, retrain))  # called at once
+                          for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)")]
+                 for budget in budgets}
+        if retrain.lr == lr:
+            break
+        log(f"attack: a retraining diverged and the reference halved its lr ({lr:.3g} → {retrain.lr:.3g}): every "
+            "target again at the new lr")
+        options = replace(options, training=retrain.training()) if options.training else options
+    per_budget = []
+    for budget, rows in table.items():
         drop = {kind: [r["start"] - r[kind] for r in rows] for kind in ("attack", "random", "loss-gradient")}
         mean = {kind: statistics.fmean(d) for kind, d in drop.items()}
         best = max(mean["random"], mean["loss-gradient"])
@@ -214,8 +224,6 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
             "predicted_drop_mean": statistics.fmean(r["start"] - r["predicted"] for r in rows),
             "predicted_drop_median": statistics.median(r["start"] - r["predicted"] for r in rows),
             "margin_drop_over_best_baseline": mean["attack"] / best if best > 0 else math.inf,
-            "judged_at_a_smaller_lr": sum(options.training is not None and r.get("lr", math.inf) < options.training.lr
-                                          for r in rows),
             "targets": rows})
         log(f"attack at {100 * budget:g} %: flips {per_budget[-1]['flip_rate']:.0%} of {len(rows)} targets, "
             f"mean margin drop {mean['attack']:.3f} (random {mean['random']:.3f}, loss gradient "
@@ -223,7 +231,7 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     flipping = [b for b in per_budget if b["flip_rate"] >= 0.5]
     head = flipping[0] if flipping else per_budget[-1]
     return {"targets": len(chosen), "points": options.points, "stages": options.stages, "steps": options.steps,
-            "response": options.response,
+            "response": options.response, "passes": passes,
             "budget": head["budget"], "flip_rate": head["flip_rate"],
             "margin_drop_over_best_baseline": head["margin_drop_over_best_baseline"],
             "smallest_budget_flipping_half": flipping[0]["budget"] if flipping else None, "budgets": per_budget}
@@ -684,9 +692,9 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
                          f"{d['random']['mean']:.3f}, loss gradient {d['loss-gradient']['mean']:.3f}); drop "
                          f"predicted by {predictor} {b['predicted_drop_mean']:.3g} (median "
                          f"{b['predicted_drop_median']:.3g}){_size_verdict(b)}")
-            if b.get("judged_at_a_smaller_lr"):
-                lines.append(f"  - {b['judged_at_a_smaller_lr']} of {len(b['targets'])} targets judged at a smaller lr "
-                             "than the attack followed (a run diverged and the reference halved its lr)")
+        if a.get("passes", 1) > 1:
+            lines.append(f"  - {a['passes']} passes: a retraining diverged and the reference halved its lr, so every "
+                         "target was attacked and judged again at the new lr")
     if "certificate" in summary:
         c = summary["certificate"]
         for kind, k in c["kinds"].items():
