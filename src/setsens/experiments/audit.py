@@ -52,9 +52,9 @@ def _demo_problem(out, log):
 class _Retrainer:
     """Retraining on perturbed data from w̄, ``perturbation ↦ weights``: Levenberg–Marquardt onto the exact fit for
     a squared error, else w̄ plus the budget response's shift (``steps`` of full-batch Nesterov gradient descent,
-    lr 1/λ_max(H) halved while a run diverges, found by the first retraining and reused, one clean run shared by
-    all).  ``record()`` names the reference, how often its lr was halved (``lr_halvings``) and how much its answers
-    still moved with the budget (``change_when_halved``)."""
+    lr 1/λ_max(H) halved while a run diverges — settled by :meth:`training` before an attack, halved again if a
+    later run diverges — one clean run per lr shared by all).  ``record()`` names the reference, how often its lr
+    was halved (``lr_halvings``) and how much its answers still moved with the budget (``change_when_halved``)."""
 
     def __init__(self, problem, steps: int):
         self.problem, self.steps, self.lr, self.clean_runs, self.changes = problem, steps, None, {}, []
@@ -641,7 +641,8 @@ def _sketch_note(s: dict) -> str:
 def _size_verdict(b: dict) -> str:
     """Where the predicted drop is off by more than 10× the measured one (medians), say so: the first-order model
     is then outside its range at this budget, and only its direction is used."""
-    ratio = b["predicted_drop_median"] / b["margin_drop"]["attack"]["median"]
+    measured = b["margin_drop"]["attack"]["median"]
+    ratio = b["predicted_drop_median"] / measured if measured > 0 else math.nan
     if not math.isfinite(ratio) or 0.1 <= ratio <= 10:
         return ""
     return f", {ratio:.2g}× the measured drop (medians): outside its range at this budget, only its direction is used"
