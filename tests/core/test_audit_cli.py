@@ -276,7 +276,8 @@ def test_a_resumed_attack_keeps_its_reference_record(user, tmp_path):
     runs moved when their budget was halved and the lr it ended at (once lost on a resumed ResNet-56 run).  Here the
     probe's run converged at 1/λ_max(H) = 0.915 and the attack's moves did not: every target is attacked and judged
     again at the smaller lr, so all follow and are judged at one (on ResNet-56, 11 of 30 targets were not)."""
-    args = _args(user, "--queries", 0, "--attack", 2, "--budget", 10, "--retrain-steps", 20, "--out", tmp_path / "a")
+    args = _args(user, "--queries", 0, "--attack", 2, "--budget", 10, "--stages", 1, "--attack-steps", 1,
+                 "--retrain-steps", 20, "--out", tmp_path / "a")
     records = []
     for _ in range(2):
         res = CliRunner().invoke(main, args)
