@@ -40,8 +40,8 @@ summary = {"seeds": seeds, "budget": budget(runs[seeds[0]])["budget"],
 summary["flipped_pooled"] = {k: round(sum(v) * summary["targets"]) for k, v in figures["flip_rate"].items()}
 rows = [r for s in seeds for r in budget(runs[s])["targets"]]
 # the reference only halves its lr, so a seed's largest is the one its attack followed (settled before it)
-followed = [r for s in seeds for r in budget(runs[s])["targets"]
-            if r["lr"] == max(q["lr"] for q in budget(runs[s])["targets"])]
+followed_lr = {s: max(r["lr"] for r in budget(runs[s])["targets"]) for s in seeds}
+followed = [r for s in seeds for r in budget(runs[s])["targets"] if r["lr"] == followed_lr[s]]
 
 
 def paired(rows):
@@ -53,7 +53,8 @@ def paired(rows):
 
 summary["paired"], summary["paired_judged_at_the_followed_lr"] = paired(rows), paired(followed)
 summary["judged_at"] = {s: {"lr": runs[s]["retraining"]["lr"], "lr_halvings": runs[s]["retraining"].get("lr_halvings"),
-                            "targets_at_a_smaller_lr": budget(runs[s]).get("judged_at_a_smaller_lr")} for s in seeds}
+                            "targets_at_a_smaller_lr": sum(r["lr"] < lr for r in budget(runs[s])["targets"])}
+                        for s, lr in followed_lr.items()}
 # a certificate from a seed's run, or kept apart from a superseded run of it (certificate-seedS/, its lr stated)
 certificates = {int(p.parent.name.removeprefix("certificate-seed")): json.loads(p.read_text())
                 for p in sorted(here.glob("certificate-seed*/results.json"))}
