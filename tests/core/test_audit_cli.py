@@ -288,4 +288,18 @@ def test_a_resumed_attack_keeps_its_reference_record(user, tmp_path):
     assert resumed["attack"] == first["attack"]
     # here the attack's moves diverged where the probe's did not: every target again at the smaller lr
     assert first["attack"]["passes"] > 1 and first["retraining"]["lr"] < 0.9152
+    assert f"{first['attack']['passes']} passes: a retraining diverged" in (tmp_path / "a" / "report.md").read_text()
     assert {row["lr"] for row in first["attack"]["budgets"][0]["targets"]} == {first["retraining"]["lr"]}
+
+
+def test_the_report_says_when_the_predicted_drop_is_out_of_range():
+    """The attack's report flags a predicted drop more than 10× off the measured one (medians), and only then: not
+    at 3× either way, nor where nothing dropped (no ratio)."""
+    from setsens.experiments.audit import _size_verdict
+
+    def verdict(predicted, measured):
+        return _size_verdict({"predicted_drop_median": predicted, "margin_drop": {"attack": {"median": measured}}})
+
+    assert "outside its range" in verdict(4500.0, 6.0) and "7.5e+02×" in verdict(4500.0, 6.0)
+    assert "outside its range" in verdict(0.05, 6.0)
+    assert verdict(18.0, 6.0) == verdict(2.0, 6.0) == verdict(5.0, 0.0) == verdict(5.0, -1.0) == ""
