@@ -200,12 +200,17 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
     chosen = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(seed + 2))[:targets].tolist()
     options, passes = _with_response(audit, options, retrain, max(budgets)), 0
     while True:  # again while the judge halves its lr: every target follows, and is judged at, one lr
-        lr, passes = retrain.lr, passes + 1
+        lr, passes, table = retrain.lr, passes + 1, {}
         tag = "" if lr is None else f"-lr{lr:.6g}"
-        table = {budget: [retrain.cached(state, f"attack-{budget:g}-{t}{tag}", lambda: _attack_row(
-                     audit, x_eval, t, replace(options, budget=budget), seed, retrain))  # called at once
-                          for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)")]
-                 for budget in budgets}
+        for budget in budgets:
+            table[budget] = []
+            for t in counted(Bars(), chosen, f"attack (budget {100 * budget:g} %)"):
+                table[budget].append(retrain.cached(state, f"attack-{budget:g}-{t}{tag}", lambda: _attack_row(
+                    audit, x_eval, t, replace(options, budget=budget), seed, retrain)))
+                if retrain.lr != lr:  # the rest of this pass would be redone: stop it here
+                    break
+            if retrain.lr != lr:
+                break
         if retrain.lr == lr:
             break
         log(f"attack: a retraining diverged and the reference halved its lr ({lr:.3g} → {retrain.lr:.3g}): every "
