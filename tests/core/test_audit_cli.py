@@ -306,3 +306,20 @@ def test_the_report_says_when_the_predicted_drop_is_out_of_range():
     assert "outside its range" in verdict(4500.0, 6.0) and "7.5e+02×" in verdict(4500.0, 6.0)
     assert "outside its range" in verdict(0.05, 6.0)
     assert verdict(18.0, 6.0) == verdict(2.0, 6.0) == verdict(5.0, 0.0) == verdict(5.0, -1.0) == ""
+
+
+def test_the_certificate_is_made_again_when_a_check_halves_the_lr(user, tmp_path):
+    """The first-order certificate follows the training its judge runs.  Here the probe's run converged at
+    1/λ_max(H) = 0.915 and the checks' attacks did not: the certificates and every check are made again at the
+    smaller lr, so the certificate, its checks and their judge run at one lr (once computed at the previous one)."""
+    args = _args(user, "--queries", 0, "--certify", "--delta", 10, "--certify-checks", 1, "--stages", 1,
+                 "--attack-steps", 1, "--retrain-steps", 20, "--out", tmp_path / "a")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "a" / "results.json").read_text())
+    cert, lr = out["certificate"], out["retraining"]["lr"]
+    assert cert["passes"] > 1 and lr < 0.9152
+    assert f"{cert['passes']} passes: a check's retraining diverged" in (tmp_path / "a" / "report.md").read_text()
+    checks = sorted(p.name for p in (tmp_path / "a").glob("state/*/certify-*.pt"))
+    final = [name for name in checks if name.endswith(f"-lr{lr:.6g}.pt")]
+    assert len(final) == 2 and len(checks) < 2 * cert["passes"], checks  # a stale pass stops at its halving

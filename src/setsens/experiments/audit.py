@@ -245,31 +245,51 @@ def _attack(audit, x_eval, targets, budgets, options, seed, retrain, state, log)
 def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) -> dict:
     """Both certificates at each δ — margin bounds (bias-free ReLU networks) and first order — then
     the attack on certified (and as many uncertified) targets at that δ, judged by retraining: a
-    certified prediction that changes is a violation.  Attacks are cached per (δ, target)."""
+    certified prediction that changes is a violation.  Attacks are cached per (δ, target, lr).  If a check's
+    retraining halves the judge's lr, the certificates and every check are made again at the new lr (the first
+    order certificate follows the training the judge runs)."""
+    from dataclasses import replace
+
+    options, passes = _with_response(audit, options, retrain, max(deltas)), 0
+    while True:
+        lr, passes = retrain.lr, passes + 1
+        kinds = _certificate_pass(audit, x_eval, deltas, options, checks, seed, retrain, state, log)
+        if kinds is not None:
+            break
+        log(f"certificate: a check's retraining diverged and the reference halved its lr ({lr:.3g} → "
+            f"{retrain.lr:.3g}): the certificates and their checks again at the new lr")
+        options = replace(options, training=retrain.training()) if options.training else options
+    main = kinds.get("margin bounds", kinds["first order"])
+    return {"points": options.points, "response": options.response, "deltas": list(deltas), "passes": passes,
+            "certified_fraction": main["certified_fraction"],
+            "violations": sum(k["violations"] for k in kinds.values()), "kinds": kinds}
+
+
+def _certificate_pass(audit, x_eval, deltas, options, checks, seed, retrain, state, log) -> dict | None:
+    """:func:`_certify`'s certificates and checks at the judge's present lr; None as soon as a check halves it."""
     from dataclasses import replace
 
     from ..poisoning import margin
     from ..progress import counted
     from .bars import Bars
 
-    problem = audit.problem
-    options = _with_response(audit, options, retrain, max(deltas))
+    problem, lr = audit.problem, retrain.lr
+    tag = "" if lr is None else f"-lr{lr:.6g}"
     with Bars({"certificate": "first-order certificate (held-out points)"}) as bars:
         computed = audit.certificates(x_eval, deltas, options.points, options.training, progress=bars)
     if computed.skipped is not None:
         log(f"certificate: margin bounds skipped ({computed.skipped})")
-    certificates = computed.kinds()
 
     def flipped(delta: float, t: int) -> bool:
         def attacked():
             attack = audit.attack(margin(problem, x_eval[t]), replace(options, budget=delta), retrain=retrain)
             return {"flipped": attack.retrained[-1] < 0, "margin": attack.retrained[-1]}
 
-        return retrain.cached(state, f"certify-{delta:g}-{t}", attacked)["flipped"]
+        return retrain.cached(state, f"certify-{delta:g}-{t}{tag}", attacked)["flipped"]
 
     g = torch.Generator().manual_seed(seed + 3)
     kinds = {}
-    for kind, cert in certificates.items():
+    for kind, cert in computed.kinds().items():
         rows = []
         for i, delta in enumerate(cert.deltas.tolist()):
             row = {"delta": delta, "certified_fraction": float(cert.fraction[i])}
@@ -281,7 +301,11 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
                     candidates = pool.nonzero().reshape(-1)
                     chosen = candidates[torch.randperm(len(candidates), generator=g)[:checks]].tolist()
                     desc = f"{kind} certificate check (δ = {100 * delta:g} %, {label})"
-                    flips[label] = [flipped(delta, t) for t in counted(Bars(), chosen, desc)]
+                    flips[label] = []
+                    for t in counted(Bars(), chosen, desc):
+                        flips[label].append(flipped(delta, t))
+                        if retrain.lr != lr:  # the rest would be redone at the new lr
+                            return None
                 row.update(attacked={k: len(v) for k, v in flips.items()}, violations=sum(flips["certified"]),
                            uncertified_flipped=sum(flips["uncertified"]))
             rows.append(row)
@@ -295,10 +319,7 @@ def _certify(audit, x_eval, deltas, options, checks, seed, retrain, state, log) 
         if cert.radius is not None:
             r = cert.radius
             kinds[kind]["radius"] = {"median": float(r.median()), "min": float(r.min()), "max": float(r.max())}
-    main = kinds.get("margin bounds", kinds["first order"])
-    return {"points": options.points, "response": options.response, "deltas": list(deltas),
-            "certified_fraction": main["certified_fraction"],
-            "violations": sum(k["violations"] for k in kinds.values()), "kinds": kinds}
+    return kinds
 
 def _queries(problem, count: int, step: float, seed: int, pinv, t_one: float, log) -> dict:
     """``count`` one-point queries from a fresh factorisation (timed with it); with the pseudo-inverse
@@ -709,4 +730,7 @@ def _report_lines(summary: dict, top: int, check: bool, n_queries: int) -> list[
             lines.append(f"- certificate ({kind}, of {predicts}) against any {c['points']} poisoned points: certified "
                          + ", ".join(f"{f:.0%} at δ = {100 * d:g} %" for d, f in fractions)
                          + f"; {k['violations']} violations after attacking certified points and retraining")
+        if c.get("passes", 1) > 1:
+            lines.append(f"  - {c['passes']} passes: a check's retraining diverged and the reference halved its lr, so "
+                         "the certificates and every check were made again at the new lr")
     return lines
