@@ -171,7 +171,8 @@ def _with_response(audit, options, retrain, budget: float):
 
     if audit.problem.loss_is_squared_error:  # judged by Levenberg–Marquardt: no lr
         return options
-    training = retrain.training(gradient_perturbation(audit.problem, audit.scan().top(options.points), budget))
+    probe = None if retrain.settled else gradient_perturbation(audit.problem, audit.scan().top(options.points), budget)
+    training = retrain.training(probe)
     return replace(options, training=training) if options.response == "budget" else options
 
 
