@@ -107,11 +107,13 @@ class GramFactor(LinearOperator):
         :func:`setsens.gram.gram_solve`, preconditioned with the sketch, to relative residual ``rtol`` — taken
         only if reached within ``maxiter`` iterations.  Returns the residual reached (0 for the exact paths, which
         need nothing).  Cost: two Jacobian passes per iteration, with |points|·K vectors each (measured on
-        ResNet-56 with 100 and 200 CIFAR images and rank-200 and 500 sketches: residual below 0.1 in 7 and 6
-        iterations, the top 20 κ then within 0.06 % and 0.23 % of the exact ones, against 16 % and 17 % for the
-        sketch alone, docs/runs/audit-scale/refine-200.json; with 1000 images, rank 497 and 110 points, 14 iterations
-        of 300 s on 2 threads, the top 20 within 0.07 %, refine-1000.json; where the sketch is poor — nearly
-        dependent gradients — CG can need more iterations than rows)."""
+        ResNet-56, per-column CG before block CG: with 100 and 200 CIFAR images and rank-200 and 500 sketches, residual
+        below 0.1 in 7 and 6 iterations, the top 20 κ then within 0.06 % and 0.23 % of the exact ones, against 16 % and
+        17 % for the sketch alone, docs/runs/audit-scale/refine-200.json; with 1000 images, rank 497 and 110 points, 14
+        iterations of 300 s on 2 threads, the top 20 within 0.07 %, refine-1000.json.  Block CG on the same 200
+        images' Gram matrix: 4 iterations where per-column CG took 6, and 5–6 where it took 8–14 at the n = 1000 run's
+        ratios of rank and columns to rows, block-cg-200.json.  Where GGᵀ is too ill-conditioned — nearly dependent
+        gradients — the solve may not converge at all)."""
         if not self.gram_inverse.approximate:
             return 0.0
         t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """The ResNet-56 budget attack over seeds: median, min and max of its headline figures.
 
 Reads ``seed*/results.json`` beside this file (each a ``setsens audit ... --seed S --out seedS`` run; the command
-is in docs/runs/README.md), and a certificate kept apart in ``certificate-seedS/results.json``, and writes
-``summary.json`` and ``summary.md`` here.
+is in docs/runs/README.md), and a certificate run of its own in ``certificate-seedS/results.json`` (``--certify``, no
+attack: its reference settles its own lr on moves as large as its δ), and writes ``summary.json`` and ``summary.md``
+here.
 Run: ``.venv/bin/python docs/runs/audit-resnet56-budget-seeds/summarize.py``.
 """
 
@@ -51,11 +52,13 @@ def paired(rows):
             for k in ("random", "loss-gradient")}
 
 
-summary["paired"], summary["paired_judged_at_the_followed_lr"] = paired(rows), paired(followed)
+summary["paired"] = paired(rows)
+if len(followed) < len(rows):  # runs before 731eef5 judged some targets at a smaller lr than their attack followed
+    summary["paired_judged_at_the_followed_lr"] = paired(followed)
 summary["judged_at"] = {s: {"lr": runs[s]["retraining"]["lr"], "lr_halvings": runs[s]["retraining"].get("lr_halvings"),
                             "targets_at_a_smaller_lr": sum(r["lr"] < lr for r in budget(runs[s])["targets"])}
                         for s, lr in followed_lr.items()}
-# a certificate from a seed's run, or kept apart from a superseded run of it (certificate-seedS/, its lr stated)
+# a certificate from a seed's run, or from a run of its own (certificate-seedS/, its lr stated)
 certificates = {int(p.parent.name.removeprefix("certificate-seed")): json.loads(p.read_text())
                 for p in sorted(here.glob("certificate-seed*/results.json"))}
 certificates.update({s: runs[s] for s in seeds if "certificate" in runs[s]})
@@ -90,8 +93,8 @@ lines = [f"# ResNet-56 budget attack over seeds {seeds}",
            f"{p['loss-gradient']['attack_drops_more']} of {p['random']['of']} "
            f"({p['loss-gradient']['median_difference']:.2f})."
            for which, p in (("all seeds", summary["paired"]),
-                            ("only those judged at the lr the attack followed", summary[
-                                "paired_judged_at_the_followed_lr"]))),
+                            ("only those judged at the lr the attack followed",
+                             summary.get("paired_judged_at_the_followed_lr"))) if p),
          "",
          "Judged at lr (halvings of 1/λ_max(H); targets judged at a smaller lr than the attack followed): "
          + "; ".join(f"seed {s}: {j['lr']:.3g} ({j['lr_halvings']}; {j['targets_at_a_smaller_lr']})"
@@ -103,6 +106,7 @@ for s, c in summary.get("certificate", {}).items():
                                              zip(c["deltas"], k["certified_fraction"]))
               + f" of the held-out predictions (median radius {100 * k['radius']['median']:.2g} %); "
               f"{k['violations']} violations after attacking certified points and retraining; at lr {c['lr']:.3g}"
+              + (f" ({c['passes']} passes: a check halved the lr)" if c.get("passes", 1) > 1 else "")
               + ("" if s in runs and "certificate" in runs[s] else f" (certificate-seed{s}/)")]
 (here / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
