@@ -1,9 +1,9 @@
 """The ResNet-56 budget attack over seeds: median, min and max of its headline figures.
 
 Reads ``seed*/results.json`` beside this file (each a ``setsens audit ... --seed S --out seedS`` run; the command
-is in docs/runs/README.md), and a certificate run of its own in ``certificate-seedS/results.json`` (``--certify``, no
-attack: its reference settles its own lr on moves as large as its δ), and writes ``summary.json`` and ``summary.md``
-here.
+is in docs/runs/README.md), and a certificate kept apart in ``certificate-seedS/results.json`` (from an earlier run
+of that seed, or a run of its own: ``--certify`` without ``--attack``, whose reference settles its lr on moves as large
+as its δ; its lr stated), and writes ``summary.json`` and ``summary.md`` here.
 Run: ``.venv/bin/python docs/runs/audit-resnet56-budget-seeds/summarize.py``.
 """
 
@@ -58,7 +58,7 @@ if len(followed) < len(rows):  # runs before 731eef5 judged some targets at a sm
 summary["judged_at"] = {s: {"lr": runs[s]["retraining"]["lr"], "lr_halvings": runs[s]["retraining"].get("lr_halvings"),
                             "targets_at_a_smaller_lr": sum(r["lr"] < lr for r in budget(runs[s])["targets"])}
                         for s, lr in followed_lr.items()}
-# a certificate from a seed's run, or from a run of its own (certificate-seedS/, its lr stated)
+# a certificate from a seed's run, or kept apart (certificate-seedS/, its lr stated)
 certificates = {int(p.parent.name.removeprefix("certificate-seed")): json.loads(p.read_text())
                 for p in sorted(here.glob("certificate-seed*/results.json"))}
 certificates.update({s: runs[s] for s in seeds if "certificate" in runs[s]})

@@ -6,7 +6,7 @@ The shared ResNet-56 on the first n shared CIFAR-10 training images, K = 10: the
 matrix (``GramFactor(path="streamed")``, equal to the dense factor to rounding: tests/core/test_gram.py), then the
 Nyström factor of rank ``--rank`` and its scan, before (``refine=0``) and after its refinement by preconditioned
 CG (``scan``'s rounds: the sketch's top ``--refine`` points and ``--sample`` random ones, then any the rule names;
-defaults ``scan``'s).  Writes ``refine-<n>.json`` beside this file: Spearman and
+defaults ``scan``'s).  Writes ``refine-<n><--suffix>.json`` beside this file: Spearman and
 the largest relative error on the exact top 20, for the sketch and for the refined scan, where the sketch ranks
 the exact top 20 (how many points the refinement needs to hold them all), the CG residual, the seconds and both
 κ (the sketch's figures first, with ``"refined": null``, so a run cut off while refining keeps them).
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=500)
     parser.add_argument("--refine", type=int, default=REFINE_POINTS, help="the sketch's top points to refine first")
     parser.add_argument("--sample", type=int, default=REFINE_SAMPLE, help="random points refined with them")
+    parser.add_argument("--suffix", default="", help="added to the JSON file's name (refine-<n><suffix>.json)")
     args = parser.parse_args()
     problem = Problem(load_cifar_resnet(DATA / "resnet56-cifar10.th", 56), cross_entropy, images(args.n),
                       batch_size=20)
@@ -64,7 +65,8 @@ def main() -> None:
            "refined": None, "exact_reference": "the streamed exact scan of the same images "
                                                f"(GramFactor(path='streamed'), kappa-exact-{args.n}.json)",
            "kappa": {"sketch": sketch.tolist(), "refined": None}}
-    write = lambda: (HERE / f"refine-{args.n}.json").write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
+    name = f"refine-{args.n}{args.suffix}.json"
+    write = lambda: (HERE / name).write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
     write()  # the sketch's figures stand even if the refinement is cut off
     t0 = time.perf_counter()
     refined = scan(problem, factor, refine=args.refine, sample=args.sample, progress=log)
