@@ -256,11 +256,6 @@ def plot(record: dict, file: Path) -> None:
         points = sorted((r["n"], r[key]) for r in rows if r.get(key))
         if points:
             ax.loglog(*zip(*points), "o-", label=label)
-    for check in sorted(file.parent.glob("refine-*.json")):  # refine_check.py's whole refined scans, same threads
-        run = json.loads(check.read_text())
-        if run.get("threads") == record["threads"] and run.get("refine_seconds"):
-            ax.loglog([run["n"]], [run["sketch_seconds"] + run["refine_seconds"]], "kx", markersize=9,
-                      label=f"sketch + {run['refined_points']}-point refinement ({check.name})")
     ax.set_xlabel("training images n (beyond 1000: flipped/shifted copies)")
     ax.set_ylabel("seconds (2 CPU threads)")
     ax.set_title(f"ResNet-56 audit scan, p = 853 018, K = 10; sketch exponent {record['time_exponent']:.2f}"
