@@ -56,6 +56,9 @@ from pathlib import Path
 
 import torch
 
+from setsens.atomic import atomic_write
+from setsens.report import write_json, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -202,7 +205,7 @@ def exact_file(folder: Path, n: int) -> Path:
 
 
 def save_exact(folder: Path, n: int, kappa: torch.Tensor, seconds: float) -> None:
-    exact_file(folder, n).write_text(json.dumps({"model": "resnet56", "n": n, "threads": torch.get_num_threads(),
+    write_text(exact_file(folder, n), json.dumps({"model": "resnet56", "n": n, "threads": torch.get_num_threads(),
                                                  "seconds": seconds, "kappa": kappa.tolist()}) + "\n")
 
 
@@ -258,12 +261,14 @@ def plot(record: dict, file: Path) -> None:
             ax.loglog(*zip(*points), "o-", label=label)
     ax.set_xlabel("training images n (beyond 1000: flipped/shifted copies)")
     ax.set_ylabel("seconds (2 CPU threads)")
-    ax.set_title(f"ResNet-56 audit scan, p = 853 018, K = 10; sketch exponent {record['time_exponent']:.2f}"
-                 if record.get("time_exponent") else "ResNet-56 audit scan")
+    slopes = ", ".join(f"{name} {record[key]:.2f}" for name, key in
+                       (("sketch", "time_exponent"), ("refined", "time_exponent_refined")) if record.get(key))
+    ax.set_title("ResNet-56 audit scan, p = 853 018, K = 10" + (f"; log–log slope: {slopes}" if slopes else ""),
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    atomic_write(file, lambda fh: fig.savefig(fh, format="png", dpi=120))
 
 
 def main() -> None:
@@ -359,7 +364,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "runs": rows}
     for device in sorted({row["device"] for row in rows if "device" in row}):
         record[f"time_exponent_{device}"] = exponent(scans("nystrom", device))
-    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.json, record)
     plot(record, Path(args.json).with_suffix(".png"))
     print(json.dumps({k: v for k, v in record.items() if k != "runs"}), flush=True)
 
