@@ -29,6 +29,7 @@ from setsens.finetune import Training, resolve_lr  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.poisoning import margin  # noqa: E402
 from setsens.problem import Problem, cross_entropy  # noqa: E402
+from setsens.report import write_text  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +88,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "targets"}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_text(args.json, json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from setsens.report import write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_tangent import load, spread  # noqa: E402
 
@@ -78,7 +80,7 @@ def main() -> None:
                              "change_over_floor": float(change.norm()) / floor if floor > 0 else float("inf"),
                              "replay_gap": float((secant.base - plain.base).norm()),
                              "seconds_plain": t1 - t0, "seconds_secant": t2 - t1})
-                done.write_text(json.dumps(rows, indent=2) + "\n")
+                write_text(done, json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]
                 print(f"{name} seed {seed} step {step:g} %: plain {r['pearson_plain']:.3f} "
                       f"(rel {r['relative_error_plain']:.2f}), secant {r['pearson_secant']:.3f} "

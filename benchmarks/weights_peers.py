@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from setsens.report import write_text
+
 RHOS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
 
@@ -210,7 +212,7 @@ def main() -> None:
               f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1))
+        write_text(a.json, json.dumps(result, indent=1))
         a.json.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 

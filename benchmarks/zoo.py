@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from setsens.report import write_text
+
 ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 TRAINED = {"resnet": Path(__file__).resolve().parents[2] / "shared" / "data" / "resnet56-cifar10.th"}
 #: the verdict's advice, per model: fine-tune to a stationary point of the risk with weight decay (the
@@ -138,7 +140,7 @@ def main() -> None:
                     continue
                 rows.append(analyse(name, ckpt, step, seed, args.retrain_steps, args.members, out, advised))
                 r = rows[-1]
-                done.write_text(json.dumps(rows, indent=2) + "\n")
+                write_text(done, json.dumps(rows, indent=2) + "\n")
                 if "error" in r:
                     print(f"{r['model']} step {step:g} % seed {seed}: {r['error']}", flush=True)
                     continue

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from setsens.report import write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo import ZOO, checkpoint  # noqa: E402
 
@@ -216,7 +218,7 @@ def main() -> None:
                 auto = a.validity.get("auto")
                 rows.append(row(name, seed, auto["step"] if auto else step, auto is not None, a,
                                 tangent_seconds + time.perf_counter() - t0) | {"dtype": args.dtype})
-                done.write_text(json.dumps(rows, indent=2) + "\n")
+                write_text(done, json.dumps(rows, indent=2) + "\n")
                 r = rows[-1]
                 print(f"{name} seed {seed} step {r['step_percent']:g} %{' (auto)' if auto else ''}: "
                       f"verdict {r['verdict']}, "
