@@ -249,7 +249,8 @@ class Scan:
 
 
 def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFINE_POINTS, top: int = REFINE_TOP,
-         rounds: int = REFINE_ROUNDS, sample: int = REFINE_SAMPLE, progress: ProgressFn | None = None) -> Scan:
+         rounds: int = REFINE_ROUNDS, sample: int = REFINE_SAMPLE, rtol: float = REFINE_RTOL,
+         progress: ProgressFn | None = None) -> Scan:
     """κ_k and the worst Δx_k for every training point from one :class:`GramFactor`.
 
     With an approximate factor (``factor.gram_inverse.approximate``) every κ_k is the sketch's but those of the
@@ -259,9 +260,11 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
     the largest exact ÷ sketch ratio among the points refined so far — reaches the ``top``-th largest exact κ.  The
     rule is a heuristic, not a bound (a point the sketch underrates by more than ρ can be missed); the points it
     names but did not refine are ``unresolved`` (when the rounds run out, or a round's solve does not converge: that
-    round is not taken, ``refine_residual`` above :data:`REFINE_RTOL`).  ResNet-56, rank-500 sketch: at 200 CIFAR
-    images the sketch places the exact top 20 within its top 36, at 1000 within its top 72
-    (docs/runs/audit-scale/refine-200.json, refine-1000.json).
+    round is not taken, ``refine_residual`` above ``rtol``).  A refined κ_k comes from the block CG iterate at
+    relative residual ``rtol``: it is below the exact κ_k (:func:`setsens.gram.block_pcg`'s Galerkin bound), by
+    c·rtol² relative, c measured 0.01–0.04 on ResNet-56 and up to 0.5 on small networks (:data:`REFINE_RTOL`).
+    ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch places the exact top 20 within its top 36, at 1000
+    within its top 72 (docs/runs/audit-scale/refine-200.json, refine-1000.json).
 
     Cost: the factor, n·K per-sample input gradients, n small (K × d) SVDs, and with an approximate factor each
     round's refinement (per CG iteration two Jacobian passes, plus products linear in the points refined).
@@ -284,8 +287,8 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
         drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:sample]]
         points = torch.cat([order[:refine], drawn])
         for _ in range(rounds):
-            residual = max(residual, factor.refine(points.sort().values, progress=progress))
-            if residual > REFINE_RTOL:  # not taken: these points keep the sketch's κ
+            residual = max(residual, factor.refine(points.sort().values, rtol, progress=progress))
+            if residual > rtol:  # not taken: these points keep the sketch's κ
                 break
             measure(points)
             exact = factor.exact_points

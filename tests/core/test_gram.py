@@ -321,6 +321,41 @@ def test_block_cg_searches_every_column_s_directions():
     assert residual < 1e-10 and torch.allclose(X, torch.linalg.pinv(S) @ B, rtol=1e-6, atol=1e-10)
 
 
+def test_block_cg_iterates_bound_the_inverse_from_below_and_grow():
+    """With X₀ = 0 each iterate is a Galerkin solution: ``BᵀX_j`` grows with j (Loewner order), stays below
+    ``BᵀA⁺B``, and falls short of it by exactly ``R_jᵀA⁺R_j`` — why a loosely refined κ is a lower bound."""
+    g = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))[0]
+    S = Q[:, :50] @ torch.diag(torch.logspace(0, 5, 50, dtype=torch.float64)) @ Q[:, :50].T  # PSD, rank 50
+    B = S @ torch.randn(80, 6, generator=g, dtype=torch.float64)
+    pinv = torch.linalg.pinv(S, hermitian=True)
+    exact = B.T @ pinv @ B
+    diagonal = S.diagonal().clamp(min=1e-12)
+    previous = torch.zeros(6, 6, dtype=torch.float64)
+    for j in range(1, 6):
+        X, residual, done = block_pcg(lambda D: S @ D, lambda R: R / diagonal[:, None], B, 0.0, j)
+        assert done == j and residual > 1e-6  # not converged: the bound is about partial solves
+        now = B.T @ X
+        R = B - S @ X
+        assert torch.allclose(exact - now, R.T @ pinv @ R, atol=1e-8 * float(exact.norm()))
+        assert float(torch.linalg.eigvalsh(exact - now).min()) > -1e-8 * float(exact.norm())
+        assert float(torch.linalg.eigvalsh(now - previous).min()) > -1e-8 * float(exact.norm())
+        previous = now
+
+
+def test_a_loosely_refined_kappa_is_a_lower_bound():
+    """κ of points refined to residual 0.5 lie below the exact κ and below those refined to 1e-8 (which equal it)."""
+    problem = _sketchable_problem()
+    exact = scan(problem, GramFactor(problem, path="dense")).kappa
+    loose = scan(problem, GramFactor(problem, path="nystrom", rank=5), refine=8, rounds=1, sample=0, rtol=0.5)
+    tight = scan(problem, GramFactor(problem, path="nystrom", rank=5), refine=8, rounds=1, sample=0, rtol=1e-8)
+    points = loose.exact_points
+    assert torch.equal(points, tight.exact_points) and 0.1 < loose.refine_residual <= 0.5
+    assert torch.allclose(tight.kappa[points], exact[points], rtol=1e-6)
+    assert bool((loose.kappa[points] <= exact[points] * (1 + 1e-9)).all())
+    assert not torch.allclose(loose.kappa[points], exact[points], rtol=1e-4)  # the bound is not trivially tight
+
+
 def test_a_refinement_that_does_not_converge_is_not_taken():
     """Where GGᵀ is too ill-conditioned for the solve (100 points with nearly dependent gradients: condition 8e11),
     the refinement does not reach its residual within the scan's iterations: the scan keeps the sketch's κ, far off
