@@ -5,11 +5,11 @@
 
 The shared ResNet-56 on the first n shared CIFAR-10 training images, K = 10: the exact centred Gram matrix M = GGᵀ
 (``gram_matrix``, streamed, resumable), and for its leading sub-matrices of m = n/4, n/2 and n points (the first m
-images) the scan's preconditioner P (``block_cg_check.sketch``: the rank-r Nyström sketch of M plus its exact
-per-point blocks, as ``nystrom_inverse`` builds it from Jacobian passes) with r = 500 (the scan's) and r = m·K/20
-(the ratio of the 1000-image run).  For each: the eigenvalues of P^½ M P^½ on M's range — their spread (the
-condition number), how many lie outside [½, 2] — and block CG's iterations to residual 0.5 and 0.1 for 11 % of the
-points' columns (the 1000-image run's 110 of 1000).  Writes ``spectrum-<n>.json`` beside this file.
+images; ``--subsets`` others) the scan's preconditioner P (``block_cg_check.sketch``: the rank-r Nyström sketch of M
+plus its exact per-point blocks, as ``nystrom_inverse`` builds it from Jacobian passes) with r = 500 (the scan's)
+and r = m·K/20 (the ratio of the 1000-image run). For each: the eigenvalues of P^½ M P^½ on M's range — their spread
+(the condition number), how many lie outside [½, 2] — and block CG's iterations to residual 0.5 and 0.1 for 11 % of
+the points' columns (the 1000-image run's 110 of 1000). Writes ``spectrum-<n>.json`` beside this file.
 """
 
 import argparse
@@ -34,14 +34,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--checkpoint", default=None, help="where the Gram matrix's panels are saved")
+    parser.add_argument("--subsets", default=None, help="the m to study, comma-separated (default n/4, n/2, n)")
     args = parser.parse_args()
+    subsets = [int(m) for m in args.subsets.split(",")] if args.subsets else [args.n // 4, args.n // 2, args.n]
     problem = Problem(load_cifar_resnet(DATA / "resnet56-cifar10.th", 56), cross_entropy, images(args.n),
                       batch_size=20)
     full = center_gram(gram_matrix(problem, True, plan(args.n, 10, problem.p, 4).panel, checkpoint=args.checkpoint),
                        args.n)
     k = full.shape[0] // args.n
     out = {"model": "resnet56", "K": k, "p": problem.p, "rows": []}
-    for m in (args.n // 4, args.n // 2, args.n):
+    for m in subsets:
         N = m * k
         M = center_gram(full[:N, :N], m)  # the first m images' Gram matrix, centred (a no-op: already)
         rcond = max(N * torch.finfo(torch.float64).eps, (N * torch.finfo(torch.float32).eps) ** 2)  # GramFactor's
