@@ -262,7 +262,7 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
     names but did not refine are ``unresolved`` (when the rounds run out, or a round's solve does not converge: that
     round is not taken, ``refine_residual`` above ``rtol``).  A refined κ_k comes from the block CG iterate at
     relative residual ``rtol``: it is below the exact κ_k (:func:`setsens.gram.block_pcg`'s Galerkin bound), by
-    c·rtol² relative, c measured 0.01–0.04 on ResNet-56 and up to 0.5 on small networks (:data:`REFINE_RTOL`).
+    c·rtol² relative, c measured 0.01–0.04 on ResNet-56 and 0.5 on a small linear model (:data:`REFINE_RTOL`).
     ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch places the exact top 20 within its top 36, at 1000
     within its top 72 (docs/runs/audit-scale/refine-200.json, refine-1000.json).
 

@@ -50,7 +50,8 @@ _PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
 #: ranks most sensitive and ``REFINE_SAMPLE`` drawn at random, then, in up to ``REFINE_ROUNDS`` rounds in all, those
 #: that could still belong to the top ``REFINE_TOP`` — solved to relative residual ``REFINE_RTOL`` (:func:`gram_solve`).
 #: A refined κ is below the exact one by about c × the residual², c = 0.01–0.04 on ResNet-56 with 250–1000 CIFAR images
-#: (docs/runs/audit-scale/refine-trace-*.json) but up to 0.5 on the tests' small networks: 0.1 keeps it within 0.5 %
+#: (docs/runs/audit-scale/refine-trace-*.json) but 0.5 on a small linear model (tests/core/test_gram.py): 0.1 keeps it
+#: within 0.5 % there
 REFINE_POINTS, REFINE_SAMPLE, REFINE_TOP, REFINE_ROUNDS, REFINE_RTOL = 100, 10, 20, 3, 0.1
 
 

@@ -344,16 +344,19 @@ def test_block_cg_iterates_bound_the_inverse_from_below_and_grow():
 
 
 def test_a_loosely_refined_kappa_is_a_lower_bound():
-    """κ of points refined to residual 0.5 lie below the exact κ and below those refined to 1e-8 (which equal it)."""
+    """κ of points refined to residual 0.5 lie below the exact κ and below those refined to 1e-8 (which equal it).
+    Here the shortfall is about 0.5 × the residual² (4.4 % at 0.31), against 0.01–0.04 × on ResNet-56
+    (docs/runs/audit-scale/refine-trace-*.json): why the default tolerance is 0.1, not 0.5."""
     problem = _sketchable_problem()
     exact = scan(problem, GramFactor(problem, path="dense")).kappa
-    loose = scan(problem, GramFactor(problem, path="nystrom", rank=5), refine=8, rounds=1, sample=0, rtol=0.5)
-    tight = scan(problem, GramFactor(problem, path="nystrom", rank=5), refine=8, rounds=1, sample=0, rtol=1e-8)
+    loose = scan(problem, GramFactor(problem, path="nystrom", rank=10), refine=8, rounds=1, sample=0, rtol=0.5)
+    tight = scan(problem, GramFactor(problem, path="nystrom", rank=10), refine=8, rounds=1, sample=0, rtol=1e-8)
     points = loose.exact_points
     assert torch.equal(points, tight.exact_points) and 0.1 < loose.refine_residual <= 0.5
     assert torch.allclose(tight.kappa[points], exact[points], rtol=1e-6)
     assert bool((loose.kappa[points] <= exact[points] * (1 + 1e-9)).all())
-    assert not torch.allclose(loose.kappa[points], exact[points], rtol=1e-4)  # the bound is not trivially tight
+    shortfall = float(((exact[points] - loose.kappa[points]) / exact[points]).max())
+    assert 0.3 < shortfall / loose.refine_residual ** 2 < 0.7
 
 
 def test_a_refinement_that_does_not_converge_is_not_taken():
