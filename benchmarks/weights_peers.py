@@ -213,7 +213,7 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         write_text(a.json, json.dumps(result, indent=1))
-        a.json.with_suffix(".md").write_text(markdown(result))
+        write_text(a.json.with_suffix(".md"), markdown(result))
     print(markdown(result))
 
 
