@@ -102,7 +102,8 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str 
         clock.with_suffix(".tmp").write_text(repr(seconds))
         clock.with_suffix(".tmp").replace(clock)
         print(f"  n={n}: {event.stage} {event.done}/{event.total}, {seconds:.0f} s"
-              + (f", residual {event.info['residual']:.2g}" if "residual" in event.info else ""), flush=True)
+              + (f", residual {event.info['residual']:.2g}" if "residual" in event.info else "")
+              + (f", estimated κ error {event.info['error']:.2g}" if "error" in event.info else ""), flush=True)
 
     factor = GramFactor(problem, path=path, memory=memory, rank=rank, checkpoint=str(state), progress=progress)
     sketch, iteration = None, None
@@ -126,7 +127,7 @@ def one(n: int, path: str, memory: int, out: str, rank: int = 1000, device: str 
                 "sketch_rank": factor.plan.rank, "seconds": seconds, "factor_seconds": factor.seconds,
                 "rank": factor.rank, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "kappa": result.kappa, "kappa_sketch": sketch, "exact_points": result.exact_points,
-                "refine_residual": result.refine_residual, "resumed": resumed,
+                "refine_error": result.refine_error, "resumed": resumed,
                 "refined": refine_iterations is None and factor.gram_inverse.approximate,
                 "refine_iteration_seconds": iteration,
                 "refine_columns": min(REFINE_POINTS + REFINE_SAMPLE, n) * factor.k if iteration else None,
@@ -337,7 +338,8 @@ def main() -> None:
                                          if r["path"] != "nystrom" else None),
                      "peer": None, "peer_seconds": None})
         if r.get("kappa_sketch") is not None:  # the sketch alone, and how many of the exact top 20 were refined
-            rows[-1].update({"exact_points": len(r["exact_points"]), "refine_residual": r["refine_residual"]})
+            rows[-1].update({"exact_points": len(r["exact_points"]),  # refine_residual: runs before the error estimate
+                             **{k: r[k] for k in ("refine_error", "refine_residual") if k in r}})
             if against:
                 top = set(against["kappa"].argsort(descending=True)[:20].tolist())
                 rows[-1].update({"sketch_spearman_vs_exact": spearman(r["kappa_sketch"], against["kappa"]),

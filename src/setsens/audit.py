@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
-from .gram import (CHUNK, REFINE_POINTS, REFINE_ROUNDS, REFINE_RTOL, REFINE_SAMPLE, REFINE_TOP, EigenInverse,
-                   center_gram, float64_product, gram_matrix, gram_solve, jacobian_products, nystrom_inverse,
-                   output_width, plan)
+from .gram import (CHUNK, REFINE_POINTS, REFINE_ROUNDS, REFINE_SAMPLE, REFINE_TOL, REFINE_TOP, SOLVED, EigenInverse,
+                   block_error, center_gram, float64_product, gram_matrix, gram_solve, jacobian_products,
+                   nystrom_inverse, output_width, plan)
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
@@ -99,42 +99,51 @@ class GramFactor(LinearOperator):
         self.calls = self._refinements = 0
         self.seconds = time.perf_counter() - t0
 
-    def refine(self, points: Tensor, rtol: float = REFINE_RTOL, maxiter: int = 50,
+    def refine(self, points: Tensor, tol: float = REFINE_TOL, maxiter: int = 50,
                progress: ProgressFn | None = None) -> float:
         """Make an approximate (``"nystrom"``) factor exact on the block of ``points`` and their coupling to the points
         refined before (every block within all of them from now on; products with many points stay approximate): its
-        columns of ``(GGᵀ)⁺`` by
-        :func:`setsens.gram.gram_solve`, preconditioned with the sketch, to relative residual ``rtol`` — taken
-        only if reached within ``maxiter`` iterations.  Returns the residual reached (0 for the exact paths, which
-        need nothing).  Cost: two Jacobian passes per iteration, with |points|·K vectors each (measured on
-        ResNet-56, per-column CG before block CG: with 100 and 200 CIFAR images and rank-200 and 500 sketches, residual
-        below 0.1 in 7 and 6 iterations, the top 20 κ then within 0.06 % and 0.23 % of the exact ones, against 16 % and
-        17 % for the sketch alone, docs/runs/audit-scale/refine-200.json; with 1000 images, rank 497 and 110 points, 14
-        iterations of 300 s on 2 threads, the top 20 within 0.07 %, refine-1000.json.  Block CG on the same 200
-        images' Gram matrix: 4 iterations where per-column CG took 6, and 5–6 where it took 8–14 at the n = 1000 run's
-        ratios of rank and columns to rows, block-cg-200.json; on all 1000 images, the same round: 5 iterations of
-        ~330 s where per-column CG took 14, the top 20 within 0.01 %, refine-1000-block.json.  Where GGᵀ is too
-        ill-conditioned — nearly dependent gradients — the solve may not converge at all)."""
+        columns of ``(GGᵀ)⁺`` by :func:`setsens.gram.gram_solve`, preconditioned with the sketch, until
+        :func:`setsens.gram.block_error` estimates the relative error left in every point's κ at most ``tol`` (or the
+        residual is below :data:`~setsens.gram.SOLVED`: ``tol=0`` asks for that) — taken only if reached within
+        ``maxiter`` iterations.  A refined κ is a lower bound of the exact one (the Galerkin iterate,
+        :func:`~setsens.gram.block_pcg`).  The estimate is of each point's own block; the coupling between points
+        (:func:`group_modulus`) is as accurate as the residual, exact to rounding only with ``tol=0``.  Returns the
+        estimated error (0 for the exact paths, which need nothing, and for a solve to ``SOLVED``).  Cost: two
+        Jacobian passes per iteration, with |points|·K vectors each (ResNet-56 with 1000 images, rank 497 and 110
+        points: ~330 s an iteration on 2 threads; to residual 0.1, 5 iterations with block CG where per-column CG took
+        14, the top 20 within 0.01 %, docs/runs/audit-scale/refine-1000-block.json; the error per iteration,
+        refine-trace-1000.json.  Where GGᵀ is too ill-conditioned — nearly dependent gradients — the solve may not
+        converge at all)."""
         if not self.gram_inverse.approximate:
             return 0.0
         t0 = time.perf_counter()
+        m = len(points)
         rows = (points[:, None] * self.k + torch.arange(self.k)).reshape(-1)
         rows = rows.to(self.device)
         rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64, device=self.device)
         rhs[rows, torch.arange(len(rows), device=self.device)] = 1.0
-        rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is
+        rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is: on each point's rows
+        own = rhs[rows].reshape(m, self.k, m, self.k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+        def error(X: Tensor, memory: dict) -> tuple[float, dict]:  # from each point's block of rhsᵀX
+            blocks = X[rows].reshape(m, self.k, m, self.k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            return block_error(own.transpose(1, 2) @ blocks, memory)
+
         self._refinements += 1  # each call its own checkpoint: a rerun of the same calls resumes each
-        X, residual, _ = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, rtol, maxiter, progress,
-                                    None if self.checkpoint is None else f"{self.checkpoint}-refine{self._refinements}")
-        if residual <= rtol:
-            self.gram_inverse.refine(rows, X)
+        solve = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, SOLVED, maxiter, progress,
+                           None if self.checkpoint is None else f"{self.checkpoint}-refine{self._refinements}",
+                           error, tol)
+        estimate = 0.0 if solve.residual <= SOLVED else solve.error
+        if estimate <= tol:
+            self.gram_inverse.refine(rows, solve.X)
         self.seconds += time.perf_counter() - t0
-        return residual
+        return estimate
 
     @property
     def exact_points(self) -> Tensor:
         """The points whose block of ``(GGᵀ)⁺`` is exact: all of them with an exact path; with ``"nystrom"`` those
-        of every :meth:`refine` that reached its residual (none before)."""
+        of every :meth:`refine` that was taken (none before)."""
         if not self.gram_inverse.approximate:
             return torch.arange(self.problem.n)
         return (self.gram_inverse.exact_rows[::self.k].cpu() // self.k).sort().values
@@ -239,8 +248,8 @@ class Scan:
     ranking: Tensor
     seconds: float
     factor_seconds: float
-    exact_points: Tensor  # the points whose κ_k is exact (to the refinement's residual): all with an exact factor
-    refine_residual: float = 0.0
+    exact_points: Tensor  # the points whose κ_k is exact (to the refinement's tolerance): all with an exact factor
+    refine_error: float = 0.0  # the refinement's estimated relative error of a refined κ (the largest of its rounds)
     #: with an approximate factor, the points not refined that could still belong to the top (:func:`scan`'s rule)
     unresolved: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
@@ -249,7 +258,7 @@ class Scan:
 
 
 def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFINE_POINTS, top: int = REFINE_TOP,
-         rounds: int = REFINE_ROUNDS, sample: int = REFINE_SAMPLE, rtol: float = REFINE_RTOL,
+         rounds: int = REFINE_ROUNDS, sample: int = REFINE_SAMPLE, tol: float = REFINE_TOL,
          progress: ProgressFn | None = None) -> Scan:
     """κ_k and the worst Δx_k for every training point from one :class:`GramFactor`.
 
@@ -260,9 +269,10 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
     the largest exact ÷ sketch ratio among the points refined so far — reaches the ``top``-th largest exact κ.  The
     rule is a heuristic, not a bound (a point the sketch underrates by more than ρ can be missed); the points it
     names but did not refine are ``unresolved`` (when the rounds run out, or a round's solve does not converge: that
-    round is not taken, ``refine_residual`` above ``rtol``).  A refined κ_k comes from the block CG iterate at
-    relative residual ``rtol``: it is below the exact κ_k (:func:`setsens.gram.block_pcg`'s Galerkin bound), by
-    c·rtol² relative, c measured 0.01–0.04 on ResNet-56 and 0.5 on a small linear model (:data:`REFINE_RTOL`).
+    round is not taken, ``refine_error`` above ``tol``).  A refined κ_k comes from the block CG iterate at which
+    :func:`setsens.gram.block_error` estimates its relative error at most ``tol``: it is below the exact κ_k
+    (:func:`setsens.gram.block_pcg`'s Galerkin bound), and the estimate has been above the true error wherever measured
+    (``refine_error``).
     ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch places the exact top 20 within its top 36, at 1000
     within its top 72 (docs/runs/audit-scale/refine-200.json, refine-1000.json).
 
@@ -279,7 +289,7 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
             kappa[k], directions[k] = _largest_move(factor, torch.tensor([k]), A[k])
 
     measure(torch.arange(problem.n))
-    residual, unresolved = 0.0, torch.zeros(0, dtype=torch.long)
+    error, unresolved = 0.0, torch.zeros(0, dtype=torch.long)
     if factor.gram_inverse.approximate and refine:
         sketch = kappa.clone()
         order = sketch.argsort(descending=True)
@@ -287,8 +297,8 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
         drawn = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:sample]]
         points = torch.cat([order[:refine], drawn])
         for _ in range(rounds):
-            residual = max(residual, factor.refine(points.sort().values, rtol, progress=progress))
-            if residual > rtol:  # not taken: these points keep the sketch's κ
+            error = max(error, factor.refine(points.sort().values, tol, progress=progress))
+            if error > tol:  # not taken: these points keep the sketch's κ
                 break
             measure(points)
             exact = factor.exact_points
@@ -301,7 +311,7 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
                 break
         unresolved = points
     return Scan(kappa, directions.reshape(problem.n, *problem.input_shape), kappa.argsort(descending=True),
-                time.perf_counter() - t0, factor.seconds, factor.exact_points, residual, unresolved)
+                time.perf_counter() - t0, factor.seconds, factor.exact_points, error, unresolved)
 
 
 def group_modulus(problem: Problem, points, factor: GramFactor | None = None) -> tuple[float, Tensor]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +40,8 @@ from .problem import Problem, center_classes
 from .progress import ProgressFn, report
 
 __all__ = ["GramPlan", "plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products",
-           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve", "block_pcg"]
+           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve", "block_pcg", "BlockSolve",
+           "relative_rise", "block_error"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
@@ -48,11 +49,12 @@ CHUNK = 16
 _PARAMETER_CHUNK = 1 << 14  # columns converted to float64 at a time
 #: with the Nyström path, :func:`setsens.audit.scan` makes exact the blocks of the ``REFINE_POINTS`` points the sketch
 #: ranks most sensitive and ``REFINE_SAMPLE`` drawn at random, then, in up to ``REFINE_ROUNDS`` rounds in all, those
-#: that could still belong to the top ``REFINE_TOP`` — solved to relative residual ``REFINE_RTOL`` (:func:`gram_solve`).
-#: A refined κ is below the exact one by about c × the residual², c = 0.01–0.04 on ResNet-56 with 250–1000 CIFAR images
-#: (docs/runs/audit-scale/refine-trace-*.json) but 0.5 on a small linear model (tests/core/test_gram.py): 0.1 keeps it
-#: within 0.5 % there
-REFINE_POINTS, REFINE_SAMPLE, REFINE_TOP, REFINE_ROUNDS, REFINE_RTOL = 100, 10, 20, 3, 0.1
+#: that could still belong to the top ``REFINE_TOP`` — solved until :func:`block_error`'s estimate of the relative
+#: error left in any of their κ is at most ``REFINE_TOL`` (or the residual below ``SOLVED``).
+REFINE_POINTS, REFINE_SAMPLE, REFINE_TOP, REFINE_ROUNDS, REFINE_TOL = 100, 10, 20, 3, 0.01
+#: a relative residual at which a refinement counts as solved whatever its error estimate says (its κ error is then
+#: about c × SOLVED², c ≤ 0.5 measured)
+SOLVED = 1e-10
 
 
 @dataclass(frozen=True)
@@ -376,16 +378,25 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     return NystromInverse(blocks, L, rcond, centered)
 
 
+class BlockSolve(NamedTuple):
+    """What :func:`block_pcg` reached: the iterate, the largest relative residual, the iterations taken and the
+    caller's error estimate at the iterate (inf without one, or before it can tell)."""
+
+    X: Tensor
+    residual: float
+    iterations: int
+    error: float
+
+
 def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
-               maxiter: int, progress: ProgressFn | None = None,
-               checkpoint: str | Path | None = None) -> tuple[Tensor, float, int]:
+               maxiter: int, progress: ProgressFn | None = None, checkpoint: str | Path | None = None,
+               error=None, tol: float = 0.0) -> BlockSolve:
     """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by :func:`block_pcg`
     preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned CG: Frangella, Tropp &
-    Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's large eigenvalues).
-    Stops when every column's residual ‖rhs − GGᵀX‖ is below ``rtol``·‖rhs‖, or after ``maxiter`` iterations.
-    Returns ``(X, the largest relative residual, iterations)``.  Cost per iteration: two Jacobian passes (Gᵀ, then
-    G) with one vector per column; ``progress``: stage ``"refine"`` after each.  ``checkpoint``:
-    the iterates are saved there after each iteration, and a rerun resumes from them."""
+    Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's large eigenvalues),
+    with :func:`block_pcg`'s stopping rules (``rtol``, ``error`` and ``tol``, ``maxiter``).  Cost per iteration: two
+    Jacobian passes (Gᵀ, then G) with one vector per column; ``progress``: stage ``"refine"`` after each.
+    ``checkpoint``: the iterates are saved there after each iteration, and a rerun resumes from them."""
     def gram(X: Tensor) -> Tensor:
         back = jacobian_products(problem, centered, left=X.T)[1]  # Xᵀ G, (c, p)
         return jacobian_products(problem, centered, right=back)[0].double().T
@@ -394,13 +405,15 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
 
     def saved(state: dict) -> None:
         resume.save(**state)
-        report(progress, "refine", state["done"], maxiter, residual=state["residual"])
+        report(progress, "refine", state["done"], maxiter, residual=state["residual"], error=state["error"])
 
-    return block_pcg(gram, lambda R: preconditioner.apply(R.T).T, rhs, rtol, maxiter, resume.load(), saved)
+    return block_pcg(gram, lambda R: preconditioner.apply(R.T).T, rhs, rtol, maxiter, resume.load(), saved, error,
+                     tol)
 
 
 def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state: dict | None = None,
-              saved=None) -> tuple[Tensor, float, int]:
+              saved=None, error: Callable[[Tensor, dict], tuple[float, dict]] | None = None,
+              tol: float = 0.0) -> BlockSolve:
     """Block conjugate gradients (O'Leary, Linear Algebra Appl. 1980) for ``A X = rhs``, A symmetric positive
     semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches
     the space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per
@@ -408,18 +421,22 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     directions are made A-orthonormal each iteration (an eigendecomposition of DᵀAD, c × c, dropping those below
     1e-10 of its largest: dependent ones, which would make the step ill-defined).  With X₀ = 0 the iterate is the
     Galerkin solution on the Krylov space searched, so ``rhsᵀX`` grows with every iteration towards ``rhsᵀA⁺rhs`` and
-    stays below it (Loewner order), short of it by ``RᵀA⁺R``.  ``state``
-    (from ``saved``, called with it after each iteration) resumes.  Returns ``(X, the largest relative residual,
-    iterations)``.  On ResNet-56's Gram matrix with the scan's preconditioner: 4–6 iterations to residual 0.1 where
-    per-column CG took 6–14 (docs/runs/audit-scale/block-cg-200.json)."""
+    stays below it (Loewner order), short of it by ``RᵀA⁺R``.
+
+    Stops when every column's residual ``‖rhs − AX‖`` is at most ``rtol``·‖rhs‖, when ``error(X, memory)`` — the
+    caller's estimate of the error left in what it wants from X, returned with the memory of earlier iterates it
+    needs (``{}`` at first) — is at most ``tol``, or after ``maxiter`` iterations.  ``state`` (from ``saved``, called
+    with it after each iteration) resumes.  On ResNet-56's Gram matrix with the scan's preconditioner: 4–6
+    iterations to residual 0.1 where per-column CG took 6–14 (docs/runs/audit-scale/block-cg-200.json)."""
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
     if state:
         X, R, D, done = state["X"], state["R"], state["D"], int(state["done"])
+        memory, estimate = state.get("memory", {}), float(state.get("error", float("inf")))
     else:
-        X, R, done = torch.zeros_like(rhs), rhs.clone(), 0
+        X, R, done, memory, estimate = torch.zeros_like(rhs), rhs.clone(), 0, {}, float("inf")
         D = precondition(R)
     residual = float((R.norm(dim=0) / scale).max())
-    while residual > rtol and done < maxiter:
+    while residual > rtol and estimate > tol and done < maxiter:
         Q = gram(D)
         C = D.T @ Q
         lam, V = torch.linalg.eigh((C + C.T) / 2)
@@ -429,11 +446,45 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         alpha = D.T @ R
         X, R = X + D @ alpha, R - Q @ alpha
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
+        if error is not None:
+            estimate, memory = error(X, memory)
         Z = precondition(R)
         D = Z - D @ (Q.T @ Z)  # A-conjugate to the directions searched so far
         if saved is not None:
-            saved({"X": X, "R": R, "D": D, "done": done, "residual": residual})
-    return X, residual, done
+            saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate})
+    return BlockSolve(X, residual, done, estimate)
+
+
+def relative_rise(before: Tensor, after: Tensor) -> Tensor:
+    """For PSD blocks (m, K, K) that grow, ``before ⪯ after``: the bound ``1 − √(1 − λ_max(A⁺ᐟ²(A − B)A⁺ᐟ²))`` on
+    the rise of ``σ_max(X^½ M)`` from ``X = B = before`` to ``X = A = after``, relative to its value at ``after``, for
+    every M — so of every κ computed from the block, whatever its input Jacobian (B ⪰ (1 − λ)A); attained by some
+    M.  Eigenvalues of ``after`` below 1e-10 of its largest are dropped."""
+    lam, U = torch.linalg.eigh((after + after.transpose(1, 2)) / 2)
+    keep = lam > 1e-10 * lam[:, -1:].clamp(min=torch.finfo(lam.dtype).tiny)
+    W = U * torch.where(keep, lam.clamp(min=torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)[:, None, :]
+    step = W.transpose(1, 2) @ (after - before) @ W
+    return 1 - (1 - torch.linalg.eigvalsh((step + step.transpose(1, 2)) / 2)[:, -1].clamp(0, 1)).sqrt()
+
+
+def block_error(blocks: Tensor, memory: dict) -> tuple[float, dict]:
+    """:func:`block_pcg`'s ``error`` for per-point blocks (m, K, K) of a Galerkin approximation of ``(GGᵀ)⁺``, which
+    grow towards the exact ones with every iteration: the largest estimated relative error left in a κ computed from
+    them (each block's in the returned memory, ``"tail"``).  Each block's last rise s_j (:func:`relative_rise`) and
+    the one before, s_{j−1}, extrapolated as a geometric tail, ``s_j q / (1 − q)`` with q = s_j / s_{j−1} (inf where
+    q ≥ 1: the rises do not yet shrink; 0 where s_j = 0), so it needs three iterates.  An estimate, not a bound: it
+    assumes the rises keep shrinking at least as fast, and falls short where they do not (unpreconditioned CG,
+    tests/core/test_gram.py).  Measured against exact κ: above the true error on the tests' small networks and
+    on ResNet-56 (docs/runs/audit-scale/refine-trace-*.json)."""
+    if "blocks" not in memory:
+        return float("inf"), {"blocks": blocks}
+    rise = relative_rise(memory["blocks"], blocks)
+    if "rise" not in memory:
+        return float("inf"), {"blocks": blocks, "rise": rise}
+    ratio = rise / memory["rise"]
+    tail = torch.where(ratio < 1, rise * ratio / (1 - ratio).clamp(min=torch.finfo(rise.dtype).tiny), torch.inf)
+    tail = torch.where(rise == 0, 0.0, tail)
+    return float(tail.max()), {"blocks": blocks, "rise": rise, "tail": tail}
 
 
 def center_gram_blocks(blocks: Tensor) -> Tensor:

@@ -9,9 +9,11 @@ scan's first refinement round (the sketch's top 100 and 10 drawn points, their 1
 ``(GGᵀ)⁺`` by :func:`setsens.gram.block_pcg` preconditioned with the sketch, the same products as ``gram_solve``).
 After each iteration: the largest relative residual, and the κ of the 110 points read from the iterate X (the block
 Xᵀ·rhs, the Galerkin approximation of their block of ``(GGᵀ)⁺``, which grows with every iteration) against the
-exact streamed scan's κ (``kappa-exact-<n>.json``): the largest relative error among the 110, its estimate (the κ
-of the block plus ``RᵀPR``, the Galerkin gap ``RᵀA⁺R`` with the sketch's P for A⁺) and the top-20 relative error of
-the scan that would stop there (the sketch's κ for the other points).  Writes
+exact streamed scan's κ (``kappa-exact-<n>.json``): the largest relative error among the 110; the scan's estimate
+of it (:func:`setsens.gram.block_error`, the stopping rule of ``GramFactor.refine``: ``error_estimate``, and per
+point the largest ratio of true error to estimate, ``worst_true_over_estimate``); an older candidate, the κ of
+the block plus ``RᵀPR`` (the Galerkin gap ``RᵀA⁺R`` with the sketch's P for A⁺, ``gap_estimate``); and the top-20
+relative error of the scan that would stop there (the sketch's κ for the other points).  Writes
 ``refine-trace-<n>.json`` beside this file.
 """
 
@@ -28,7 +30,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from audit_scale import DATA, images, spearman, top20_error  # noqa: E402
 
 from setsens.audit import REFINE_POINTS, REFINE_SAMPLE, GramFactor, input_jacobians, scan  # noqa: E402
-from setsens.gram import block_pcg, jacobian_products  # noqa: E402
+from setsens.gram import block_error, block_pcg, jacobian_products  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.problem import Problem, cross_entropy  # noqa: E402
 from setsens.report import write_json  # noqa: E402
@@ -78,27 +80,35 @@ def main() -> None:
 
     trace, start = [], time.perf_counter()
 
+    own = diagonal_blocks(rhs[rows])  # each point's centred identity: rhs is zero off the point's own rows
+
+    def error(X, memory):  # GramFactor.refine's stopping rule
+        return block_error(own.transpose(1, 2) @ diagonal_blocks(X[rows]), memory)
+
     def saved(state):
-        X, R = state["X"], state["R"]
-        blocks, gap = (diagonal_blocks(rhs.T @ X), diagonal_blocks(R.T @ factor.gram_inverse.apply(R.T).T))
+        R, memory = state["R"], state["memory"]
+        blocks, gap = memory["blocks"], diagonal_blocks(R.T @ factor.gram_inverse.apply(R.T).T)
         refined = kappas(blocks, A)
-        estimated = float((kappas(blocks + gap, A) / refined - 1).max())
+        true = (exact[points] - refined) / exact[points]
+        tail = memory.get("tail")
         kappa = sketch.clone()
         kappa[points] = refined
         row = {"iteration": state["done"], "residual": state["residual"], "seconds": time.perf_counter() - start,
-               "max_error_refined": float(((refined - exact[points]).abs() / exact[points]).max()),
-               "max_error_estimated": estimated,
+               "max_error_refined": float(true.abs().max()), "error_estimate": state["error"],
+               "worst_true_over_estimate": None if tail is None else float((true / tail).max()),
+               "gap_estimate": float((kappas(blocks + gap, A) / refined - 1).max()),
                "top20_error": top20_error(kappa, exact), "spearman": spearman(kappa, exact)}
         trace.append(row)
         print(f"  iteration {row['iteration']}: residual {row['residual']:.3g}, error among the 110 "
-              f"{row['max_error_refined']:.3g} (estimated {estimated:.3g}), top-20 {row['top20_error']:.3g} "
-              f"({row['seconds']:.0f} s)", flush=True)
+              f"{row['max_error_refined']:.3g} (estimated {state['error']:.3g}, worst true/estimate "
+              f"{row['worst_true_over_estimate']}), top-20 {row['top20_error']:.3g} ({row['seconds']:.0f} s)",
+              flush=True)
         write_json(HERE / f"refine-trace-{args.n}.json", {  # after every iteration: a stopped run keeps its rows
             "model": "resnet56", "n": args.n, "K": k, "sketch_rank": factor.plan.rank, "points": len(points),
             "exact_top20_in_round": int(torch.isin(exact.argsort(descending=True)[:20], points).sum()),
             "threads": torch.get_num_threads(), "sketch_top20_error": top20_error(sketch, exact), "trace": trace})
 
-    block_pcg(gram, lambda R: factor.gram_inverse.apply(R.T).T, rhs, 0.0, args.iterations, saved=saved)
+    block_pcg(gram, lambda R: factor.gram_inverse.apply(R.T).T, rhs, 0.0, args.iterations, saved=saved, error=error)
 
 
 if __name__ == "__main__":

@@ -523,7 +523,7 @@ def command(n_queries, top, step, check, targets, budget_text, points, stages, a
                         "factor_rank": factor.rank,
                         "factor": {"path": factor.plan.path, "panel": factor.plan.panel, "bytes": factor.plan.bytes,
                                    "sketch_rank": factor.plan.rank},
-                        "exact_points": len(result.exact_points), "refine_residual": result.refine_residual,
+                        "exact_points": len(result.exact_points), "refine_error": result.refine_error,
                         "unresolved": result.unresolved.tolist(),
                         "kappa": {"min": float(result.kappa.min()), "median": float(result.kappa.median()),
                                   "max": float(result.kappa.max())},
@@ -657,12 +657,12 @@ def _sketch_note(s: dict) -> str:
         return ""
     head = f" (approximate: a rank-{s['factor']['sketch_rank']} Nyström sketch of GGᵀ; "
     if not s["exact_points"]:
-        return (head + f"its refinement of the top points did not converge, CG residual {s['refine_residual']:.1e}: "
-                "every κ is the sketch's)")
+        return (head + "its refinement of the top points did not converge (estimated κ error "
+                f"{s['refine_error']:.1e}): every κ is the sketch's)")
     left = (f"; {len(s['unresolved'])} more may belong to the top but were not refined: {s['unresolved'][:10]}"
             if s["unresolved"] else "")
-    return (head + f"κ exact for the {s['exact_points']} points it ranks highest or may underrate, CG residual "
-            f"{s['refine_residual']:.1e}{left})")
+    return (head + f"κ refined for the {s['exact_points']} points it ranks highest or may underrate, from below, "
+            f"estimated within {s['refine_error']:.1e} relative{left})")
 
 
 def _size_verdict(b: dict) -> str:
