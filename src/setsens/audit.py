@@ -34,7 +34,7 @@ from torch import Tensor
 from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
 from .gram import (CHUNK, REFINE_POINTS, REFINE_ROUNDS, REFINE_SAMPLE, REFINE_TOL, REFINE_TOP, SOLVED, EigenInverse,
                    block_error, center_gram, float64_product, gram_matrix, gram_solve, jacobian_products,
-                   nystrom_inverse, output_width, plan)
+                   nystrom_inverse, output_width, plan, resumable_plan)
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
@@ -66,7 +66,8 @@ class GramFactor(LinearOperator):
     ``rcond``: eigenvalues below ``rcond·λ_max`` are dropped — by default those below the float64 sums'
     rounding (n·K·ε₆₄) and those whose singular value of G is below n·K·ε of the Jacobian's dtype (NumPy's
     pseudo-inverse rule).  ``checkpoint``: the streamed Gram matrix's finished panels (or the sketch's power
-    iterations, and :meth:`refine`'s iterates beside it) are saved there and a rerun resumes after them;
+    iterations, and :meth:`refine`'s iterates beside it) are saved there and a rerun resumes after them, with their
+    panel or rank whatever memory is free then (:func:`setsens.gram.resumable_plan`);
     ``progress`` reports them.  ``"nystrom"`` (where the exact Gram matrix does not fit, or when asked:
     approximate, see :class:`setsens.gram.NystromInverse`; :meth:`refine` makes chosen blocks exact) sketches with
     ``rank``, ``power`` iterations and ``seed``."""
@@ -80,7 +81,8 @@ class GramFactor(LinearOperator):
         self.k = output_width(problem)
         rows = problem.n * self.k
         itemsize = torch.finfo(problem.dtype).bits // 8
-        self.plan = plan(problem.n, self.k, problem.p, itemsize, memory, path, rank)
+        self.plan = resumable_plan(plan(problem.n, self.k, problem.p, itemsize, memory, path, rank), problem,
+                                   checkpoint, self.k, self.centered, rank, power, seed)
         if rcond is None:  # above the float64 sums' rounding, and σ above rows·ε of the Jacobian's dtype (NumPy's pinv)
             rcond = max(rows * torch.finfo(torch.float64).eps, (rows * torch.finfo(problem.dtype).eps) ** 2)
         self.rcond, self.G, self.checkpoint = rcond, None, checkpoint

@@ -27,7 +27,7 @@ per iteration).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -39,9 +39,9 @@ from .operators import cache_budget, per_sample_jacobian
 from .problem import Problem, center_classes
 from .progress import ProgressFn, report
 
-__all__ = ["GramPlan", "plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix", "jacobian_products",
-           "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve", "block_pcg", "BlockSolve",
-           "relative_rise", "block_error"]
+__all__ = ["GramPlan", "plan", "resumable_plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix",
+           "jacobian_products", "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve",
+           "block_pcg", "BlockSolve", "relative_rise", "block_error"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
@@ -163,6 +163,12 @@ class Resume:
         if self.path is not None:
             atomic_torch_save({"key": self.key, **state}, self.path)
 
+    def saved_key(self) -> tuple | None:
+        """The key of the state saved at ``path`` (None when there is none), read without loading the state."""
+        if self.path is None or not self.path.is_file():
+            return None
+        return tuple(torch.load(self.path, weights_only=True, mmap=True)["key"])
+
 
 def fingerprint(t: Tensor) -> str:
     """A hash of ``t``'s bytes: equal for equal tensors whatever the thread count (a float reduction such as a norm
@@ -173,6 +179,22 @@ def fingerprint(t: Tensor) -> str:
 def problem_key(problem: Problem) -> tuple:
     """What identifies a problem's Jacobian: its size and a fingerprint of w̄."""
     return problem.n, problem.p, fingerprint(problem.params)
+
+
+def resumable_plan(planned: GramPlan, problem: Problem, checkpoint: str | Path | None, k: int, centered: bool,
+                   rank: int, power: int, seed: int) -> GramPlan:
+    """``planned`` with the panel or the rank of the computation saved at ``checkpoint``, where that one can go on:
+    under ``memory="auto"`` the plan follows the memory free now, so a rerun would otherwise miss its own checkpoint
+    (its key holds the panel or the rank) and start again.  A saved panel is taken when it is no larger than the
+    planned one, a saved sketch's rank when it is no larger than ``rank``, the rank asked for."""
+    saved = Resume(checkpoint, ()).saved_key()
+    if saved is None or saved[:3] != problem_key(problem) or saved[4:6] != (k, centered):
+        return planned
+    if planned.path == "streamed" and saved[3] == "gram" and saved[6] <= planned.panel:
+        return replace(planned, panel=int(saved[6]))
+    if planned.path == "nystrom" and saved[3] == "sketch" and saved[7:] == (power, seed) and saved[6] <= rank:
+        return replace(planned, rank=int(saved[6]))
+    return planned
 
 
 def gram_matrix(problem: Problem, centered: bool, panel: int, progress: ProgressFn | None = None,

@@ -1,13 +1,15 @@
 """setsens.gram: the Gram matrix and products with G from per-sample Jacobians in panels, never holding G,
 against the dense Jacobian; the streamed Gram factor against the dense one."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from problems import fitted_problem
 
 from setsens.audit import GramFactor, answer_queries, group_modulus, scan
 from setsens.gram import (REFINE_TOL, block_error, block_pcg, fingerprint, gram_matrix, gram_solve, jacobian_products,
-                          plan, relative_rise)
+                          plan, relative_rise, resumable_plan)
 from setsens.operators import dense_output_jacobian
 from setsens.problem import Perturbation, cross_entropy, squared_error
 
@@ -83,6 +85,25 @@ def test_gram_matrix_resumes_after_its_last_panel(tmp_path):
                         checkpoint=tmp_path / "gram.pt")
     assert seen == [3, 6] and resumed == [9, 10]  # the two saved panels were not recomputed
     assert torch.equal(again, whole)
+
+
+def test_a_rerun_resumes_its_checkpoint_whatever_memory_the_plan_sees_now(tmp_path):
+    """The plan follows the memory free now, and the checkpoint's key holds the panel or the rank: a rerun whose plan
+    came out different (simulated by asking for another) takes the saved panel or rank and recomputes nothing; a
+    larger saved panel, or a saved rank above the one asked for, starts afresh."""
+    problem = fitted_problem(cross_entropy, n=10, k=3)
+    streamed = GramFactor(problem, path="streamed", checkpoint=str(tmp_path / "g"))
+    assert streamed.plan.panel == 10
+    small = plan(problem.n, 3, problem.p, 8, path="streamed")
+    assert resumable_plan(replace(small, panel=4), problem, tmp_path / "g", 3, True, 1000, 1, 0).panel == 4
+    assert resumable_plan(replace(small, panel=12), problem, tmp_path / "g", 3, True, 1000, 1, 0).panel == 10
+    sketchy = _dependent_problem()
+    seen = []
+    GramFactor(sketchy, path="nystrom", rank=10, checkpoint=str(tmp_path / "s"))
+    again = GramFactor(sketchy, path="nystrom", rank=12, checkpoint=str(tmp_path / "s"), progress=seen.append)
+    assert again.plan.rank == 10 and [e.done for e in seen] == [4]  # the finished sketch: no Jacobian pass
+    fresh = GramFactor(sketchy, path="nystrom", rank=8, checkpoint=str(tmp_path / "s"))
+    assert fresh.plan.rank == 8
 
 
 def test_a_checkpoint_is_keyed_by_the_weights_bytes_whatever_the_thread_count():

@@ -55,7 +55,8 @@ def main() -> None:
     model = load_cifar_resnet(DATA / "resnet56-cifar10.th", 56)
     problem = Problem(model, cross_entropy, images(args.n), batch_size=20)
     t0 = time.perf_counter()
-    factor = GramFactor(problem, path="nystrom", rank=args.rank, checkpoint=args.state)
+    # audit_scale's fixed 12 GB budget: with "auto" the rank (and the checkpoint's key) would follow the free memory
+    factor = GramFactor(problem, path="nystrom", rank=args.rank, memory=int(12e9), checkpoint=args.state)
     sketch = scan(problem, factor, refine=0).kappa.double()
     print(f"n={args.n}: sketch ready ({time.perf_counter() - t0:.0f} s); sketch top-20 error "
           f"{top20_error(sketch, exact):.3g}", flush=True)

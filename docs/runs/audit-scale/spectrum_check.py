@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 from audit_scale import DATA, images  # noqa: E402
 from block_cg_check import sketch  # noqa: E402
 
-from setsens.gram import block_pcg, center_gram, gram_matrix, plan  # noqa: E402
+from setsens.gram import block_pcg, center_gram, gram_matrix, plan, resumable_plan  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.problem import Problem, center_classes, cross_entropy  # noqa: E402
 from setsens.report import write_json  # noqa: E402
@@ -39,8 +39,8 @@ def main() -> None:
     subsets = [int(m) for m in args.subsets.split(",")] if args.subsets else [args.n // 4, args.n // 2, args.n]
     problem = Problem(load_cifar_resnet(DATA / "resnet56-cifar10.th", 56), cross_entropy, images(args.n),
                       batch_size=20)
-    full = center_gram(gram_matrix(problem, True, plan(args.n, 10, problem.p, 4).panel, checkpoint=args.checkpoint),
-                       args.n)
+    planned = resumable_plan(plan(args.n, 10, problem.p, 4), problem, args.checkpoint, 10, True, 0, 0, 0)
+    full = center_gram(gram_matrix(problem, True, planned.panel, checkpoint=args.checkpoint), args.n)
     k = full.shape[0] // args.n
     out = {"model": "resnet56", "K": k, "p": problem.p, "rows": []}
     for m in subsets:
