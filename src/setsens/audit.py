@@ -112,11 +112,11 @@ class GramFactor(LinearOperator):
         :func:`~setsens.gram.block_pcg`).  The estimate is of each point's own block; the coupling between points
         (:func:`group_modulus`) is as accurate as the residual, exact to rounding only with ``tol=0``.  Returns the
         estimated error (0 for the exact paths, which need nothing, and for a solve to ``SOLVED``).  Cost: two
-        Jacobian passes per iteration, with |points|·K vectors each (ResNet-56 with 1000 images, rank 497 and 110
-        points: ~330 s an iteration on 2 threads; to residual 0.1, 5 iterations with block CG where per-column CG took
-        14, the top 20 within 0.01 %, docs/runs/audit-scale/refine-1000-block.json; the error per iteration,
-        refine-trace-1000.json.  Where GGᵀ is too ill-conditioned — nearly dependent gradients — the solve may not
-        converge at all)."""
+        Jacobian passes per iteration, with |points|·K vectors each (ResNet-56 with 1000 images, rank 500 and 110
+        points, 2 threads: at the default 1 %, 4 iterations of ~400 s, the top 20 within 0.11 % (estimated 0.23 %),
+        docs/runs/audit-scale/audit_scale.json; to residual 0.1, 5, where per-column CG took 14,
+        refine-1000-block.json; the error per iteration, refine-trace-1000.json.  Where GGᵀ is too ill-conditioned —
+        nearly dependent gradients — the solve may not converge at all)."""
         if not self.gram_inverse.approximate:
             return 0.0
         t0 = time.perf_counter()

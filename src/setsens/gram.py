@@ -412,7 +412,7 @@ class BlockSolve(NamedTuple):
 
 def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
                maxiter: int, progress: ProgressFn | None = None, checkpoint: str | Path | None = None,
-               error=None, tol: float = 0.0) -> BlockSolve:
+               error: Callable[[Tensor, dict], tuple[float, dict]] | None = None, tol: float = 0.0) -> BlockSolve:
     """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by :func:`block_pcg`
     preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned CG: Frangella, Tropp &
     Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's large eigenvalues),
