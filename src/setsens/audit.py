@@ -34,7 +34,7 @@ from torch import Tensor
 from .function_space import OutputJacobian, gauss_newton_shift, min_norm_solve, output_shift
 from .gram import (CHUNK, REFINE_POINTS, REFINE_ROUNDS, REFINE_SAMPLE, REFINE_TOL, REFINE_TOP, SOLVED, EigenInverse,
                    block_error, center_gram, float64_product, gram_matrix, gram_solve, jacobian_products,
-                   nystrom_inverse, output_width, plan, resumable_plan)
+                   nystrom_inverse, output_width, plan, point_blocks, resumable_plan)
 from .linear import LinearOperator
 from .operators import dense_output_jacobian
 from .problem import Perturbation, Problem, center_classes
@@ -120,17 +120,15 @@ class GramFactor(LinearOperator):
         if not self.gram_inverse.approximate:
             return 0.0
         t0 = time.perf_counter()
-        m = len(points)
         rows = (points[:, None] * self.k + torch.arange(self.k)).reshape(-1)
         rows = rows.to(self.device)
         rhs = torch.zeros(self.shape[1], len(rows), dtype=torch.float64, device=self.device)
         rhs[rows, torch.arange(len(rows), device=self.device)] = 1.0
         rhs = self.rows(rhs.T.reshape(len(rows), self.problem.n, self.k)).T  # centred as G is: on each point's rows
-        own = rhs[rows].reshape(m, self.k, m, self.k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        own = point_blocks(rhs[rows], self.k).transpose(1, 2)
 
         def error(X: Tensor, memory: dict) -> tuple[float, dict]:  # from each point's block of rhsᵀX
-            blocks = X[rows].reshape(m, self.k, m, self.k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            return block_error(own.transpose(1, 2) @ blocks, memory)
+            return block_error(own @ point_blocks(X[rows], self.k), memory)
 
         self._refinements += 1  # each call its own checkpoint: a rerun of the same calls resumes each
         solve = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, SOLVED, maxiter, progress,

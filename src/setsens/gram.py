@@ -41,7 +41,7 @@ from .progress import ProgressFn, report
 
 __all__ = ["GramPlan", "plan", "resumable_plan", "output_width", "jacobian_chunks", "float64_product", "gram_matrix",
            "jacobian_products", "center_gram", "EigenInverse", "NystromInverse", "nystrom_inverse", "gram_solve",
-           "block_pcg", "BlockSolve", "relative_rise", "block_error"]
+           "block_pcg", "BlockSolve", "point_blocks", "relative_rise", "block_error"]
 
 #: points whose Jacobians one vmapped reverse pass computes at once (its memory: chunk·K·p entries and
 #: K copies of one sample's activations per point)
@@ -181,6 +181,14 @@ def problem_key(problem: Problem) -> tuple:
     return problem.n, problem.p, fingerprint(problem.params)
 
 
+def _gram_key(problem: Problem, k: int, centered: bool, panel: int) -> tuple:
+    return problem_key(problem) + ("gram", k, centered, panel)
+
+
+def _sketch_key(problem: Problem, k: int, centered: bool, rank: int, power: int, seed: int) -> tuple:
+    return problem_key(problem) + ("sketch", k, centered, rank, power, seed)
+
+
 def resumable_plan(planned: GramPlan, problem: Problem, checkpoint: str | Path | None, k: int, centered: bool,
                    rank: int, power: int, seed: int) -> GramPlan:
     """``planned`` with the panel or the rank of the computation saved at ``checkpoint``, where that one can go on:
@@ -188,12 +196,12 @@ def resumable_plan(planned: GramPlan, problem: Problem, checkpoint: str | Path |
     (its key holds the panel or the rank) and start again.  A saved panel is taken when it is no larger than the
     planned one, a saved sketch's rank when it is no larger than ``rank``, the rank asked for."""
     saved = Resume(checkpoint, ()).saved_key()
-    if saved is None or saved[:3] != problem_key(problem) or saved[4:6] != (k, centered):
+    if not saved:
         return planned
-    if planned.path == "streamed" and saved[3] == "gram" and saved[6] <= planned.panel:
-        return replace(planned, panel=int(saved[6]))
-    if planned.path == "nystrom" and saved[3] == "sketch" and saved[7:] == (power, seed) and saved[6] <= rank:
-        return replace(planned, rank=int(saved[6]))
+    if planned.path == "streamed" and saved == _gram_key(problem, k, centered, saved[-1]):
+        return replace(planned, panel=int(saved[-1])) if saved[-1] <= planned.panel else planned
+    if planned.path == "nystrom" and saved == _sketch_key(problem, k, centered, saved[-3], power, seed):
+        return replace(planned, rank=int(saved[-3])) if saved[-3] <= rank else planned
     return planned
 
 
@@ -204,7 +212,7 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
     panels are saved there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
     n, p = problem.n, problem.p
     k = output_width(problem)
-    resume = Resume(checkpoint, problem_key(problem) + ("gram", k, centered, int(panel)))
+    resume = Resume(checkpoint, _gram_key(problem, k, centered, int(panel)))
     state = resume.load()
     M = torch.zeros(n * k, n * k, dtype=torch.float64, device=problem.params.device)
     M, done = (state["M"].to(M.device), int(state["done"])) if state else (M, 0)
@@ -360,7 +368,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     n = problem.n
     k = output_width(problem)
     N, rank = n * k, min(rank, n * k // 2)
-    resume = Resume(checkpoint, problem_key(problem) + ("sketch", k, centered, rank, power, seed))
+    resume = Resume(checkpoint, _sketch_key(problem, k, centered, rank, power, seed))
     state = resume.load()
     passes, iteration = 2 + 2 * power, int(state.get("iteration", 0))
     if state.get("rcond") == rcond:  # finished
@@ -475,6 +483,12 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if saved is not None:
             saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate})
     return BlockSolve(X, residual, done, estimate)
+
+
+def point_blocks(C: Tensor, k: int) -> Tensor:
+    """The (m, K, K) diagonal blocks, one per point, of an (m·K) × (m·K) matrix over m points' K outputs."""
+    m = C.shape[0] // k
+    return C.reshape(m, k, m, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
 def relative_rise(before: Tensor, after: Tensor) -> Tensor:

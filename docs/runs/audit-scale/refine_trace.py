@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from audit_scale import DATA, images, spearman, top20_error  # noqa: E402
 
 from setsens.audit import REFINE_POINTS, REFINE_SAMPLE, GramFactor, input_jacobians, scan  # noqa: E402
-from setsens.gram import block_error, block_pcg, jacobian_products  # noqa: E402
+from setsens.gram import block_error, block_pcg, jacobian_products, point_blocks  # noqa: E402
 from setsens.models.resnet import load_cifar_resnet  # noqa: E402
 from setsens.problem import Problem, cross_entropy  # noqa: E402
 from setsens.report import write_json  # noqa: E402
@@ -76,19 +76,15 @@ def main() -> None:
         back = jacobian_products(problem, factor.centered, left=X.T)[1]
         return jacobian_products(problem, factor.centered, right=back)[0].double().T
 
-    def diagonal_blocks(C):  # the points' K × K diagonal blocks of a (c, c) matrix over their columns
-        return C.reshape(len(points), k, len(points), k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-
     trace, start = [], time.perf_counter()
-
-    own = diagonal_blocks(rhs[rows])  # each point's centred identity: rhs is zero off the point's own rows
+    own = point_blocks(rhs[rows], k)  # each point's centred identity: rhs is zero off the point's own rows
 
     def error(X, memory):  # GramFactor.refine's stopping rule
-        return block_error(own.transpose(1, 2) @ diagonal_blocks(X[rows]), memory)
+        return block_error(own.transpose(1, 2) @ point_blocks(X[rows], k), memory)
 
     def saved(state):
         R, memory = state["R"], state["memory"]
-        blocks, gap = memory["blocks"], diagonal_blocks(R.T @ factor.gram_inverse.apply(R.T).T)
+        blocks, gap = memory["blocks"], point_blocks(R.T @ factor.gram_inverse.apply(R.T).T, k)
         refined = kappas(blocks, A)
         true = (exact[points] - refined) / exact[points]
         tail = memory.get("tail")
