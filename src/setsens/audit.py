@@ -271,8 +271,8 @@ def scan(problem: Problem, factor: GramFactor | None = None, refine: int = REFIN
     names but did not refine are ``unresolved`` (when the rounds run out, or a round's solve does not converge: that
     round is not taken, ``refine_error`` above ``tol``).  A refined κ_k comes from the block CG iterate at which
     :func:`setsens.gram.block_error` estimates its relative error at most ``tol``: it is below the exact κ_k
-    (:func:`setsens.gram.block_pcg`'s Galerkin bound), and the estimate has been above the true error wherever measured
-    (``refine_error``).
+    (:func:`setsens.gram.block_pcg`'s Galerkin bound), and the estimate (``refine_error``) has been above the true error
+    wherever measured on the scan's preconditioned solves (not a bound: :func:`setsens.gram.block_error`).
     ResNet-56, rank-500 sketch: at 200 CIFAR images the sketch places the exact top 20 within its top 36, at 1000
     within its top 72 (docs/runs/audit-scale/refine-200.json, refine-1000.json).
 
