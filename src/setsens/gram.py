@@ -146,11 +146,13 @@ def float64_product(a: Tensor, b: Tensor) -> Tensor:
 
 
 class Resume:
-    """A long computation's state, saved atomically at ``path`` (None: not saved) under ``key`` — the problem's size
-    and w̄ (:func:`problem_key`) and the computation's settings; a rerun with the same key picks it up."""
+    """A long computation's state, saved atomically at ``path`` (None: not saved) under ``key`` — the problem's size,
+    w̄ and data (:func:`problem_key`) and the computation's settings, built by ``key()`` only where there is a path;
+    a rerun with the same key picks it up."""
 
-    def __init__(self, path: str | Path | None, key: tuple):
-        self.path, self.key = (None if path is None else Path(path)), key
+    def __init__(self, path: str | Path | None, key: Callable[[], tuple]):
+        self.path = None if path is None else Path(path)
+        self.key = None if self.path is None else key()
 
     def load(self) -> dict:
         """The saved state (without its key), or {} when there is none for this key."""
@@ -170,15 +172,25 @@ class Resume:
         return tuple(torch.load(self.path, weights_only=True, mmap=True)["key"])
 
 
+def _bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def fingerprint(t: Tensor) -> str:
     """A hash of ``t``'s bytes: equal for equal tensors whatever the thread count (a float reduction such as a norm
     is not: its rounding follows how the threads split it)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_bytes(t)).hexdigest()
 
 
 def problem_key(problem: Problem) -> tuple:
-    """What identifies a problem's Jacobian: its size and a fingerprint of w̄."""
-    return problem.n, problem.p, fingerprint(problem.params)
+    """What identifies a problem's Jacobian: its size, a fingerprint of w̄ and one of the data it holds (their bytes
+    in order, whatever the batches: a rerun on other data of the same size must not resume).  Cost: a pass over the
+    data without the model."""
+    inputs, targets = hashlib.sha256(), hashlib.sha256()
+    for x, y in problem.batches():
+        inputs.update(_bytes(x))
+        targets.update(_bytes(y))
+    return problem.n, problem.p, fingerprint(problem.params), inputs.hexdigest() + targets.hexdigest()
 
 
 def _gram_key(problem: Problem, k: int, centered: bool, panel: int) -> tuple:
@@ -195,7 +207,7 @@ def resumable_plan(planned: GramPlan, problem: Problem, checkpoint: str | Path |
     under ``memory="auto"`` the plan follows the memory free now, so a rerun would otherwise miss its own checkpoint
     (its key holds the panel or the rank) and start again.  A saved panel is taken when it is no larger than the
     planned one, a saved sketch's rank when it is no larger than ``rank``, the rank asked for."""
-    saved = Resume(checkpoint, ()).saved_key()
+    saved = Resume(checkpoint, tuple).saved_key()
     if not saved:
         return planned
     if planned.path == "streamed" and saved == _gram_key(problem, k, centered, saved[-1]):
@@ -209,10 +221,10 @@ def gram_matrix(problem: Problem, centered: bool, panel: int, progress: Progress
                 checkpoint: str | Path | None = None) -> Tensor:
     """``GGᵀ`` ((n·K) × (n·K), float64) from panels of ``panel`` points, G never held (module doc for the
     cost).  ``progress``: stage ``"gram"``, points done of n, after each panel.  ``checkpoint``: the finished
-    panels are saved there atomically (keyed by the problem's size and w̄) and a rerun resumes after them."""
+    panels are saved there atomically (keyed by the problem's size, w̄ and data) and a rerun resumes after them."""
     n, p = problem.n, problem.p
     k = output_width(problem)
-    resume = Resume(checkpoint, _gram_key(problem, k, centered, int(panel)))
+    resume = Resume(checkpoint, lambda: _gram_key(problem, k, centered, int(panel)))
     state = resume.load()
     M = torch.zeros(n * k, n * k, dtype=torch.float64, device=problem.params.device)
     M, done = (state["M"].to(M.device), int(state["done"])) if state else (M, 0)
@@ -368,7 +380,7 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
     n = problem.n
     k = output_width(problem)
     N, rank = n * k, min(rank, n * k // 2)
-    resume = Resume(checkpoint, _sketch_key(problem, k, centered, rank, power, seed))
+    resume = Resume(checkpoint, lambda: _sketch_key(problem, k, centered, rank, power, seed))
     state = resume.load()
     passes, iteration = 2 + 2 * power, int(state.get("iteration", 0))
     if state.get("rcond") == rcond:  # finished
@@ -431,7 +443,8 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
         back = jacobian_products(problem, centered, left=X.T)[1]  # Xᵀ G, (c, p)
         return jacobian_products(problem, centered, right=back)[0].double().T
 
-    resume = Resume(checkpoint, problem_key(problem) + ("block-solve", centered, tuple(rhs.shape), fingerprint(rhs)))
+    resume = Resume(checkpoint, lambda: problem_key(problem) + ("block-solve", centered, tuple(rhs.shape),
+                                                              fingerprint(rhs)))
 
     def saved(state: dict) -> None:
         resume.save(**state)

@@ -106,6 +106,30 @@ def test_a_rerun_resumes_its_checkpoint_whatever_memory_the_plan_sees_now(tmp_pa
     assert fresh.plan.rank == 8
 
 
+def test_a_checkpoint_is_keyed_by_the_data_too(tmp_path):
+    """A rerun on other data of the same size (one input nudged, or one label changed) starts afresh instead of
+    resuming another Gram matrix; the same data in other batches resume."""
+    from setsens.problem import Problem
+
+    problem = fitted_problem(cross_entropy, n=10, k=3)
+    gram_matrix(problem, True, 3, checkpoint=tmp_path / "gram.pt")
+    x, y = problem.inputs.clone(), problem.targets.clone()
+    x[7, 1] += 1e-3
+    relabelled = y.clone()
+    relabelled[2] = (relabelled[2] + 1) % 3
+    for data in ((x, y), (problem.inputs, relabelled)):
+        other = Problem(problem.model, cross_entropy, data, params=problem.params)
+        seen = []
+        M = gram_matrix(other, True, 3, progress=lambda e: seen.append(e.done), checkpoint=tmp_path / "gram.pt")
+        assert seen == [3, 6, 9, 10] and torch.equal(M, gram_matrix(other, True, 3))  # all four panels computed
+        gram_matrix(problem, True, 3, checkpoint=tmp_path / "gram.pt")  # the original's again, for the next case
+    rebatched = Problem(problem.model, cross_entropy, (problem.inputs, problem.targets), params=problem.params,
+                        batch_size=4)
+    seen = []
+    gram_matrix(rebatched, True, 3, progress=lambda e: seen.append(e.done), checkpoint=tmp_path / "gram.pt")
+    assert seen == []  # finished and resumed: no panel computed
+
+
 def test_a_checkpoint_is_keyed_by_the_weights_bytes_whatever_the_thread_count():
     """The resume key: the same weights give the same key on 1 and 2 threads (a float64 sum of ResNet-56's weights
     did not: it differed in its last bit, and a 2-thread rerun restarted a 1-thread run's Gram matrix), and a weight
