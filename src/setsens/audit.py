@@ -99,6 +99,7 @@ class GramFactor(LinearOperator):
         self.rank = self.gram_inverse.rank
         self.shape = (problem.p, rows)
         self.calls = self._refinements = 0
+        self._searched = None  # the refinements' directions, recycled by the next one
         self.seconds = time.perf_counter() - t0
 
     def refine(self, points: Tensor, tol: float = REFINE_TOL, maxiter: int = 50,
@@ -111,7 +112,10 @@ class GramFactor(LinearOperator):
         ``maxiter`` iterations.  A refined κ is a lower bound of the exact one (the Galerkin iterate,
         :func:`~setsens.gram.block_pcg`).  The estimate is of each point's own block; the coupling between points
         (:func:`group_modulus`) is as accurate as the residual, exact to rounding only with ``tol=0``.  Returns the
-        estimated error (0 for the exact paths, which need nothing, and for a solve to ``SOLVED``).  Cost: two
+        estimated error (0 for the exact paths, which need nothing, and for a solve to ``SOLVED``).  Each refinement
+        starts from the directions the earlier ones searched (:func:`~setsens.gram.block_pcg`'s ``basis``: deflated
+        block CG), held while they span at most half the n·K outputs — two n·K × (columns · iterations) matrices, the
+        memory that grows with the rounds.  Cost: two
         Jacobian passes per iteration, with |points|·K vectors each (ResNet-56 with 1000 images, rank 500 and 110
         points, 2 threads: at the default 1 %, 4 iterations of ~400 s, the top 20 within 0.11 % (estimated 0.23 %),
         docs/runs/audit-scale/audit_scale.json; to residual 0.1, 5, where per-column CG took 14,
@@ -133,7 +137,10 @@ class GramFactor(LinearOperator):
         self._refinements += 1  # each call its own checkpoint: a rerun of the same calls resumes each
         solve = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, SOLVED, maxiter, progress,
                            None if self.checkpoint is None else f"{self.checkpoint}-refine{self._refinements}",
-                           error, tol)
+                           error, tol, self._searched, keep=True)
+        # recycled while they span at most half the outputs (as the sketch's rank): beyond, the rounding of their
+        # projections is what is left to search
+        self._searched = solve.basis if solve.basis[0].shape[1] <= self.shape[1] // 2 else None
         estimate = 0.0 if solve.residual <= SOLVED else solve.error
         if estimate <= tol:
             self.gram_inverse.refine(rows, solve.X)

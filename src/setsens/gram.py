@@ -421,42 +421,47 @@ def nystrom_inverse(problem: Problem, centered: bool, rank: int, rcond: float, p
 
 
 class BlockSolve(NamedTuple):
-    """What :func:`block_pcg` reached: the iterate, the largest relative residual, the iterations taken and the
-    caller's error estimate at the iterate (inf without one, or before it can tell)."""
+    """What :func:`block_pcg` reached: the iterate, the largest relative residual, the iterations taken, the caller's
+    error estimate at the iterate (inf without one, or before it can tell) and, when asked to keep them, the
+    A-orthonormal directions searched (those given as ``basis`` first) with their products, ``(V, AV)``."""
 
     X: Tensor
     residual: float
     iterations: int
     error: float
+    basis: tuple[Tensor, Tensor] | None = None
 
 
 def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
                maxiter: int, progress: ProgressFn | None = None, checkpoint: str | Path | None = None,
-               error: Callable[[Tensor, dict], tuple[float, dict]] | None = None, tol: float = 0.0) -> BlockSolve:
+               error: Callable[[Tensor, dict], tuple[float, dict]] | None = None, tol: float = 0.0,
+               basis: tuple[Tensor, Tensor] | None = None, keep: bool = False) -> BlockSolve:
     """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by :func:`block_pcg`
     preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned CG: Frangella, Tropp &
     Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's large eigenvalues),
-    with :func:`block_pcg`'s stopping rules (``rtol``, ``error`` and ``tol``, ``maxiter``).  Cost per iteration: two
-    Jacobian passes (Gᵀ, then G) with one vector per column; ``progress``: stage ``"refine"`` after each.
-    ``checkpoint``: the iterates are saved there after each iteration, and a rerun resumes from them."""
+    with :func:`block_pcg`'s stopping rules (``rtol``, ``error`` and ``tol``, ``maxiter``) and its recycling (``basis``,
+    ``keep``).  Cost per iteration: two Jacobian passes (Gᵀ, then G) with one vector per column; ``progress``: stage
+    ``"refine"`` after each.  ``checkpoint``: the iterates are saved there after each iteration (with the directions
+    kept), and a rerun resumes from them."""
     def gram(X: Tensor) -> Tensor:
         back = jacobian_products(problem, centered, left=X.T)[1]  # Xᵀ G, (c, p)
         return jacobian_products(problem, centered, right=back)[0].double().T
 
     resume = Resume(checkpoint, lambda: problem_key(problem) + ("block-solve", centered, tuple(rhs.shape),
-                                                              fingerprint(rhs)))
+                                                              fingerprint(rhs))
+                    + (() if basis is None else ("recycled", fingerprint(basis[0]))))
 
     def saved(state: dict) -> None:
         resume.save(**state)
         report(progress, "refine", state["done"], maxiter, residual=state["residual"], error=state["error"])
 
     return block_pcg(gram, lambda R: preconditioner.apply(R.T).T, rhs, rtol, maxiter, resume.load(), saved, error,
-                     tol)
+                     tol, basis, keep)
 
 
 def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state: dict | None = None,
               saved=None, error: Callable[[Tensor, dict], tuple[float, dict]] | None = None,
-              tol: float = 0.0) -> BlockSolve:
+              tol: float = 0.0, basis: tuple[Tensor, Tensor] | None = None, keep: bool = False) -> BlockSolve:
     """Block conjugate gradients (O'Leary, Linear Algebra Appl. 1980) for ``A X = rhs``, A symmetric positive
     semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches
     the space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per
@@ -466,36 +471,68 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     Galerkin solution on the Krylov space searched, so ``rhsᵀX`` grows with every iteration towards ``rhsᵀA⁺rhs`` and
     stays below it (Loewner order), short of it by ``RᵀA⁺R``.
 
+    ``basis``: ``(V, AV)``, directions an earlier solve with the same A searched (its :class:`BlockSolve`'s ``basis``,
+    ``keep=True``; VᵀAV = I).  The search then starts from the Galerkin solution on span(V) and keeps every new
+    direction A-conjugate to V (deflated CG: Saad, Yeung, Erhel & Guyomarc'h, SIAM J. Sci. Comput. 2000), so what
+    the earlier solve learnt of A's hard part is not searched again; the iterate is the Galerkin solution on span(V)
+    plus the Krylov space searched, and the bound above holds.  Memory: ``keep`` holds two N × (columns ·
+    iterations) matrices.
+
     Stops when every column's residual ``‖rhs − AX‖`` is at most ``rtol``·‖rhs‖, when ``error(X, memory)`` — the
     caller's estimate of the error left in what it wants from X, returned with the memory of earlier iterates it
     needs (``{}`` at first) — is at most ``tol``, or after ``maxiter`` iterations.  ``state`` (from ``saved``, called
     with it after each iteration) resumes.  On ResNet-56's Gram matrix with the scan's preconditioner: 4–6
     iterations to residual 0.1 where per-column CG took 6–14 (docs/runs/audit-scale/block-cg-200.json)."""
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
+    V, AV = (rhs[:, :0], rhs[:, :0]) if basis is None else _a_orthonormal(*basis)
+    kept = (V, AV)
     if state:
         X, R, D, done = state["X"], state["R"], state["D"], int(state["done"])
         memory, estimate = state.get("memory", {}), float(state.get("error", float("inf")))
+        kept, removed = state.get("kept", kept), state.get("removed", torch.zeros(D.shape[1], dtype=D.dtype))
     else:
-        X, R, done, memory, estimate = torch.zeros_like(rhs), rhs.clone(), 0, {}, float("inf")
-        D = precondition(R)
+        y = V.T @ rhs  # the Galerkin solution on span(V)
+        X, R, done, memory, estimate = V @ y, rhs - AV @ y, 0, {}, float("inf")
+        Z = precondition(R)
+        c = AV.T @ Z
+        D, removed = Z - V @ c, c.square().sum(0)
     residual = float((R.norm(dim=0) / scale).max())
     while residual > rtol and estimate > tol and done < maxiter:
         Q = gram(D)
         C = D.T @ Q
-        lam, V = torch.linalg.eigh((C + C.T) / 2)
-        keep = lam > 1e-10 * lam.max().clamp(min=torch.finfo(torch.float64).tiny)
-        W = V[:, keep] / lam[keep].sqrt()  # D W is A-orthonormal
+        lam, E = torch.linalg.eigh((C + C.T) / 2)
+        # a direction's A-energy against its preconditioned residual's, zᵀAz = dᵀAd + what the conjugations removed:
+        # below 1e-10 of it, d is the rounding of those projections (as when V already spans nearly all of A's range)
+        energy = torch.maximum(lam.max(), (C.diagonal() + removed).max()).clamp(min=torch.finfo(torch.float64).tiny)
+        independent = lam > 1e-10 * energy
+        if not independent.any():  # nothing new to search: the iterate is as good as the rounding lets it be
+            break
+        W = E[:, independent] / lam[independent].sqrt()  # D W is A-orthonormal
         D, Q = D @ W, Q @ W
+        if keep:
+            kept = (torch.cat([kept[0], D], 1), torch.cat([kept[1], Q], 1))
         alpha = D.T @ R
         X, R = X + D @ alpha, R - Q @ alpha
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
         if error is not None:
             estimate, memory = error(X, memory)
         Z = precondition(R)
-        D = Z - D @ (Q.T @ Z)  # A-conjugate to the directions searched so far
+        b, c = Q.T @ Z, AV.T @ Z
+        D, removed = Z - D @ b - V @ c, b.square().sum(0) + c.square().sum(0)  # A-conjugate to those searched and V
         if saved is not None:
-            saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate})
-    return BlockSolve(X, residual, done, estimate)
+            saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate,
+                   "removed": removed, **({"kept": kept} if keep else {})})
+    return BlockSolve(X, residual, done, estimate, kept if keep else None)
+
+
+def _a_orthonormal(V: Tensor, AV: Tensor) -> tuple[Tensor, Tensor]:
+    """``(V, AV)`` with VᵀAV = I again: CG's directions lose their A-orthogonality in rounding, and a basis that has
+    lost it would make the recycled search stall (dependent directions, below 1e-10 of the largest, dropped)."""
+    C = V.T @ AV
+    lam, E = torch.linalg.eigh((C + C.T) / 2)
+    independent = lam > 1e-10 * lam.max().clamp(min=torch.finfo(torch.float64).tiny)
+    W = E[:, independent] / lam[independent].sqrt()
+    return V @ W, AV @ W
 
 
 def point_blocks(C: Tensor, k: int) -> Tensor:
