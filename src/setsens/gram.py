@@ -485,7 +485,7 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     iterations to residual 0.1 where per-column CG took 6–14 (docs/runs/audit-scale/block-cg-200.json)."""
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
     V, AV = (rhs[:, :0], rhs[:, :0]) if basis is None else _a_orthonormal(*basis)
-    kept = (V, AV)
+    kept = ([V], [AV])  # lists, joined once at the end: a join per iteration would hold the basis twice
     if state:
         X, R, D, done = state["X"], state["R"], state["D"], int(state["done"])
         memory, estimate = state.get("memory", {}), float(state.get("error", float("inf")))
@@ -510,7 +510,8 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         W = E[:, independent] / lam[independent].sqrt()  # D W is A-orthonormal
         D, Q = D @ W, Q @ W
         if keep:
-            kept = (torch.cat([kept[0], D], 1), torch.cat([kept[1], Q], 1))
+            kept[0].append(D)
+            kept[1].append(Q)
         alpha = D.T @ R
         X, R = X + D @ alpha, R - Q @ alpha
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
@@ -522,7 +523,7 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if saved is not None:
             saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate,
                    "removed": removed, **({"kept": kept} if keep else {})})
-    return BlockSolve(X, residual, done, estimate, kept if keep else None)
+    return BlockSolve(X, residual, done, estimate, (torch.cat(kept[0], 1), torch.cat(kept[1], 1)) if keep else None)
 
 
 def _a_orthonormal(V: Tensor, AV: Tensor) -> tuple[Tensor, Tensor]:
