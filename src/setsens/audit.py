@@ -140,7 +140,7 @@ class GramFactor(LinearOperator):
                            error, tol, self._searched, keep=True)
         # recycled while they span at most half the outputs (as the sketch's rank): beyond, the rounding of their
         # projections is what is left to search
-        self._searched = solve.basis if solve.basis[0].shape[1] <= self.shape[1] // 2 else None
+        self._searched = solve.basis if 0 < solve.basis[0].shape[1] <= self.shape[1] // 2 else None
         estimate = 0.0 if solve.residual <= SOLVED else solve.error
         if estimate <= tol:
             self.gram_inverse.refine(rows, solve.X)
