@@ -463,20 +463,21 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
               saved=None, error: Callable[[Tensor, dict], tuple[float, dict]] | None = None,
               tol: float = 0.0, basis: tuple[Tensor, Tensor] | None = None, keep: bool = False) -> BlockSolve:
     """Block conjugate gradients (O'Leary, Linear Algebra Appl. 1980) for ``A X = rhs``, A symmetric positive
-    semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches
-    the space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per
-    iteration (independent CG: one each) — fewer products where the columns share the spectrum's hard part.  The
-    directions are made A-orthonormal each iteration (an eigendecomposition of DᵀAD, c × c, dropping those below
-    1e-10 of its largest: dependent ones, which would make the step ill-defined).  With X₀ = 0 the iterate is the
-    Galerkin solution on the Krylov space searched, so ``rhsᵀX`` grows with every iteration towards ``rhsᵀA⁺rhs`` and
-    stays below it (Loewner order), short of it by ``RᵀA⁺R``.
+    semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches the
+    space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per iteration
+    (independent CG: one each) — fewer products where the columns share the spectrum's hard part.  The directions are
+    made A-orthonormal each iteration (an eigendecomposition of DᵀAD, c × c, dropping those whose A-energy is below
+    1e-10 of the preconditioned residuals' they come from: dependent ones, which would make the step ill-defined, and
+    the rounding of the conjugations; when none is left the solve ends).  With X₀ = 0 the iterate is the Galerkin
+    solution on the Krylov space searched, so ``rhsᵀX`` grows with every iteration towards ``rhsᵀA⁺rhs`` and stays below
+    it (Loewner order), short of it by ``RᵀA⁺R``.
 
     ``basis``: ``(V, AV)``, directions an earlier solve with the same A searched (its :class:`BlockSolve`'s ``basis``,
-    ``keep=True``; VᵀAV = I).  The search then starts from the Galerkin solution on span(V) and keeps every new
-    direction A-conjugate to V (deflated CG: Saad, Yeung, Erhel & Guyomarc'h, SIAM J. Sci. Comput. 2000), so what
-    the earlier solve learnt of A's hard part is not searched again; the iterate is the Galerkin solution on span(V)
-    plus the Krylov space searched, and the bound above holds.  Memory: ``keep`` holds two N × (columns ·
-    iterations) matrices.
+    ``keep=True``; made A-orthonormal again here, as rounding loses that).  The search then starts from the Galerkin
+    solution on span(V) and keeps every new direction A-conjugate to V (deflated CG: Saad, Yeung, Erhel & Guyomarc'h,
+    SIAM J. Sci. Comput. 2000), so what the earlier solve learnt of A's hard part is not searched again; the iterate is
+    the Galerkin solution on span(V) plus the Krylov space searched, and the bound above holds.  Memory: ``keep`` holds
+    two N × (columns · iterations) matrices.
 
     Stops when every column's residual ``‖rhs − AX‖`` is at most ``rtol``·‖rhs‖, when ``error(X, memory)`` — the
     caller's estimate of the error left in what it wants from X, returned with the memory of earlier iterates it
