@@ -466,9 +466,8 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches the
     space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per iteration
     (independent CG: one each) — fewer products where the columns share the spectrum's hard part.  The directions are
-    made A-orthonormal each iteration (an eigendecomposition of DᵀAD, c × c, dropping those whose A-energy is below
-    1e-10 of the preconditioned residuals' they come from: dependent ones, which would make the step ill-defined, and
-    the rounding of the conjugations; when none is left the solve ends).  With X₀ = 0 the iterate is the Galerkin
+    made A-orthonormal each iteration (an eigendecomposition of DᵀAD, c × c, dropping those below 1e-10 of its
+    largest: dependent ones, which would make the step ill-defined).  With X₀ = 0 the iterate is the Galerkin
     solution on the Krylov space searched, so ``rhsᵀX`` grows with every iteration towards ``rhsᵀA⁺rhs`` and stays below
     it (Loewner order), short of it by ``RᵀA⁺R``.
 
@@ -476,8 +475,11 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     ``keep=True``; made A-orthonormal again here, as rounding loses that).  The search then starts from the Galerkin
     solution on span(V) and keeps every new direction A-conjugate to V (deflated CG: Saad, Yeung, Erhel & Guyomarc'h,
     SIAM J. Sci. Comput. 2000), so what the earlier solve learnt of A's hard part is not searched again; the iterate is
-    the Galerkin solution on span(V) plus the Krylov space searched, and the bound above holds.  Memory: ``keep`` holds
-    two N × (columns · iterations) matrices.
+    the Galerkin solution on span(V) plus the Krylov space searched, and the bound above holds.  A basis spanning
+    (nearly) all of A's range leaves only the rounding of its projections to search, which the A-orthonormalisation
+    above amplifies (on a small tanh network whose kept directions outnumbered the range, the residual rose to 1e4):
+    :meth:`setsens.audit.GramFactor.refine` recycles only while they span at most half the rows.  Memory: ``keep``
+    holds two N × (columns · iterations) matrices.
 
     Stops when every column's residual ``‖rhs − AX‖`` is at most ``rtol``·‖rhs‖, when ``error(X, memory)`` — the
     caller's estimate of the error left in what it wants from X, returned with the memory of earlier iterates it
@@ -490,23 +492,19 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     if state:
         X, R, D, done = state["X"], state["R"], state["D"], int(state["done"])
         memory, estimate = state.get("memory", {}), float(state.get("error", float("inf")))
-        kept, removed = state.get("kept", kept), state.get("removed", torch.zeros(D.shape[1], dtype=D.dtype))
+        kept = state.get("kept", kept)
     else:
         y = V.T @ rhs  # the Galerkin solution on span(V)
         X, R, done, memory, estimate = V @ y, rhs - AV @ y, 0, {}, float("inf")
         Z = precondition(R)
-        c = AV.T @ Z
-        D, removed = Z - V @ c, c.square().sum(0)
+        D = Z - V @ (AV.T @ Z)
     residual = float((R.norm(dim=0) / scale).max())
     while residual > rtol and estimate > tol and done < maxiter:
         Q = gram(D)
         C = D.T @ Q
         lam, E = torch.linalg.eigh((C + C.T) / 2)
-        # a direction's A-energy against its preconditioned residual's, zᵀAz = dᵀAd + what the conjugations removed:
-        # below 1e-10 of it, d is the rounding of those projections (as when V already spans nearly all of A's range)
-        energy = torch.maximum(lam.max(), (C.diagonal() + removed).max()).clamp(min=torch.finfo(torch.float64).tiny)
-        independent = lam > 1e-10 * energy
-        if not independent.any():  # nothing new to search: the iterate is as good as the rounding lets it be
+        independent = lam > 1e-10 * lam.max().clamp(min=torch.finfo(torch.float64).tiny)
+        if not independent.any():  # D = 0: the residual is zero
             break
         W = E[:, independent] / lam[independent].sqrt()  # D W is A-orthonormal
         D, Q = D @ W, Q @ W
@@ -519,11 +517,10 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if error is not None:
             estimate, memory = error(X, memory)
         Z = precondition(R)
-        b, c = Q.T @ Z, AV.T @ Z
-        D, removed = Z - D @ b - V @ c, b.square().sum(0) + c.square().sum(0)  # A-conjugate to those searched and V
+        D = Z - D @ (Q.T @ Z) - V @ (AV.T @ Z)  # A-conjugate to the directions searched so far and to V
         if saved is not None:
             saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate,
-                   "removed": removed, **({"kept": kept} if keep else {})})
+                   **({"kept": kept} if keep else {})})
     return BlockSolve(X, residual, done, estimate, (torch.cat(kept[0], 1), torch.cat(kept[1], 1)) if keep else None)
 
 
