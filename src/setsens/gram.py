@@ -489,6 +489,10 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
     V, AV = (rhs[:, :0], rhs[:, :0]) if basis is None else _a_orthonormal(*basis)
     kept = ([V], [AV])  # lists, joined once at the end: a join per iteration would hold the basis twice
+
+    def deflate(Z: Tensor) -> Tensor:  # Z made A-conjugate to V
+        return Z if basis is None else Z - V @ (AV.T @ Z)
+
     if state:
         X, R, D, done = state["X"], state["R"], state["D"], int(state["done"])
         memory, estimate = state.get("memory", {}), float(state.get("error", float("inf")))
@@ -496,17 +500,13 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     else:
         y = V.T @ rhs  # the Galerkin solution on span(V)
         X, R, done, memory, estimate = V @ y, rhs - AV @ y, 0, {}, float("inf")
-        Z = precondition(R)
-        D = Z - V @ (AV.T @ Z)
+        D = deflate(precondition(R))
     residual = float((R.norm(dim=0) / scale).max())
     while residual > rtol and estimate > tol and done < maxiter:
         Q = gram(D)
-        C = D.T @ Q
-        lam, E = torch.linalg.eigh((C + C.T) / 2)
-        independent = lam > 1e-10 * lam.max().clamp(min=torch.finfo(torch.float64).tiny)
-        if not independent.any():  # D = 0: the residual is zero
+        W = _orthonormalizing(D.T @ Q)  # D W is A-orthonormal
+        if not W.shape[1]:  # D = 0: the residual is zero
             break
-        W = E[:, independent] / lam[independent].sqrt()  # D W is A-orthonormal
         D, Q = D @ W, Q @ W
         if keep:
             kept[0].append(D)
@@ -517,20 +517,25 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if error is not None:
             estimate, memory = error(X, memory)
         Z = precondition(R)
-        D = Z - D @ (Q.T @ Z) - V @ (AV.T @ Z)  # A-conjugate to the directions searched so far and to V
+        D = deflate(Z) - D @ (Q.T @ Z)  # A-conjugate to the directions searched so far and to V
         if saved is not None:
             saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate,
                    **({"kept": kept} if keep else {})})
     return BlockSolve(X, residual, done, estimate, (torch.cat(kept[0], 1), torch.cat(kept[1], 1)) if keep else None)
 
 
-def _a_orthonormal(V: Tensor, AV: Tensor) -> tuple[Tensor, Tensor]:
-    """``(V, AV)`` with VᵀAV = I again: CG's directions lose their A-orthogonality in rounding, and a basis that has
-    lost it would make the recycled search stall (dependent directions, below 1e-10 of the largest, dropped)."""
-    C = V.T @ AV
+def _orthonormalizing(C: Tensor) -> Tensor:
+    """W with WᵀCW = I for a PSD C = DᵀAD, so that D W is A-orthonormal: an eigendecomposition of C, dropping the
+    eigenvalues below 1e-10 of its largest (dependent directions)."""
     lam, E = torch.linalg.eigh((C + C.T) / 2)
     independent = lam > 1e-10 * lam.max().clamp(min=torch.finfo(torch.float64).tiny)
-    W = E[:, independent] / lam[independent].sqrt()
+    return E[:, independent] / lam[independent].sqrt()
+
+
+def _a_orthonormal(V: Tensor, AV: Tensor) -> tuple[Tensor, Tensor]:
+    """``(V, AV)`` with VᵀAV = I again: CG's directions lose their A-orthogonality in rounding, and a basis that has
+    lost it would make the recycled search stall."""
+    W = _orthonormalizing(V.T @ AV)
     return V @ W, AV @ W
 
 
