@@ -114,8 +114,7 @@ class GramFactor(LinearOperator):
         (:func:`group_modulus`) is as accurate as the residual, exact to rounding only with ``tol=0``.  Returns the
         estimated error (0 for the exact paths, which need nothing, and for a solve to ``SOLVED``).  Each refinement
         starts from the directions the earlier ones searched (:func:`~setsens.gram.block_pcg`'s ``basis``: deflated
-        block CG), held while they span at most half the n·K outputs — two n·K × (columns · iterations) matrices, the
-        memory that grows with the rounds.  Cost: two
+        block CG), at most :attr:`recycled_directions` of them: the memory that grows with the rounds.  Cost: two
         Jacobian passes per iteration, with |points|·K vectors each (ResNet-56 with 1000 images, rank 500 and 110
         points, 2 threads: at the default 1 %, 4 iterations of ~400 s, the top 20 within 0.11 % (estimated 0.23 %),
         docs/runs/audit-scale/audit_scale.json; to residual 0.1, 5, where per-column CG took 14,
@@ -137,15 +136,21 @@ class GramFactor(LinearOperator):
         self._refinements += 1  # each call its own checkpoint: a rerun of the same calls resumes each
         solve = gram_solve(self.problem, self.centered, rhs, self.gram_inverse, SOLVED, maxiter, progress,
                            None if self.checkpoint is None else f"{self.checkpoint}-refine{self._refinements}",
-                           error, tol, self._searched, keep=True)
-        # recycled while they span at most half the outputs (as the sketch's rank): beyond, the rounding of their
-        # projections is what is left to search
-        self._searched = solve.basis if 0 < solve.basis[0].shape[1] <= self.shape[1] // 2 else None
+                           error, tol, self._searched, keep=self.recycled_directions)
+        self._searched = solve.basis if solve.basis is not None and solve.basis[0].shape[1] else None
         estimate = 0.0 if solve.residual <= SOLVED else solve.error
         if estimate <= tol:
             self.gram_inverse.refine(rows, solve.X)
         self.seconds += time.perf_counter() - t0
         return estimate
+
+    @property
+    def recycled_directions(self) -> int:
+        """How many directions :meth:`refine` keeps for the next refinement: what the plan's budget leaves beside
+        its estimate (two float64 n·K-vectors each: a direction and its product), and at most half the n·K outputs
+        (beyond, the rounding of their projections is what is left to search, :func:`setsens.gram.block_pcg`)."""
+        rows = self.shape[1]
+        return min(rows // 2, max(0, self.plan.budget - self.plan.bytes) // (2 * rows * 8))
 
     @property
     def exact_points(self) -> Tensor:

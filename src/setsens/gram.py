@@ -81,7 +81,8 @@ def plan(n: int, k: int, p: int, itemsize: int, memory: str | int = "auto", path
     exact reference, fastest for small problems), streams the exact Gram when it fits with a panel, and takes the
     Nyström approximation of rank ``rank`` (fewer if memory asks; memory linear in n) only when it does not (its
     error depends on the network, see :class:`NystromInverse`; :func:`setsens.audit.scan` makes the top points
-    exact).  Raises ``ValueError`` when the path cannot fit."""
+    exact).  What the budget leaves beside the Nyström path's estimate holds the refinements' recycled directions
+    (:attr:`setsens.audit.GramFactor.recycled_directions`).  Raises ``ValueError`` when the path cannot fit."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     budget = 2 * cache_budget("auto", torch.device("cpu")) if memory == "auto" else cache_budget(memory, None)
@@ -435,7 +436,7 @@ class BlockSolve(NamedTuple):
 def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: NystromInverse, rtol: float,
                maxiter: int, progress: ProgressFn | None = None, checkpoint: str | Path | None = None,
                error: Callable[[Tensor, dict], tuple[float, dict]] | None = None, tol: float = 0.0,
-               basis: tuple[Tensor, Tensor] | None = None, keep: bool = False) -> BlockSolve:
+               basis: tuple[Tensor, Tensor] | None = None, keep: int = 0) -> BlockSolve:
     """``X`` with ``GGᵀ X = rhs`` for columns ``rhs`` (n·K, c) in G's (centred) row space, by :func:`block_pcg`
     preconditioned with ``preconditioner``'s approximate ``(GGᵀ)⁺`` (Nyström-preconditioned CG: Frangella, Tropp &
     Udell, SIAM J. Matrix Anal. Appl. 2023; it needs few iterations when the sketch holds GGᵀ's large eigenvalues),
@@ -461,7 +462,7 @@ def gram_solve(problem: Problem, centered: bool, rhs: Tensor, preconditioner: Ny
 
 def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state: dict | None = None,
               saved=None, error: Callable[[Tensor, dict], tuple[float, dict]] | None = None,
-              tol: float = 0.0, basis: tuple[Tensor, Tensor] | None = None, keep: bool = False) -> BlockSolve:
+              tol: float = 0.0, basis: tuple[Tensor, Tensor] | None = None, keep: int = 0) -> BlockSolve:
     """Block conjugate gradients (O'Leary, Linear Algebra Appl. 1980) for ``A X = rhs``, A symmetric positive
     semi-definite given by ``gram(D) = A D`` and a preconditioner ``precondition(R) ≈ A⁺ R``: every column searches the
     space spanned by all columns' directions, so c right-hand sides gain c dimensions of Krylov space per iteration
@@ -472,14 +473,15 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     it (Loewner order), short of it by ``RᵀA⁺R``.
 
     ``basis``: ``(V, AV)``, directions an earlier solve with the same A searched (its :class:`BlockSolve`'s ``basis``,
-    ``keep=True``; made A-orthonormal again here, as rounding loses that).  The search then starts from the Galerkin
+    ``keep``; made A-orthonormal again here, as rounding loses that).  The search then starts from the Galerkin
     solution on span(V) and keeps every new direction A-conjugate to V (deflated CG: Saad, Yeung, Erhel & Guyomarc'h,
     SIAM J. Sci. Comput. 2000), so what the earlier solve learnt of A's hard part is not searched again; the iterate is
     the Galerkin solution on span(V) plus the Krylov space searched, and the bound above holds.  A basis spanning
     (nearly) all of A's range leaves only the rounding of its projections to search, which the A-orthonormalisation
     above amplifies (on a small tanh network whose kept directions outnumbered the range, the residual rose to 1e4):
-    :meth:`setsens.audit.GramFactor.refine` recycles only while they span at most half the rows.  Memory: ``keep``
-    holds two N × (columns · iterations) matrices.
+    :meth:`setsens.audit.GramFactor.refine` keeps at most half the rows.  ``keep``: how many directions at most to
+    return (the basis's first, then the earliest of this solve's; any subset of A-orthonormal directions is one too) —
+    two N × ``keep`` matrices, the memory this holds beyond the iteration's.
 
     Stops when every column's residual ``‖rhs − AX‖`` is at most ``rtol``·‖rhs‖, when ``error(X, memory)`` — the
     caller's estimate of the error left in what it wants from X, returned with the memory of earlier iterates it
@@ -488,7 +490,7 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
     iterations to residual 0.1 where per-column CG took 6–14 (docs/runs/audit-scale/block-cg-200.json)."""
     scale = rhs.norm(dim=0).clamp(min=torch.finfo(torch.float64).tiny)
     V, AV = (rhs[:, :0], rhs[:, :0]) if basis is None else _a_orthonormal(*basis)
-    kept = ([V], [AV])  # lists, joined once at the end: a join per iteration would hold the basis twice
+    kept = ([V[:, :keep]], [AV[:, :keep]])  # lists, joined once at the end: a join per iteration would hold them twice
 
     def deflate(Z: Tensor) -> Tensor:  # Z made A-conjugate to V
         return Z if basis is None else Z - V @ (AV.T @ Z)
@@ -508,9 +510,10 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if not W.shape[1]:  # D = 0: the residual is zero
             break
         D, Q = D @ W, Q @ W
-        if keep:
-            kept[0].append(D)
-            kept[1].append(Q)
+        room = keep - sum(c.shape[1] for c in kept[0])
+        if room > 0:
+            kept[0].append(D[:, :room])
+            kept[1].append(Q[:, :room])
         alpha = D.T @ R
         X, R = X + D @ alpha, R - Q @ alpha
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
@@ -521,7 +524,9 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
         if saved is not None:
             saved({"X": X, "R": R, "D": D, "done": done, "residual": residual, "memory": memory, "error": estimate,
                    **({"kept": kept} if keep else {})})
-    return BlockSolve(X, residual, done, estimate, (torch.cat(kept[0], 1), torch.cat(kept[1], 1)) if keep else None)
+    # at most keep, also where a resumed state kept more (under an earlier, larger keep)
+    return BlockSolve(X, residual, done, estimate,
+                      (torch.cat(kept[0], 1)[:, :keep], torch.cat(kept[1], 1)[:, :keep]) if keep else None)
 
 
 def _orthonormalizing(C: Tensor) -> Tensor:

@@ -402,16 +402,23 @@ def test_block_cg_recycles_an_earlier_solve_s_directions():
     diagonal = S.diagonal().clamp(min=1e-12)
     solve = lambda B, **kw: block_pcg(lambda D: S @ D, lambda R: R / diagonal[:, None], B,  # noqa: E731
                                       kw.pop("rtol", 1e-10), kw.pop("maxiter", 100), **kw)
-    earlier = solve(first, maxiter=6, keep=True)
+    earlier = solve(first, maxiter=6, keep=120)
     V, AV = earlier.basis
     assert V.shape == (120, 36) and torch.allclose(AV, S @ V, atol=1e-9 * float(AV.abs().max()))
     assert torch.allclose(V.T @ AV, torch.eye(36, dtype=torch.float64), atol=1e-8)
-    plain, recycled = solve(second), solve(second, basis=earlier.basis, keep=True)
+    plain, recycled = solve(second), solve(second, basis=earlier.basis, keep=120)
     pinv = torch.linalg.pinv(S, hermitian=True)
     assert plain.residual < 1e-10 and recycled.residual < 1e-10
     assert recycled.iterations < plain.iterations / 2
     exact = second.T @ pinv @ second  # what the refinement reads from X (X itself may leave S's range: P does)
     assert torch.allclose(second.T @ recycled.X, exact, rtol=1e-8, atol=1e-12 * float(exact.abs().max()))
+    # keep bounds what is held: the earliest directions, still a basis that serves (fewer iterations, same solution)
+    capped = solve(first, maxiter=6, keep=10)
+    assert capped.basis[0].shape == (120, 10) and torch.equal(capped.basis[0], earlier.basis[0][:, :10])
+    partly = solve(second, basis=capped.basis, keep=12)
+    assert partly.basis[0].shape[1] == 12 and partly.residual < 1e-10
+    assert recycled.iterations < partly.iterations < plain.iterations
+    assert torch.allclose(second.T @ partly.X, exact, rtol=1e-8, atol=1e-12 * float(exact.abs().max()))
     W = recycled.basis[0]
     first = W[:, :36]  # the earlier directions, A-orthonormal again, then this solve's
     assert W.shape[1] > 36 and torch.allclose(first.T @ S @ first, torch.eye(36, dtype=torch.float64), atol=1e-8)
@@ -425,8 +432,8 @@ def test_block_cg_recycles_an_earlier_solve_s_directions():
         assert float(torch.linalg.eigvalsh(now - previous).min()) > -1e-8 * float(exact.norm())
         previous = now
     states = []
-    solve(second, maxiter=2, basis=earlier.basis, keep=True, saved=states.append)
-    again = solve(second, state=states[-1], basis=earlier.basis, keep=True)
+    solve(second, maxiter=2, basis=earlier.basis, keep=120, saved=states.append)
+    again = solve(second, state=states[-1], basis=earlier.basis, keep=120)
     assert again.iterations == recycled.iterations and torch.allclose(again.basis[0], W, atol=1e-12)
 
 
@@ -446,6 +453,17 @@ def test_a_refinement_recycles_the_directions_of_those_before_it():
         counts[name] = len(seen)
         assert torch.allclose(factor.block(second), dense.block(second), rtol=1e-8, atol=1e-12)
     assert counts["recycled"] < counts["fresh"]
+    # the directions count against the memory budget: with none left beside the plan's estimate none are kept
+    itemsize = torch.finfo(problem.dtype).bits // 8
+    tight = plan(problem.n, 5, problem.p, itemsize, memory=10**9, path="nystrom", rank=8).bytes
+    factor = GramFactor(problem, path="nystrom", rank=8, memory=tight)
+    assert factor.recycled_directions == 0 and factor.refine(first) <= REFINE_TOL and factor._searched is None
+    assert factor.refine(second, tol=0) == 0
+    assert torch.allclose(factor.block(second), dense.block(second), rtol=1e-8, atol=1e-12)
+    roomy = GramFactor(problem, path="nystrom", rank=8, memory=tight + 2 * 300 * 8 * 7)
+    assert roomy.recycled_directions == 7
+    roomy.refine(first)
+    assert roomy._searched[0].shape[1] == 7
 
 
 def test_relative_rise_bounds_every_kappa_s_rise_and_is_attained():

@@ -59,7 +59,7 @@ def main() -> None:
     gram, precondition = (lambda D: M @ D), (lambda R: P.apply(R.T).T)
     out = {"model": "resnet56", "n": n, "K": k, "rank": args.rank, "tol": REFINE_TOL, "rounds": []}
 
-    def solve(points, basis=None, keep=False, label=""):
+    def solve(points, basis=None, keep=0, label=""):
         rows, rhs = columns(points, n, k)
         own = point_blocks(rhs[rows], k).transpose(1, 2)
         exact = own @ point_blocks(block_pcg(gram, precondition, rhs, 1e-11, 300).X[rows], k)
@@ -79,7 +79,7 @@ def main() -> None:
         write_json(HERE / f"recycle-{n}.json", out)
         return result
 
-    earlier = solve(first, keep=True, label="first (the scan's 110 points)")
+    earlier = solve(first, keep=n * k // 2, label="first (the scan's 110 points)")
     solve(second, label="second, afresh")
     solve(second, basis=earlier.basis, label="second, from the first's directions")
 
