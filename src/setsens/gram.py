@@ -511,9 +511,9 @@ def block_pcg(gram, precondition, rhs: Tensor, rtol: float, maxiter: int, state:
             break
         D, Q = D @ W, Q @ W
         room = keep - sum(c.shape[1] for c in kept[0])
-        if room > 0:
-            kept[0].append(D[:, :room])
-            kept[1].append(Q[:, :room])
+        if room > 0:  # a slice copied: a view would hold all of D
+            kept[0].append(D if room >= D.shape[1] else D[:, :room].clone())
+            kept[1].append(Q if room >= Q.shape[1] else Q[:, :room].clone())
         alpha = D.T @ R
         X, R = X + D @ alpha, R - Q @ alpha
         done, residual = done + 1, float((R.norm(dim=0) / scale).max())
