@@ -55,7 +55,7 @@ def main() -> None:
     J = jac(problem.params, x)
     k = J.shape[1]
     jacobian = best(lambda: jac(problem.params, x), args.repeats)
-    weights = [w for w in model.parameters()]
+    weights = list(model.parameters())
 
     def reverse():
         out = model(x)
